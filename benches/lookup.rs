@@ -1,0 +1,83 @@
+//! The lookup path of a cache hit, without the network: key hashing, the
+//! store read with key check, and the state decision.
+//!
+//! cargo bench --bench lookup
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use swr_proxy::cache::entry::Entry;
+use swr_proxy::cache::key::KeyHasher;
+use swr_proxy::cache::policy::{self, Defaults, Storability};
+use swr_proxy::cache::store::Store;
+
+const KEYS: usize = 10_000;
+
+fn filled_store(keys: &KeyHasher) -> Store {
+    let store = Store::new(256 << 20);
+    let defaults = Defaults {
+        ttl: Duration::from_secs(3600),
+        stale_while_revalidate: Duration::from_secs(60),
+        stale_if_error: Duration::from_secs(300),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let Storability::Store(lifetimes) = policy::storability(StatusCode::OK, &headers, &defaults)
+    else {
+        unreachable!("a plain 200 is storable")
+    };
+    let now = Instant::now();
+    for i in 0..KEYS {
+        let path = format!("/rank?user={i}");
+        let key = keys.key("127.0.0.1:8080", &path);
+        let entry = Entry::new(
+            key.to_text(),
+            StatusCode::OK,
+            headers.clone(),
+            Bytes::from(vec![b'x'; 1024]),
+            now,
+            lifetimes,
+        );
+        store.insert(key.hash, Arc::new(entry));
+    }
+    store.run_pending_tasks();
+    store
+}
+
+fn lookup(c: &mut Criterion) {
+    let keys = KeyHasher::new();
+    let store = filled_store(&keys);
+    let paths: Vec<String> = (0..KEYS).map(|i| format!("/rank?user={i}")).collect();
+
+    c.bench_function("key_hash", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            black_box(keys.key(black_box("127.0.0.1:8080"), &paths[i]).hash)
+        })
+    });
+
+    c.bench_function("lookup_hit_10k_keys", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 7919) % KEYS;
+            let key = keys.key("127.0.0.1:8080", &paths[i]);
+            let entry = store.get(&key).expect("stored");
+            black_box(policy::entry_state(&entry, Instant::now()))
+        })
+    });
+
+    c.bench_function("lookup_miss", |b| {
+        b.iter(|| {
+            let key = keys.key("127.0.0.1:8080", black_box("/absent"));
+            black_box(store.get(&key).is_none())
+        })
+    });
+}
+
+criterion_group!(benches, lookup);
+criterion_main!(benches);

@@ -1,0 +1,167 @@
+//! One error type for what can go wrong with a request, tagged by source, and
+//! mapped to a status code in one place.
+
+use std::fmt;
+
+use http::StatusCode;
+
+/// How the backend failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// Could not connect (refused, unreachable, DNS, TLS).
+    Connect,
+    /// No answer within `--upstream-timeout`.
+    Timeout,
+    /// Connected, but the exchange broke (reset, malformed response, body cut short).
+    Protocol,
+    /// The backend answered with 500, 502, 503 or 504.
+    Status,
+}
+
+impl UpstreamErrorKind {
+    pub const ALL: [UpstreamErrorKind; 4] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Protocol,
+        UpstreamErrorKind::Status,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Protocol => "protocol",
+            UpstreamErrorKind::Status => "status",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A backend failure, cheap to clone so that coalesced waiters share it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamError {
+    pub kind: UpstreamErrorKind,
+    pub detail: String,
+}
+
+impl UpstreamError {
+    pub fn new(kind: UpstreamErrorKind, detail: impl Into<String>) -> Self {
+        UpstreamError {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// Classifies a client error from the upstream HTTP client.
+    pub fn from_reqwest(err: &reqwest::Error) -> Self {
+        let kind = if err.is_timeout() {
+            UpstreamErrorKind::Timeout
+        } else if err.is_connect() {
+            UpstreamErrorKind::Connect
+        } else {
+            UpstreamErrorKind::Protocol
+        };
+        UpstreamError::new(kind, error_chain(err))
+    }
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            UpstreamErrorKind::Connect => "could not connect to the backend",
+            UpstreamErrorKind::Timeout => "the backend did not answer in time",
+            UpstreamErrorKind::Protocol => "the backend's answer was broken",
+            UpstreamErrorKind::Status => "the backend failed",
+        };
+        write!(f, "{what}: {}", self.detail)
+    }
+}
+
+/// Everything that turns into an error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The backend failed: stale content may stand in.
+    Upstream(UpstreamError),
+    /// The client's own request is wrong: never answered with stale content.
+    BadRequest(&'static str),
+    /// A bug or a broken invariant on our side.
+    Internal(String),
+}
+
+impl ProxyError {
+    /// The status code sent for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Upstream(e) if e.kind == UpstreamErrorKind::Timeout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Whether a stale entry may be served instead (stale-if-error).
+    pub fn allows_stale(&self) -> bool {
+        matches!(self, ProxyError::Upstream(_))
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxyError::Upstream(e) => e.fmt(f),
+            ProxyError::BadRequest(why) => write!(f, "bad request: {why}"),
+            ProxyError::Internal(why) => write!(f, "internal error: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// An error and its sources on one line (reqwest's top-level message alone
+/// rarely names the cause).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.replace(['\n', '\r'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        let up = |kind| ProxyError::Upstream(UpstreamError::new(kind, "x"));
+        assert_eq!(
+            up(UpstreamErrorKind::Timeout).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            up(UpstreamErrorKind::Connect).status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            up(UpstreamErrorKind::Protocol).status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert!(up(UpstreamErrorKind::Connect).allows_stale());
+        assert!(!ProxyError::BadRequest("x").allows_stale());
+        assert_eq!(
+            ProxyError::BadRequest("x").status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

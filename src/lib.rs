@@ -1,0 +1,34 @@
+//! swr-proxy: a stale-while-revalidate caching reverse proxy.
+//!
+//! A fresh entry is served from memory; a stale one is still served at once
+//! while a background refresh replaces it; a miss is fetched from the backend
+//! once however many clients ask; a backend failure is answered with a stale
+//! copy when one is within its stale-if-error window.
+//!
+//! # Layout
+//! In request-flow order:
+//! - [`config`]: flags, defaults and `validate()`, before anything binds.
+//! - [`server`]: the accept loop and graceful shutdown.
+//! - [`proxy`]: the hyper service: request -> cache decision -> upstream -> response.
+//! - [`cache::key`]: the cache key of a request (host, path, query).
+//! - [`cache::policy`]: pure rules: storable? lifetimes; state of an entry at `now`.
+//! - [`cache::entry`]: the stored response and its instants.
+//! - [`cache::store`]: the byte-bounded moka cache and coalesced fills.
+//! - [`refresh`]: bounded refresh queue, fixed workers, per-key claim.
+//! - [`upstream`]: the one upstream client, header shaping, body reading.
+//! - [`body`]: the response body type (stored bytes or a passed-through stream).
+//! - [`error`]: one error type tagged by source, mapped to a status.
+//! - [`metrics`]: the counters.
+//! - [`demo`]: the built-in slow backend behind `swr-proxy demo`.
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod cache;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod refresh;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,162 @@
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing_subscriber::EnvFilter;
+
+use swr_proxy::config::{Cli, Command, Config};
+use swr_proxy::proxy::Proxy;
+use swr_proxy::{demo, server};
+
+/// Exit code for bad flags or configuration, as clap uses.
+const USAGE_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return clap_error(&err),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("swr-proxy: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Demo(args)) => runtime.block_on(run_demo(args.proxy)),
+        None => match Config::from_args(&cli.proxy, None, Config::DEFAULT_TTL) {
+            Ok(config) => runtime.block_on(run(config, None)),
+            Err(err) => {
+                eprintln!("swr-proxy: {err}");
+                return ExitCode::from(USAGE_ERROR);
+            }
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            eprintln!("swr-proxy: {message}");
+            ExitCode::from(USAGE_ERROR)
+        }
+        Err(Failure::Runtime(message)) => {
+            eprintln!("swr-proxy: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+/// Prints clap's error as one line (help and version as clap renders them).
+fn clap_error(err: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = err.render().to_string();
+    let line = rendered
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("invalid arguments");
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    eprintln!("swr-proxy: {line} (see --help)");
+    ExitCode::from(USAGE_ERROR)
+}
+
+/// Runs the proxy until SIGINT/SIGTERM. `on_ready` is printed once listening.
+async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+        Failure::Runtime(format!(
+            "cannot listen on {} (--listen): {e}",
+            config.listen
+        ))
+    })?;
+    let listen = listener.local_addr().unwrap_or(config.listen);
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let proxy = Proxy::start(config.clone(), cancel.clone(), &tracker).map_err(Failure::Runtime)?;
+    tracing::info!(
+        %listen,
+        upstream = %config.upstream,
+        ttl_ms = config.ttl.as_millis() as u64,
+        stale_while_revalidate_ms = config.stale_while_revalidate.as_millis() as u64,
+        stale_if_error_ms = config.stale_if_error.as_millis() as u64,
+        "swr-proxy listening"
+    );
+    if let Some(text) = on_ready {
+        println!("{text}");
+    }
+    server::run(
+        listener,
+        proxy,
+        server::shutdown_signal(),
+        config.shutdown_timeout,
+    )
+    .await;
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("refresh workers did not stop in time");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn run_demo(args: swr_proxy::config::ProxyArgs) -> Result<(), Failure> {
+    let backend = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| Failure::Runtime(format!("cannot start the demo backend: {e}")))?;
+    let backend_addr = backend
+        .local_addr()
+        .map_err(|e| Failure::Runtime(format!("cannot start the demo backend: {e}")))?;
+    let upstream = reqwest::Url::parse(&format!("http://{backend_addr}"))
+        .map_err(|e| Failure::Runtime(format!("demo backend address: {e}")))?;
+    let config = Config::from_args(&args, Some(upstream), Duration::from_secs(3))
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let cancel = CancellationToken::new();
+    tokio::spawn(demo::serve(backend, cancel.clone()));
+    let url = format!("http://{}/ranking?user=42", config.listen);
+    let ttl = config.ttl.as_secs_f64();
+    let text = format!(
+        "\nswr-proxy demo\n\
+         backend: http://{backend_addr} (takes {} ms per answer)\n\
+         proxy:   http://{} (ttl {ttl}s, stale-while-revalidate {}s)\n\n\
+         In another terminal:\n\
+         \x20 curl -si '{url}'   # X-Cache: MISS, ~300 ms, generation 1\n\
+         \x20 curl -si '{url}'   # X-Cache: HIT, at once, same generation\n\
+         \x20 sleep {ttl}; curl -si '{url}'   # X-Cache: STALE, at once; a refresh is queued\n\
+         \x20 curl -si '{url}'   # X-Cache: HIT, at once, the next generation\n\n\
+         Ctrl-C stops it.",
+        demo::COMPUTE_TIME.as_millis(),
+        config.listen,
+        config.stale_while_revalidate.as_secs_f64(),
+    );
+    let result = run(config, Some(text)).await;
+    cancel.cancel();
+    result
+}

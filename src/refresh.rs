@@ -1,0 +1,243 @@
+//! Background refresh: a bounded queue drained by a fixed set of workers, and
+//! a per-key claim so that at most one refresh per key is queued or running.
+//!
+//! The request path only ever calls [`RefreshQueue::try_enqueue`], which never
+//! waits: a full queue drops the refresh (the caller counts it) and the stale
+//! answer goes out anyway.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What happened to a refresh request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueue {
+    /// Queued; a worker will run it.
+    Queued,
+    /// A refresh of this key is already queued or running.
+    AlreadyClaimed,
+    /// The queue is full: dropped.
+    Dropped,
+}
+
+/// A queued refresh: the key's hash, the caller's payload, and the claim that
+/// frees the key when the job is done or dropped.
+pub struct Job<T> {
+    pub hash: u64,
+    pub payload: T,
+    _claim: Claim,
+}
+
+/// The sending side, held by the request path.
+pub struct RefreshQueue<T> {
+    /// Bounded, so an origin outage cannot pile up refreshes without limit.
+    tx: mpsc::Sender<Job<T>>,
+    claims: Arc<Claims>,
+}
+
+/// Keys with a refresh queued or running. A std `Mutex`: held for a map
+/// insert or remove, never across an await.
+struct Claims {
+    held: Mutex<HashMap<u64, Held>>,
+    next_id: AtomicU64,
+    /// A claim older than this no longer blocks its key (a stuck fetch).
+    max_age: Duration,
+}
+
+struct Held {
+    id: u64,
+    at: Instant,
+}
+
+/// Frees its key when dropped, whatever happened to the job (done, failed,
+/// panicked, cancelled, or dropped from a full queue), unless a newer claim
+/// has replaced it.
+struct Claim {
+    hash: u64,
+    id: u64,
+    claims: Arc<Claims>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut held = self.claims.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.get(&self.hash).is_some_and(|h| h.id == self.id) {
+            held.remove(&self.hash);
+        }
+    }
+}
+
+impl Claims {
+    fn try_claim(self: &Arc<Self>, hash: u64, now: Instant) -> Option<Claim> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = held.get(&hash) {
+            if now.saturating_duration_since(h.at) < self.max_age {
+                return None;
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        held.insert(hash, Held { id, at: now });
+        Some(Claim {
+            hash,
+            id,
+            claims: Arc::clone(self),
+        })
+    }
+}
+
+impl<T: Send + 'static> RefreshQueue<T> {
+    /// A queue of `capacity` jobs; a claim older than `max_claim_age` stops
+    /// blocking its key.
+    pub fn new(capacity: usize, max_claim_age: Duration) -> (Self, Workers<T>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let queue = RefreshQueue {
+            tx,
+            claims: Arc::new(Claims {
+                held: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+                max_age: max_claim_age,
+            }),
+        };
+        (queue, Workers { rx })
+    }
+
+    /// Queues a refresh of `hash` unless one is queued or running, without
+    /// waiting. `payload` is only built when the job is queued.
+    pub fn try_enqueue(&self, hash: u64, payload: impl FnOnce() -> T) -> Enqueue {
+        let Some(claim) = self.claims.try_claim(hash, Instant::now()) else {
+            return Enqueue::AlreadyClaimed;
+        };
+        let job = Job {
+            hash,
+            payload: payload(),
+            _claim: claim,
+        };
+        match self.tx.try_send(job) {
+            Ok(()) => Enqueue::Queued,
+            // The job, and with it the claim, is dropped here: the key is free again.
+            Err(_) => Enqueue::Dropped,
+        }
+    }
+
+    /// Jobs waiting for a worker.
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Keys with a refresh queued or running.
+    pub fn claimed(&self) -> usize {
+        self.claims.held.lock().map(|h| h.len()).unwrap_or(0)
+    }
+}
+
+/// The receiving side, turned into running workers by [`Workers::spawn`].
+pub struct Workers<T> {
+    rx: mpsc::Receiver<Job<T>>,
+}
+
+impl<T: Send + 'static> Workers<T> {
+    /// Starts `count` workers that run `handler` on each job until `cancel`
+    /// fires. Each job runs in its own task, so a panic in one refresh ends
+    /// that refresh only (its claim is freed) and the worker goes on.
+    pub fn spawn<F, Fut>(
+        self,
+        count: usize,
+        handler: F,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) where
+        F: Fn(Job<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        // Workers share the one receiver; the async mutex is held only while
+        // a worker waits for its next job.
+        let rx = Arc::new(tokio::sync::Mutex::new(self.rx));
+        let handler = Arc::new(handler);
+        for _ in 0..count.max(1) {
+            let rx = Arc::clone(&rx);
+            let handler = Arc::clone(&handler);
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                loop {
+                    let next = tokio::select! {
+                        _ = cancel.cancelled() => None,
+                        job = async { rx.lock().await.recv().await } => job,
+                    };
+                    let Some(job) = next else { break };
+                    let run = tokio::spawn(handler(job));
+                    if let Err(err) = run.await {
+                        tracing::error!(error = %err, "refresh task failed");
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_claim_per_key_until_the_job_is_dropped() {
+        let (queue, workers) = RefreshQueue::<u32>::new(4, Duration::from_secs(60));
+        assert_eq!(queue.try_enqueue(1, || 10), Enqueue::Queued);
+        assert_eq!(queue.try_enqueue(1, || 11), Enqueue::AlreadyClaimed);
+        assert_eq!(queue.try_enqueue(2, || 20), Enqueue::Queued);
+        assert_eq!(queue.depth(), 2);
+        drop(workers); // drops the queued jobs, and their claims
+        assert_eq!(queue.claimed(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_frees_the_key() {
+        let (queue, _workers) = RefreshQueue::<u32>::new(1, Duration::from_secs(60));
+        assert_eq!(queue.try_enqueue(1, || 1), Enqueue::Queued);
+        assert_eq!(queue.try_enqueue(2, || 2), Enqueue::Dropped);
+        assert_eq!(queue.claimed(), 1, "the dropped job's claim is freed");
+    }
+
+    #[tokio::test]
+    async fn an_old_claim_stops_blocking() {
+        let (queue, _workers) = RefreshQueue::<u32>::new(4, Duration::ZERO);
+        assert_eq!(queue.try_enqueue(1, || 1), Enqueue::Queued);
+        assert_eq!(queue.try_enqueue(1, || 2), Enqueue::Queued);
+    }
+
+    #[tokio::test]
+    async fn workers_run_jobs_and_survive_a_panic() {
+        let (queue, workers) = RefreshQueue::<u32>::new(8, Duration::from_secs(60));
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        workers.spawn(
+            1,
+            move |job: Job<u32>| {
+                let done_tx = done_tx.clone();
+                async move {
+                    if job.payload == 0 {
+                        panic!("refresh handler panicked on purpose");
+                    }
+                    let _ = done_tx.send(job.payload);
+                }
+            },
+            cancel.clone(),
+            &tracker,
+        );
+        assert_eq!(queue.try_enqueue(1, || 0), Enqueue::Queued);
+        assert_eq!(queue.try_enqueue(2, || 7), Enqueue::Queued);
+        assert_eq!(done_rx.recv().await, Some(7));
+        // The panicked job's claim was freed.
+        assert_eq!(queue.try_enqueue(1, || 8), Enqueue::Queued);
+        assert_eq!(done_rx.recv().await, Some(8));
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+}

@@ -1,0 +1,254 @@
+//! The one upstream client: builds the backend request from the client's,
+//! strips hop-by-hop headers both ways, and reads or streams the answer.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{stream, StreamExt, TryStreamExt};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+
+use crate::body::ProxyBody;
+use crate::error::{UpstreamError, UpstreamErrorKind};
+
+/// Errors of a client's request body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The backend and the client that talks to it.
+pub struct Upstream {
+    client: reqwest::Client,
+    /// `scheme://authority` plus the base path, without a trailing slash.
+    base: String,
+    timeout: Duration,
+}
+
+/// A response body read for storing, or the signal that it is too large.
+pub enum BodyRead {
+    Complete(Bytes),
+    /// Over the limit: the chunks read so far, and the rest still unread.
+    TooLarge {
+        prefix: Vec<Bytes>,
+        rest: reqwest::Response,
+    },
+}
+
+impl Upstream {
+    pub fn new(url: &reqwest::Url, timeout: Duration) -> Result<Upstream, String> {
+        let client = reqwest::Client::builder()
+            // A reverse proxy passes redirects on; it never follows them.
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("cannot build the upstream client: {e}"))?;
+        let base = url.as_str().trim_end_matches('/').to_string();
+        Ok(Upstream {
+            client,
+            base,
+            timeout,
+        })
+    }
+
+    /// The backend URL for a request's path and query.
+    pub fn url_for(&self, path_and_query: &str) -> String {
+        let mut url = String::with_capacity(self.base.len() + path_and_query.len());
+        url.push_str(&self.base);
+        url.push_str(path_and_query);
+        url
+    }
+
+    /// Sends a request and waits for the response head, within the timeout.
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: HeaderMap,
+        body: Option<reqwest::Body>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut request = self
+            .client
+            .request(method, self.url_for(path_and_query))
+            .headers(headers);
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        match tokio::time::timeout(self.timeout, request.send()).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(UpstreamError::from_reqwest(&err)),
+            Err(_) => Err(timed_out(self.timeout)),
+        }
+    }
+
+    /// Reads a body to store it: whole if it fits in `limit` bytes, within the
+    /// timeout; otherwise hands back what was read and the rest to stream.
+    pub async fn read_body(
+        &self,
+        mut response: reqwest::Response,
+        limit: u64,
+    ) -> Result<BodyRead, UpstreamError> {
+        if response.content_length().is_some_and(|len| len > limit) {
+            return Ok(BodyRead::TooLarge {
+                prefix: Vec::new(),
+                rest: response,
+            });
+        }
+        let read = async {
+            let mut chunks: Vec<Bytes> = Vec::new();
+            let mut total: u64 = 0;
+            while let Some(chunk) = response
+                .chunk()
+                .await
+                .map_err(|e| UpstreamError::from_reqwest(&e))?
+            {
+                total += chunk.len() as u64;
+                chunks.push(chunk);
+                if total > limit {
+                    return Ok(BodyRead::TooLarge {
+                        prefix: chunks,
+                        rest: response,
+                    });
+                }
+            }
+            Ok(BodyRead::Complete(concat(chunks, total)))
+        };
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out(self.timeout)),
+        }
+    }
+}
+
+fn timed_out(after: Duration) -> UpstreamError {
+    UpstreamError::new(
+        UpstreamErrorKind::Timeout,
+        format!("no answer within {}ms", after.as_millis()),
+    )
+}
+
+/// One `Bytes` from many chunks; no copy when there is only one.
+fn concat(mut chunks: Vec<Bytes>, total: u64) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+            for chunk in &chunks {
+                all.extend_from_slice(chunk);
+            }
+            Bytes::from(all)
+        }
+    }
+}
+
+/// A body that sends `prefix` and then streams the rest of `response`,
+/// without buffering it.
+pub fn stream_body(prefix: Vec<Bytes>, response: reqwest::Response) -> ProxyBody {
+    let all = stream::iter(prefix.into_iter().map(Ok)).chain(response.bytes_stream());
+    ProxyBody::Stream(BodyExt::boxed(StreamBody::new(all.map_ok(Frame::data))))
+}
+
+/// Headers that concern one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The headers sent to the backend for a client's request: hop-by-hop and
+/// `Host` removed (the client sets the backend's), `X-Forwarded-*` added.
+pub fn forward_headers(client_headers: &HeaderMap, client_addr: Option<SocketAddr>) -> HeaderMap {
+    let mut headers = client_headers.clone();
+    strip_hop_by_hop(&mut headers);
+    let host = headers.remove(header::HOST);
+    if let Some(host) = host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+    if let Some(addr) = client_addr {
+        let ip = addr.ip().to_string();
+        let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(earlier) => format!("{earlier}, {ip}"),
+            None => ip,
+        };
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+        }
+    }
+    headers
+}
+
+/// The headers of a backend response as sent to clients.
+pub fn response_headers(upstream_headers: &HeaderMap) -> HeaderMap {
+    let mut headers = upstream_headers.clone();
+    strip_hop_by_hop(&mut headers);
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-private-hop"),
+        );
+        h.insert("x-private-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn forwarded_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("shop.example"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let out = forward_headers(&h, Some("127.0.0.9:5000".parse().unwrap()));
+        assert!(!out.contains_key("host"));
+        assert_eq!(out["x-forwarded-host"], "shop.example");
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
+    }
+
+    #[test]
+    fn urls_join_base_path() {
+        let up = Upstream::new(
+            &reqwest::Url::parse("http://127.0.0.1:1/api/").unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(up.url_for("/x?y=1"), "http://127.0.0.1:1/api/x?y=1");
+    }
+}

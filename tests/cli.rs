@@ -1,0 +1,179 @@
+//! The binary as a user runs it: bad flags, and graceful shutdown on SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{eventually, Origin, Route, WAIT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_swr-proxy");
+
+/// Runs the binary with `args` (and `env`), expecting it to exit at once.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut command = Command::new(BIN);
+    command.args(args).stdin(Stdio::null());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().expect("the binary runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_values_exit_2_with_one_line_naming_the_flag() {
+    let up = ["--upstream", "http://127.0.0.1:9"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--ttl", "10x"], "--ttl"),
+        (&["--ttl", "10"], "--ttl"),
+        (
+            &["--stale-while-revalidate", "soon"],
+            "--stale-while-revalidate",
+        ),
+        (&["--stale-if-error", "-5s"], "--stale-if-error"),
+        (&["--max-size", "lots"], "--max-size"),
+        (&["--max-object-size", "1.5MiB"], "--max-object-size"),
+        (&["--refresh-concurrency", "0"], "--refresh-concurrency"),
+        (&["--refresh-queue", "many"], "--refresh-queue"),
+        (&["--upstream-timeout", "0"], "--upstream-timeout"),
+        (&["--listen", "localhost"], "--listen"),
+        (
+            &["--max-size", "1MiB", "--max-object-size", "2MiB"],
+            "--max-object-size",
+        ),
+        (&["--no-such-flag"], "--no-such-flag"),
+    ];
+    for (flags, named) in cases {
+        let mut args: Vec<&str> = up.to_vec();
+        args.extend_from_slice(flags);
+        let (code, stderr) = run(&args, &[]);
+        assert_eq!(code, 2, "{flags:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{flags:?}: one line, got {stderr:?}"
+        );
+        assert!(
+            stderr.contains(named),
+            "{flags:?}: {stderr:?} should name {named}"
+        );
+    }
+    let (code, stderr) = run(&["--upstream", "ftp://x"], &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--upstream"), "{stderr}");
+    let (code, stderr) = run(&[], &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--upstream is required"), "{stderr}");
+    // Flags also come from SWR_<FLAG>, and are checked the same way.
+    let (code, stderr) = run(&up, &[("SWR_TTL", "forever")]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--ttl"), "{stderr}");
+}
+
+#[test]
+fn help_exits_0() {
+    let (code, _) = run(&["--help"], &[]);
+    assert_eq!(code, 0);
+}
+
+/// A running `swr-proxy` child process; killed on drop if still running.
+struct Child {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Child {
+    fn start(upstream: &str, extra: &[&str]) -> Child {
+        let mut child = Command::new(BIN)
+            .args(["--upstream", upstream, "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let deadline = Instant::now() + WAIT;
+        let addr = loop {
+            let line = lines.next().expect("a log line").expect("readable");
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap_or("").to_string();
+            }
+            assert!(Instant::now() < deadline, "no listening line");
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Child { child, addr }
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        assert_eq!(send_signal(pid, signal), 0);
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn send_signal(pid: i32, signal: i32) -> i32 {
+    // `kill(1)` keeps this crate free of `unsafe`.
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill runs");
+    if status.success() {
+        0
+    } else {
+        -1
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    let origin = Origin::start().await;
+    origin.route("/slow", Route::default().delay(Duration::from_millis(1500)));
+    let mut child = Child::start(&origin.url(), &["--shutdown-timeout", "20s"]);
+    let url = format!("http://{}/slow", child.addr);
+    let request = tokio::spawn(async move {
+        let response = reqwest::get(url).await.expect("answered");
+        (
+            response.status().as_u16(),
+            response.text().await.expect("body"),
+        )
+    });
+    eventually(WAIT, "the request reaches the origin", || async {
+        origin.hits("/slow") == 1
+    })
+    .await;
+    child.signal(15);
+    let (status, body) = request.await.expect("request task");
+    assert_eq!(status, 200);
+    assert_eq!(body, "/slow #1", "the in-flight request completed");
+    let code = tokio::task::spawn_blocking(move || child.wait_exit(WAIT))
+        .await
+        .expect("join");
+    assert_eq!(code, Some(0), "the process exits 0 after SIGTERM");
+}

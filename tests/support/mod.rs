@@ -1,0 +1,452 @@
+//! Test support: an in-process origin that counts and misbehaves on request,
+//! a launcher for the real proxy, and a deadline-bound wait.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use swr_proxy::config::{Cli, Config};
+use swr_proxy::proxy::Proxy;
+
+/// What the origin answers on one path.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// `None`: `"<path?query> #<n>"`, n counting this path-and-query's requests.
+    pub body: Option<Bytes>,
+    pub delay: Duration,
+    /// Send the body in chunks without `Content-Length`.
+    pub chunked: bool,
+    /// Close the connection without answering.
+    pub reset: bool,
+    /// Hold each request until the gate opens.
+    pub gate: Option<Gate>,
+}
+
+impl Default for Route {
+    fn default() -> Self {
+        Route {
+            status: 200,
+            headers: Vec::new(),
+            body: None,
+            delay: Duration::ZERO,
+            chunked: false,
+            reset: false,
+            gate: None,
+        }
+    }
+}
+
+impl Route {
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = Some(body.into());
+        self
+    }
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+    pub fn chunked(mut self) -> Self {
+        self.chunked = true;
+        self
+    }
+    pub fn reset(mut self) -> Self {
+        self.reset = true;
+        self
+    }
+    pub fn gate(mut self, gate: &Gate) -> Self {
+        self.gate = Some(gate.clone());
+        self
+    }
+}
+
+/// Holds origin requests until opened.
+#[derive(Clone, Debug)]
+pub struct Gate(Arc<watch::Sender<bool>>);
+
+impl Gate {
+    pub fn closed() -> Gate {
+        Gate(Arc::new(watch::channel(false).0))
+    }
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+    async fn pass(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
+    }
+}
+
+/// A request as the origin saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct OriginState {
+    routes: Mutex<HashMap<String, Route>>,
+    hits: Mutex<HashMap<String, u64>>,
+    seen: Mutex<Vec<Seen>>,
+    total: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+    connections: Mutex<Vec<AbortHandle>>,
+}
+
+/// An HTTP origin on 127.0.0.1 (port 0) that counts requests per
+/// path-and-query and answers as scripted per path. Stops on drop.
+pub struct Origin {
+    pub addr: SocketAddr,
+    state: Arc<OriginState>,
+    cancel: CancellationToken,
+}
+
+impl Origin {
+    pub async fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin address");
+        let state = Arc::new(OriginState::default());
+        let cancel = CancellationToken::new();
+        let accept_state = Arc::clone(&state);
+        let accept_cancel = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(conn) => conn,
+                        Err(_) => continue,
+                    },
+                    () = accept_cancel.cancelled() => return,
+                };
+                let state = Arc::clone(&accept_state);
+                let conn_state = Arc::clone(&accept_state);
+                let service = service_fn(move |request| {
+                    let state = Arc::clone(&state);
+                    async move { answer(&state, request).await }
+                });
+                let task = tokio::spawn(async move {
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+                conn_state
+                    .connections
+                    .lock()
+                    .unwrap()
+                    .push(task.abort_handle());
+            }
+        });
+        Origin {
+            addr,
+            state,
+            cancel,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Scripts the answer for `path` (without query).
+    pub fn route(&self, path: &str, route: Route) {
+        self.state
+            .routes
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), route);
+    }
+
+    /// Requests seen for this path-and-query.
+    pub fn hits(&self, path_and_query: &str) -> u64 {
+        *self
+            .state
+            .hits
+            .lock()
+            .unwrap()
+            .get(path_and_query)
+            .unwrap_or(&0)
+    }
+
+    pub fn total_hits(&self) -> u64 {
+        self.state.total.load(Ordering::SeqCst)
+    }
+
+    pub fn max_in_flight(&self) -> u64 {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Every request seen for this path-and-query, oldest first.
+    pub fn seen(&self, path_and_query: &str) -> Vec<Seen> {
+        self.state
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path_and_query == path_and_query)
+            .cloned()
+            .collect()
+    }
+
+    /// Stops listening and closes every open connection: the origin is down.
+    pub fn stop(&self) {
+        self.cancel.cancel();
+        for conn in self.state.connections.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn answer(
+    state: &OriginState,
+    request: Request<Incoming>,
+) -> Result<Response<OriginBody>, std::io::Error> {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map_or("/".to_string(), |pq| pq.to_string());
+    let headers = request.headers().clone();
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let n = {
+        let mut hits = state.hits.lock().unwrap();
+        let n = hits.entry(path_and_query.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    state.total.fetch_add(1, Ordering::SeqCst);
+    state.seen.lock().unwrap().push(Seen {
+        method,
+        path_and_query: path_and_query.clone(),
+        headers,
+        body,
+    });
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let route = state
+        .routes
+        .lock()
+        .unwrap()
+        .get(&path)
+        .cloned()
+        .unwrap_or_default();
+    if let Some(gate) = &route.gate {
+        gate.pass().await;
+    }
+    if !route.delay.is_zero() {
+        tokio::time::sleep(route.delay).await;
+    }
+    state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    if route.reset {
+        return Err(std::io::Error::other("origin resets this connection"));
+    }
+    let bytes = route
+        .body
+        .clone()
+        .unwrap_or_else(|| Bytes::from(format!("{path_and_query} #{n}")));
+    let body: OriginBody = if route.chunked {
+        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = bytes
+            .chunks(1000)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        BodyExt::boxed(StreamBody::new(stream::iter(chunks)))
+    } else {
+        BodyExt::boxed(http_body_util::Full::new(bytes))
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::from_u16(route.status).unwrap();
+    for (name, value) in &route.headers {
+        response.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    response
+        .headers_mut()
+        .insert("x-origin-count", http::HeaderValue::from(n));
+    Ok(response)
+}
+
+/// The real proxy, in process, on 127.0.0.1 (port 0). Stops on drop.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    cancel: CancellationToken,
+    pub client: reqwest::Client,
+}
+
+impl TestProxy {
+    /// Starts the proxy in front of `origin` with extra command-line flags.
+    pub async fn start(origin: &Origin, flags: &[&str]) -> TestProxy {
+        let mut args = vec![
+            "swr-proxy".to_string(),
+            "--upstream".into(),
+            origin.url(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        let cli = <Cli as clap::Parser>::try_parse_from(args).expect("test flags parse");
+        let config =
+            Config::from_args(&cli.proxy, None, Config::DEFAULT_TTL).expect("valid config");
+        let listener = TcpListener::bind(config.listen).await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let proxy = Proxy::start(config, cancel.clone(), &tracker).expect("proxy starts");
+        let server_cancel = cancel.clone();
+        tokio::spawn(swr_proxy::server::run(
+            listener,
+            Arc::clone(&proxy),
+            async move { server_cancel.cancelled().await },
+            Duration::from_secs(5),
+        ));
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .unwrap();
+        TestProxy {
+            addr,
+            proxy,
+            cancel,
+            client,
+        }
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> Answer {
+        self.send(reqwest::Method::GET, path_and_query, &[]).await
+    }
+
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut request = self.client.request(method, self.url(path_and_query));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Answer::read(request.send().await.expect("proxy answers")).await
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// A response as the client saw it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub took: Duration,
+}
+
+impl Answer {
+    pub async fn read(response: reqwest::Response) -> Answer {
+        let started = Instant::now();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.expect("body");
+        Answer {
+            status,
+            headers,
+            body,
+            took: started.elapsed(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    pub fn x_cache(&self) -> &str {
+        self.header("x-cache")
+    }
+
+    pub fn cache_status(&self) -> &str {
+        self.header("cache-status")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Waits until `check` holds, polling, or panics with `what` after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A generous deadline for conditions on a loaded machine.
+pub const WAIT: Duration = Duration::from_secs(10);
