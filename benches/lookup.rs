@@ -26,7 +26,8 @@ fn filled_store(keys: &KeyHasher) -> Store {
     };
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
-    let Storability::Store(lifetimes) = policy::storability(StatusCode::OK, &headers, &defaults)
+    let Storability::Store(lifetimes) =
+        policy::storability(StatusCode::OK, &headers, Duration::ZERO, &defaults)
     else {
         unreachable!("a plain 200 is storable")
     };

@@ -247,6 +247,7 @@ impl Proxy {
     /// Fetches a response for the cache (always a GET): reads it whole when it
     /// may be stored, or hands it back to be streamed when it may not.
     async fn fetch(&self, key: Box<str>, path_and_query: &str, headers: HeaderMap) -> Fetched {
+        let request_time = Instant::now();
         let response = match self
             .upstream
             .send(Method::GET, path_and_query, headers, None)
@@ -262,18 +263,20 @@ impl Proxy {
         if policy::status_is_error(status) {
             self.stats.record_upstream_error(UpstreamErrorKind::Status);
         }
-        let headers = upstream::response_headers(response.headers());
-        let lifetimes = match policy::storability(status, response.headers(), &self.defaults) {
-            Storability::Store(lifetimes) => lifetimes,
-            Storability::Bypass(reason) => {
-                return Fetched::Pass(Passed {
-                    reason,
-                    status,
-                    headers,
-                    body: upstream::stream_body(Vec::new(), response),
-                })
-            }
-        };
+        let response_delay = request_time.elapsed();
+        let lifetimes =
+            match policy::storability(status, response.headers(), response_delay, &self.defaults) {
+                Storability::Store(lifetimes) => lifetimes,
+                Storability::Bypass(reason) => {
+                    return Fetched::Pass(Passed {
+                        reason,
+                        status,
+                        headers: upstream::response_headers(response.headers()),
+                        body: upstream::stream_body(Vec::new(), response),
+                    })
+                }
+            };
+        let headers = upstream::stored_headers(response.headers());
         match self
             .upstream
             .read_body(response, self.config.max_object_size_bytes)

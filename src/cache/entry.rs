@@ -48,7 +48,8 @@ impl Entry {
         headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         let etag = headers.get(http::header::ETAG).cloned();
         let last_modified = headers.get(http::header::LAST_MODIFIED).cloned();
-        let fresh_until = now + lifetimes.fresh;
+        // Fresh while its current age is below the freshness lifetime (RFC 9111 §4.2).
+        let fresh_until = now + lifetimes.fresh.saturating_sub(lifetimes.initial_age);
         Entry {
             key,
             status,

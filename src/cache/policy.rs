@@ -45,7 +45,9 @@ pub struct Lifetimes {
     pub stale_while_revalidate: Duration,
     /// After turning stale, served in place of a failed fetch for this long.
     pub stale_if_error: Duration,
-    /// The response's age when it arrived.
+    /// The response's age when it arrived: its `Age` plus the time the
+    /// exchange took (RFC 9111 §4.2.3), so that a refresh that took 200 ms
+    /// still leaves the entry fresh until `ttl` after the request was sent.
     pub initial_age: Duration,
 }
 
@@ -132,7 +134,13 @@ pub fn status_is_error(status: StatusCode) -> bool {
 }
 
 /// Decides whether a response to a GET may be stored, and for how long.
-pub fn storability(status: StatusCode, headers: &HeaderMap, defaults: &Defaults) -> Storability {
+/// `response_delay` is the time from sending the request to receiving the response.
+pub fn storability(
+    status: StatusCode,
+    headers: &HeaderMap,
+    response_delay: Duration,
+    defaults: &Defaults,
+) -> Storability {
     let directives = CacheControl::parse(headers);
     if directives.no_store {
         return Storability::Bypass(BypassReason::NoStore);
@@ -153,8 +161,17 @@ pub fn storability(status: StatusCode, headers: &HeaderMap, defaults: &Defaults)
         fresh: defaults.ttl,
         stale_while_revalidate: defaults.stale_while_revalidate,
         stale_if_error: defaults.stale_if_error,
-        initial_age: Duration::ZERO,
+        initial_age: age_value(headers) + response_delay,
     })
+}
+
+/// The `Age` header's value; an absent or invalid one counts as zero.
+pub fn age_value(headers: &HeaderMap) -> Duration {
+    headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs)
 }
 
 /// The `Cache-Control` response directives the rules look at.
@@ -197,7 +214,7 @@ mod tests {
 
     fn entry_at(now: Instant) -> Entry {
         let Storability::Store(lifetimes) =
-            storability(StatusCode::OK, &HeaderMap::new(), &DEFAULTS)
+            storability(StatusCode::OK, &HeaderMap::new(), Duration::ZERO, &DEFAULTS)
         else {
             panic!("a plain 200 is storable");
         };
@@ -233,11 +250,44 @@ mod tests {
     }
 
     #[test]
+    fn age_and_response_delay_shorten_freshness() {
+        let t0 = Instant::now();
+        let mut h = HeaderMap::new();
+        h.insert("age", HeaderValue::from_static("3"));
+        let Storability::Store(lifetimes) =
+            storability(StatusCode::OK, &h, Duration::from_millis(200), &DEFAULTS)
+        else {
+            panic!("storable");
+        };
+        assert_eq!(lifetimes.initial_age, Duration::from_millis(3200));
+        let entry = Entry::new("k/".into(), StatusCode::OK, h, Bytes::new(), t0, lifetimes);
+        assert_eq!(entry.fresh_until, t0 + Duration::from_millis(6800));
+        assert_eq!(entry.age(t0), Duration::from_millis(3200));
+        // An Age beyond the ttl makes the response stale on arrival.
+        let mut old = HeaderMap::new();
+        old.insert("age", HeaderValue::from_static("100"));
+        let Storability::Store(lifetimes) =
+            storability(StatusCode::OK, &old, Duration::ZERO, &DEFAULTS)
+        else {
+            panic!("storable");
+        };
+        let entry = Entry::new(
+            "k/".into(),
+            StatusCode::OK,
+            old,
+            Bytes::new(),
+            t0,
+            lifetimes,
+        );
+        assert_eq!(entry_state(&entry, t0), EntryState::Stale);
+    }
+
+    #[test]
     fn bypass_reasons() {
         let with = |name: &'static str, value: &'static str| {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static(value));
-            storability(StatusCode::OK, &h, &DEFAULTS)
+            storability(StatusCode::OK, &h, Duration::ZERO, &DEFAULTS)
         };
         let bypass = Storability::Bypass;
         assert_eq!(
@@ -266,12 +316,18 @@ mod tests {
             storability(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &HeaderMap::new(),
+                Duration::ZERO,
                 &DEFAULTS
             ),
             bypass(BypassReason::Status)
         );
         assert!(matches!(
-            storability(StatusCode::NOT_FOUND, &HeaderMap::new(), &DEFAULTS),
+            storability(
+                StatusCode::NOT_FOUND,
+                &HeaderMap::new(),
+                Duration::ZERO,
+                &DEFAULTS
+            ),
             Storability::Store(_)
         ));
     }
