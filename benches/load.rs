@@ -1,0 +1,1012 @@
+//! The load harness: swr-proxy side by side with nginx `proxy_cache`, Varnish
+//! and a "limit" server, under wrk, on 127.0.0.1.
+//!
+//! ```sh
+//! apt-get install -y wrk nginx-light varnish   # nginx and Varnish are optional
+//! cargo bench --bench load                     # every scenario, 3 interleaved rounds of 10 s
+//! cargo bench --bench load -- --quick          # 1 round of 3 s, for a smoke run
+//! cargo bench --bench load -- --only hits-1k,herd --rounds 5
+//! ```
+//!
+//! The origin and the limit server run inside this process; swr-proxy, nginx,
+//! Varnish and wrk are child processes, each stopped by PID when its run ends.
+//! The limit is a minimal hyper server that keeps one body per key in a plain
+//! map: a cache cannot do less than find the object and send it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+const SWR_PROXY: &str = env!("CARGO_BIN_EXE_swr-proxy");
+const WRK_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/wrk.lua");
+
+// ---------------------------------------------------------------- options
+
+struct Options {
+    rounds: usize,
+    duration: Duration,
+    only: Option<Vec<String>>,
+}
+
+impl Options {
+    fn parse() -> Result<Options, String> {
+        let mut options = Options {
+            rounds: 3,
+            duration: Duration::from_secs(10),
+            only: None,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--bench" => {} // passed by `cargo bench`
+                "--quick" => {
+                    options.rounds = 1;
+                    options.duration = Duration::from_secs(3);
+                }
+                "--rounds" => {
+                    options.rounds = args
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .filter(|n| *n >= 1)
+                        .ok_or("--rounds takes a whole number of at least 1")?;
+                }
+                "--duration" => {
+                    let secs: u64 = args
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .filter(|n| (1..=120).contains(n))
+                        .ok_or("--duration takes whole seconds, 1 to 120")?;
+                    options.duration = Duration::from_secs(secs);
+                }
+                "--only" => {
+                    let list = args.next().ok_or("--only takes a list like hits-1k,herd")?;
+                    options.only = Some(list.split(',').map(str::to_string).collect());
+                }
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        Ok(options)
+    }
+
+    fn wants(&self, scenario: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|s| s == scenario))
+    }
+}
+
+// ---------------------------------------------------------------- origin and limit
+
+/// The body for key `i`: distinct per key, `size` bytes.
+fn body_for(i: usize, size: usize) -> Bytes {
+    let mut body = format!("key {i} ").into_bytes();
+    body.resize(size.max(body.len()), b'x');
+    Bytes::from(body)
+}
+
+fn key_index(path: &str) -> Option<usize> {
+    path.strip_prefix("/k/")?.parse().ok()
+}
+
+/// The origin: answers `/k/<i>` with `body_for(i)` after `delay`; counts.
+struct Origin {
+    addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+    in_flight: Arc<AtomicU64>,
+    max_in_flight: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Origin {
+    async fn start(
+        body_size: usize,
+        delay: Duration,
+        cache_control: Option<&'static str>,
+    ) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let requests = Arc::new(AtomicU64::new(0));
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let max_in_flight = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let counters = (requests.clone(), in_flight.clone(), max_in_flight.clone());
+        tokio::spawn(serve(
+            listener,
+            stopped,
+            move |request: Request<Incoming>| {
+                let (requests, in_flight, max_in_flight) = counters.clone();
+                async move {
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    let now = in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+                    max_in_flight.fetch_max(now, Ordering::Relaxed);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    let i = key_index(request.uri().path()).unwrap_or(0);
+                    let mut response = Response::new(Full::new(body_for(i, body_size)));
+                    response.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/octet-stream"),
+                    );
+                    if let Some(cc) = cache_control {
+                        response
+                            .headers_mut()
+                            .insert("cache-control", http::HeaderValue::from_static(cc));
+                    }
+                    response
+                }
+            },
+        ));
+        Origin {
+            addr,
+            requests,
+            in_flight,
+            max_in_flight,
+            stop,
+        }
+    }
+
+    fn reset_counters(&self) {
+        self.requests.store(0, Ordering::Relaxed);
+        self.max_in_flight
+            .store(self.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// The limit: one body per key in a plain map, answered as is.
+async fn start_limit(
+    keys: usize,
+    body_size: usize,
+) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind limit");
+    let addr = listener.local_addr().expect("limit addr");
+    let map: Arc<HashMap<String, Bytes>> = Arc::new(
+        (0..keys)
+            .map(|i| (format!("/k/{i}"), body_for(i, body_size)))
+            .collect(),
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(serve(
+        listener,
+        stopped,
+        move |request: Request<Incoming>| {
+            let map = Arc::clone(&map);
+            async move {
+                match map.get(request.uri().path()) {
+                    Some(body) => {
+                        let mut response = Response::new(Full::new(body.clone()));
+                        response.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/octet-stream"),
+                        );
+                        response
+                    }
+                    None => {
+                        let mut response = Response::new(Full::new(Bytes::new()));
+                        *response.status_mut() = http::StatusCode::NOT_FOUND;
+                        response
+                    }
+                }
+            }
+        },
+    ));
+    (addr, stop)
+}
+
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(_) => continue,
+            },
+            _ = stopped.wait_for(|s| *s) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(request).await) }
+        });
+        tokio::spawn(async move {
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+// ---------------------------------------------------------------- targets
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    SwrProxy,
+    Nginx,
+    Varnish,
+    Limit,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::SwrProxy => "swr-proxy",
+            Kind::Nginx => "nginx",
+            Kind::Varnish => "varnish",
+            Kind::Limit => "limit",
+        }
+    }
+}
+
+/// How a cache under test is set up.
+#[derive(Clone, Copy)]
+struct CacheSetup {
+    ttl_secs: u64,
+    grace_secs: u64,
+    refresh_concurrency: usize,
+}
+
+/// A child process stopped by PID (SIGTERM, then SIGKILL) when dropped.
+struct Proc {
+    child: std::process::Child,
+    dir: Option<PathBuf>,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A target under test: where it listens, and what keeps it running.
+struct Target {
+    addr: SocketAddr,
+    _proc: Option<Proc>,
+    _limit_stop: Option<tokio::sync::watch::Sender<bool>>,
+    /// Processes whose RSS is the target's memory.
+    pids: Vec<u32>,
+    /// A directory whose allocated bytes count as the target's memory (nginx's cache files).
+    cache_dir: Option<PathBuf>,
+}
+
+fn free_port() -> SocketAddr {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+fn installed(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    // tmpfs when there is one, as an nginx cache in RAM would be deployed.
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!("swr-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+async fn wait_listening(addr: SocketAddr) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+async fn start_target(
+    kind: Kind,
+    origin: &Origin,
+    setup: CacheSetup,
+    keys: usize,
+    body_size: usize,
+) -> Option<Target> {
+    let addr = free_port();
+    let origin_addr = origin.addr;
+    let (proc, pids, cache_dir, limit_stop, addr) = match kind {
+        Kind::Limit => {
+            let (addr, stop) = start_limit(keys, body_size).await;
+            (None, vec![std::process::id()], None, Some(stop), addr)
+        }
+        Kind::SwrProxy => {
+            let child = Command::new(SWR_PROXY)
+                .args([
+                    "--upstream",
+                    &format!("http://{origin_addr}"),
+                    "--listen",
+                    &addr.to_string(),
+                    "--ttl",
+                    &format!("{}s", setup.ttl_secs),
+                    "--stale-while-revalidate",
+                    &format!("{}s", setup.grace_secs),
+                    "--refresh-concurrency",
+                    &setup.refresh_concurrency.to_string(),
+                    "--max-size",
+                    "2GiB",
+                ])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let proc = Proc { child, dir: None };
+            let pid = proc.pid();
+            (Some(proc), vec![pid], None, None, addr)
+        }
+        Kind::Nginx => {
+            if !installed("nginx") {
+                return None;
+            }
+            let dir = scratch_dir("nginx");
+            let cache = dir.join("cache");
+            std::fs::create_dir_all(&cache).ok()?;
+            let conf = format!(
+                r#"worker_processes auto;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  proxy_cache_path {cache} levels=1:2 keys_zone=z:256m max_size=4g inactive=1h use_temp_path=off;
+  upstream origin {{ server {origin_addr}; keepalive 256; }}
+  server {{
+    listen {addr} reuseport;
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache z;
+      proxy_cache_valid 200 {ttl}s;
+      proxy_cache_use_stale updating error timeout http_500 http_502 http_503 http_504;
+      proxy_cache_background_update on;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 30s;
+      add_header X-Cache $upstream_cache_status;
+    }}
+  }}
+}}
+"#,
+                dir = dir.display(),
+                cache = cache.display(),
+                ttl = setup.ttl_secs,
+            );
+            std::fs::write(dir.join("nginx.conf"), conf).ok()?;
+            let child = Command::new("nginx")
+                .args([
+                    "-p",
+                    &dir.display().to_string(),
+                    "-c",
+                    &dir.join("nginx.conf").display().to_string(),
+                    "-g",
+                    "daemon off;",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let proc = Proc {
+                child,
+                dir: Some(dir),
+            };
+            let pid = proc.pid();
+            (Some(proc), vec![pid], Some(cache), None, addr)
+        }
+        Kind::Varnish => {
+            if !installed("varnishd") {
+                return None;
+            }
+            let dir = scratch_dir("varnish");
+            let vcl = format!(
+                "vcl 4.1;\nbackend default {{ .host = \"{}\"; .port = \"{}\"; }}\n\
+                 sub vcl_backend_response {{ set beresp.ttl = {}s; set beresp.grace = {}s; }}\n",
+                origin_addr.ip(),
+                origin_addr.port(),
+                setup.ttl_secs,
+                setup.grace_secs
+            );
+            let vcl_path = dir.join("bench.vcl");
+            std::fs::write(&vcl_path, vcl).ok()?;
+            let child = Command::new("varnishd")
+                .args([
+                    "-F",
+                    "-n",
+                    &dir.join("work").display().to_string(),
+                    "-a",
+                    &addr.to_string(),
+                    "-f",
+                    &vcl_path.display().to_string(),
+                    "-s",
+                    "malloc,2G",
+                    "-p",
+                    "thread_pools=2",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let proc = Proc {
+                child,
+                dir: Some(dir),
+            };
+            let pid = proc.pid();
+            (Some(proc), vec![pid], None, None, addr)
+        }
+    };
+    if !wait_listening(addr).await {
+        eprintln!("{} did not start listening on {addr}", kind.name());
+        return None;
+    }
+    let mut pids = pids;
+    if kind == Kind::Nginx || kind == Kind::Varnish {
+        // The workers (nginx) or the cache child (Varnish) hold the memory.
+        pids.extend(children_of(pids[0]));
+    }
+    Some(Target {
+        addr,
+        _proc: proc,
+        _limit_stop: limit_stop,
+        pids,
+        cache_dir,
+    })
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn rss_bytes(pids: &[u32]) -> u64 {
+    pids.iter()
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        })
+        .sum()
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    // Allocated bytes, as tmpfs charges them (whole pages per file).
+    let output = Command::new("du").args(["-s", "-B1"]).arg(dir).output();
+    output
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- clients
+
+/// Requests every key once (`concurrency` at a time), so the cache holds them.
+async fn warm(addr: SocketAddr, keys: usize, concurrency: usize) {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let next = Arc::clone(&next);
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut sender) = connect(addr).await else {
+                return;
+            };
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= keys {
+                    return;
+                }
+                if get(&mut sender, addr, &format!("/k/{i}")).await.is_err() {
+                    match connect(addr).await {
+                        Ok(s) => sender = s,
+                        Err(_) => return,
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+async fn get(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<u16, String> {
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let request = Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+#[derive(Debug, Clone, Default)]
+struct WrkResult {
+    rps: f64,
+    p99_ms: f64,
+    slow_share: f64,
+    errors: u64,
+}
+
+fn run_wrk(addr: SocketAddr, keys: usize, duration: Duration) -> Option<WrkResult> {
+    let output = Command::new("wrk")
+        .args([
+            "-t1",
+            "-c64",
+            &format!("-d{}s", duration.as_secs()),
+            "--timeout",
+            "5s",
+            "-s",
+            WRK_SCRIPT,
+            &format!("http://{addr}"),
+        ])
+        .env("KEYS", keys.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().find(|l| l.starts_with("RESULT "))?;
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let duration_s = field("duration_us") / 1e6;
+    Some(WrkResult {
+        rps: if duration_s > 0.0 {
+            field("requests") / duration_s
+        } else {
+            0.0
+        },
+        p99_ms: field("p99_us") / 1e3,
+        slow_share: field("slow100_share"),
+        errors: field("errors") as u64,
+    })
+}
+
+// ---------------------------------------------------------------- scenarios
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn kinds_available() -> Vec<Kind> {
+    let mut kinds = vec![Kind::SwrProxy];
+    if installed("nginx") {
+        kinds.push(Kind::Nginx);
+    } else {
+        eprintln!("nginx not installed: its rows are skipped (apt-get install -y nginx-light)");
+    }
+    if installed("varnishd") {
+        kinds.push(Kind::Varnish);
+    } else {
+        eprintln!("varnishd not installed: its rows are skipped (apt-get install -y varnish)");
+    }
+    kinds
+}
+
+/// Hit throughput: every key warmed, then wrk over all keys; rounds interleaved.
+async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, body_size: usize) {
+    let origin = Origin::start(body_size, Duration::ZERO, None).await;
+    let setup = CacheSetup {
+        ttl_secs: 3600,
+        grace_secs: 60,
+        refresh_concurrency: 8,
+    };
+    let mut kinds = kinds_available();
+    kinds.push(Kind::Limit);
+    let mut results: HashMap<&'static str, Vec<WrkResult>> = HashMap::new();
+    for round in 0..options.rounds {
+        for &kind in &kinds {
+            let Some(target) = start_target(kind, &origin, setup, keys, body_size).await else {
+                continue;
+            };
+            warm(target.addr, keys, 32).await;
+            let addr = target.addr;
+            let duration = options.duration;
+            let result = tokio::task::spawn_blocking(move || run_wrk(addr, keys, duration))
+                .await
+                .ok()
+                .flatten();
+            drop(target);
+            if let Some(r) = result {
+                eprintln!(
+                    "  {name} round {} {:<9} {:>9.0} req/s  p99 {:.2} ms  errors {}",
+                    round + 1,
+                    kind.name(),
+                    r.rps,
+                    r.p99_ms,
+                    r.errors
+                );
+                results.entry(kind.name()).or_default().push(r);
+            }
+        }
+    }
+    let rps = |k: &str| {
+        median(
+            results
+                .get(k)
+                .map(|v| v.iter().map(|r| r.rps).collect())
+                .unwrap_or_default(),
+        )
+    };
+    let p99 = |k: &str| {
+        median(
+            results
+                .get(k)
+                .map(|v| v.iter().map(|r| r.p99_ms).collect())
+                .unwrap_or_default(),
+        )
+    };
+    let limit = rps("limit");
+    for kind in &kinds {
+        let k = kind.name();
+        report.row(vec![
+            name.to_string(),
+            k.to_string(),
+            format!("{:.0}", rps(k)),
+            format!("{:.2}", p99(k)),
+            ratio(rps(k), limit),
+            ratio(rps(k), rps("nginx")),
+            ratio(rps(k), rps("varnish")),
+        ]);
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+/// The stale storm: 1,000 keys with a 1 s ttl in front of a 200 ms origin.
+async fn stale_storm(report: &mut Report, options: &Options) {
+    const KEYS: usize = 1000;
+    let origin = Origin::start(1024, Duration::from_millis(200), None).await;
+    let storm = CacheSetup {
+        ttl_secs: 1,
+        grace_secs: 60,
+        refresh_concurrency: 256,
+    };
+    let calm = CacheSetup {
+        ttl_secs: 3600,
+        ..storm
+    };
+    let kinds = kinds_available();
+    let mut rows: HashMap<String, Vec<(WrkResult, u64, u64)>> = HashMap::new();
+    for round in 0..options.rounds {
+        let runs: Vec<(Kind, CacheSetup, String)> = kinds
+            .iter()
+            .map(|k| (*k, storm, k.name().to_string()))
+            .chain(std::iter::once((
+                Kind::SwrProxy,
+                calm,
+                "swr-proxy (hits only, same load)".to_string(),
+            )))
+            .collect();
+        for (kind, setup, label) in runs {
+            let Some(target) = start_target(kind, &origin, setup, KEYS, 1024).await else {
+                continue;
+            };
+            warm(target.addr, KEYS, 32).await;
+            origin.reset_counters();
+            let addr = target.addr;
+            let duration = options.duration;
+            let result = tokio::task::spawn_blocking(move || run_wrk(addr, KEYS, duration))
+                .await
+                .ok()
+                .flatten();
+            let backend = origin.requests.load(Ordering::Relaxed);
+            let max_in_flight = origin.max_in_flight.load(Ordering::Relaxed);
+            drop(target);
+            if let Some(r) = result {
+                eprintln!(
+                    "  stale-storm round {} {label:<9} p99 {:.2} ms, >=100ms {:.5}%, backend {backend}, in flight max {max_in_flight}",
+                    round + 1, r.p99_ms, r.slow_share * 100.0
+                );
+                rows.entry(label)
+                    .or_default()
+                    .push((r, backend, max_in_flight));
+            }
+        }
+    }
+    let ideal = KEYS as f64 * options.duration.as_secs_f64() / storm.ttl_secs as f64;
+    let mut labels: Vec<&String> = rows.keys().collect();
+    labels.sort();
+    for label in labels {
+        let runs = &rows[label];
+        let p99 = median(runs.iter().map(|r| r.0.p99_ms).collect());
+        let slow = median(runs.iter().map(|r| r.0.slow_share * 100.0).collect());
+        let backend = median(runs.iter().map(|r| r.1 as f64).collect());
+        let max_in_flight = runs.iter().map(|r| r.2).max().unwrap_or(0);
+        let rps = median(runs.iter().map(|r| r.0.rps).collect());
+        report.row(vec![
+            "stale-storm".into(),
+            label.clone(),
+            format!("{rps:.0}"),
+            format!("{p99:.2}"),
+            format!("{slow:.4}% >= 100 ms"),
+            format!("backend {backend:.0} ({:.2}x ideal)", backend / ideal),
+            format!("max in flight {max_in_flight}"),
+        ]);
+    }
+}
+
+/// The herd: 200 clients ask for one cold key at once; the origin takes 500 ms.
+async fn herd(report: &mut Report, options: &Options) {
+    const CLIENTS: usize = 200;
+    let delay = Duration::from_millis(500);
+    let setup = CacheSetup {
+        ttl_secs: 3600,
+        grace_secs: 60,
+        refresh_concurrency: 8,
+    };
+    let mut rows: HashMap<&'static str, Vec<(u64, f64, f64)>> = HashMap::new();
+    for round in 0..options.rounds {
+        for kind in kinds_available() {
+            let origin = Origin::start(1024, delay, None).await;
+            let Some(target) = start_target(kind, &origin, setup, 1, 1024).await else {
+                continue;
+            };
+            let addr = target.addr;
+            // Connect every client first, so the requests leave together.
+            let mut senders = Vec::new();
+            for _ in 0..CLIENTS {
+                if let Ok(s) = connect(addr).await {
+                    senders.push(s);
+                }
+            }
+            let path = format!("/k/{}", 7 + round);
+            let tasks: Vec<_> = senders
+                .into_iter()
+                .map(|mut sender| {
+                    let path = path.clone();
+                    tokio::spawn(async move {
+                        let started = Instant::now();
+                        let ok = get(&mut sender, addr, &path).await == Ok(200);
+                        (ok, started.elapsed())
+                    })
+                })
+                .collect();
+            let mut latencies = Vec::new();
+            let mut failures = 0;
+            for task in tasks {
+                match task.await {
+                    Ok((true, took)) => latencies.push(took.as_secs_f64() * 1e3),
+                    _ => failures += 1,
+                }
+            }
+            let backend = origin.requests.load(Ordering::Relaxed);
+            drop(target);
+            let max = latencies.iter().cloned().fold(0.0, f64::max);
+            let p50 = median(latencies.clone());
+            eprintln!("  herd round {} {:<9} backend {backend}, p50 {p50:.1} ms, max {max:.1} ms, failures {failures}", round + 1, kind.name());
+            rows.entry(kind.name())
+                .or_default()
+                .push((backend, p50, max));
+        }
+    }
+    for kind in kinds_available() {
+        let Some(runs) = rows.get(kind.name()) else {
+            continue;
+        };
+        report.row(vec![
+            "herd".into(),
+            kind.name().into(),
+            format!("backend {}", runs.iter().map(|r| r.0).max().unwrap_or(0)),
+            format!("p50 {:.1} ms", median(runs.iter().map(|r| r.1).collect())),
+            format!("max {:.1} ms", median(runs.iter().map(|r| r.2).collect())),
+            format!("origin {} ms", delay.as_millis()),
+            String::new(),
+        ]);
+    }
+}
+
+/// Memory: resident bytes per cached 1 KiB object, 100,000 objects.
+async fn memory(report: &mut Report) {
+    const KEYS: usize = 100_000;
+    let origin = Origin::start(1024, Duration::ZERO, None).await;
+    let setup = CacheSetup {
+        ttl_secs: 3600,
+        grace_secs: 60,
+        refresh_concurrency: 8,
+    };
+    for kind in kinds_available() {
+        let Some(target) = start_target(kind, &origin, setup, KEYS, 1024).await else {
+            continue;
+        };
+        // One key first, so every connection- and thread-related allocation is there.
+        warm(target.addr, 1, 1).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_bytes(&target.pids) + target.cache_dir.as_deref().map_or(0, dir_bytes);
+        warm(target.addr, KEYS, 32).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = rss_bytes(&target.pids) + target.cache_dir.as_deref().map_or(0, dir_bytes);
+        let per_object = after.saturating_sub(before) as f64 / KEYS as f64;
+        eprintln!("  memory {:<9} {per_object:.0} B per object", kind.name());
+        report.row(vec![
+            "memory".into(),
+            kind.name().into(),
+            format!("{per_object:.0} B/object"),
+            format!("{} objects of 1 KiB", KEYS),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        drop(target);
+    }
+}
+
+// ---------------------------------------------------------------- report
+
+struct Report {
+    rows: Vec<Vec<String>>,
+}
+
+impl Report {
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn print(&self, options: &Options) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "\nmedians of {} interleaved round(s), wrk -t1 -c64 -d{}s, {} cores\n",
+            options.rounds,
+            options.duration.as_secs(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let _ = writeln!(out, "| scenario | target | req/s or result | p99 ms or result | vs limit | vs nginx | vs varnish |");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        for row in &self.rows {
+            let _ = writeln!(out, "| {} |", row.join(" | "));
+        }
+    }
+}
+
+fn main() {
+    let options = match Options::parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("load: {e}");
+            std::process::exit(2);
+        }
+    };
+    if !installed("wrk") {
+        eprintln!("load: wrk is not installed (apt-get install -y wrk)");
+        std::process::exit(1);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut report = Report { rows: Vec::new() };
+    runtime.block_on(async {
+        if options.wants("hits-1k") {
+            hits(&mut report, &options, "hits-1k", 10_000, 1024).await;
+        }
+        if options.wants("hits-64k") {
+            hits(&mut report, &options, "hits-64k", 10_000, 64 * 1024).await;
+        }
+        if options.wants("hot-1k") {
+            hits(&mut report, &options, "hot-1k", 1, 1024).await;
+        }
+        if options.wants("stale-storm") {
+            stale_storm(&mut report, &options).await;
+        }
+        if options.wants("herd") {
+            herd(&mut report, &options).await;
+        }
+        if options.wants("memory") {
+            memory(&mut report).await;
+        }
+    });
+    report.print(&options);
+}

@@ -1,0 +1,37 @@
+-- wrk script for benches/load.rs: spreads requests over KEYS keys
+-- (/k/0 .. /k/KEYS-1) and prints one machine-readable RESULT line.
+local keys = tonumber(os.getenv("KEYS") or "1")
+
+function setup(thread)
+  thread:set("seed", math.random(1, 1000000))
+end
+
+function init(args)
+  math.randomseed(seed or os.time())
+end
+
+function request()
+  return wrk.format("GET", "/k/" .. math.random(0, keys - 1))
+end
+
+-- The share of answers at or above `us` microseconds, by bisecting the
+-- percentile function (wrk's Lua API has no direct rank lookup).
+local function share_at_or_above(latency, us)
+  if latency.max < us then return 0 end
+  local lo, hi = 0.0, 100.0
+  for _ = 1, 50 do
+    local mid = (lo + hi) / 2
+    if latency:percentile(mid) >= us then hi = mid else lo = mid end
+  end
+  return (100.0 - hi) / 100.0
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "RESULT requests=%d duration_us=%d errors=%d p50_us=%d p99_us=%d max_us=%d slow100_share=%.8f\n",
+    summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max,
+    share_at_or_above(latency, 100000)))
+end
