@@ -13,7 +13,7 @@
 //! - [`cache::key`]: the cache key of a request (host, path, query).
 //! - [`cache::policy`]: pure rules: storable? lifetimes; state of an entry at `now`.
 //! - [`cache::entry`]: the stored response and its instants.
-//! - [`cache::store`]: the byte-bounded moka cache and coalesced fills.
+//! - [`cache::store`]: the byte-bounded sharded map (CLOCK eviction) and coalesced fills.
 //! - [`refresh`]: bounded refresh queue, fixed workers, per-key claim.
 //! - [`upstream`]: the one upstream client, header shaping, body reading.
 //! - [`body`]: the response body type (stored bytes or a passed-through stream).

@@ -28,6 +28,9 @@ use crate::upstream::{self, BodyRead, BoxError, Upstream};
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
+/// How often entries that can no longer be served are swept out.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The proxy's shared state: one per process, shared by every connection.
 pub struct Proxy {
     config: Config,
@@ -96,6 +99,24 @@ impl Proxy {
             stats: Stats::default(),
             config,
         });
+        // Entries past every window are dropped lazily by reads and eviction;
+        // the sweep returns their memory when nothing else would.
+        let sweep_proxy = Arc::clone(&proxy);
+        let sweep_cancel = cancel.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let removed = sweep_proxy.store.sweep(Instant::now());
+                        if removed > 0 {
+                            tracing::debug!(removed, "swept unservable entries");
+                        }
+                    }
+                    () = sweep_cancel.cancelled() => break,
+                }
+            }
+        });
         let worker_proxy = Arc::clone(&proxy);
         workers.spawn(
             proxy.config.refresh_concurrency,
@@ -149,7 +170,7 @@ impl Proxy {
         let head = parts.method == Method::HEAD;
         let now = Instant::now();
 
-        let stale = match self.store.get(&key) {
+        let stale = match self.store.get(&key, now) {
             Some(entry) => match policy::entry_state(&entry, now) {
                 EntryState::Fresh => {
                     self.stats.record_request(CacheStatus::Hit);

@@ -1,6 +1,6 @@
 //! The cache: keys, stored entries, the pure rules about them, and the store.
 //!
-//! This module knows `http` types and moka; it knows neither hyper's server
+//! This module knows `http` types; it knows neither hyper's server
 //! nor the upstream client.
 
 pub mod entry;

@@ -1,12 +1,22 @@
-//! The store: a byte-bounded moka cache of `Arc<Entry>`, and the coalescing
-//! of fills (one backend fetch per absent key, however many clients wait).
+//! The store: a byte-bounded, sharded map of `Arc<Entry>` with CLOCK
+//! eviction, and the coalescing of fills (one backend fetch per absent key,
+//! however many clients wait).
+//!
+//! Why not moka: a moka `sync::Cache` read measured 1.3 µs on this machine
+//! (10,000 keys, criterion; its concurrent hash table and access-order
+//! bookkeeping miss the CPU cache several times per read), against 75 ns for
+//! a locked `HashMap`. A cache hit has about 1 µs to spend in all, so the hit
+//! path reads a plain sharded map: a read lock, a lookup, a reference-count
+//! increment and one relaxed flag store. Eviction is CLOCK (second chance):
+//! a read marks the entry visited; the eviction hand passes over visited
+//! entries once, clearing the mark, and evicts the first unvisited one, or any
+//! entry that can no longer be served at all.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
-use moka::sync::Cache;
-use moka::Expiry;
 use tokio::sync::watch;
 
 use super::entry::Entry;
@@ -32,90 +42,174 @@ pub enum Fill {
     Follower(FillSlot),
 }
 
-/// The cache. Reads are lock-free moka reads (no await on the hit path);
-/// fills are coalesced through a small map guarded by a std `Mutex`, held only
-/// to insert or remove a slot, never across an await.
+/// Shards of the map: enough that two cores rarely meet on one lock.
+const SHARDS: usize = 64;
+
+/// The cache.
 pub struct Store {
-    entries: Cache<u64, Arc<Entry>, BuildPassThrough>,
+    shards: Box<[Shard]>,
+    /// Bytes charged by all entries (see [`Entry::weight`]).
+    bytes: AtomicU64,
+    max_bytes: u64,
+    /// The shard the eviction hand visits next.
+    evict_cursor: AtomicUsize,
+    evictions: AtomicU64,
+    /// Fills in progress. A std `Mutex`: held to insert or remove a slot,
+    /// never across an await.
     fills: Arc<Mutex<HashMap<u64, FillSlot>>>,
 }
 
-/// moka evicts an entry only once it can no longer be served at all.
-struct EvictWhenUnservable;
+/// One shard. A std `RwLock`: readers (hits) share it; writers hold it for a
+/// map operation only.
+#[derive(Default)]
+struct Shard {
+    inner: RwLock<ShardInner>,
+}
 
-impl Expiry<u64, Arc<Entry>> for EvictWhenUnservable {
-    fn expire_after_create(
-        &self,
-        _key: &u64,
-        entry: &Arc<Entry>,
-        created_at: Instant,
-    ) -> Option<Duration> {
-        Some(entry.evict_at().saturating_duration_since(created_at))
-    }
+#[derive(Default)]
+struct ShardInner {
+    map: HashMap<u64, Slot, BuildPassThrough>,
+    /// The CLOCK ring: keys in insertion order. A key removed from the map may
+    /// linger here until the hand reaches it (it is then skipped).
+    ring: VecDeque<u64>,
+}
 
-    fn expire_after_update(
-        &self,
-        _key: &u64,
-        entry: &Arc<Entry>,
-        updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(entry.evict_at().saturating_duration_since(updated_at))
-    }
+struct Slot {
+    entry: Arc<Entry>,
+    weight: u64,
+    /// Set by reads, cleared by the eviction hand: the second chance.
+    visited: AtomicBool,
 }
 
 impl Store {
     /// A store holding at most `max_bytes` of keys, headers and bodies.
     pub fn new(max_bytes: u64) -> Store {
-        let entries = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_key: &u64, entry: &Arc<Entry>| entry.weight())
-            .expire_after(EvictWhenUnservable)
-            .build_with_hasher(BuildPassThrough);
         Store {
-            entries,
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            bytes: AtomicU64::new(0),
+            max_bytes,
+            evict_cursor: AtomicUsize::new(0),
+            evictions: AtomicU64::new(0),
             fills: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
-    /// The entry stored for `key`, if any (whatever its state).
-    pub fn get(&self, key: &RequestKey<'_>) -> Option<Arc<Entry>> {
-        self.entries
-            .get(&key.hash)
-            .filter(|entry| key.matches(&entry.key))
+    fn shard(&self, hash: u64) -> &Shard {
+        // Middle bits pick the shard: the map inside uses the low bits for
+        // the bucket and the top seven as the tag.
+        &self.shards[(hash >> 32) as usize % SHARDS]
     }
 
-    /// Stores `entry` under `hash`, replacing any entry there whole.
+    /// The entry stored for `key`, if it can still be served in some way at `now`.
+    pub fn get(&self, key: &RequestKey<'_>, now: Instant) -> Option<Arc<Entry>> {
+        let inner = read(&self.shard(key.hash).inner);
+        let slot = inner.map.get(&key.hash)?;
+        if !key.matches(&slot.entry.key) || now >= slot.entry.evict_at() {
+            return None;
+        }
+        // Load first: a hot entry's flag is already set, and a load leaves
+        // its cache line shared between cores.
+        if !slot.visited.load(Relaxed) {
+            slot.visited.store(true, Relaxed);
+        }
+        Some(Arc::clone(&slot.entry))
+    }
+
+    /// Stores `entry` under `hash`, replacing any entry there whole, then
+    /// evicts until the store is within its budget.
     pub fn insert(&self, hash: u64, entry: Arc<Entry>) {
-        self.entries.insert(hash, entry);
+        let weight = u64::from(entry.weight());
+        if weight > self.max_bytes {
+            return;
+        }
+        {
+            let mut inner = write(&self.shard(hash).inner);
+            let slot = Slot {
+                entry,
+                weight,
+                visited: AtomicBool::new(false),
+            };
+            match inner.map.insert(hash, slot) {
+                Some(old) => {
+                    self.bytes.fetch_sub(old.weight, Relaxed);
+                }
+                None => inner.ring.push_back(hash),
+            }
+            self.bytes.fetch_add(weight, Relaxed);
+            compact_ring(&mut inner);
+        }
+        self.evict_over_budget();
     }
 
     /// Removes the entry under `hash` if it is the one for `key_text`.
     pub fn remove(&self, hash: u64, key_text: &str) -> bool {
-        use moka::ops::compute::{CompResult, Op};
-        let result = self
-            .entries
-            .entry(hash)
-            .and_compute_with(|current| match current {
-                Some(entry) if &*entry.value().key == key_text => Op::Remove,
-                _ => Op::Nop,
+        let mut inner = write(&self.shard(hash).inner);
+        if inner
+            .map
+            .get(&hash)
+            .is_some_and(|s| &*s.entry.key == key_text)
+        {
+            if let Some(old) = inner.map.remove(&hash) {
+                self.bytes.fetch_sub(old.weight, Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Evicts entries, shard by shard, until the bytes fit the budget.
+    fn evict_over_budget(&self) {
+        let mut empty_shards = 0;
+        while self.bytes.load(Relaxed) > self.max_bytes && empty_shards < SHARDS {
+            let index = self.evict_cursor.fetch_add(1, Relaxed) % SHARDS;
+            let mut inner = write(&self.shards[index].inner);
+            match evict_one(&mut inner, Instant::now()) {
+                Some(weight) => {
+                    self.bytes.fetch_sub(weight, Relaxed);
+                    self.evictions.fetch_add(1, Relaxed);
+                    empty_shards = 0;
+                }
+                None => empty_shards += 1,
+            }
+        }
+    }
+
+    /// Removes every entry that can no longer be served at `now`; returns how many.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut inner = write(&shard.inner);
+            let mut freed = 0;
+            inner.map.retain(|_, slot| {
+                let keep = now < slot.entry.evict_at();
+                if !keep {
+                    freed += slot.weight;
+                    removed += 1;
+                }
+                keep
             });
-        matches!(result, CompResult::Removed(_))
+            compact_ring(&mut inner);
+            self.bytes.fetch_sub(freed, Relaxed);
+        }
+        removed
     }
 
-    /// Number of entries (approximate until moka's housekeeping runs).
+    /// Number of entries.
     pub fn entry_count(&self) -> u64 {
-        self.entries.entry_count()
+        self.shards
+            .iter()
+            .map(|s| read(&s.inner).map.len() as u64)
+            .sum()
     }
 
-    /// Bytes charged against the budget (approximate until housekeeping runs).
+    /// Bytes charged against the budget.
     pub fn weighted_size(&self) -> u64 {
-        self.entries.weighted_size()
+        self.bytes.load(Relaxed)
     }
 
-    /// Runs moka's pending housekeeping, so counts are exact (tests, stats).
-    pub fn run_pending_tasks(&self) {
-        self.entries.run_pending_tasks();
+    /// Entries evicted to stay within the budget.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Relaxed)
     }
 
     /// Joins the fill in progress for `hash`, or becomes its leader.
@@ -137,6 +231,47 @@ impl Store {
     pub fn fills_in_progress(&self) -> usize {
         self.fills.lock().map(|f| f.len()).unwrap_or(0)
     }
+}
+
+/// Moves the CLOCK hand until it evicts one entry of this shard; returns its
+/// weight, or `None` when the shard holds nothing.
+fn evict_one(inner: &mut ShardInner, now: Instant) -> Option<u64> {
+    // Each live key is passed over at most once (its mark cleared), so two
+    // turns of the ring always find a victim.
+    let mut budget = inner.ring.len() * 2 + 1;
+    while budget > 0 {
+        budget -= 1;
+        let hash = inner.ring.pop_front()?;
+        let Some(slot) = inner.map.get(&hash) else {
+            continue; // removed earlier: a stale ring position
+        };
+        let unservable = now >= slot.entry.evict_at();
+        if !unservable && slot.visited.swap(false, Relaxed) {
+            inner.ring.push_back(hash);
+            continue;
+        }
+        return inner.map.remove(&hash).map(|slot| slot.weight);
+    }
+    None
+}
+
+/// Rebuilds the ring when stale positions (removed keys) pile up.
+fn compact_ring(inner: &mut ShardInner) {
+    if inner.ring.len() > inner.map.len() * 2 + 64 {
+        let ShardInner { map, ring } = inner;
+        ring.clear();
+        ring.extend(map.keys().copied());
+    }
+}
+
+/// Locks for reading; a poisoned lock (a panic while writing) still holds a
+/// consistent map, since every write is a single map operation.
+fn read(lock: &RwLock<ShardInner>) -> std::sync::RwLockReadGuard<'_, ShardInner> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write(lock: &RwLock<ShardInner>) -> std::sync::RwLockWriteGuard<'_, ShardInner> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Held by the leader of a fill. Completing it tells every waiter; dropping it
@@ -170,5 +305,104 @@ pub async fn wait_fill(mut slot: FillSlot) -> Option<FillOutcome> {
     match slot.wait_for(Option::is_some).await {
         Ok(outcome) => outcome.clone(),
         Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::key::KeyHasher;
+    use crate::cache::policy::Lifetimes;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+    use std::time::Duration;
+
+    fn entry(key: &RequestKey<'_>, size: usize, now: Instant, fresh: Duration) -> Arc<Entry> {
+        let lifetimes = Lifetimes {
+            fresh,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            initial_age: Duration::ZERO,
+        };
+        Arc::new(Entry::new(
+            key.to_text(),
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from(vec![0; size]),
+            now,
+            lifetimes,
+        ))
+    }
+
+    #[test]
+    fn get_checks_the_key_and_the_instant() {
+        let keys = KeyHasher::new();
+        let store = Store::new(1 << 20);
+        let now = Instant::now();
+        let a = keys.key("h", "/a");
+        store.insert(a.hash, entry(&a, 10, now, Duration::from_secs(5)));
+        assert!(store.get(&a, now).is_some());
+        assert!(
+            store.get(&a, now + Duration::from_secs(5)).is_none(),
+            "unservable"
+        );
+        // Same hash, other key text: never the other key's answer.
+        let impostor = RequestKey {
+            hash: a.hash,
+            ..keys.key("h", "/b")
+        };
+        assert!(store.get(&impostor, now).is_none());
+        assert!(store.remove(a.hash, "h/a"));
+        assert!(store.get(&a, now).is_none());
+        assert_eq!(store.weighted_size(), 0);
+    }
+
+    #[test]
+    fn stays_within_its_budget_and_keeps_visited_entries() {
+        let keys = KeyHasher::new();
+        let now = Instant::now();
+        let paths: Vec<String> = (0..400).map(|i| format!("/{i}")).collect();
+        let hot = keys.key("h", "/hot");
+        let one = entry(&hot, 1000, now, Duration::from_secs(60)).weight() as u64;
+        let store = Store::new(one * 100);
+        store.insert(hot.hash, entry(&hot, 1000, now, Duration::from_secs(60)));
+        for path in &paths {
+            let key = keys.key("h", path);
+            store.insert(key.hash, entry(&key, 1000, now, Duration::from_secs(60)));
+            // The hot key is read between inserts, as a popular key would be.
+            assert!(store.get(&hot, now).is_some(), "the hot entry survives");
+        }
+        assert!(store.weighted_size() <= one * 100);
+        assert!(store.entry_count() >= 90, "{}", store.entry_count());
+        assert!(store.evictions() >= 300);
+    }
+
+    #[test]
+    fn sweep_removes_unservable_entries() {
+        let keys = KeyHasher::new();
+        let store = Store::new(1 << 20);
+        let now = Instant::now();
+        for i in 0..10 {
+            let path = format!("/{i}");
+            let key = keys.key("h", &path);
+            let fresh = Duration::from_secs(if i < 4 { 1 } else { 60 });
+            store.insert(key.hash, entry(&key, 10, now, fresh));
+        }
+        assert_eq!(store.sweep(now + Duration::from_secs(2)), 4);
+        assert_eq!(store.entry_count(), 6);
+    }
+
+    #[test]
+    fn a_ring_full_of_removed_keys_is_compacted() {
+        let keys = KeyHasher::new();
+        let store = Store::new(1 << 30);
+        let now = Instant::now();
+        let key = keys.key("h", "/k");
+        for _ in 0..1000 {
+            store.insert(key.hash, entry(&key, 10, now, Duration::from_secs(60)));
+            store.remove(key.hash, "h/k");
+        }
+        let ring_len: usize = store.shards.iter().map(|s| read(&s.inner).ring.len()).sum();
+        assert!(ring_len < 100, "{ring_len}");
     }
 }
