@@ -134,10 +134,13 @@ impl Origin {
                     requests.fetch_add(1, Ordering::Relaxed);
                     let now = in_flight.fetch_add(1, Ordering::Relaxed) + 1;
                     max_in_flight.fetch_max(now, Ordering::Relaxed);
+                    // Decrements even when the client goes away mid-delay
+                    // (the handler is dropped then).
+                    let in_flight_guard = Decrement(Arc::clone(&in_flight));
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    drop(in_flight_guard);
                     let i = key_index(request.uri().path()).unwrap_or(0);
                     let mut response = Response::new(Full::new(body_for(i, body_size)));
                     response.headers_mut().insert(
@@ -172,6 +175,15 @@ impl Origin {
 impl Drop for Origin {
     fn drop(&mut self) {
         self.stop.send_replace(true);
+    }
+}
+
+/// Decrements a counter when dropped.
+struct Decrement(Arc<AtomicU64>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

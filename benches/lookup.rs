@@ -36,10 +36,10 @@ fn filled_store(keys: &KeyHasher) -> Store {
         let path = format!("/rank?user={i}");
         let key = keys.key("127.0.0.1:8080", &path);
         let entry = Entry::new(
-            key.to_text(),
+            &key.to_text(),
             StatusCode::OK,
-            headers.clone(),
-            Bytes::from(vec![b'x'; 1024]),
+            &headers,
+            &[Bytes::from(vec![b'x'; 1024])],
             now,
             lifetimes,
         );

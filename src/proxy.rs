@@ -208,7 +208,7 @@ impl Proxy {
         client: Option<SocketAddr>,
     ) -> Enqueue {
         let result = self.refresh.try_enqueue(key.hash, || RefreshRequest {
-            key: entry.key.clone(),
+            key: entry.key().into(),
             path_and_query: key.path_and_query.into(),
             headers: fill_headers(headers, client),
         });
@@ -218,7 +218,7 @@ impl Proxy {
             }
             Enqueue::Dropped => {
                 self.stats.refresh_dropped.fetch_add(1, Relaxed);
-                tracing::debug!(key = %entry.key, reason = "queue-full", "refresh dropped");
+                tracing::debug!(key = entry.key(), reason = "queue-full", "refresh dropped");
             }
             Enqueue::AlreadyClaimed => {}
         }
@@ -297,17 +297,17 @@ impl Proxy {
                     })
                 }
             };
-        let headers = upstream::stored_headers(response.headers());
+        let headers = upstream::response_headers(response.headers());
         match self
             .upstream
             .read_body(response, self.config.max_object_size_bytes)
             .await
         {
             Ok(BodyRead::Complete(body)) => Fetched::Entry(Arc::new(Entry::new(
-                key,
+                &key,
                 status,
-                headers,
-                body,
+                &headers,
+                &body,
                 Instant::now(),
                 lifetimes,
             ))),
@@ -535,7 +535,7 @@ impl Proxy {
         if let Some(entry) = stale.filter(|e| policy::usable_on_error(e, now)) {
             self.stats.record_request(CacheStatus::Stale);
             self.stats.stale_if_error_served.fetch_add(1, Relaxed);
-            tracing::warn!(key = %entry.key, error = %err, "backend failed; serving stale (stale-if-error)");
+            tracing::warn!(key = entry.key(), error = %err, "backend failed; serving stale (stale-if-error)");
             let cache_status = formatted(format_args!(
                 "swr-proxy; fwd=stale; ttl={}; detail=stale-if-error-{}",
                 entry.ttl_secs(now),
@@ -622,14 +622,10 @@ fn entry_response(
     head: bool,
     now: Instant,
 ) -> Response<ProxyBody> {
-    let body = if head {
-        Bytes::new()
-    } else {
-        entry.body.clone()
-    };
+    let body = if head { Bytes::new() } else { entry.body() };
     let mut response = Response::new(ProxyBody::full(body));
     *response.status_mut() = entry.status;
-    let mut headers = entry.headers.clone();
+    let mut headers = entry.header_map(3);
     headers.insert(header::AGE, small_number(entry.age(now).as_secs()));
     headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
     headers.insert(CACHE_STATUS, cache_status);

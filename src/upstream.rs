@@ -27,7 +27,8 @@ pub struct Upstream {
 
 /// A response body read for storing, or the signal that it is too large.
 pub enum BodyRead {
-    Complete(Bytes),
+    /// The whole body, as the chunks it arrived in.
+    Complete(Vec<Bytes>),
     /// Over the limit: the chunks read so far, and the rest still unread.
     TooLarge {
         prefix: Vec<Bytes>,
@@ -114,7 +115,7 @@ impl Upstream {
                     });
                 }
             }
-            Ok(BodyRead::Complete(concat(chunks, total)))
+            Ok(BodyRead::Complete(chunks))
         };
         match tokio::time::timeout(self.timeout, read).await {
             Ok(result) => result,
@@ -128,17 +129,6 @@ fn timed_out(after: Duration) -> UpstreamError {
         UpstreamErrorKind::Timeout,
         format!("no answer within {}ms", after.as_millis()),
     )
-}
-
-/// One `Bytes` of exactly the body's size. Always a copy: a chunk from the
-/// client is a slice of its read buffer, and storing the slice would keep the
-/// whole buffer alive for as long as the entry lives.
-fn concat(chunks: Vec<Bytes>, total: u64) -> Bytes {
-    let mut all = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    for chunk in &chunks {
-        all.extend_from_slice(chunk);
-    }
-    Bytes::from(all)
 }
 
 /// A body that sends `prefix` and then streams the rest of `response`,
@@ -203,20 +193,6 @@ pub fn forward_headers(client_headers: &HeaderMap, client_addr: Option<SocketAdd
 /// The headers of a backend response as sent to clients.
 pub fn response_headers(upstream_headers: &HeaderMap) -> HeaderMap {
     let mut headers = upstream_headers.clone();
-    strip_hop_by_hop(&mut headers);
-    headers
-}
-
-/// The headers of a backend response, for storing: like [`response_headers`],
-/// with every value copied out of the client's read buffer (see [`concat`]).
-pub fn stored_headers(upstream_headers: &HeaderMap) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(upstream_headers.len());
-    for (name, value) in upstream_headers {
-        if let Ok(mut copy) = HeaderValue::from_bytes(value.as_bytes()) {
-            copy.set_sensitive(value.is_sensitive());
-            headers.append(name.clone(), copy);
-        }
-    }
     strip_hop_by_hop(&mut headers);
     headers
 }

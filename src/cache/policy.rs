@@ -203,7 +203,6 @@ impl CacheControl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use http::HeaderValue;
 
     const DEFAULTS: Defaults = Defaults {
@@ -218,14 +217,7 @@ mod tests {
         else {
             panic!("a plain 200 is storable");
         };
-        Entry::new(
-            "k/".into(),
-            StatusCode::OK,
-            HeaderMap::new(),
-            Bytes::new(),
-            now,
-            lifetimes,
-        )
+        Entry::new("k/", StatusCode::OK, &HeaderMap::new(), &[], now, lifetimes)
     }
 
     #[test]
@@ -260,7 +252,7 @@ mod tests {
             panic!("storable");
         };
         assert_eq!(lifetimes.initial_age, Duration::from_millis(3200));
-        let entry = Entry::new("k/".into(), StatusCode::OK, h, Bytes::new(), t0, lifetimes);
+        let entry = Entry::new("k/", StatusCode::OK, &h, &[], t0, lifetimes);
         assert_eq!(entry.fresh_until, t0 + Duration::from_millis(6800));
         assert_eq!(entry.age(t0), Duration::from_millis(3200));
         // An Age beyond the ttl makes the response stale on arrival.
@@ -271,14 +263,7 @@ mod tests {
         else {
             panic!("storable");
         };
-        let entry = Entry::new(
-            "k/".into(),
-            StatusCode::OK,
-            old,
-            Bytes::new(),
-            t0,
-            lifetimes,
-        );
+        let entry = Entry::new("k/", StatusCode::OK, &old, &[], t0, lifetimes);
         assert_eq!(entry_state(&entry, t0), EntryState::Stale);
     }
 

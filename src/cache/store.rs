@@ -104,7 +104,7 @@ impl Store {
     pub fn get(&self, key: &RequestKey<'_>, now: Instant) -> Option<Arc<Entry>> {
         let inner = read(&self.shard(key.hash).inner);
         let slot = inner.map.get(&key.hash)?;
-        if !key.matches(&slot.entry.key) || now >= slot.entry.evict_at() {
+        if !key.matches(slot.entry.key_bytes()) || now >= slot.entry.evict_at() {
             return None;
         }
         // Load first: a hot entry's flag is already set, and a load leaves
@@ -147,7 +147,7 @@ impl Store {
         if inner
             .map
             .get(&hash)
-            .is_some_and(|s| &*s.entry.key == key_text)
+            .is_some_and(|s| s.entry.key() == key_text)
         {
             if let Some(old) = inner.map.remove(&hash) {
                 self.bytes.fetch_sub(old.weight, Relaxed);
@@ -157,19 +157,23 @@ impl Store {
         false
     }
 
-    /// Evicts entries, shard by shard, until the bytes fit the budget.
+    /// Evicts entries until the bytes fit the budget. The hand visits the
+    /// shards in turn; in each it passes over visited entries (clearing their
+    /// mark) and evicts the first unvisited one. After every shard has been
+    /// passed once, every mark is clear, so the loop ends; it also gives up
+    /// when the shards are empty or readers keep re-marking everything.
     fn evict_over_budget(&self) {
-        let mut empty_shards = 0;
-        while self.bytes.load(Relaxed) > self.max_bytes && empty_shards < SHARDS {
+        let mut fruitless = 0;
+        while self.bytes.load(Relaxed) > self.max_bytes && fruitless < SHARDS * 3 {
             let index = self.evict_cursor.fetch_add(1, Relaxed) % SHARDS;
             let mut inner = write(&self.shards[index].inner);
             match evict_one(&mut inner, Instant::now()) {
                 Some(weight) => {
                     self.bytes.fetch_sub(weight, Relaxed);
                     self.evictions.fetch_add(1, Relaxed);
-                    empty_shards = 0;
+                    fruitless = 0;
                 }
-                None => empty_shards += 1,
+                None => fruitless += 1,
             }
         }
     }
@@ -233,14 +237,11 @@ impl Store {
     }
 }
 
-/// Moves the CLOCK hand until it evicts one entry of this shard; returns its
-/// weight, or `None` when the shard holds nothing.
+/// Moves this shard's CLOCK hand once around its ring at most: evicts the
+/// first entry that is unvisited (or unservable) and returns its weight, or
+/// returns `None` having cleared every visited mark on the way.
 fn evict_one(inner: &mut ShardInner, now: Instant) -> Option<u64> {
-    // Each live key is passed over at most once (its mark cleared), so two
-    // turns of the ring always find a victim.
-    let mut budget = inner.ring.len() * 2 + 1;
-    while budget > 0 {
-        budget -= 1;
+    for _ in 0..inner.ring.len() {
         let hash = inner.ring.pop_front()?;
         let Some(slot) = inner.map.get(&hash) else {
             continue; // removed earlier: a stale ring position
@@ -325,10 +326,10 @@ mod tests {
             initial_age: Duration::ZERO,
         };
         Arc::new(Entry::new(
-            key.to_text(),
+            &key.to_text(),
             StatusCode::OK,
-            HeaderMap::new(),
-            Bytes::from(vec![0; size]),
+            &HeaderMap::new(),
+            &[Bytes::from(vec![0; size])],
             now,
             lifetimes,
         ))
