@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use swr_proxy::cache::entry::Entry;
 use swr_proxy::cache::key::KeyHasher;
-use swr_proxy::cache::policy::{self, Defaults, Storability};
+use swr_proxy::cache::policy::{self, CacheControlMode, Defaults, RequestFacts, Storability};
 use swr_proxy::cache::store::Store;
 
 const KEYS: usize = 10_000;
@@ -23,12 +23,19 @@ fn filled_store(keys: &KeyHasher) -> Store {
         ttl: Duration::from_secs(3600),
         stale_while_revalidate: Duration::from_secs(60),
         stale_if_error: Duration::from_secs(300),
+        mode: CacheControlMode::Honor,
+        targeted: http::HeaderName::from_static("swr-cache-control"),
     };
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
-    let Storability::Store(lifetimes) =
-        policy::storability(StatusCode::OK, &headers, Duration::ZERO, &defaults)
-    else {
+    let Storability::Store(lifetimes) = policy::storability(
+        StatusCode::OK,
+        &headers,
+        RequestFacts::default(),
+        Duration::ZERO,
+        std::time::SystemTime::now(),
+        &defaults,
+    ) else {
         unreachable!("a plain 200 is storable")
     };
     let now = Instant::now();

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cache::policy::CacheControlMode;
+
 /// The command line. Without a subcommand it runs the proxy.
 #[derive(Debug, Parser)]
 #[command(
@@ -82,6 +84,23 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_UPSTREAM_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub upstream_timeout: Duration,
 
+    /// `honor`: the backend's Cache-Control decides (RFC 9111), the ttl and
+    /// windows above are defaults. `override`: they apply whatever the backend
+    /// says about freshness (no-store, private and Set-Cookie still prevent storing).
+    #[arg(long, env = "SWR_CACHE_CONTROL", default_value = "honor", value_name = "MODE", value_parser = parse_mode, allow_hyphen_values = true)]
+    pub cache_control: CacheControlMode,
+
+    /// Let clients' Cache-Control (no-cache, max-age, max-stale, min-fresh,
+    /// only-if-cached, no-store) and Pragma: no-cache steer the cache. Off by
+    /// default: a client cannot force traffic onto the backend.
+    #[arg(long, env = "SWR_HONOR_CLIENT_CACHE_CONTROL")]
+    pub honor_client_cache_control: bool,
+
+    /// A response header that overrides Cache-Control for this proxy only
+    /// (RFC 9213), and is not forwarded to clients.
+    #[arg(long, env = "SWR_TARGETED_CACHE_CONTROL", default_value = "swr-cache-control", value_name = "HEADER", value_parser = parse_header_name)]
+    pub targeted_cache_control: http::HeaderName,
+
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "SWR_SHUTDOWN_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub shutdown_timeout: Duration,
@@ -101,6 +120,9 @@ pub struct Config {
     pub refresh_queue: usize,
     pub upstream_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub cache_control: CacheControlMode,
+    pub honor_client_cache_control: bool,
+    pub targeted_cache_control: http::HeaderName,
 }
 
 /// A configuration error: names the flag and what it accepts.
@@ -145,6 +167,9 @@ impl Config {
             refresh_queue: args.refresh_queue,
             upstream_timeout: args.upstream_timeout,
             shutdown_timeout: args.shutdown_timeout,
+            cache_control: args.cache_control,
+            honor_client_cache_control: args.honor_client_cache_control,
+            targeted_cache_control: args.targeted_cache_control.clone(),
         };
         config.validate()?;
         Ok(config)
@@ -218,6 +243,21 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     value
         .checked_mul(scale)
         .ok_or_else(|| format!("{FORM} (too large)"))
+}
+
+/// Parses `honor` or `override`.
+fn parse_mode(text: &str) -> Result<CacheControlMode, String> {
+    match text.trim() {
+        "honor" => Ok(CacheControlMode::Honor),
+        "override" => Ok(CacheControlMode::Override),
+        _ => Err("expected honor or override".into()),
+    }
+}
+
+/// Parses a header name, e.g. swr-cache-control.
+fn parse_header_name(text: &str) -> Result<http::HeaderName, String> {
+    http::HeaderName::from_bytes(text.trim().as_bytes())
+        .map_err(|_| "expected a header name like swr-cache-control".to_string())
 }
 
 /// Parses a count of at least one.

@@ -89,6 +89,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     /// A bug or a broken invariant on our side.
     Internal(String),
+    /// `only-if-cached` and nothing usable is stored (RFC 9111 §5.2.1.7).
+    NotCached,
 }
 
 impl ProxyError {
@@ -101,6 +103,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -116,6 +119,7 @@ impl fmt::Display for ProxyError {
             ProxyError::Upstream(e) => e.fmt(f),
             ProxyError::BadRequest(why) => write!(f, "bad request: {why}"),
             ProxyError::Internal(why) => write!(f, "internal error: {why}"),
+            ProxyError::NotCached => f.write_str("only-if-cached, and nothing usable is stored"),
         }
     }
 }

@@ -16,13 +16,16 @@ pub enum UpstreamCause {
     Refresh,
     /// A request passed through (method, or a response that may not be shared).
     Pass,
+    /// A conditional fetch of a stored entry (If-None-Match / If-Modified-Since).
+    Revalidate,
 }
 
 impl UpstreamCause {
-    pub const ALL: [UpstreamCause; 3] = [
+    pub const ALL: [UpstreamCause; 4] = [
         UpstreamCause::Miss,
         UpstreamCause::Refresh,
         UpstreamCause::Pass,
+        UpstreamCause::Revalidate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -30,6 +33,7 @@ impl UpstreamCause {
             UpstreamCause::Miss => "miss",
             UpstreamCause::Refresh => "refresh",
             UpstreamCause::Pass => "pass",
+            UpstreamCause::Revalidate => "revalidate",
         }
     }
 }
@@ -55,6 +59,14 @@ pub struct Stats {
     pub coalesced_waiters: AtomicU64,
     /// Answers served from a stale entry because the backend failed.
     pub stale_if_error_served: AtomicU64,
+    /// Entries renewed by a 304 from the backend.
+    pub revalidated: AtomicU64,
+    /// Body bytes the backend did not have to send thanks to a 304.
+    pub revalidation_bytes_saved: AtomicU64,
+    /// Entries removed after a successful POST/PUT/DELETE/PATCH.
+    pub invalidations: AtomicU64,
+    /// 304 answers the cache gave to clients' conditional requests.
+    pub not_modified_served: AtomicU64,
 }
 
 impl Stats {
@@ -108,5 +120,36 @@ pub struct InFlight<'a>(&'a AtomicU64);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counters live in arrays indexed by the enums: each `ALL` must list
+    /// every variant at its own index.
+    #[test]
+    fn label_arrays_cover_every_variant() {
+        for (i, c) in UpstreamCause::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+        for (i, r) in BypassReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        for (i, s) in CacheStatus::ALL.iter().enumerate() {
+            assert_eq!(s.index(), i);
+        }
+        for (i, k) in UpstreamErrorKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i);
+        }
+        assert_eq!(
+            UpstreamCause::Revalidate as usize,
+            UpstreamCause::ALL.len() - 1
+        );
+        assert_eq!(
+            BypassReason::NotModified.index(),
+            BypassReason::ALL.len() - 1
+        );
     }
 }

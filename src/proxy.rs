@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -16,7 +16,9 @@ use tokio_util::task::TaskTracker;
 use crate::body::ProxyBody;
 use crate::cache::entry::Entry;
 use crate::cache::key::{KeyHasher, RequestKey};
-use crate::cache::policy::{self, BypassReason, Defaults, EntryState, Storability};
+use crate::cache::policy::{
+    self, BypassReason, Defaults, RequestDirectives, RequestFacts, Storability, Use,
+};
 use crate::cache::store::{self, Fill, FillOutcome, Store};
 use crate::cache::CacheStatus;
 use crate::config::Config;
@@ -44,15 +46,30 @@ pub struct Proxy {
 
 /// What a background refresh needs to re-fetch an entry.
 pub struct RefreshRequest {
-    key: Box<str>,
-    path_and_query: Box<str>,
-    headers: HeaderMap,
+    target: FetchTarget,
+    /// The stale entry, for its validators.
+    stale: Arc<Entry>,
 }
 
-/// The result of fetching a response to store it.
+/// What a fetch for the cache is for: the URL, the request's headers, and
+/// where the answer is stored.
+#[derive(Clone)]
+struct FetchTarget {
+    /// The URL's key text (`host` + `path?query`) and its hash.
+    url_text: Arc<str>,
+    url_hash: u64,
+    path_and_query: Arc<str>,
+    /// The client's headers: what a Vary'd answer is keyed by.
+    client_headers: HeaderMap,
+    /// What is sent to the backend: forwarded, without the client's conditionals.
+    upstream_headers: HeaderMap,
+    authorization: bool,
+}
+
+/// The result of fetching a response for the cache.
 enum Fetched {
-    /// Storable and read whole; not yet inserted.
-    Entry(Arc<Entry>),
+    /// Stored (a new entry, or a stale one renewed by a 304).
+    Stored(Arc<Entry>),
     /// Not storable: passed through as a stream.
     Pass(Passed),
     /// The backend failed (no response, or the exchange broke).
@@ -91,6 +108,8 @@ impl Proxy {
                 ttl: config.ttl,
                 stale_while_revalidate: config.stale_while_revalidate,
                 stale_if_error: config.stale_if_error,
+                mode: config.cache_control,
+                targeted: config.targeted_cache_control.clone(),
             },
             keys: KeyHasher::new(),
             store: Store::new(config.max_size_bytes),
@@ -160,6 +179,11 @@ impl Proxy {
                 .pass(&parts, Some(body), client, BypassReason::Method)
                 .await;
         }
+        if parts.headers.contains_key(header::RANGE) {
+            return self
+                .pass(&parts, Some(body), client, BypassReason::Range)
+                .await;
+        }
         let host = match request_host(&parts) {
             Ok(host) => host,
             Err(err) => return self.error_response(&err, CacheStatus::Bypass, "detail=bad-host"),
@@ -168,17 +192,51 @@ impl Proxy {
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let key = self.keys.key(&host, path_and_query);
         let head = parts.method == Method::HEAD;
+        let directives = if self.config.honor_client_cache_control {
+            Some(RequestDirectives::parse(&parts.headers)).filter(|d| !d.is_empty())
+        } else {
+            None
+        };
+        if directives.is_some_and(|d| d.no_store) {
+            return self
+                .pass(&parts, Some(body), client, BypassReason::Request)
+                .await;
+        }
         let now = Instant::now();
 
-        let stale = match self.store.get(&key, now) {
-            Some(entry) => match policy::entry_state(&entry, now) {
-                EntryState::Fresh => {
+        // The URL's own entry; else, for a URL whose answers vary, the variant
+        // this request's headers select.
+        let mut variant: Option<(u64, String)> = None;
+        let found = match self.store.get(&key, now) {
+            Some(entry) => Some(entry),
+            None => match self.store.vary_names(key.hash) {
+                Some(names) => {
+                    let text = variant_text(key, &names, &parts.headers);
+                    let hash = self.keys.hash_text(&text);
+                    let entry = self.store.get_exact(hash, text.as_bytes(), now);
+                    variant = Some((hash, text));
+                    entry
+                }
+                None => None,
+            },
+        };
+        let fill_hash = variant.as_ref().map_or(key.hash, |(hash, _)| *hash);
+
+        let stale = match found {
+            Some(entry) => match policy::decide(&entry, now, directives.as_ref()) {
+                Use::Fresh => {
                     self.stats.record_request(CacheStatus::Hit);
                     let cache_status = hit_cache_status(entry.ttl_secs(now));
-                    return entry_response(&entry, CacheStatus::Hit, cache_status, head, now);
+                    return self.entry_response(
+                        &entry,
+                        CacheStatus::Hit,
+                        cache_status,
+                        &parts,
+                        now,
+                    );
                 }
-                EntryState::Stale => {
-                    let queued = self.queue_refresh(&key, &entry, &parts.headers, client);
+                Use::Stale => {
+                    let queued = self.queue_refresh(fill_hash, key, &entry, &parts.headers, client);
                     self.stats.record_request(CacheStatus::Stale);
                     let cache_status = formatted(format_args!(
                         "swr-proxy; hit; ttl={}; detail={}",
@@ -189,28 +247,70 @@ impl Proxy {
                             Enqueue::Dropped => "refresh-dropped",
                         }
                     ));
-                    return entry_response(&entry, CacheStatus::Stale, cache_status, head, now);
+                    return self.entry_response(
+                        &entry,
+                        CacheStatus::Stale,
+                        cache_status,
+                        &parts,
+                        now,
+                    );
                 }
-                EntryState::Expired => Some(entry),
+                Use::Expired => Some((entry, "stale")),
+                Use::ClientRefused => Some((entry, "request")),
             },
             None => None,
         };
+        if directives.is_some_and(|d| d.only_if_cached) {
+            let err = ProxyError::NotCached;
+            return self.error_response(&err, CacheStatus::Miss, "fwd=miss; detail=only-if-cached");
+        }
         drop(body);
-        self.fill(&parts, key, stale, client).await
+        let fwd = match (&stale, &variant) {
+            (Some((_, why)), _) => why,
+            (None, Some(_)) => "vary-miss",
+            (None, None) => "uri-miss",
+        };
+        let target = self.fetch_target(key, &parts.headers, client);
+        self.fill(
+            &parts,
+            target,
+            fill_hash,
+            stale.map(|(e, _)| e),
+            fwd,
+            head,
+            client,
+        )
+        .await
+    }
+
+    fn fetch_target(
+        &self,
+        key: RequestKey<'_>,
+        client_headers: &HeaderMap,
+        client: Option<SocketAddr>,
+    ) -> FetchTarget {
+        FetchTarget {
+            url_text: key.to_text().into(),
+            url_hash: key.hash,
+            path_and_query: key.path_and_query.into(),
+            client_headers: client_headers.clone(),
+            upstream_headers: fill_headers(client_headers, client),
+            authorization: client_headers.contains_key(header::AUTHORIZATION),
+        }
     }
 
     /// Queues a background refresh of a stale entry, without waiting.
     fn queue_refresh(
         &self,
-        key: &RequestKey<'_>,
+        hash: u64,
+        key: RequestKey<'_>,
         entry: &Arc<Entry>,
         headers: &HeaderMap,
         client: Option<SocketAddr>,
     ) -> Enqueue {
-        let result = self.refresh.try_enqueue(key.hash, || RefreshRequest {
-            key: entry.key().into(),
-            path_and_query: key.path_and_query.into(),
-            headers: fill_headers(headers, client),
+        let result = self.refresh.try_enqueue(hash, || RefreshRequest {
+            target: self.fetch_target(key, headers, client),
+            stale: Arc::clone(entry),
         });
         match result {
             Enqueue::Queued => {
@@ -225,53 +325,73 @@ impl Proxy {
         result
     }
 
-    /// A background refresh: re-fetches and replaces the entry, or keeps the
-    /// old one when the backend fails.
+    /// A background refresh: re-fetches (or revalidates) and replaces the
+    /// entry, or keeps the old one when the backend fails.
     async fn run_refresh(self: Arc<Self>, job: Job<RefreshRequest>) {
         let _in_flight = self.stats.refresh_started();
         let started = Instant::now();
-        let request = &job.payload;
+        let RefreshRequest { target, stale } = &job.payload;
         self.stats.record_upstream_request(UpstreamCause::Refresh);
-        let fetched = self
-            .fetch(
-                request.key.clone(),
-                &request.path_and_query,
-                request.headers.clone(),
-            )
-            .await;
+        let fetched = self.fetch(target, Some(stale)).await;
         let took_ms = started.elapsed().as_millis() as u64;
+        let key = stale.key();
         match fetched {
-            Fetched::Entry(entry) => {
-                self.store.insert(job.hash, entry);
+            Fetched::Stored(_) => {
                 self.stats.refresh_succeeded.fetch_add(1, Relaxed);
-                tracing::info!(key = %request.key, took_ms, "refreshed");
+                tracing::info!(key, took_ms, "refreshed");
             }
             Fetched::Pass(passed) if policy::status_is_error(passed.status) => {
                 self.stats.refresh_failed.fetch_add(1, Relaxed);
-                tracing::warn!(key = %request.key, took_ms, status = passed.status.as_u16(),
-                    "refresh failed; keeping the stale entry");
+                tracing::warn!(
+                    key,
+                    took_ms,
+                    status = passed.status.as_u16(),
+                    "refresh failed; keeping the stale entry"
+                );
             }
             Fetched::Pass(passed) => {
-                self.store.remove(job.hash, &request.key);
+                self.store.remove(job.hash, key);
                 self.stats.refresh_not_storable.fetch_add(1, Relaxed);
-                tracing::info!(key = %request.key, took_ms, reason = passed.reason.as_str(),
-                    "refresh answer may not be stored; entry removed");
+                tracing::info!(
+                    key,
+                    took_ms,
+                    reason = passed.reason.as_str(),
+                    "refresh answer may not be stored; entry removed"
+                );
             }
             Fetched::Failed(err) => {
                 self.stats.refresh_failed.fetch_add(1, Relaxed);
-                tracing::warn!(key = %request.key, took_ms, error = %err,
+                tracing::warn!(key, took_ms, error = %err,
                     "refresh failed; keeping the stale entry");
             }
         }
     }
 
-    /// Fetches a response for the cache (always a GET): reads it whole when it
-    /// may be stored, or hands it back to be streamed when it may not.
-    async fn fetch(&self, key: Box<str>, path_and_query: &str, headers: HeaderMap) -> Fetched {
+    /// Fetches a response for the cache (always a GET). With a stored entry
+    /// that has validators, the request is conditional and a 304 renews the
+    /// entry. A storable answer is read whole and stored (under its variant
+    /// when it varies); one that may not be stored is handed back to stream.
+    async fn fetch(&self, target: &FetchTarget, stale: Option<&Arc<Entry>>) -> Fetched {
+        let mut headers = target.upstream_headers.clone();
+        let mut conditional = false;
+        if let Some(stale) = stale {
+            if let Some(etag) = stale.etag() {
+                headers.insert(header::IF_NONE_MATCH, etag.clone());
+                conditional = true;
+            }
+            if let Some(modified) = stale.last_modified() {
+                headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+                conditional = true;
+            }
+        }
+        if conditional {
+            self.stats
+                .record_upstream_request(UpstreamCause::Revalidate);
+        }
         let request_time = Instant::now();
         let response = match self
             .upstream
-            .send(Method::GET, path_and_query, headers, None)
+            .send(Method::GET, &target.path_and_query, headers, None)
             .await
         {
             Ok(response) => response,
@@ -285,32 +405,102 @@ impl Proxy {
             self.stats.record_upstream_error(UpstreamErrorKind::Status);
         }
         let response_delay = request_time.elapsed();
-        let lifetimes =
-            match policy::storability(status, response.headers(), response_delay, &self.defaults) {
-                Storability::Store(lifetimes) => lifetimes,
+        let facts = RequestFacts {
+            authorization: target.authorization,
+        };
+
+        if status == StatusCode::NOT_MODIFIED {
+            let Some(stale) = stale.filter(|_| conditional) else {
+                return Fetched::Pass(self.passed(BypassReason::NotModified, response));
+            };
+            let merged = stale.renewed_headers(response.headers());
+            return match policy::storability(
+                stale.status,
+                &merged,
+                facts,
+                response_delay,
+                SystemTime::now(),
+                &self.defaults,
+            ) {
+                Storability::Store(lifetimes) => {
+                    let entry = Arc::new(Entry::new(
+                        stale.key(),
+                        stale.status,
+                        &self.client_headers(&merged),
+                        &[stale.body()],
+                        Instant::now(),
+                        lifetimes,
+                    ));
+                    let hash = self.keys.hash_text(stale.key());
+                    self.store.insert(hash, Arc::clone(&entry));
+                    self.stats.revalidated.fetch_add(1, Relaxed);
+                    self.stats
+                        .revalidation_bytes_saved
+                        .fetch_add(stale.body_len() as u64, Relaxed);
+                    Fetched::Stored(entry)
+                }
                 Storability::Bypass(reason) => {
-                    return Fetched::Pass(Passed {
+                    self.store
+                        .remove(self.keys.hash_text(stale.key()), stale.key());
+                    Fetched::Pass(Passed {
                         reason,
-                        status,
-                        headers: upstream::response_headers(response.headers()),
-                        body: upstream::stream_body(Vec::new(), response),
+                        status: stale.status,
+                        headers: self.client_headers(&merged),
+                        body: ProxyBody::full(stale.body()),
                     })
                 }
             };
-        let headers = upstream::response_headers(response.headers());
+        }
+
+        let lifetimes = match policy::storability(
+            status,
+            response.headers(),
+            facts,
+            response_delay,
+            SystemTime::now(),
+            &self.defaults,
+        ) {
+            Storability::Store(lifetimes) => lifetimes,
+            Storability::Bypass(reason) => return Fetched::Pass(self.passed(reason, response)),
+        };
+        // Where it is stored: under the URL, or under the variant its Vary selects.
+        let (hash, text, vary) = match policy::vary_names(response.headers()) {
+            Ok(names) if !names.is_empty() => {
+                let text = format!(
+                    "{}{}",
+                    target.url_text,
+                    policy::vary_key(&names, &target.client_headers)
+                );
+                (self.keys.hash_text(&text), text, Some(names))
+            }
+            _ => (target.url_hash, target.url_text.to_string(), None),
+        };
+        let headers = self.client_headers(response.headers());
         match self
             .upstream
             .read_body(response, self.config.max_object_size_bytes)
             .await
         {
-            Ok(BodyRead::Complete(body)) => Fetched::Entry(Arc::new(Entry::new(
-                &key,
-                status,
-                &headers,
-                &body,
-                Instant::now(),
-                lifetimes,
-            ))),
+            Ok(BodyRead::Complete(body)) => {
+                let entry = Arc::new(Entry::new(
+                    &text,
+                    status,
+                    &headers,
+                    &body,
+                    Instant::now(),
+                    lifetimes,
+                ));
+                match vary {
+                    Some(names) => {
+                        self.store.record_variant(target.url_hash, &names, hash);
+                        // The URL's own entry (from before it varied) is stale knowledge.
+                        self.store.remove(target.url_hash, &target.url_text);
+                    }
+                    None => self.store.forget_vary(target.url_hash),
+                }
+                self.store.insert(hash, Arc::clone(&entry));
+                Fetched::Stored(entry)
+            }
             Ok(BodyRead::TooLarge { prefix, rest }) => Fetched::Pass(Passed {
                 reason: BypassReason::TooLarge,
                 status,
@@ -324,13 +514,36 @@ impl Proxy {
         }
     }
 
+    /// A backend response to stream through without storing it.
+    fn passed(&self, reason: BypassReason, response: reqwest::Response) -> Passed {
+        Passed {
+            reason,
+            status: response.status(),
+            headers: self.client_headers(response.headers()),
+            body: upstream::stream_body(Vec::new(), response),
+        }
+    }
+
+    /// A backend response's headers as clients get them: hop-by-hop headers
+    /// and the fields targeted at this proxy removed.
+    fn client_headers(&self, upstream_headers: &HeaderMap) -> HeaderMap {
+        let mut headers = upstream::response_headers(upstream_headers);
+        headers.remove(&self.defaults.targeted);
+        headers.remove(policy::CDN_CACHE_CONTROL);
+        headers
+    }
+
     /// A miss or an expired entry: one backend fetch per key, however many
     /// clients wait for it.
+    #[allow(clippy::too_many_arguments)]
     async fn fill(
         self: &Arc<Self>,
         parts: &Parts,
-        key: RequestKey<'_>,
+        target: FetchTarget,
+        fill_hash: u64,
         stale: Option<Arc<Entry>>,
+        fwd: &'static str,
+        head: bool,
         client: Option<SocketAddr>,
     ) -> Response<ProxyBody> {
         let status = if stale.is_some() {
@@ -338,35 +551,28 @@ impl Proxy {
         } else {
             CacheStatus::Miss
         };
-        let fwd = if stale.is_some() { "stale" } else { "uri-miss" };
-        let head = parts.method == Method::HEAD;
-        // A leader that vanished (its task panicked) lets a waiter lead the next try.
+        // A leader that vanished (its task panicked), or an answer stored for
+        // another variant, sends a waiter round again.
         for _attempt in 0..3 {
-            match self.store.begin_fill(key.hash) {
+            match self.store.begin_fill(fill_hash) {
                 Fill::Leader(guard) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let proxy = Arc::clone(self);
-                    let key_text = key.to_text();
-                    let hash = key.hash;
-                    let path_and_query: Box<str> = key.path_and_query.into();
-                    let headers = fill_headers(&parts.headers, client);
+                    let target = target.clone();
                     let fallback = stale.clone();
                     // The fetch runs in its own task: a client that goes away
                     // does not cancel the fill the waiters depend on.
                     tokio::spawn(async move {
                         proxy.stats.record_upstream_request(UpstreamCause::Miss);
-                        let fetched = proxy.fetch(key_text, &path_and_query, headers).await;
+                        let fetched = proxy.fetch(&target, fallback.as_ref()).await;
                         let fallback_usable = fallback
                             .as_ref()
                             .is_some_and(|e| policy::usable_on_error(e, Instant::now()));
                         let (outcome, answer) = match fetched {
-                            Fetched::Entry(entry) => {
-                                proxy.store.insert(hash, Arc::clone(&entry));
-                                (
-                                    FillOutcome::Stored(Arc::clone(&entry)),
-                                    LeaderAnswer::Stored(entry),
-                                )
-                            }
+                            Fetched::Stored(entry) => (
+                                FillOutcome::Stored(Arc::clone(&entry)),
+                                LeaderAnswer::Stored(entry),
+                            ),
                             Fetched::Pass(passed)
                                 if fallback_usable && policy::status_is_error(passed.status) =>
                             {
@@ -390,18 +596,11 @@ impl Proxy {
                     let Ok(answer) = rx.await else { continue };
                     return match answer {
                         LeaderAnswer::Stored(entry) => {
-                            self.stats.record_request(status);
-                            let now = Instant::now();
-                            let cache_status = formatted(format_args!(
-                                "swr-proxy; fwd={fwd}; fwd-status={}; stored; ttl={}",
-                                entry.status.as_u16(),
-                                entry.ttl_secs(now)
-                            ));
-                            entry_response(&entry, status, cache_status, head, now)
+                            self.stored_response(&entry, status, fwd, "", parts)
                         }
-                        LeaderAnswer::Pass(passed) => self.passed_response(passed, fwd, head),
+                        LeaderAnswer::Pass(passed) => self.passed_response(passed, "bypass", head),
                         LeaderAnswer::Failed(err) => {
-                            self.failed(err, stale.as_deref(), status, fwd, head)
+                            self.failed(err, stale.as_deref(), status, fwd, parts)
                         }
                     };
                 }
@@ -409,14 +608,18 @@ impl Proxy {
                     self.stats.coalesced_waiters.fetch_add(1, Relaxed);
                     match store::wait_fill(slot).await {
                         Some(FillOutcome::Stored(entry)) => {
-                            self.stats.record_request(status);
-                            let now = Instant::now();
-                            let cache_status = formatted(format_args!(
-                                "swr-proxy; fwd={fwd}; fwd-status={}; stored; collapsed; ttl={}",
-                                entry.status.as_u16(),
-                                entry.ttl_secs(now)
-                            ));
-                            return entry_response(&entry, status, cache_status, head, now);
+                            if self.serves_variant(&entry, &target) {
+                                return self.stored_response(
+                                    &entry,
+                                    status,
+                                    fwd,
+                                    "; collapsed",
+                                    parts,
+                                );
+                            }
+                            // Stored for another variant: look again, now that
+                            // the URL is known to vary.
+                            continue;
                         }
                         Some(FillOutcome::NotShared) => {
                             // Never hand one client's unshareable answer to another:
@@ -426,21 +629,58 @@ impl Proxy {
                                 .await;
                         }
                         Some(FillOutcome::Failed(err)) => {
-                            return self.failed(err, stale.as_deref(), status, fwd, head)
+                            return self.failed(err, stale.as_deref(), status, fwd, parts)
                         }
                         None => continue,
                     }
                 }
             }
         }
-        self.error_response(
-            &ProxyError::Internal("the fill of this key was abandoned three times".into()),
-            status,
-            "detail=fill-abandoned",
-        )
+        self.pass::<Full<Bytes>>(parts, None, client, BypassReason::Status)
+            .await
     }
 
-    /// Passes a request through to the backend, streaming both ways; nothing is stored.
+    /// Whether `entry` answers the request `target` describes: the URL's own
+    /// entry, or the variant the request's headers select.
+    fn serves_variant(&self, entry: &Entry, target: &FetchTarget) -> bool {
+        let key = entry.key_bytes();
+        if key == target.url_text.as_bytes() {
+            return true;
+        }
+        match self.store.vary_names(target.url_hash) {
+            Some(names) => {
+                let text = format!(
+                    "{}{}",
+                    target.url_text,
+                    policy::vary_key(&names, &target.client_headers)
+                );
+                key == text.as_bytes()
+            }
+            None => false,
+        }
+    }
+
+    fn stored_response(
+        &self,
+        entry: &Entry,
+        status: CacheStatus,
+        fwd: &str,
+        collapsed: &str,
+        parts: &Parts,
+    ) -> Response<ProxyBody> {
+        self.stats.record_request(status);
+        let now = Instant::now();
+        let cache_status = formatted(format_args!(
+            "swr-proxy; fwd={fwd}; fwd-status={}; stored{collapsed}; ttl={}",
+            entry.status.as_u16(),
+            entry.ttl_secs(now)
+        ));
+        self.entry_response(entry, status, cache_status, parts, now)
+    }
+
+    /// Passes a request through to the backend, streaming both ways; nothing
+    /// is stored. A successful unsafe method invalidates what is stored for
+    /// its URI and the URIs in its `Location` and `Content-Location`.
     async fn pass<B>(
         &self,
         parts: &Parts,
@@ -457,10 +697,10 @@ impl Proxy {
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         self.stats.record_upstream_request(UpstreamCause::Pass);
         let head = parts.method == Method::HEAD;
-        let fwd = if reason == BypassReason::Method {
-            "method"
-        } else {
-            "bypass"
+        let fwd = match reason {
+            BypassReason::Method => "method",
+            BypassReason::Request => "request",
+            _ => "bypass",
         };
         match self
             .upstream
@@ -472,12 +712,12 @@ impl Proxy {
                 if policy::status_is_error(status) {
                     self.stats.record_upstream_error(UpstreamErrorKind::Status);
                 }
-                let passed = Passed {
-                    reason,
-                    status,
-                    headers: upstream::response_headers(response.headers()),
-                    body: upstream::stream_body(Vec::new(), response),
-                };
+                if policy::method_invalidates(&parts.method)
+                    && (status.is_success() || status.is_redirection())
+                {
+                    self.invalidate(parts, response.headers());
+                }
+                let passed = self.passed(reason, response);
                 self.passed_response(passed, fwd, head)
             }
             Err(err) => {
@@ -486,6 +726,36 @@ impl Proxy {
                 self.stats.record_bypass(reason);
                 let detail = format!("fwd={fwd}; detail={}", err.kind.as_str());
                 self.error_response(&ProxyError::Upstream(err), CacheStatus::Bypass, &detail)
+            }
+        }
+    }
+
+    /// RFC 9111 §4.4: removes the stored answers for the request's URI and for
+    /// same-origin `Location` / `Content-Location` URIs in the response.
+    fn invalidate(&self, parts: &Parts, response_headers: &HeaderMap) {
+        let Ok(host) = request_host(parts) else {
+            return;
+        };
+        let host = lowercase(host);
+        let mut targets: Vec<String> = vec![parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string()];
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(value) = response_headers.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            if let Some(path) = same_origin_path(value, &host) {
+                targets.push(path);
+            }
+        }
+        for path in targets {
+            let text = format!("{host}{path}");
+            let removed = self.store.remove_url(self.keys.hash_text(&text), &text);
+            if removed > 0 {
+                self.stats.invalidations.fetch_add(removed as u64, Relaxed);
+                tracing::debug!(key = %text, removed, method = %parts.method, "invalidated");
             }
         }
     }
@@ -529,7 +799,7 @@ impl Proxy {
         stale: Option<&Entry>,
         status: CacheStatus,
         fwd: &str,
-        head: bool,
+        parts: &Parts,
     ) -> Response<ProxyBody> {
         let now = Instant::now();
         if let Some(entry) = stale.filter(|e| policy::usable_on_error(e, now)) {
@@ -541,7 +811,7 @@ impl Proxy {
                 entry.ttl_secs(now),
                 err.kind.as_str()
             ));
-            return entry_response(entry, CacheStatus::Stale, cache_status, head, now);
+            return self.entry_response(entry, CacheStatus::Stale, cache_status, parts, now);
         }
         self.stats.record_request(status);
         let detail = format!("fwd={fwd}; detail={}", err.kind.as_str());
@@ -572,6 +842,68 @@ impl Proxy {
         );
         response
     }
+
+    /// An answer from a stored entry: `304` to a matching conditional
+    /// request, else the stored response (without a body for HEAD). The body
+    /// is shared by reference count.
+    fn entry_response(
+        &self,
+        entry: &Entry,
+        status: CacheStatus,
+        cache_status: HeaderValue,
+        parts: &Parts,
+        now: Instant,
+    ) -> Response<ProxyBody> {
+        let conditional = parts.headers.contains_key(header::IF_NONE_MATCH)
+            || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
+        let not_modified = conditional && policy::client_not_modified(entry, &parts.headers);
+        let mut headers = entry.header_map(3);
+        let body = if not_modified {
+            self.stats.not_modified_served.fetch_add(1, Relaxed);
+            headers.remove(header::CONTENT_LENGTH);
+            ProxyBody::empty()
+        } else if parts.method == Method::HEAD {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::full(entry.body())
+        };
+        headers.insert(header::AGE, small_number(entry.age(now).as_secs()));
+        headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
+        headers.insert(CACHE_STATUS, cache_status);
+        let mut response = Response::new(body);
+        *response.status_mut() = if not_modified {
+            StatusCode::NOT_MODIFIED
+        } else {
+            entry.status
+        };
+        *response.headers_mut() = headers;
+        response
+    }
+}
+
+/// The key text of the variant `names` select for these request headers.
+fn variant_text(key: RequestKey<'_>, names: &[HeaderName], headers: &HeaderMap) -> String {
+    let mut text = key.to_text().into_string();
+    text.push_str(&policy::vary_key(names, headers));
+    text
+}
+
+/// The path and query of a `Location`-style value if it points at `host`
+/// (a path, or an absolute URL with the same authority).
+fn same_origin_path(value: &str, host: &str) -> Option<String> {
+    if value.starts_with('/') && !value.starts_with("//") {
+        return Some(value.to_string());
+    }
+    let uri: http::Uri = value.parse().ok()?;
+    let authority = uri.authority()?;
+    if !authority.as_str().eq_ignore_ascii_case(host) {
+        return None;
+    }
+    Some(
+        uri.path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string(),
+    )
 }
 
 /// The host a request is for: the URI's authority (HTTP/2, absolute form),
@@ -612,25 +944,6 @@ fn fill_headers(client_headers: &HeaderMap, client: Option<SocketAddr>) -> Heade
         headers.remove(name);
     }
     headers
-}
-
-/// An answer from a stored entry. The body is shared by reference count.
-fn entry_response(
-    entry: &Entry,
-    status: CacheStatus,
-    cache_status: HeaderValue,
-    head: bool,
-    now: Instant,
-) -> Response<ProxyBody> {
-    let body = if head { Bytes::new() } else { entry.body() };
-    let mut response = Response::new(ProxyBody::full(body));
-    *response.status_mut() = entry.status;
-    let mut headers = entry.header_map(3);
-    headers.insert(header::AGE, small_number(entry.age(now).as_secs()));
-    headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
-    headers.insert(CACHE_STATUS, cache_status);
-    *response.headers_mut() = headers;
-    response
 }
 
 /// Values up to this are served from a table built once, not formatted per answer.

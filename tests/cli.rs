@@ -46,6 +46,11 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
             "--max-object-size",
         ),
         (&["--no-such-flag"], "--no-such-flag"),
+        (&["--cache-control", "sometimes"], "--cache-control"),
+        (
+            &["--targeted-cache-control", "bad name"],
+            "--targeted-cache-control",
+        ),
     ];
     for (flags, named) in cases {
         let mut args: Vec<&str> = up.to_vec();

@@ -37,6 +37,8 @@ pub struct Entry {
     pub stale_until: Instant,
     /// Served stale when the backend fails before this instant.
     pub error_until: Instant,
+    /// Kept (for revalidation or stale-if-error) until this instant.
+    pub keep_until: Instant,
 }
 
 impl Entry {
@@ -88,6 +90,11 @@ impl Entry {
 
         // Fresh while its current age is below the freshness lifetime (RFC 9111 §4.2).
         let fresh_until = now + lifetimes.fresh.saturating_sub(lifetimes.initial_age);
+        let stale_until = fresh_until + lifetimes.stale_while_revalidate;
+        let error_until = fresh_until + lifetimes.stale_if_error;
+        let keep_until = stale_until
+            .max(error_until)
+            .max(fresh_until + lifetimes.keep_for_revalidation);
         Entry {
             blob,
             key_len: key.len(),
@@ -97,8 +104,9 @@ impl Entry {
             stored_at: now,
             initial_age: lifetimes.initial_age,
             fresh_until,
-            stale_until: fresh_until + lifetimes.stale_while_revalidate,
-            error_until: fresh_until + lifetimes.stale_if_error,
+            stale_until,
+            error_until,
+            keep_until,
         }
     }
 
@@ -154,9 +162,37 @@ impl Entry {
         }
     }
 
-    /// After this instant the entry can no longer be served at all.
+    /// After this instant the entry can no longer be served nor revalidated.
     pub fn evict_at(&self) -> Instant {
-        self.stale_until.max(self.error_until)
+        self.keep_until
+    }
+
+    pub fn etag(&self) -> Option<&HeaderValue> {
+        self.header(&http::header::ETAG)
+    }
+
+    pub fn last_modified(&self) -> Option<&HeaderValue> {
+        self.header(&http::header::LAST_MODIFIED)
+    }
+
+    /// The headers of this entry updated with those of a `304 Not Modified`
+    /// (RFC 9111 §4.3.4): each field in the 304 replaces the stored one,
+    /// except the body's framing.
+    pub fn renewed_headers(&self, not_modified: &HeaderMap) -> HeaderMap {
+        let mut merged = self.header_map(0);
+        merged.remove(CONTENT_LENGTH);
+        let mut replaced: Vec<&HeaderName> = Vec::new();
+        for (name, value) in not_modified {
+            if name == CONTENT_LENGTH || name == http::header::CONTENT_TYPE {
+                continue;
+            }
+            if !replaced.contains(&name) {
+                merged.remove(name);
+                replaced.push(name);
+            }
+            merged.append(name.clone(), value.clone());
+        }
+        merged
     }
 
     /// Bytes charged against the cache's budget: the blob (key, header

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use http::HeaderName;
 use tokio::sync::watch;
 
 use super::entry::Entry;
@@ -57,7 +58,20 @@ pub struct Store {
     /// Fills in progress. A std `Mutex`: held to insert or remove a slot,
     /// never across an await.
     fills: Arc<Mutex<HashMap<u64, FillSlot>>>,
+    /// For URLs whose responses vary: the header names they vary on and the
+    /// variants stored, by the hash of the URL's key. Read on a miss only.
+    vary: RwLock<HashMap<u64, VaryRecord, BuildPassThrough>>,
 }
+
+/// The variants of one URL.
+struct VaryRecord {
+    names: Arc<[HeaderName]>,
+    /// Hashes of the variants stored (the most recent `MAX_VARIANTS`).
+    variants: VecDeque<u64>,
+}
+
+/// Variants remembered per URL for invalidation; older ones age out normally.
+const MAX_VARIANTS: usize = 64;
 
 /// One shard. A std `RwLock`: readers (hits) share it; writers hold it for a
 /// map operation only.
@@ -91,6 +105,7 @@ impl Store {
             evict_cursor: AtomicUsize::new(0),
             evictions: AtomicU64::new(0),
             fills: Arc::new(Mutex::new(HashMap::new())),
+            vary: RwLock::new(HashMap::default()),
         }
     }
 
@@ -113,6 +128,78 @@ impl Store {
             slot.visited.store(true, Relaxed);
         }
         Some(Arc::clone(&slot.entry))
+    }
+
+    /// The entry stored under `hash` whose key text is exactly `text`.
+    pub fn get_exact(&self, hash: u64, text: &[u8], now: Instant) -> Option<Arc<Entry>> {
+        let inner = read(&self.shard(hash).inner);
+        let slot = inner.map.get(&hash)?;
+        if slot.entry.key_bytes() != text || now >= slot.entry.evict_at() {
+            return None;
+        }
+        if !slot.visited.load(Relaxed) {
+            slot.visited.store(true, Relaxed);
+        }
+        Some(Arc::clone(&slot.entry))
+    }
+
+    /// The header names the responses for the URL `url_hash` vary on, if they do.
+    pub fn vary_names(&self, url_hash: u64) -> Option<Arc<[HeaderName]>> {
+        let vary = self.vary.read().unwrap_or_else(|e| e.into_inner());
+        vary.get(&url_hash).map(|r| Arc::clone(&r.names))
+    }
+
+    /// Records that the URL `url_hash` varies on `names`, with a variant
+    /// stored under `variant_hash`.
+    pub fn record_variant(&self, url_hash: u64, names: &[HeaderName], variant_hash: u64) {
+        let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
+        let record = vary.entry(url_hash).or_insert_with(|| VaryRecord {
+            names: names.into(),
+            variants: VecDeque::new(),
+        });
+        if *record.names != *names {
+            record.names = names.into();
+        }
+        if !record.variants.contains(&variant_hash) {
+            if record.variants.len() == MAX_VARIANTS {
+                record.variants.pop_front();
+            }
+            record.variants.push_back(variant_hash);
+        }
+    }
+
+    /// Forgets that the URL varies (its responses no longer do).
+    pub fn forget_vary(&self, url_hash: u64) {
+        let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
+        vary.remove(&url_hash);
+    }
+
+    /// Removes everything stored for a URL: its entry and every variant.
+    /// Returns how many entries went.
+    pub fn remove_url(&self, url_hash: u64, url_text: &str) -> usize {
+        let mut removed = usize::from(self.remove(url_hash, url_text));
+        let record = {
+            let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
+            vary.remove(&url_hash)
+        };
+        if let Some(record) = record {
+            for hash in record.variants {
+                let mut inner = write(&self.shard(hash).inner);
+                let is_variant = inner.map.get(&hash).is_some_and(|slot| {
+                    let key = slot.entry.key_bytes();
+                    key.len() > url_text.len()
+                        && key.starts_with(url_text.as_bytes())
+                        && key[url_text.len()] == b'\n'
+                });
+                if is_variant {
+                    if let Some(old) = inner.map.remove(&hash) {
+                        self.bytes.fetch_sub(old.weight, Relaxed);
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        removed
     }
 
     /// Stores `entry` under `hash`, replacing any entry there whole, then
@@ -324,6 +411,7 @@ mod tests {
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             initial_age: Duration::ZERO,
+            keep_for_revalidation: Duration::ZERO,
         };
         Arc::new(Entry::new(
             &key.to_text(),
@@ -354,6 +442,7 @@ mod tests {
         };
         assert!(store.get(&impostor, now).is_none());
         assert!(store.remove(a.hash, "h/a"));
+        assert!(store.get_exact(a.hash, b"h/a", now).is_none());
         assert!(store.get(&a, now).is_none());
         assert_eq!(store.weighted_size(), 0);
     }

@@ -41,6 +41,10 @@ pub struct Route {
     pub reset: bool,
     /// Hold each request until the gate opens.
     pub gate: Option<Gate>,
+    /// Send this ETag, and answer 304 to a matching If-None-Match.
+    pub etag: Option<String>,
+    /// Append this request header's value to the default body.
+    pub echo: Option<String>,
 }
 
 impl Default for Route {
@@ -53,6 +57,8 @@ impl Default for Route {
             chunked: false,
             reset: false,
             gate: None,
+            etag: None,
+            echo: None,
         }
     }
 }
@@ -80,6 +86,14 @@ impl Route {
     }
     pub fn reset(mut self) -> Self {
         self.reset = true;
+        self
+    }
+    pub fn etag(mut self, etag: &str) -> Self {
+        self.etag = Some(etag.into());
+        self
+    }
+    pub fn echo(mut self, header: &str) -> Self {
+        self.echo = Some(header.into());
         self
     }
     pub fn gate(mut self, gate: &Gate) -> Self {
@@ -263,7 +277,7 @@ async fn answer(
     state.seen.lock().unwrap().push(Seen {
         method,
         path_and_query: path_and_query.clone(),
-        headers,
+        headers: headers.clone(),
         body,
     });
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
@@ -285,10 +299,38 @@ async fn answer(
     if route.reset {
         return Err(std::io::Error::other("origin resets this connection"));
     }
+    let seen_headers = headers;
+    if let Some(etag) = &route.etag {
+        let matches = seen_headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+        if matches {
+            let mut response = Response::new(BodyExt::boxed(http_body_util::Empty::new()));
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            response
+                .headers_mut()
+                .insert("etag", http::HeaderValue::from_str(etag).unwrap());
+            for (name, value) in &route.headers {
+                response.headers_mut().append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            return Ok(response);
+        }
+    }
+    let echoed = route
+        .echo
+        .as_ref()
+        .and_then(|name| seen_headers.get(name.as_str()))
+        .and_then(|v| v.to_str().ok())
+        .map(|v| format!(" {v}"))
+        .unwrap_or_default();
     let bytes = route
         .body
         .clone()
-        .unwrap_or_else(|| Bytes::from(format!("{path_and_query} #{n}")));
+        .unwrap_or_else(|| Bytes::from(format!("{path_and_query} #{n}{echoed}")));
     let body: OriginBody = if route.chunked {
         let chunks: Vec<Result<Frame<Bytes>, Infallible>> = bytes
             .chunks(1000)
@@ -305,6 +347,11 @@ async fn answer(
             http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
             http::HeaderValue::from_str(value).unwrap(),
         );
+    }
+    if let Some(etag) = &route.etag {
+        response
+            .headers_mut()
+            .insert("etag", http::HeaderValue::from_str(etag).unwrap());
     }
     response
         .headers_mut()
