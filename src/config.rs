@@ -101,6 +101,38 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_TARGETED_CACHE_CONTROL", default_value = "swr-cache-control", value_name = "HEADER", value_parser = parse_header_name)]
     pub targeted_cache_control: http::HeaderName,
 
+    /// Address of the admin API (metrics, health, purge, stats). A
+    /// non-loopback address needs --admin-token.
+    #[arg(
+        long,
+        env = "SWR_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090",
+        value_name = "ADDR"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// Every admin request must carry `Authorization: Bearer <TOKEN>`.
+    #[arg(
+        long,
+        env = "SWR_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// Most requests in flight to the backend at once (0: no cap). Client
+    /// misses go first: refreshes never take the last slot.
+    #[arg(long, env = "SWR_UPSTREAM_CONCURRENCY", default_value_t = 256, value_name = "N", value_parser = parse_count_or_zero, allow_hyphen_values = true)]
+    pub upstream_concurrency: usize,
+
+    /// Log format: text or json.
+    #[arg(long, env = "SWR_LOG_FORMAT", default_value = "text", value_name = "FORMAT", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Log one line per request at info level (cache status, age, time taken).
+    #[arg(long, env = "SWR_ACCESS_LOG")]
+    pub access_log: bool,
+
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "SWR_SHUTDOWN_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub shutdown_timeout: Duration,
@@ -123,6 +155,10 @@ pub struct Config {
     pub cache_control: CacheControlMode,
     pub honor_client_cache_control: bool,
     pub targeted_cache_control: http::HeaderName,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<String>,
+    pub upstream_concurrency: usize,
+    pub access_log: bool,
 }
 
 /// A configuration error: names the flag and what it accepts.
@@ -170,6 +206,10 @@ impl Config {
             cache_control: args.cache_control,
             honor_client_cache_control: args.honor_client_cache_control,
             targeted_cache_control: args.targeted_cache_control.clone(),
+            admin_listen: args.admin_listen,
+            admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
+            upstream_concurrency: args.upstream_concurrency,
+            access_log: args.access_log,
         };
         config.validate()?;
         Ok(config)
@@ -185,6 +225,12 @@ impl Config {
         }
         if self.max_object_size_bytes > u64::from(u32::MAX) {
             return Err(ConfigError("--max-object-size must be below 4GiB".into()));
+        }
+        if !self.admin_listen.ip().is_loopback() && self.admin_token.is_none() {
+            return Err(ConfigError(format!(
+                "--admin-listen {} is not a loopback address: set --admin-token too",
+                self.admin_listen
+            )));
         }
         if self.upstream_timeout.is_zero() {
             return Err(ConfigError(
@@ -258,6 +304,13 @@ fn parse_mode(text: &str) -> Result<CacheControlMode, String> {
 fn parse_header_name(text: &str) -> Result<http::HeaderName, String> {
     http::HeaderName::from_bytes(text.trim().as_bytes())
         .map_err(|_| "expected a header name like swr-cache-control".to_string())
+}
+
+/// Parses a count, zero allowed.
+fn parse_count_or_zero(text: &str) -> Result<usize, String> {
+    text.trim()
+        .parse::<usize>()
+        .map_err(|_| "expected a whole number (0 for no cap)".into())
 }
 
 /// Parses a count of at least one.

@@ -18,10 +18,12 @@
 //! - [`upstream`]: the one upstream client, header shaping, body reading.
 //! - [`body`]: the response body type (stored bytes or a passed-through stream).
 //! - [`error`]: one error type tagged by source, mapped to a status.
-//! - [`metrics`]: the counters.
+//! - [`metrics`]: the counters and their Prometheus text.
+//! - [`admin`]: the admin listener: health, metrics, stats, purge.
 //! - [`demo`]: the built-in slow backend behind `swr-proxy demo`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod config;

@@ -1,4 +1,5 @@
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -9,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use swr_proxy::config::{Cli, Command, Config};
 use swr_proxy::proxy::Proxy;
-use swr_proxy::{demo, server};
+use swr_proxy::{admin, demo, server};
 
 /// Exit code for bad flags or configuration, as clap uses.
 const USAGE_ERROR: u8 = 2;
@@ -19,13 +20,21 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return clap_error(&err),
     };
-    tracing_subscriber::fmt()
+    let log_format = match &cli.command {
+        Some(Command::Demo(args)) => args.proxy.log_format.clone(),
+        None => cli.proxy.log_format.clone(),
+    };
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -94,11 +103,34 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         ))
     })?;
     let listen = listener.local_addr().unwrap_or(config.listen);
+    let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+        Failure::Runtime(format!(
+            "cannot listen on {} (--admin-listen): {e}",
+            config.admin_listen
+        ))
+    })?;
+    let admin = admin_listener.local_addr().unwrap_or(config.admin_listen);
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let proxy = Proxy::start(config.clone(), cancel.clone(), &tracker).map_err(Failure::Runtime)?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        signal.cancel();
+    });
+    let token: Option<Arc<str>> = config.admin_token.as_deref().map(Arc::from);
+    let admin_proxy = Arc::clone(&proxy);
+    let admin_shutdown = shutdown.clone();
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        move |request, _peer| admin::handle(Arc::clone(&admin_proxy), token.clone(), request),
+        async move { admin_shutdown.cancelled().await },
+        Duration::from_secs(5),
+    ));
     tracing::info!(
         %listen,
+        %admin,
         upstream = %config.upstream,
         ttl_ms = config.ttl.as_millis() as u64,
         stale_while_revalidate_ms = config.stale_while_revalidate.as_millis() as u64,
@@ -111,10 +143,11 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     server::run(
         listener,
         proxy,
-        server::shutdown_signal(),
+        async move { shutdown.cancelled().await },
         config.shutdown_timeout,
     )
     .await;
+    let _ = admin_task.await;
     cancel.cancel();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(5), tracker.wait())

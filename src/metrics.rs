@@ -1,7 +1,14 @@
-//! Counters of what the proxy did, in one place. Every bypass, drop and
-//! failure is counted here under the same name its log line uses.
+//! Counters of what the proxy did, in one place, and their Prometheus text.
+//! Every bypass, drop and failure is counted here under the same name its log
+//! line uses.
+//!
+//! Plain atomics rendered by hand rather than the `metrics` crate: the hit
+//! path records with one relaxed increment on a field it already knows, with
+//! no registry lookup, and the exposition format is a few lines of text.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use crate::cache::policy::BypassReason;
 use crate::cache::CacheStatus;
@@ -38,8 +45,77 @@ impl UpstreamCause {
     }
 }
 
+/// A histogram with fixed bucket bounds (seconds), Prometheus-style.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Counts per bucket (not cumulative); the last is `+Inf`.
+    buckets: Box<[AtomicU64]>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Latency buckets: 1 ms to 30 s.
+pub const LATENCY_BOUNDS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Served-age buckets: 1 s to 1 day.
+pub const AGE_BOUNDS: &[f64] = &[
+    1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 86400.0,
+];
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: Duration) {
+        let secs = value.as_secs_f64();
+        let index = self
+            .bounds
+            .iter()
+            .position(|bound| secs <= *bound)
+            .unwrap_or(self.bounds.len());
+        if let Some(bucket) = self.buckets.get(index) {
+            bucket.fetch_add(1, Relaxed);
+        }
+        self.sum_micros.fetch_add(
+            u64::try_from(value.as_micros()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Relaxed);
+            match self.bounds.get(i) {
+                Some(bound) => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", self.count());
+    }
+}
+
 /// The proxy's counters. Relaxed atomics: each is read on its own.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     requests: [AtomicU64; CacheStatus::ALL.len()],
     bypasses: [AtomicU64; BypassReason::ALL.len()],
@@ -67,7 +143,88 @@ pub struct Stats {
     pub invalidations: AtomicU64,
     /// 304 answers the cache gave to clients' conditional requests.
     pub not_modified_served: AtomicU64,
+    /// Refreshes not queued because the key's last refresh failed recently.
+    pub refresh_backoff: AtomicU64,
+    /// Entries removed or marked stale by the admin API.
+    pub purged: AtomicU64,
+    /// Requests for keys remembered as uncacheable, sent without coalescing.
+    pub hit_for_miss: AtomicU64,
+    /// Time from sending a request upstream to its response head.
+    pub upstream_latency: Histogram,
+    /// How long background refreshes took.
+    pub refresh_duration: Histogram,
+    /// The age of answers served from the cache.
+    pub served_age: Histogram,
 }
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            requests: Default::default(),
+            bypasses: Default::default(),
+            upstream_requests: Default::default(),
+            upstream_errors: Default::default(),
+            refresh_queued: AtomicU64::new(0),
+            refresh_dropped: AtomicU64::new(0),
+            refresh_succeeded: AtomicU64::new(0),
+            refresh_failed: AtomicU64::new(0),
+            refresh_not_storable: AtomicU64::new(0),
+            refresh_in_flight: AtomicU64::new(0),
+            refresh_in_flight_max: AtomicU64::new(0),
+            coalesced_waiters: AtomicU64::new(0),
+            stale_if_error_served: AtomicU64::new(0),
+            revalidated: AtomicU64::new(0),
+            revalidation_bytes_saved: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            not_modified_served: AtomicU64::new(0),
+            refresh_backoff: AtomicU64::new(0),
+            purged: AtomicU64::new(0),
+            hit_for_miss: AtomicU64::new(0),
+            upstream_latency: Histogram::new(LATENCY_BOUNDS),
+            refresh_duration: Histogram::new(LATENCY_BOUNDS),
+            served_age: Histogram::new(AGE_BOUNDS),
+        }
+    }
+}
+
+/// Gauges read from elsewhere when the metrics are rendered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub entries: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub evictions: u64,
+    pub refresh_queue_depth: u64,
+    pub upstream_in_flight: u64,
+}
+
+/// Every metric name the proxy exports (histograms by their base name).
+pub const METRIC_NAMES: &[&str] = &[
+    "swr_requests_total",
+    "swr_bypass_total",
+    "swr_upstream_requests_total",
+    "swr_upstream_errors_total",
+    "swr_refresh_events_total",
+    "swr_refresh_in_flight",
+    "swr_refresh_in_flight_max",
+    "swr_refresh_queue_depth",
+    "swr_coalesced_waiters_total",
+    "swr_stale_if_error_total",
+    "swr_revalidated_total",
+    "swr_revalidation_saved_bytes_total",
+    "swr_invalidations_total",
+    "swr_not_modified_total",
+    "swr_purged_total",
+    "swr_hit_for_miss_total",
+    "swr_cache_entries",
+    "swr_cache_bytes",
+    "swr_cache_max_bytes",
+    "swr_cache_evictions_total",
+    "swr_upstream_in_flight",
+    "swr_upstream_latency_seconds",
+    "swr_refresh_duration_seconds",
+    "swr_served_age_seconds",
+];
 
 impl Stats {
     pub fn record_request(&self, status: CacheStatus) {
@@ -111,6 +268,208 @@ impl Stats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Relaxed)
+    }
+}
+
+impl Stats {
+    /// The Prometheus text exposition of every metric.
+    pub fn render_prometheus(&self, gauges: Gauges) -> String {
+        let mut out = String::with_capacity(8192);
+        let _ = writeln!(
+            out,
+            "# HELP swr_requests_total Answers by cache status.\n# TYPE swr_requests_total counter"
+        );
+        for status in CacheStatus::ALL {
+            let _ = writeln!(
+                out,
+                "swr_requests_total{{cache=\"{}\"}} {}",
+                status.as_str(),
+                self.requests(status)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP swr_bypass_total Answers passed through and not stored, by reason.\n# TYPE swr_bypass_total counter"
+        );
+        for reason in BypassReason::ALL {
+            let _ = writeln!(
+                out,
+                "swr_bypass_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                self.bypasses(reason)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP swr_upstream_requests_total Requests sent to the backend, by cause.\n# TYPE swr_upstream_requests_total counter"
+        );
+        for cause in UpstreamCause::ALL {
+            let _ = writeln!(
+                out,
+                "swr_upstream_requests_total{{cause=\"{}\"}} {}",
+                cause.as_str(),
+                self.upstream_requests(cause)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP swr_upstream_errors_total Backend failures, by kind.\n# TYPE swr_upstream_errors_total counter"
+        );
+        for kind in UpstreamErrorKind::ALL {
+            let _ = writeln!(
+                out,
+                "swr_upstream_errors_total{{kind=\"{}\"}} {}",
+                kind.as_str(),
+                self.upstream_errors(kind)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP swr_refresh_events_total Background refreshes, by what happened.\n# TYPE swr_refresh_events_total counter"
+        );
+        for (event, counter) in [
+            ("queued", &self.refresh_queued),
+            ("dropped", &self.refresh_dropped),
+            ("succeeded", &self.refresh_succeeded),
+            ("failed", &self.refresh_failed),
+            ("not_storable", &self.refresh_not_storable),
+            ("backoff", &self.refresh_backoff),
+        ] {
+            let _ = writeln!(
+                out,
+                "swr_refresh_events_total{{event=\"{event}\"}} {}",
+                counter.load(Relaxed)
+            );
+        }
+        let simple: [(&str, &str, &str, u64); 16] = [
+            (
+                "swr_refresh_in_flight",
+                "gauge",
+                "Background refreshes running now.",
+                self.refresh_in_flight.load(Relaxed),
+            ),
+            (
+                "swr_refresh_queue_depth",
+                "gauge",
+                "Refreshes waiting for a worker.",
+                gauges.refresh_queue_depth,
+            ),
+            (
+                "swr_coalesced_waiters_total",
+                "counter",
+                "Requests that waited on another request's fetch.",
+                self.coalesced_waiters.load(Relaxed),
+            ),
+            (
+                "swr_stale_if_error_total",
+                "counter",
+                "Stale answers served because the backend failed.",
+                self.stale_if_error_served.load(Relaxed),
+            ),
+            (
+                "swr_revalidated_total",
+                "counter",
+                "Entries renewed by a 304 from the backend.",
+                self.revalidated.load(Relaxed),
+            ),
+            (
+                "swr_revalidation_saved_bytes_total",
+                "counter",
+                "Body bytes the backend did not send thanks to a 304.",
+                self.revalidation_bytes_saved.load(Relaxed),
+            ),
+            (
+                "swr_invalidations_total",
+                "counter",
+                "Entries removed after a successful unsafe method.",
+                self.invalidations.load(Relaxed),
+            ),
+            (
+                "swr_not_modified_total",
+                "counter",
+                "304 answers given to clients' conditional requests.",
+                self.not_modified_served.load(Relaxed),
+            ),
+            (
+                "swr_purged_total",
+                "counter",
+                "Entries removed or marked stale by the admin API.",
+                self.purged.load(Relaxed),
+            ),
+            (
+                "swr_hit_for_miss_total",
+                "counter",
+                "Requests for keys remembered as uncacheable.",
+                self.hit_for_miss.load(Relaxed),
+            ),
+            (
+                "swr_cache_entries",
+                "gauge",
+                "Entries stored.",
+                gauges.entries,
+            ),
+            (
+                "swr_cache_bytes",
+                "gauge",
+                "Bytes charged against --max-size.",
+                gauges.bytes,
+            ),
+            (
+                "swr_cache_max_bytes",
+                "gauge",
+                "The --max-size budget.",
+                gauges.max_bytes,
+            ),
+            (
+                "swr_cache_evictions_total",
+                "counter",
+                "Entries evicted to stay within --max-size.",
+                gauges.evictions,
+            ),
+            (
+                "swr_upstream_in_flight",
+                "gauge",
+                "Requests to the backend in flight.",
+                gauges.upstream_in_flight,
+            ),
+            (
+                "swr_refresh_in_flight_max",
+                "gauge",
+                "Most background refreshes ever running at once.",
+                self.refresh_in_flight_max.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in simple {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        self.upstream_latency.render(
+            &mut out,
+            "swr_upstream_latency_seconds",
+            "Time from sending a request to the backend to its response head.",
+        );
+        self.refresh_duration.render(
+            &mut out,
+            "swr_refresh_duration_seconds",
+            "How long background refreshes took.",
+        );
+        self.served_age.render(
+            &mut out,
+            "swr_served_age_seconds",
+            "The age of answers served from the cache.",
+        );
+        out
+    }
+}
+
+/// Decrements a shared counter when dropped.
+pub struct Decrement(pub std::sync::Arc<AtomicU64>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 

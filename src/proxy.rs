@@ -1,9 +1,10 @@
 //! The hyper service: request -> cache decision -> upstream -> response.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -23,15 +24,21 @@ use crate::cache::store::{self, Fill, FillOutcome, Store};
 use crate::cache::CacheStatus;
 use crate::config::Config;
 use crate::error::{ProxyError, UpstreamError, UpstreamErrorKind};
-use crate::metrics::{Stats, UpstreamCause};
+use crate::metrics::{Gauges, Stats, UpstreamCause};
 use crate::refresh::{Enqueue, Job, RefreshQueue};
-use crate::upstream::{self, BodyRead, BoxError, Upstream};
+use crate::upstream::{self, BodyRead, BoxError, Priority, Upstream};
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// How often entries that can no longer be served are swept out.
-const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Locks a std mutex; a poisoned one (a panic while held) still holds a
+/// consistent map, since every use is a single map operation.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The proxy's shared state: one per process, shared by every connection.
 pub struct Proxy {
@@ -42,6 +49,46 @@ pub struct Proxy {
     refresh: RefreshQueue<RefreshRequest>,
     upstream: Upstream,
     stats: Stats,
+    /// Keys whose last refresh failed: no new refresh before `until`. A std
+    /// `Mutex`: touched on stale answers and refresh results only.
+    backoff: Mutex<HashMap<u64, Backoff>>,
+    /// Keys whose answer could not be stored, until when: their requests go
+    /// to the backend at once instead of queueing behind one another's fetch
+    /// (Varnish's hit-for-miss).
+    uncacheable: Mutex<HashMap<u64, Instant>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    until: Instant,
+}
+
+/// The first backoff after a failed refresh; it doubles per failure...
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// ...up to this.
+const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// How long a key whose answer could not be stored skips coalescing.
+const HIT_FOR_MISS: Duration = Duration::from_secs(60);
+
+/// What a stale answer did about refreshing its entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefreshDecision {
+    Queued,
+    Pending,
+    Dropped,
+    Backoff,
+}
+
+impl RefreshDecision {
+    fn as_str(self) -> &'static str {
+        match self {
+            RefreshDecision::Queued => "refresh-queued",
+            RefreshDecision::Pending => "refresh-pending",
+            RefreshDecision::Dropped => "refresh-dropped",
+            RefreshDecision::Backoff => "refresh-backoff",
+        }
+    }
 }
 
 /// What a background refresh needs to re-fetch an entry.
@@ -99,7 +146,11 @@ impl Proxy {
         cancel: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Arc<Proxy>, String> {
-        let upstream = Upstream::new(&config.upstream, config.upstream_timeout)?;
+        let upstream = Upstream::new(
+            &config.upstream,
+            config.upstream_timeout,
+            config.upstream_concurrency,
+        )?;
         // A claim that outlives two upstream timeouts belongs to a stuck fetch.
         let (refresh, workers) =
             RefreshQueue::new(config.refresh_queue, config.upstream_timeout * 2);
@@ -116,6 +167,8 @@ impl Proxy {
             refresh,
             upstream,
             stats: Stats::default(),
+            backoff: Mutex::new(HashMap::new()),
+            uncacheable: Mutex::new(HashMap::new()),
             config,
         });
         // Entries past every window are dropped lazily by reads and eviction;
@@ -127,10 +180,12 @@ impl Proxy {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        let removed = sweep_proxy.store.sweep(Instant::now());
+                        let now = Instant::now();
+                        let removed = sweep_proxy.store.sweep(now);
                         if removed > 0 {
                             tracing::debug!(removed, "swept unservable entries");
                         }
+                        sweep_proxy.forget_expired_marks(now);
                     }
                     () = sweep_cancel.cancelled() => break,
                 }
@@ -163,8 +218,64 @@ impl Proxy {
         self.refresh.depth()
     }
 
-    /// Answers one request.
+    /// The Prometheus text of every metric.
+    pub fn render_metrics(&self) -> String {
+        self.stats.render_prometheus(Gauges {
+            entries: self.store.entry_count(),
+            bytes: self.store.weighted_size(),
+            max_bytes: self.store.max_bytes(),
+            evictions: self.store.evictions(),
+            refresh_queue_depth: self.refresh.depth() as u64,
+            upstream_in_flight: self.upstream.in_flight(),
+        })
+    }
+
+    /// Drops backoff and hit-for-miss marks that have run out.
+    fn forget_expired_marks(&self, now: Instant) {
+        lock(&self.backoff).retain(|_, b| now < b.until + BACKOFF_CAP);
+        lock(&self.uncacheable).retain(|_, until| now < *until);
+    }
+
+    /// Answers one request, and logs it when `--access-log` is on.
     pub async fn handle<B>(
+        self: &Arc<Self>,
+        request: Request<B>,
+        client: Option<SocketAddr>,
+    ) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if !self.config.access_log {
+            return self.respond(request, client).await;
+        }
+        let started = Instant::now();
+        let method = request.method().clone();
+        let uri = request.uri().clone();
+        let response = self.respond(request, client).await;
+        let header = |name: &HeaderName| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        tracing::info!(
+            target: "swr_proxy::access",
+            %method,
+            %uri,
+            status = response.status().as_u16(),
+            cache = header(&X_CACHE),
+            age = header(&header::AGE),
+            took_us = started.elapsed().as_micros() as u64,
+            client = client.map(|c| c.ip().to_string()).unwrap_or_default(),
+        );
+        response
+    }
+
+    /// Answers one request.
+    async fn respond<B>(
         self: &Arc<Self>,
         request: Request<B>,
         client: Option<SocketAddr>,
@@ -236,16 +347,13 @@ impl Proxy {
                     );
                 }
                 Use::Stale => {
-                    let queued = self.queue_refresh(fill_hash, key, &entry, &parts.headers, client);
+                    let queued =
+                        self.queue_refresh(fill_hash, key, &entry, &parts.headers, client, now);
                     self.stats.record_request(CacheStatus::Stale);
                     let cache_status = formatted(format_args!(
                         "swr-proxy; hit; ttl={}; detail={}",
                         entry.ttl_secs(now),
-                        match queued {
-                            Enqueue::Queued => "refresh-queued",
-                            Enqueue::AlreadyClaimed => "refresh-pending",
-                            Enqueue::Dropped => "refresh-dropped",
-                        }
+                        queued.as_str()
                     ));
                     return self.entry_response(
                         &entry,
@@ -271,16 +379,48 @@ impl Proxy {
             (None, None) => "uri-miss",
         };
         let target = self.fetch_target(key, &parts.headers, client);
-        self.fill(
-            &parts,
-            target,
-            fill_hash,
-            stale.map(|(e, _)| e),
-            fwd,
-            head,
-            client,
-        )
-        .await
+        let stale = stale.map(|(e, _)| e);
+        if self.remembered_uncacheable(fill_hash, now) {
+            self.stats.hit_for_miss.fetch_add(1, Relaxed);
+            return self
+                .fetch_alone(&parts, target, fill_hash, stale, fwd, head)
+                .await;
+        }
+        self.fill(&parts, target, fill_hash, stale, fwd, head, client)
+            .await
+    }
+
+    fn remembered_uncacheable(&self, hash: u64, now: Instant) -> bool {
+        lock(&self.uncacheable)
+            .get(&hash)
+            .is_some_and(|until| now < *until)
+    }
+
+    /// A request for a key remembered as uncacheable: fetched for this client
+    /// alone, without waiting on anyone; stored after all if it now may be.
+    async fn fetch_alone(
+        &self,
+        parts: &Parts,
+        target: FetchTarget,
+        hash: u64,
+        stale: Option<Arc<Entry>>,
+        fwd: &'static str,
+        head: bool,
+    ) -> Response<ProxyBody> {
+        let status = if stale.is_some() {
+            CacheStatus::Expired
+        } else {
+            CacheStatus::Miss
+        };
+        self.stats.record_upstream_request(UpstreamCause::Miss);
+        match self.fetch(&target, stale.as_ref(), Priority::Client).await {
+            Fetched::Stored(entry) => {
+                lock(&self.uncacheable).remove(&hash);
+                self.stored_response(&entry, status, fwd, "", parts)
+            }
+            Fetched::Pass(passed) => self.passed_response(passed, "bypass", head),
+            Fetched::Failed(err) => self.failed(err, stale.as_deref(), status, fwd, parts),
+        }
     }
 
     fn fetch_target(
@@ -299,7 +439,8 @@ impl Proxy {
         }
     }
 
-    /// Queues a background refresh of a stale entry, without waiting.
+    /// Queues a background refresh of a stale entry, without waiting, unless
+    /// the key's last refresh failed recently (backoff).
     fn queue_refresh(
         &self,
         hash: u64,
@@ -307,7 +448,15 @@ impl Proxy {
         entry: &Arc<Entry>,
         headers: &HeaderMap,
         client: Option<SocketAddr>,
-    ) -> Enqueue {
+        now: Instant,
+    ) -> RefreshDecision {
+        if lock(&self.backoff)
+            .get(&hash)
+            .is_some_and(|b| now < b.until)
+        {
+            self.stats.refresh_backoff.fetch_add(1, Relaxed);
+            return RefreshDecision::Backoff;
+        }
         let result = self.refresh.try_enqueue(hash, || RefreshRequest {
             target: self.fetch_target(key, headers, client),
             stale: Arc::clone(entry),
@@ -315,14 +464,33 @@ impl Proxy {
         match result {
             Enqueue::Queued => {
                 self.stats.refresh_queued.fetch_add(1, Relaxed);
+                RefreshDecision::Queued
             }
             Enqueue::Dropped => {
                 self.stats.refresh_dropped.fetch_add(1, Relaxed);
                 tracing::debug!(key = entry.key(), reason = "queue-full", "refresh dropped");
+                RefreshDecision::Dropped
             }
-            Enqueue::AlreadyClaimed => {}
+            Enqueue::AlreadyClaimed => RefreshDecision::Pending,
         }
-        result
+    }
+
+    /// Records a failed refresh of `hash`: the next one waits twice as long
+    /// as the last (from `BACKOFF_BASE` up to `BACKOFF_CAP`).
+    fn back_off(&self, hash: u64) {
+        let now = Instant::now();
+        let mut backoff = lock(&self.backoff);
+        let failures = backoff.get(&hash).map_or(0, |b| b.failures) + 1;
+        let delay = BACKOFF_BASE
+            .saturating_mul(1u32 << (failures - 1).min(16))
+            .min(BACKOFF_CAP);
+        backoff.insert(
+            hash,
+            Backoff {
+                failures,
+                until: now + delay,
+            },
+        );
     }
 
     /// A background refresh: re-fetches (or revalidates) and replaces the
@@ -332,9 +500,17 @@ impl Proxy {
         let started = Instant::now();
         let RefreshRequest { target, stale } = &job.payload;
         self.stats.record_upstream_request(UpstreamCause::Refresh);
-        let fetched = self.fetch(target, Some(stale)).await;
+        let fetched = self.fetch(target, Some(stale), Priority::Background).await;
+        self.stats.refresh_duration.observe(started.elapsed());
         let took_ms = started.elapsed().as_millis() as u64;
         let key = stale.key();
+        match &fetched {
+            Fetched::Stored(_) => {
+                lock(&self.backoff).remove(&job.hash);
+            }
+            Fetched::Pass(passed) if !policy::status_is_error(passed.status) => {}
+            _ => self.back_off(job.hash),
+        }
         match fetched {
             Fetched::Stored(_) => {
                 self.stats.refresh_succeeded.fetch_add(1, Relaxed);
@@ -371,7 +547,14 @@ impl Proxy {
     /// that has validators, the request is conditional and a 304 renews the
     /// entry. A storable answer is read whole and stored (under its variant
     /// when it varies); one that may not be stored is handed back to stream.
-    async fn fetch(&self, target: &FetchTarget, stale: Option<&Arc<Entry>>) -> Fetched {
+    async fn fetch(
+        &self,
+        target: &FetchTarget,
+        stale: Option<&Arc<Entry>>,
+        priority: Priority,
+    ) -> Fetched {
+        // Held until the body is read (or handed on to stream).
+        let _permit = self.upstream.permit(priority).await;
         let mut headers = target.upstream_headers.clone();
         let mut conditional = false;
         if let Some(stale) = stale {
@@ -400,11 +583,12 @@ impl Proxy {
                 return Fetched::Failed(err);
             }
         };
+        let response_delay = request_time.elapsed();
+        self.stats.upstream_latency.observe(response_delay);
         let status = response.status();
         if policy::status_is_error(status) {
             self.stats.record_upstream_error(UpstreamErrorKind::Status);
         }
-        let response_delay = request_time.elapsed();
         let facts = RequestFacts {
             authorization: target.authorization,
         };
@@ -564,7 +748,9 @@ impl Proxy {
                     // does not cancel the fill the waiters depend on.
                     tokio::spawn(async move {
                         proxy.stats.record_upstream_request(UpstreamCause::Miss);
-                        let fetched = proxy.fetch(&target, fallback.as_ref()).await;
+                        let fetched = proxy
+                            .fetch(&target, fallback.as_ref(), Priority::Client)
+                            .await;
                         let fallback_usable = fallback
                             .as_ref()
                             .is_some_and(|e| policy::usable_on_error(e, Instant::now()));
@@ -583,6 +769,9 @@ impl Proxy {
                                 (FillOutcome::Failed(err.clone()), LeaderAnswer::Failed(err))
                             }
                             Fetched::Pass(passed) => {
+                                // Later requests for this key go straight to the backend.
+                                lock(&proxy.uncacheable)
+                                    .insert(fill_hash, Instant::now() + HIT_FOR_MISS);
                                 (FillOutcome::NotShared, LeaderAnswer::Pass(passed))
                             }
                             Fetched::Failed(err) => {
@@ -702,12 +891,17 @@ impl Proxy {
             BypassReason::Request => "request",
             _ => "bypass",
         };
-        match self
+        let permit = self.upstream.permit(Priority::Client).await;
+        let started = Instant::now();
+        let sent = self
             .upstream
             .send(parts.method.clone(), path_and_query, headers, body)
-            .await
-        {
+            .await;
+        // Held to the response head: a streamed body does not keep its slot.
+        drop(permit);
+        match sent {
             Ok(response) => {
+                self.stats.upstream_latency.observe(started.elapsed());
                 let status = response.status();
                 if policy::status_is_error(status) {
                     self.stats.record_upstream_error(UpstreamErrorKind::Status);
@@ -867,7 +1061,9 @@ impl Proxy {
         } else {
             ProxyBody::full(entry.body())
         };
-        headers.insert(header::AGE, small_number(entry.age(now).as_secs()));
+        let age = entry.age(now);
+        self.stats.served_age.observe(age);
+        headers.insert(header::AGE, small_number(age.as_secs()));
         headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
         headers.insert(CACHE_STATUS, cache_status);
         let mut response = Response::new(body);

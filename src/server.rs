@@ -12,10 +12,17 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use std::net::SocketAddr;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::ProxyBody;
 use crate::proxy::Proxy;
 
-/// Serves `listener` until `shutdown` completes; then stops accepting, asks
-/// every connection to finish its in-flight requests, and waits up to `grace`.
+/// Serves the proxy on `listener` until `shutdown` completes; then stops
+/// accepting, asks every connection to finish its in-flight requests, and
+/// waits up to `grace`.
 ///
 /// It never binds sockets or installs signal handlers: `main` passes the
 /// real signal, tests pass a future they control.
@@ -25,6 +32,24 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
+    let handler = move |request, peer| {
+        let proxy = Arc::clone(&proxy);
+        async move { proxy.handle(request, Some(peer)).await }
+    };
+    serve(listener, handler, shutdown, grace).await;
+}
+
+/// Serves `handler` on `listener` (HTTP/1.1 and HTTP/2) with the graceful
+/// shutdown of [`run`].
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -44,10 +69,10 @@ pub async fn run(
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
-        let proxy = Arc::clone(&proxy);
+        let handler = handler.clone();
         let service = service_fn(move |request| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(request, Some(peer)).await) }
+            let answer = handler(request, peer);
+            async move { Ok::<_, Infallible>(answer.await) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());

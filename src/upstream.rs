@@ -2,6 +2,8 @@
 //! strips hop-by-hop headers both ways, and reads or streams the answer.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,6 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
 use crate::error::{UpstreamError, UpstreamErrorKind};
@@ -23,6 +26,32 @@ pub struct Upstream {
     /// `scheme://authority` plus the base path, without a trailing slash.
     base: String,
     timeout: Duration,
+    limiter: Option<Limiter>,
+    in_flight: Arc<AtomicU64>,
+}
+
+/// Who is asking for a slot to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// A client waits for the answer (a miss, a pass).
+    Client,
+    /// Nobody waits (a background refresh).
+    Background,
+}
+
+/// Caps requests in flight to the backend. Tokio semaphores (fair, async):
+/// `all` holds one permit per slot; `background` holds one fewer, and a
+/// refresh takes one of those first, so refreshes can never hold every slot
+/// and a client miss always finds one free, or is next in line for one.
+struct Limiter {
+    all: Arc<Semaphore>,
+    background: Arc<Semaphore>,
+}
+
+/// A slot to the backend, freed on drop.
+pub struct Permit {
+    _all: OwnedSemaphorePermit,
+    _background: Option<OwnedSemaphorePermit>,
 }
 
 /// A response body read for storing, or the signal that it is too large.
@@ -37,7 +66,12 @@ pub enum BodyRead {
 }
 
 impl Upstream {
-    pub fn new(url: &reqwest::Url, timeout: Duration) -> Result<Upstream, String> {
+    /// The client for `url`; `concurrency` caps requests in flight (0: no cap).
+    pub fn new(
+        url: &reqwest::Url,
+        timeout: Duration,
+        concurrency: usize,
+    ) -> Result<Upstream, String> {
         let client = reqwest::Client::builder()
             // A reverse proxy passes redirects on; it never follows them.
             .redirect(reqwest::redirect::Policy::none())
@@ -48,11 +82,36 @@ impl Upstream {
             .build()
             .map_err(|e| format!("cannot build the upstream client: {e}"))?;
         let base = url.as_str().trim_end_matches('/').to_string();
+        let limiter = (concurrency > 0).then(|| Limiter {
+            all: Arc::new(Semaphore::new(concurrency)),
+            background: Arc::new(Semaphore::new(concurrency.saturating_sub(1).max(1))),
+        });
         Ok(Upstream {
             client,
             base,
             timeout,
+            limiter,
+            in_flight: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Waits for a slot to the backend; `None` when there is no cap.
+    pub async fn permit(&self, priority: Priority) -> Option<Permit> {
+        let limiter = self.limiter.as_ref()?;
+        let background = match priority {
+            Priority::Client => None,
+            Priority::Background => Arc::clone(&limiter.background).acquire_owned().await.ok(),
+        };
+        let all = Arc::clone(&limiter.all).acquire_owned().await.ok()?;
+        Some(Permit {
+            _all: all,
+            _background: background,
+        })
+    }
+
+    /// Requests in flight to the backend now (until their response head).
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// The backend URL for a request's path and query.
@@ -78,6 +137,8 @@ impl Upstream {
         if let Some(body) = body {
             request = request.body(body);
         }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = crate::metrics::Decrement(Arc::clone(&self.in_flight));
         match tokio::time::timeout(self.timeout, request.send()).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(err)) => Err(UpstreamError::from_reqwest(&err)),
@@ -228,11 +289,29 @@ mod tests {
         assert_eq!(out["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
     }
 
+    #[tokio::test]
+    async fn refreshes_never_take_the_last_slot() {
+        let url = reqwest::Url::parse("http://127.0.0.1:1").unwrap();
+        let up = Upstream::new(&url, Duration::from_secs(1), 3).unwrap();
+        let mut refreshes = Vec::new();
+        for _ in 0..2 {
+            refreshes.push(up.permit(Priority::Background).await.unwrap());
+        }
+        // A third refresh waits, though a slot is free...
+        let third =
+            tokio::time::timeout(Duration::from_millis(50), up.permit(Priority::Background));
+        assert!(third.await.is_err());
+        // ...which a client takes at once.
+        let client = tokio::time::timeout(Duration::from_millis(50), up.permit(Priority::Client));
+        assert!(client.await.is_ok());
+    }
+
     #[test]
     fn urls_join_base_path() {
         let up = Upstream::new(
             &reqwest::Url::parse("http://127.0.0.1:1/api/").unwrap(),
             Duration::from_secs(1),
+            0,
         )
         .unwrap();
         assert_eq!(up.url_for("/x?y=1"), "http://127.0.0.1:1/api/x?y=1");

@@ -47,6 +47,9 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
         ),
         (&["--no-such-flag"], "--no-such-flag"),
         (&["--cache-control", "sometimes"], "--cache-control"),
+        (&["--admin-listen", "0.0.0.0:9090"], "--admin-listen"),
+        (&["--log-format", "xml"], "--log-format"),
+        (&["--upstream-concurrency", "-1"], "--upstream-concurrency"),
         (
             &["--targeted-cache-control", "bad name"],
             "--targeted-cache-control",
@@ -89,12 +92,21 @@ fn help_exits_0() {
 struct Child {
     child: std::process::Child,
     addr: String,
+    /// Every log line it has written so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Child {
     fn start(upstream: &str, extra: &[&str]) -> Child {
         let mut child = Command::new(BIN)
-            .args(["--upstream", upstream, "--listen", "127.0.0.1:0"])
+            .args([
+                "--upstream",
+                upstream,
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -107,14 +119,33 @@ impl Child {
         let deadline = Instant::now() + WAIT;
         let addr = loop {
             let line = lines.next().expect("a log line").expect("readable");
-            if let Some(rest) = line.split("listen=").nth(1) {
-                break rest.split_whitespace().next().unwrap_or("").to_string();
+            if line.contains("listening") {
+                // text: `listen=127.0.0.1:1234`; json: `"listen":"127.0.0.1:1234"`
+                let found = line
+                    .split("listen=")
+                    .nth(1)
+                    .or_else(|| line.split("\"listen\":\"").nth(1))
+                    .map(|rest| {
+                        rest.split(|c: char| c.is_whitespace() || c == '"')
+                            .next()
+                            .unwrap_or("")
+                            .to_string()
+                    });
+                if let Some(found) = found {
+                    break found;
+                }
             }
             assert!(Instant::now() < deadline, "no listening line");
         };
         // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Child { child, addr }
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Child { child, addr, log }
     }
 
     fn signal(&self, signal: i32) {
@@ -181,4 +212,29 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
         .await
         .expect("join");
     assert_eq!(code, Some(0), "the process exits 0 after SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_and_an_access_log_line_per_request() {
+    let origin = Origin::start().await;
+    let child = Child::start(&origin.url(), &["--log-format", "json", "--access-log"]);
+    let url = format!("http://{}/logged?x=1", child.addr);
+    let response = reqwest::get(&url).await.expect("answered");
+    assert_eq!(response.status().as_u16(), 200);
+    let log = std::sync::Arc::clone(&child.log);
+    eventually(WAIT, "an access log line", || {
+        let log = std::sync::Arc::clone(&log);
+        async move {
+            log.lock().unwrap().iter().any(|line| {
+                let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+                    return false;
+                };
+                value["target"] == "swr_proxy::access"
+                    && value["fields"]["cache"] == "MISS"
+                    && value["fields"]["uri"] == "/logged?x=1"
+                    && value["fields"]["status"] == 200
+            })
+        }
+    })
+    .await;
 }

@@ -15,7 +15,7 @@ use super::policy::Lifetimes;
 /// The key text, every header value and the body live in one allocation
 /// (`blob`); header values and the body are slices of it. That saves an
 /// allocation per header and per body, and keeps what a hit touches close.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Entry {
     blob: Bytes,
     key_len: usize,
@@ -173,6 +173,19 @@ impl Entry {
 
     pub fn last_modified(&self) -> Option<&HeaderValue> {
         self.header(&http::header::LAST_MODIFIED)
+    }
+
+    /// A copy of this entry that is stale from `now` on (a soft purge): served
+    /// stale, with a refresh, for as long a window as it had; an entry with
+    /// no such window is expired and fetched (coalesced) by the next request.
+    pub fn marked_stale(&self, now: Instant) -> Entry {
+        let window = self.stale_until.saturating_duration_since(self.fresh_until);
+        let mut entry = self.clone();
+        entry.fresh_until = self.fresh_until.min(now);
+        entry.stale_until = entry.fresh_until + window;
+        entry.error_until = self.error_until.max(entry.stale_until);
+        entry.keep_until = self.keep_until.max(entry.error_until);
+        entry
     }
 
     /// The headers of this entry updated with those of a `304 Not Modified`

@@ -265,6 +265,45 @@ impl Store {
         }
     }
 
+    /// Removes, or with `soft` marks stale (see [`Entry::marked_stale`]),
+    /// every entry whose key text `selects`. Returns how many.
+    pub fn purge(&self, selects: impl Fn(&[u8]) -> bool, soft: bool, now: Instant) -> usize {
+        let mut affected = 0;
+        for shard in self.shards.iter() {
+            let mut inner = write(&shard.inner);
+            if soft {
+                for slot in inner.map.values_mut() {
+                    if selects(slot.entry.key_bytes()) && now < slot.entry.evict_at() {
+                        slot.entry = Arc::new(slot.entry.marked_stale(now));
+                        affected += 1;
+                    }
+                }
+            } else {
+                let mut freed = 0;
+                inner.map.retain(|_, slot| {
+                    let keep = !selects(slot.entry.key_bytes());
+                    if !keep {
+                        freed += slot.weight;
+                        affected += 1;
+                    }
+                    keep
+                });
+                self.bytes.fetch_sub(freed, Relaxed);
+                compact_ring(&mut inner);
+            }
+        }
+        if !soft {
+            let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
+            vary.retain(|_, record| !record.variants.is_empty());
+        }
+        affected
+    }
+
+    /// The budget in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     /// Removes every entry that can no longer be served at `now`; returns how many.
     pub fn sweep(&self, now: Instant) -> usize {
         let mut removed = 0;
@@ -465,6 +504,25 @@ mod tests {
         assert!(store.weighted_size() <= one * 100);
         assert!(store.entry_count() >= 90, "{}", store.entry_count());
         assert!(store.evictions() >= 300);
+    }
+
+    #[test]
+    fn purge_hard_and_soft() {
+        let keys = KeyHasher::new();
+        let store = Store::new(1 << 20);
+        let now = Instant::now();
+        for path in ["/a/1", "/a/2", "/b/1"] {
+            let key = keys.key("h", path);
+            store.insert(key.hash, entry(&key, 10, now, Duration::from_secs(60)));
+        }
+        let soft = store.purge(|k| k.starts_with(b"h/a/"), true, now);
+        assert_eq!(soft, 2);
+        let a1 = keys.key("h", "/a/1");
+        let marked = store.get(&a1, now).expect("still stored");
+        assert!(marked.fresh_until <= now, "stale from now on");
+        assert_eq!(store.purge(|_| true, false, now), 3);
+        assert_eq!(store.entry_count(), 0);
+        assert_eq!(store.weighted_size(), 0);
     }
 
     #[test]

@@ -359,9 +359,11 @@ async fn answer(
     Ok(response)
 }
 
-/// The real proxy, in process, on 127.0.0.1 (port 0). Stops on drop.
+/// The real proxy, in process, on 127.0.0.1 (port 0), with its admin API
+/// on another port 0. Stops on drop.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub proxy: Arc<Proxy>,
     cancel: CancellationToken,
     pub client: reqwest::Client,
@@ -383,9 +385,22 @@ impl TestProxy {
             Config::from_args(&cli.proxy, None, Config::DEFAULT_TTL).expect("valid config");
         let listener = TcpListener::bind(config.listen).await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin_addr = admin_listener.local_addr().expect("admin address");
+        let token: Option<Arc<str>> = config.admin_token.as_deref().map(Arc::from);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let proxy = Proxy::start(config, cancel.clone(), &tracker).expect("proxy starts");
+        let admin_proxy = Arc::clone(&proxy);
+        let admin_cancel = cancel.clone();
+        tokio::spawn(swr_proxy::server::serve(
+            admin_listener,
+            move |request, _peer| {
+                swr_proxy::admin::handle(Arc::clone(&admin_proxy), token.clone(), request)
+            },
+            async move { admin_cancel.cancelled().await },
+            Duration::from_secs(5),
+        ));
         let server_cancel = cancel.clone();
         tokio::spawn(swr_proxy::server::run(
             listener,
@@ -400,6 +415,7 @@ impl TestProxy {
             .unwrap();
         TestProxy {
             addr,
+            admin_addr,
             proxy,
             cancel,
             client,
@@ -408,6 +424,35 @@ impl TestProxy {
 
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
+    }
+
+    /// The key text of a path on this proxy, as the admin API names keys.
+    pub fn key(&self, path_and_query: &str) -> String {
+        format!("{}{}", self.addr, path_and_query)
+    }
+
+    /// Scrapes `/metrics` into `name{labels}` -> value.
+    pub async fn metrics(&self) -> HashMap<String, f64> {
+        let text = self
+            .client
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("admin answers")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect()
     }
 
     pub async fn get(&self, path_and_query: &str) -> Answer {

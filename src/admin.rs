@@ -1,0 +1,220 @@
+//! The admin API, on its own listener: health, Prometheus metrics, a JSON
+//! summary, and purge (hard, or soft: marked stale and refreshed by the next
+//! request, so a purge after a model release never stampedes the backend).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use crate::body::ProxyBody;
+use crate::cache::CacheStatus;
+use crate::metrics::{Stats, UpstreamCause};
+use crate::proxy::Proxy;
+
+/// Largest admin request body read.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Answers one admin request.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    token: Option<Arc<str>>,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    if let Some(token) = token {
+        let expected = format!("Bearer {token}");
+        let given = request.headers().get(header::AUTHORIZATION);
+        if given.is_none_or(|v| v.as_bytes() != expected.as_bytes()) {
+            let mut response = text(
+                StatusCode::UNAUTHORIZED,
+                "admin: a bearer token is required\n",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"swr-proxy admin\""),
+            );
+            return response;
+        }
+    }
+    let method = request.method().clone();
+    match (method, request.uri().path()) {
+        (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        // Ready once the proxy listens, which happens before the admin API starts.
+        (Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
+        (Method::GET, "/metrics") => {
+            let mut response = text(StatusCode::OK, &proxy.render_metrics());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        (Method::GET, "/stats") => json(StatusCode::OK, &stats(&proxy)),
+        (Method::POST, "/purge") => purge(&proxy, request).await,
+        (_, "/healthz" | "/readyz" | "/metrics" | "/stats" | "/purge") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "admin: method not allowed\n",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "admin: try /healthz, /readyz, /metrics, /stats or POST /purge\n",
+        ),
+    }
+}
+
+/// `POST /purge` with exactly one of `{"key": ...}`, `{"prefix": ...}` or
+/// `{"all": true}`, and optionally `"soft": true`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    key: Option<String>,
+    prefix: Option<String>,
+    all: Option<bool>,
+    #[serde(default)]
+    soft: bool,
+}
+
+async fn purge(proxy: &Proxy, request: Request<Incoming>) -> Response<ProxyBody> {
+    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "admin: body too large\n"),
+    };
+    let purge: PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(purge) => purge,
+        Err(err) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("admin: expected {{\"key\"|\"prefix\"|\"all\", \"soft\"}}: {err}\n"),
+            )
+        }
+    };
+    let now = Instant::now();
+    let soft = purge.soft;
+    let affected = match (purge.key, purge.prefix, purge.all) {
+        (Some(key), None, None) => {
+            let key = strip_scheme(&key).to_string();
+            proxy
+                .store()
+                .purge(|k| is_key_or_variant(k, &key), soft, now)
+        }
+        (None, Some(prefix), None) => {
+            let prefix = strip_scheme(&prefix).to_string();
+            proxy
+                .store()
+                .purge(|k| k.starts_with(prefix.as_bytes()), soft, now)
+        }
+        (None, None, Some(true)) => proxy.store().purge(|_| true, soft, now),
+        _ => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "admin: give exactly one of \"key\", \"prefix\" or \"all\": true\n",
+            )
+        }
+    };
+    proxy.stats().purged.fetch_add(affected as u64, Relaxed);
+    tracing::info!(affected, soft, "purge");
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "purged": affected, "soft": soft }),
+    )
+}
+
+/// Keys are `host` + `path?query`; a URL's scheme is accepted and dropped.
+fn strip_scheme(text: &str) -> &str {
+    text.strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+        .unwrap_or(text)
+}
+
+/// The key itself, or one of its Vary variants (key text, newline, values).
+fn is_key_or_variant(stored: &[u8], key: &str) -> bool {
+    stored == key.as_bytes()
+        || (stored.len() > key.len()
+            && stored.starts_with(key.as_bytes())
+            && stored[key.len()] == b'\n')
+}
+
+fn stats(proxy: &Proxy) -> serde_json::Value {
+    let s: &Stats = proxy.stats();
+    let requests: serde_json::Map<String, serde_json::Value> = CacheStatus::ALL
+        .iter()
+        .map(|status| (status.as_str().to_string(), s.requests(*status).into()))
+        .collect();
+    let from_cache = s.requests(CacheStatus::Hit) + s.requests(CacheStatus::Stale);
+    let cacheable = from_cache + s.requests(CacheStatus::Miss) + s.requests(CacheStatus::Expired);
+    let hit_ratio = if cacheable == 0 {
+        0.0
+    } else {
+        from_cache as f64 / cacheable as f64
+    };
+    let upstream: serde_json::Map<String, serde_json::Value> = UpstreamCause::ALL
+        .iter()
+        .map(|cause| {
+            (
+                cause.as_str().to_string(),
+                s.upstream_requests(*cause).into(),
+            )
+        })
+        .collect();
+    let store = proxy.store();
+    serde_json::json!({
+        "requests": requests,
+        "hit_ratio": hit_ratio,
+        "entries": store.entry_count(),
+        "bytes": store.weighted_size(),
+        "max_bytes": store.max_bytes(),
+        "evictions": store.evictions(),
+        "refresh": {
+            "queue_depth": proxy.refresh_queue_depth(),
+            "in_flight": s.refresh_in_flight.load(Relaxed),
+            "queued": s.refresh_queued.load(Relaxed),
+            "dropped": s.refresh_dropped.load(Relaxed),
+            "succeeded": s.refresh_succeeded.load(Relaxed),
+            "failed": s.refresh_failed.load(Relaxed),
+            "backoff": s.refresh_backoff.load(Relaxed),
+        },
+        "upstream_requests": upstream,
+        "coalesced_waiters": s.coalesced_waiters.load(Relaxed),
+        "stale_if_error": s.stale_if_error_served.load(Relaxed),
+        "purged": s.purged.load(Relaxed),
+    })
+}
+
+fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut response = Response::new(ProxyBody::full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_variants() {
+        assert!(is_key_or_variant(b"h/a?1", "h/a?1"));
+        assert!(is_key_or_variant(b"h/a?1\naccept=x", "h/a?1"));
+        assert!(!is_key_or_variant(b"h/a?10", "h/a?1"));
+        assert_eq!(strip_scheme("http://h/a"), "h/a");
+    }
+}

@@ -1,0 +1,293 @@
+//! Operations: the admin API (health, metrics, stats, purge), origin
+//! protection (upstream concurrency cap, refresh backoff, hit-for-miss), and
+//! the Grafana dashboard's metrics.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use support::{eventually, Gate, Origin, Route, TestProxy, WAIT};
+
+async fn admin_post(proxy: &TestProxy, path: &str, body: &str) -> (u16, String) {
+    let response = proxy
+        .client
+        .post(proxy.admin_url(path))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("admin answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+async fn admin_get(proxy: &TestProxy, path: &str) -> (u16, String) {
+    let response = proxy
+        .client
+        .get(proxy.admin_url(path))
+        .send()
+        .await
+        .expect("admin answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn health_and_unknown_paths() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    assert_eq!(admin_get(&proxy, "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(admin_get(&proxy, "/readyz").await.0, 200);
+    assert_eq!(admin_get(&proxy, "/nope").await.0, 404);
+    assert_eq!(admin_post(&proxy, "/metrics", "").await.0, 405);
+}
+
+#[tokio::test]
+async fn the_admin_token_is_required_when_set() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--admin-token", "s3cret"]).await;
+    assert_eq!(admin_get(&proxy, "/metrics").await.0, 401);
+    let wrong = proxy
+        .client
+        .get(proxy.admin_url("/metrics"))
+        .bearer_auth("guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    let right = proxy
+        .client
+        .get(proxy.admin_url("/metrics"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "60s"]).await;
+    origin.route(
+        "/private",
+        Route::default().header("cache-control", "private"),
+    );
+    proxy.get("/a").await;
+    proxy.get("/a").await;
+    proxy.get("/a").await;
+    proxy.get("/private").await;
+    proxy.send(reqwest::Method::POST, "/a", &[]).await;
+    let m = proxy.metrics().await;
+    let get = |name: &str| *m.get(name).unwrap_or_else(|| panic!("{name} missing"));
+    assert_eq!(get("swr_requests_total{cache=\"MISS\"}"), 1.0);
+    assert_eq!(get("swr_requests_total{cache=\"HIT\"}"), 2.0);
+    assert_eq!(get("swr_requests_total{cache=\"BYPASS\"}"), 2.0);
+    assert_eq!(get("swr_bypass_total{reason=\"private\"}"), 1.0);
+    assert_eq!(get("swr_bypass_total{reason=\"method\"}"), 1.0);
+    assert_eq!(get("swr_upstream_requests_total{cause=\"miss\"}"), 2.0);
+    assert_eq!(get("swr_upstream_requests_total{cause=\"pass\"}"), 1.0);
+    assert_eq!(get("swr_served_age_seconds_count"), 3.0);
+    assert_eq!(get("swr_upstream_latency_seconds_count"), 3.0);
+    // "/a" was invalidated by the POST; nothing else is stored.
+    assert_eq!(get("swr_cache_entries"), 0.0);
+    assert_eq!(get("swr_invalidations_total"), 1.0);
+    assert!(get("swr_cache_max_bytes") > 0.0);
+}
+
+#[tokio::test]
+async fn stats_summarise_the_cache() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "60s"]).await;
+    proxy.get("/s").await;
+    for _ in 0..3 {
+        proxy.get("/s").await;
+    }
+    let (status, body) = admin_get(&proxy, "/stats").await;
+    assert_eq!(status, 200);
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["requests"]["HIT"], 3);
+    assert_eq!(stats["hit_ratio"], 0.75);
+    assert_eq!(stats["entries"], 1);
+    assert!(stats["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(stats["refresh"]["queue_depth"], 0);
+}
+
+#[tokio::test]
+async fn a_hard_purge_makes_the_next_request_a_miss() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "60s"]).await;
+    for path in ["/p/1", "/p/2", "/q/1"] {
+        proxy.get(path).await;
+    }
+    let key = proxy.key("/p/1");
+    let (status, body) = admin_post(&proxy, "/purge", &format!("{{\"key\": \"{key}\"}}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"purged\": 1"), "{body}");
+    assert_eq!(proxy.get("/p/1").await.x_cache(), "MISS");
+    assert_eq!(proxy.get("/p/2").await.x_cache(), "HIT");
+    let prefix = proxy.key("/p/");
+    let (_, body) = admin_post(&proxy, "/purge", &format!("{{\"prefix\": \"{prefix}\"}}")).await;
+    assert!(body.contains("\"purged\": 2"), "{body}");
+    assert_eq!(proxy.get("/q/1").await.x_cache(), "HIT");
+    let (_, body) = admin_post(&proxy, "/purge", "{\"all\": true}").await;
+    assert!(body.contains("\"purged\": 1"), "only /q/1 was left: {body}");
+    assert_eq!(proxy.get("/q/1").await.x_cache(), "MISS");
+    // Bad requests are refused, and name what is expected.
+    for bad in [
+        "",
+        "{}",
+        "{\"key\": \"x\", \"all\": true}",
+        "{\"all\": false}",
+        "{\"keys\": []}",
+    ] {
+        let (status, body) = admin_post(&proxy, "/purge", bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_soft_purge_serves_stale_and_refreshes_exactly_once() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "60s"]).await;
+    assert_eq!(proxy.get("/model").await.text(), "/model #1");
+    let gate = Gate::closed();
+    origin.route("/model", Route::default().gate(&gate));
+    let (status, body) = admin_post(&proxy, "/purge", "{\"all\": true, \"soft\": true}").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"purged\": 1"), "{body}");
+    // A burst after the purge: every answer at once from the stale copy.
+    let answers = join_all((0..20).map(|_| proxy.get("/model"))).await;
+    for answer in &answers {
+        assert_eq!(answer.x_cache(), "STALE");
+        assert_eq!(answer.text(), "/model #1");
+    }
+    gate.open();
+    eventually(WAIT, "the refreshed entry is served", || async {
+        proxy.get("/model").await.text() == "/model #2"
+    })
+    .await;
+    assert_eq!(
+        origin.hits("/model"),
+        2,
+        "exactly one refresh after the purge"
+    );
+}
+
+#[tokio::test]
+async fn the_upstream_concurrency_cap_holds_under_200_misses() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--upstream-concurrency", "8"]).await;
+    origin.route("/cap", Route::default().delay(Duration::from_millis(50)));
+    let answers = join_all((0..200).map(|i| {
+        let path = format!("/cap?k={i}");
+        let proxy = &proxy;
+        async move { proxy.get(&path).await }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert_eq!(origin.total_hits(), 200);
+    let max = origin.max_in_flight();
+    assert!(max <= 8, "the origin saw {max} requests at once");
+    assert!(max >= 2, "the cap is not a serialisation: {max}");
+}
+
+#[tokio::test]
+async fn a_failing_backend_gets_sparser_refreshes() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "200ms"]).await;
+    proxy.get("/fail").await;
+    origin.route("/fail", Route::default().status(500));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Stale hits every 20 ms for 2.5 s while every refresh fails.
+    let started = Instant::now();
+    let mut answers = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let answer = proxy.get("/fail").await;
+        assert_eq!(answer.x_cache(), "STALE");
+        assert_eq!(answer.text(), "/fail #1");
+        answers += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Without backoff, each failure would be followed by a refresh on the next
+    // stale hit (about one per answer). With it: at 0 s, after 1 s, after 2 s more.
+    let attempts = origin.hits("/fail") - 1;
+    assert!(answers > 50, "{answers} answers");
+    assert!((2..=4).contains(&attempts), "{attempts} refresh attempts");
+    assert!(proxy.proxy.stats().refresh_backoff.load(Relaxed) > 40);
+}
+
+#[tokio::test]
+async fn uncacheable_keys_skip_coalescing() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    origin.route("/me", Route::default().header("cache-control", "private"));
+    proxy.get("/me").await; // learns that /me is not storable
+    let gate = Gate::closed();
+    origin.route(
+        "/me",
+        Route::default()
+            .header("cache-control", "private")
+            .gate(&gate),
+    );
+    let requests = join_all((0..5).map(|_| proxy.get("/me")));
+    let opener = async {
+        // All five reach the origin at once: none waits on another's fetch.
+        eventually(WAIT, "five requests at the origin together", || async {
+            origin.hits("/me") == 6
+        })
+        .await;
+        gate.open();
+    };
+    let (answers, ()) = tokio::join!(requests, opener);
+    assert!(answers.iter().all(|a| a.x_cache() == "BYPASS"));
+    assert_eq!(proxy.proxy.stats().hit_for_miss.load(Relaxed), 5);
+    assert_eq!(proxy.proxy.stats().coalesced_waiters.load(Relaxed), 0);
+}
+
+/// Every metric the dashboard queries is one the proxy exports.
+#[tokio::test]
+async fn the_grafana_dashboard_queries_exported_metrics() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/contrib/grafana/swr-proxy.json"
+        ))
+        .expect("the dashboard is shipped"),
+    )
+    .expect("the dashboard is JSON");
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(at) = rest.find("swr_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 10, "{queried:?}");
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    proxy.get("/x").await;
+    let exported: BTreeSet<String> = proxy
+        .metrics()
+        .await
+        .keys()
+        .map(|k| k.split('{').next().unwrap_or(k).to_string())
+        .collect();
+    for name in &queried {
+        assert!(
+            exported.contains(name),
+            "the dashboard queries {name}, which is not exported"
+        );
+    }
+}
