@@ -1,5 +1,5 @@
 //! The admin API, on its own listener: health, Prometheus metrics, a JSON
-//! summary, and purge (hard, or soft: marked stale and refreshed by the next
+//! summary, configuration reload, and purge (hard, or soft: marked stale and refreshed by the next
 //! request, so a purge after a model release never stampedes the backend).
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -56,7 +56,20 @@ pub async fn handle(
         }
         (Method::GET, "/stats") => json(StatusCode::OK, &stats(&proxy)),
         (Method::POST, "/purge") => purge(&proxy, request).await,
-        (_, "/healthz" | "/readyz" | "/metrics" | "/stats" | "/purge") => text(
+        (Method::POST, "/reload") => match proxy.reload() {
+            Ok(routes) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "reloaded": true, "routes": routes }),
+            ),
+            Err(err) => {
+                tracing::warn!(error = %err, "reload rejected; keeping the running configuration");
+                text(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &format!("admin: reload rejected: {err}\n"),
+                )
+            }
+        },
+        (_, "/healthz" | "/readyz" | "/metrics" | "/stats" | "/purge" | "/reload") => text(
             StatusCode::METHOD_NOT_ALLOWED,
             "admin: method not allowed\n",
         ),

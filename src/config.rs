@@ -1,10 +1,14 @@
-//! Command line and configuration: clap flags (each also from `SWR_<FLAG>`),
-//! the defaults, and `validate()`, which runs before anything binds.
+//! Configuration: clap flags (each also from `SWR_<FLAG>`), an optional TOML
+//! file (`--config`) with the same settings and per-route rules, the
+//! defaults, and `validate()`, which runs before anything binds. A flag given
+//! on the command line (or in the environment) overrides the file.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
 
 use crate::cache::policy::CacheControlMode;
 
@@ -24,9 +28,13 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start: the size of the demo's flags does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Start a built-in demo backend (a slow "ranking" endpoint) with the proxy in front of it.
     Demo(DemoArgs),
+    /// Validate a configuration file: exit 0, or 2 naming the bad field and line.
+    Check(CheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -35,18 +43,25 @@ pub struct DemoArgs {
     pub proxy: ProxyArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The file to check.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
 /// The proxy's flags. Durations read like `250ms`, `10s`, `5m`, `1h`;
-/// sizes like `512`, `64KiB`, `256MiB`, `1GiB`.
-#[derive(Debug, Args, Clone)]
+/// sizes like `512`, `64KiB`, `256MiB`, `1GiB`. Defaults are applied after
+/// the configuration file, so a flag left out does not hide the file's value.
+#[derive(Debug, Args, Clone, Default)]
 pub struct ProxyArgs {
-    /// Address to accept client connections on.
-    #[arg(
-        long,
-        env = "SWR_LISTEN",
-        default_value = "127.0.0.1:8080",
-        value_name = "ADDR"
-    )]
-    pub listen: SocketAddr,
+    /// A TOML configuration file (every flag has a file equivalent; flags win).
+    #[arg(long, env = "SWR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to accept client connections on [default: 127.0.0.1:8080].
+    #[arg(long, env = "SWR_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
 
     /// The backend, e.g. http://127.0.0.1:3000 (required, except for `demo`).
     #[arg(long, env = "SWR_UPSTREAM", value_name = "URL", value_parser = parse_upstream)]
@@ -56,39 +71,44 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_TTL", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub ttl: Option<Duration>,
 
-    /// How long after it turns stale an entry is still served at once while it is refreshed.
-    #[arg(long, env = "SWR_STALE_WHILE_REVALIDATE", default_value = "60s", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
-    pub stale_while_revalidate: Duration,
+    /// How long after it turns stale an entry is still served at once while
+    /// it is refreshed [default: 60s].
+    #[arg(long, env = "SWR_STALE_WHILE_REVALIDATE", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub stale_while_revalidate: Option<Duration>,
 
-    /// How long after it turns stale an entry may be served when the backend fails.
-    #[arg(long, env = "SWR_STALE_IF_ERROR", default_value = "5m", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
-    pub stale_if_error: Duration,
+    /// How long after it turns stale an entry may be served when the backend
+    /// fails [default: 5m].
+    #[arg(long, env = "SWR_STALE_IF_ERROR", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub stale_if_error: Option<Duration>,
 
-    /// Memory budget of the cache (keys, headers and bodies).
-    #[arg(long, env = "SWR_MAX_SIZE", default_value = "256MiB", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
-    pub max_size: u64,
+    /// Memory budget of the cache: keys, headers and bodies [default: 256MiB].
+    #[arg(long, env = "SWR_MAX_SIZE", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+    pub max_size: Option<u64>,
 
-    /// Larger responses are streamed through and not stored.
-    #[arg(long, env = "SWR_MAX_OBJECT_SIZE", default_value = "8MiB", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
-    pub max_object_size: u64,
+    /// Larger responses are streamed through and not stored [default: 8MiB].
+    #[arg(long, env = "SWR_MAX_OBJECT_SIZE", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+    pub max_object_size: Option<u64>,
 
-    /// Background refreshes running at once.
-    #[arg(long, env = "SWR_REFRESH_CONCURRENCY", default_value_t = 8, value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
-    pub refresh_concurrency: usize,
+    /// Background refreshes running at once [default: 8].
+    #[arg(long, env = "SWR_REFRESH_CONCURRENCY", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
+    pub refresh_concurrency: Option<usize>,
 
-    /// Refreshes waiting for a worker; past this, refreshes are dropped (and counted).
-    #[arg(long, env = "SWR_REFRESH_QUEUE", default_value_t = 10_000, value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
-    pub refresh_queue: usize,
+    /// Refreshes waiting for a worker; past this, refreshes are dropped (and
+    /// counted) [default: 10000].
+    #[arg(long, env = "SWR_REFRESH_QUEUE", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
+    pub refresh_queue: Option<usize>,
 
-    /// Time allowed for the backend to answer (connect, headers, and a stored body).
-    #[arg(long, env = "SWR_UPSTREAM_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
-    pub upstream_timeout: Duration,
+    /// Time allowed for the backend to answer (connect, headers, and a
+    /// stored body) [default: 30s].
+    #[arg(long, env = "SWR_UPSTREAM_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub upstream_timeout: Option<Duration>,
 
     /// `honor`: the backend's Cache-Control decides (RFC 9111), the ttl and
     /// windows above are defaults. `override`: they apply whatever the backend
-    /// says about freshness (no-store, private and Set-Cookie still prevent storing).
-    #[arg(long, env = "SWR_CACHE_CONTROL", default_value = "honor", value_name = "MODE", value_parser = parse_mode, allow_hyphen_values = true)]
-    pub cache_control: CacheControlMode,
+    /// says about freshness (no-store, private and Set-Cookie still prevent
+    /// storing) [default: honor].
+    #[arg(long, env = "SWR_CACHE_CONTROL", value_name = "MODE", value_parser = parse_mode, allow_hyphen_values = true)]
+    pub cache_control: Option<CacheControlMode>,
 
     /// Let clients' Cache-Control (no-cache, max-age, max-stale, min-fresh,
     /// only-if-cached, no-store) and Pragma: no-cache steer the cache. Off by
@@ -97,19 +117,14 @@ pub struct ProxyArgs {
     pub honor_client_cache_control: bool,
 
     /// A response header that overrides Cache-Control for this proxy only
-    /// (RFC 9213), and is not forwarded to clients.
-    #[arg(long, env = "SWR_TARGETED_CACHE_CONTROL", default_value = "swr-cache-control", value_name = "HEADER", value_parser = parse_header_name)]
-    pub targeted_cache_control: http::HeaderName,
+    /// (RFC 9213), and is not forwarded to clients [default: swr-cache-control].
+    #[arg(long, env = "SWR_TARGETED_CACHE_CONTROL", value_name = "HEADER", value_parser = parse_header_name)]
+    pub targeted_cache_control: Option<http::HeaderName>,
 
     /// Address of the admin API (metrics, health, purge, stats). A
-    /// non-loopback address needs --admin-token.
-    #[arg(
-        long,
-        env = "SWR_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9090",
-        value_name = "ADDR"
-    )]
-    pub admin_listen: SocketAddr,
+    /// non-loopback address needs --admin-token [default: 127.0.0.1:9090].
+    #[arg(long, env = "SWR_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
 
     /// Every admin request must carry `Authorization: Bearer <TOKEN>`.
     #[arg(
@@ -121,21 +136,140 @@ pub struct ProxyArgs {
     pub admin_token: Option<String>,
 
     /// Most requests in flight to the backend at once (0: no cap). Client
-    /// misses go first: refreshes never take the last slot.
-    #[arg(long, env = "SWR_UPSTREAM_CONCURRENCY", default_value_t = 256, value_name = "N", value_parser = parse_count_or_zero, allow_hyphen_values = true)]
-    pub upstream_concurrency: usize,
+    /// misses go first: refreshes never take the last slot [default: 256].
+    #[arg(long, env = "SWR_UPSTREAM_CONCURRENCY", value_name = "N", value_parser = parse_count_or_zero, allow_hyphen_values = true)]
+    pub upstream_concurrency: Option<usize>,
 
-    /// Log format: text or json.
-    #[arg(long, env = "SWR_LOG_FORMAT", default_value = "text", value_name = "FORMAT", value_parser = ["text", "json"])]
-    pub log_format: String,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "SWR_LOG_FORMAT", value_name = "FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
 
     /// Log one line per request at info level (cache status, age, time taken).
     #[arg(long, env = "SWR_ACCESS_LOG")]
     pub access_log: bool,
 
-    /// On SIGINT/SIGTERM, how long in-flight requests may take to finish.
-    #[arg(long, env = "SWR_SHUTDOWN_TIMEOUT", default_value = "30s", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
-    pub shutdown_timeout: Duration,
+    /// On SIGINT/SIGTERM, how long in-flight requests may take to finish [default: 30s].
+    #[arg(long, env = "SWR_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+/// The configuration file: every flag, by the same name with `_` for `-`,
+/// and a `[[route]]` list. Unknown fields are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub upstream: Option<String>,
+    pub ttl: Option<String>,
+    pub stale_while_revalidate: Option<String>,
+    pub stale_if_error: Option<String>,
+    pub max_size: Option<String>,
+    pub max_object_size: Option<String>,
+    pub refresh_concurrency: Option<usize>,
+    pub refresh_queue: Option<usize>,
+    pub upstream_timeout: Option<String>,
+    pub cache_control: Option<CacheControlMode>,
+    pub honor_client_cache_control: Option<bool>,
+    pub targeted_cache_control: Option<String>,
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_token: Option<String>,
+    pub upstream_concurrency: Option<usize>,
+    pub log_format: Option<String>,
+    pub access_log: Option<bool>,
+    pub shutdown_timeout: Option<String>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteFile>,
+}
+
+/// One `[[route]]` in the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    /// A path prefix (`/ranking`), or a glob with `*` (`/users/*/similar`).
+    pub path: String,
+    pub ttl: Option<String>,
+    pub stale_while_revalidate: Option<String>,
+    pub stale_if_error: Option<String>,
+    pub cache_control: Option<CacheControlMode>,
+    /// Pass every request through, never store.
+    #[serde(default)]
+    pub bypass: bool,
+    /// Query parameters left out of the cache key (`utm_*` globs allowed).
+    #[serde(default)]
+    pub ignore_query: Vec<String>,
+    /// Only these query parameters are part of the key (globs allowed).
+    #[serde(default)]
+    pub keep_query: Vec<String>,
+    /// Sort the query parameters in the key (`?b=1&a=2` is `?a=2&b=1`).
+    #[serde(default)]
+    pub sort_query: bool,
+    /// Request headers whose values are part of the key.
+    #[serde(default)]
+    pub key_headers: Vec<String>,
+}
+
+/// One validated route: what requests it matches and how they are cached.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The pattern as written, for logs and metrics.
+    pub pattern: String,
+    pub ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub cache_control: CacheControlMode,
+    pub bypass: bool,
+    pub ignore_query: Vec<String>,
+    pub keep_query: Vec<String>,
+    pub sort_query: bool,
+    pub key_headers: Vec<http::HeaderName>,
+}
+
+impl Route {
+    /// Whether the route matches a request path: a prefix, or a glob where
+    /// `*` matches any run of characters (and the glob must match it all).
+    pub fn matches(&self, path: &str) -> bool {
+        if self.pattern.contains('*') {
+            glob(&self.pattern, path)
+        } else {
+            path.starts_with(&self.pattern)
+        }
+    }
+
+    /// Whether the cache key of this route differs from the plain URL's.
+    pub fn shapes_key(&self) -> bool {
+        !self.ignore_query.is_empty()
+            || !self.keep_query.is_empty()
+            || self.sort_query
+            || !self.key_headers.is_empty()
+    }
+
+    /// Whether a query parameter name takes part in the key.
+    pub fn keeps_param(&self, name: &str) -> bool {
+        if !self.keep_query.is_empty() {
+            return self.keep_query.iter().any(|p| glob(p, name));
+        }
+        !self.ignore_query.iter().any(|p| glob(p, name))
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for middle in &parts[1..parts.len() - 1] {
+        match rest.find(middle) {
+            Some(at) => rest = &rest[at + middle.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// The validated configuration the proxy runs with.
@@ -158,10 +292,20 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub admin_token: Option<String>,
     pub upstream_concurrency: usize,
+    pub log_format: String,
     pub access_log: bool,
+    /// First match wins; a request no route matches uses the values above.
+    pub routes: Vec<Route>,
+    /// The file this came from, re-read on reload.
+    pub config_file: Option<PathBuf>,
+    /// The flags it was built from, applied again over the file on reload.
+    pub source: ProxyArgs,
+    /// The ttl used when neither a flag nor the file sets one.
+    pub default_ttl: Duration,
 }
 
-/// A configuration error: names the flag and what it accepts.
+/// A configuration error: names the flag (or the file's field and line) and
+/// what it accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
 
@@ -173,43 +317,204 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Reads and parses a configuration file; errors name the file, the line and
+/// the field.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+    toml::from_str::<FileConfig>(&text).map_err(|e| {
+        let message = e.message().replace('\n', " ");
+        let Some(span) = e.span() else {
+            return ConfigError(format!("{}: {message}", path.display()));
+        };
+        let start = span.start.min(text.len());
+        let line = text[..start].matches('\n').count() + 1;
+        // Name the field: the key on the error's line, when the message does not.
+        let key = text
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.split_once('='))
+            .map(|(key, _)| key.trim())
+            .filter(|key| !key.is_empty() && !message.contains(key));
+        match key {
+            Some(key) => ConfigError(format!("{}: line {line}: {key}: {message}", path.display())),
+            None => ConfigError(format!("{}: line {line}: {message}", path.display())),
+        }
+    })
+}
+
 impl Config {
     /// The default freshness when neither the flag nor the command sets one.
     pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 
-    /// Builds and validates the configuration. `upstream` stands in for a
-    /// missing `--upstream` (the demo passes its own backend).
+    /// Builds and validates the configuration from the flags, over the file
+    /// named by `--config` if any. `upstream` stands in for a missing
+    /// `--upstream` (the demo passes its own backend).
     pub fn from_args(
         args: &ProxyArgs,
         upstream: Option<reqwest::Url>,
         default_ttl: Duration,
     ) -> Result<Config, ConfigError> {
-        let upstream = match args.upstream.clone().or(upstream) {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Config::merge(args, &file, upstream, default_ttl)
+    }
+
+    /// Flags over file over defaults, then `validate()`.
+    pub fn merge(
+        args: &ProxyArgs,
+        file: &FileConfig,
+        upstream: Option<reqwest::Url>,
+        default_ttl: Duration,
+    ) -> Result<Config, ConfigError> {
+        let duration = |flag: Option<Duration>,
+                        field: &Option<String>,
+                        name: &str,
+                        default: Duration| match (flag, field) {
+            (Some(value), _) => Ok(value),
+            (None, Some(text)) => parse_duration(text)
+                .map_err(|e| ConfigError(format!("{name} = {text:?} in the config file: {e}"))),
+            (None, None) => Ok(default),
+        };
+        let size = |flag: Option<u64>, field: &Option<String>, name: &str, default: u64| match (
+            flag, field,
+        ) {
+            (Some(value), _) => Ok(value),
+            (None, Some(text)) => parse_size(text)
+                .map_err(|e| ConfigError(format!("{name} = {text:?} in the config file: {e}"))),
+            (None, None) => Ok(default),
+        };
+        let file_upstream = match &file.upstream {
+            Some(text) => Some(parse_upstream(text).map_err(|e| {
+                ConfigError(format!("upstream = {text:?} in the config file: {e}"))
+            })?),
+            None => None,
+        };
+        let upstream = match args.upstream.clone().or(file_upstream).or(upstream) {
             Some(url) => url,
             None => return Err(ConfigError(
                 "--upstream is required: the backend's URL, e.g. --upstream http://127.0.0.1:3000"
                     .into(),
             )),
         };
+        let targeted = match (&args.targeted_cache_control, &file.targeted_cache_control) {
+            (Some(name), _) => name.clone(),
+            (None, Some(text)) => parse_header_name(text).map_err(|e| {
+                ConfigError(format!(
+                    "targeted_cache_control = {text:?} in the config file: {e}"
+                ))
+            })?,
+            (None, None) => http::HeaderName::from_static("swr-cache-control"),
+        };
+        let log_format = args
+            .log_format
+            .clone()
+            .or_else(|| file.log_format.clone())
+            .unwrap_or_else(|| "text".into());
+        if log_format != "text" && log_format != "json" {
+            return Err(ConfigError(format!(
+                "log_format = {log_format:?} in the config file: expected text or json"
+            )));
+        }
+        let ttl = duration(args.ttl, &file.ttl, "ttl", default_ttl)?;
+        let stale_while_revalidate = duration(
+            args.stale_while_revalidate,
+            &file.stale_while_revalidate,
+            "stale_while_revalidate",
+            Duration::from_secs(60),
+        )?;
+        let stale_if_error = duration(
+            args.stale_if_error,
+            &file.stale_if_error,
+            "stale_if_error",
+            Duration::from_secs(300),
+        )?;
+        let cache_control = args
+            .cache_control
+            .or(file.cache_control)
+            .unwrap_or_default();
+        let routes = file
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| {
+                validate_route(
+                    i,
+                    route,
+                    ttl,
+                    stale_while_revalidate,
+                    stale_if_error,
+                    cache_control,
+                )
+            })
+            .collect::<Result<Vec<Route>, ConfigError>>()?;
+        let count = |value: Option<usize>, name: &str| match value {
+            Some(0) => Err(ConfigError(format!(
+                "{name} = 0 in the config file: expected a whole number of at least 1"
+            ))),
+            other => Ok(other),
+        };
         let config = Config {
-            listen: args.listen,
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             upstream,
-            ttl: args.ttl.unwrap_or(default_ttl),
-            stale_while_revalidate: args.stale_while_revalidate,
-            stale_if_error: args.stale_if_error,
-            max_size_bytes: args.max_size,
-            max_object_size_bytes: args.max_object_size,
-            refresh_concurrency: args.refresh_concurrency,
-            refresh_queue: args.refresh_queue,
-            upstream_timeout: args.upstream_timeout,
-            shutdown_timeout: args.shutdown_timeout,
-            cache_control: args.cache_control,
-            honor_client_cache_control: args.honor_client_cache_control,
-            targeted_cache_control: args.targeted_cache_control.clone(),
-            admin_listen: args.admin_listen,
-            admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
-            upstream_concurrency: args.upstream_concurrency,
-            access_log: args.access_log,
+            ttl,
+            stale_while_revalidate,
+            stale_if_error,
+            max_size_bytes: size(args.max_size, &file.max_size, "max_size", 256 << 20)?,
+            max_object_size_bytes: size(
+                args.max_object_size,
+                &file.max_object_size,
+                "max_object_size",
+                8 << 20,
+            )?,
+            refresh_concurrency: args
+                .refresh_concurrency
+                .or(count(file.refresh_concurrency, "refresh_concurrency")?)
+                .unwrap_or(8),
+            refresh_queue: args
+                .refresh_queue
+                .or(count(file.refresh_queue, "refresh_queue")?)
+                .unwrap_or(10_000),
+            upstream_timeout: duration(
+                args.upstream_timeout,
+                &file.upstream_timeout,
+                "upstream_timeout",
+                Duration::from_secs(30),
+            )?,
+            shutdown_timeout: duration(
+                args.shutdown_timeout,
+                &file.shutdown_timeout,
+                "shutdown_timeout",
+                Duration::from_secs(30),
+            )?,
+            cache_control,
+            honor_client_cache_control: args.honor_client_cache_control
+                || file.honor_client_cache_control.unwrap_or(false),
+            targeted_cache_control: targeted,
+            admin_listen: args
+                .admin_listen
+                .or(file.admin_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+            admin_token: args
+                .admin_token
+                .clone()
+                .or_else(|| file.admin_token.clone())
+                .filter(|t| !t.is_empty()),
+            upstream_concurrency: args
+                .upstream_concurrency
+                .or(file.upstream_concurrency)
+                .unwrap_or(256),
+            log_format,
+            access_log: args.access_log || file.access_log.unwrap_or(false),
+            routes,
+            config_file: args.config.clone(),
+            source: args.clone(),
+            default_ttl,
         };
         config.validate()?;
         Ok(config)
@@ -239,6 +544,69 @@ impl Config {
         }
         Ok(())
     }
+
+    /// The route for a request path: the first that matches.
+    pub fn route_for(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(path))
+    }
+}
+
+fn validate_route(
+    index: usize,
+    route: &RouteFile,
+    ttl: Duration,
+    stale_while_revalidate: Duration,
+    stale_if_error: Duration,
+    cache_control: CacheControlMode,
+) -> Result<Route, ConfigError> {
+    let at = |field: &str| format!("route[{index}].{field}");
+    if !route.path.starts_with('/') {
+        return Err(ConfigError(format!(
+            "{} = {:?} in the config file: expected a path starting with /",
+            at("path"),
+            route.path
+        )));
+    }
+    if !route.ignore_query.is_empty() && !route.keep_query.is_empty() {
+        return Err(ConfigError(format!(
+            "{} and {} in the config file: give one or the other",
+            at("ignore_query"),
+            at("keep_query")
+        )));
+    }
+    let duration = |value: &Option<String>, field: &str, default: Duration| match value {
+        Some(text) => parse_duration(text)
+            .map_err(|e| ConfigError(format!("{} = {text:?} in the config file: {e}", at(field)))),
+        None => Ok(default),
+    };
+    let key_headers = route
+        .key_headers
+        .iter()
+        .map(|name| {
+            parse_header_name(name).map_err(|e| {
+                ConfigError(format!(
+                    "{} = {name:?} in the config file: {e}",
+                    at("key_headers")
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Route {
+        pattern: route.path.clone(),
+        ttl: duration(&route.ttl, "ttl", ttl)?,
+        stale_while_revalidate: duration(
+            &route.stale_while_revalidate,
+            "stale_while_revalidate",
+            stale_while_revalidate,
+        )?,
+        stale_if_error: duration(&route.stale_if_error, "stale_if_error", stale_if_error)?,
+        cache_control: route.cache_control.unwrap_or(cache_control),
+        bypass: route.bypass,
+        ignore_query: route.ignore_query.clone(),
+        keep_query: route.keep_query.clone(),
+        sort_query: route.sort_query,
+        key_headers,
+    })
 }
 
 /// Parses `250ms`, `10s`, `5m`, `1h`, `1d`, or `0`.
@@ -369,6 +737,67 @@ mod tests {
         for bad in ["", "MiB", "12XB", "-1", "1.5MiB", "99999999999GiB"] {
             assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("utm_*", "utm_source"));
+        assert!(!glob("utm_*", "xutm_source"));
+        assert!(glob("/users/*/similar", "/users/42/similar"));
+        assert!(!glob("/users/*/similar", "/users/42/similar/x"));
+        assert!(glob("*", "anything"));
+        assert!(glob("a*b*c", "a-b-c"));
+        assert!(!glob("a*b*c", "a-c"));
+    }
+
+    fn file(text: &str) -> Result<FileConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn file_values_and_flag_overrides() {
+        let f = file(
+            "upstream = \"http://127.0.0.1:3000\"\nttl = \"30s\"\nmax_size = \"64MiB\"\n\
+             [[route]]\npath = \"/similar\"\nttl = \"1h\"\nignore_query = [\"utm_*\"]\n",
+        )
+        .unwrap();
+        let config = Config::merge(&ProxyArgs::default(), &f, None, Config::DEFAULT_TTL).unwrap();
+        assert_eq!(config.ttl, Duration::from_secs(30));
+        assert_eq!(config.max_size_bytes, 64 << 20);
+        assert_eq!(
+            config.stale_while_revalidate,
+            Duration::from_secs(60),
+            "default"
+        );
+        assert_eq!(config.routes[0].ttl, Duration::from_secs(3600));
+        assert_eq!(config.routes[0].stale_if_error, Duration::from_secs(300));
+        assert!(config.route_for("/similar/42").is_some());
+        assert!(config.route_for("/ranking").is_none());
+        let args = ProxyArgs {
+            ttl: Some(Duration::from_secs(5)),
+            ..ProxyArgs::default()
+        };
+        let config = Config::merge(&args, &f, None, Config::DEFAULT_TTL).unwrap();
+        assert_eq!(config.ttl, Duration::from_secs(5), "the flag wins");
+    }
+
+    #[test]
+    fn file_errors_name_the_field() {
+        assert!(file("ttll = \"1s\"").unwrap_err().contains("ttll"));
+        let bad = |text: &str| {
+            let f = file(text).unwrap();
+            Config::merge(&ProxyArgs::default(), &f, None, Config::DEFAULT_TTL)
+                .unwrap_err()
+                .0
+        };
+        assert!(bad("upstream = \"http://x\"\nttl = \"soon\"").contains("ttl"));
+        assert!(bad("upstream = \"ftp://x\"").contains("upstream"));
+        let route = bad("upstream = \"http://x\"\n[[route]]\npath = \"x\"");
+        assert!(route.contains("route[0].path"), "{route}");
+        let both = bad(
+            "upstream = \"http://x\"\n[[route]]\npath = \"/x\"\nignore_query = [\"a\"]\nkeep_query = [\"b\"]",
+        );
+        assert!(both.contains("route[0].ignore_query"), "{both}");
     }
 
     #[test]

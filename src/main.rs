@@ -20,21 +20,24 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return clap_error(&err),
     };
-    let log_format = match &cli.command {
-        Some(Command::Demo(args)) => args.proxy.log_format.clone(),
-        None => cli.proxy.log_format.clone(),
+    // Configuration errors end the process before anything binds.
+    let (config, demo_args) = match cli.command {
+        Some(Command::Check(args)) => return check(&args.config),
+        Some(Command::Demo(args)) => (None, Some(args.proxy)),
+        None => match Config::from_args(&cli.proxy, None, Config::DEFAULT_TTL) {
+            Ok(config) => (Some(config), None),
+            Err(err) => {
+                eprintln!("swr-proxy: {err}");
+                return ExitCode::from(USAGE_ERROR);
+            }
+        },
     };
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
-    if log_format == "json" {
-        logs.json().init();
-    } else {
-        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
-    }
+    let log_format = match (&config, &demo_args) {
+        (Some(config), _) => config.log_format.clone(),
+        (None, Some(args)) => args.log_format.clone().unwrap_or_default(),
+        (None, None) => String::new(),
+    };
+    init_logs(&log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -45,15 +48,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
-        Some(Command::Demo(args)) => runtime.block_on(run_demo(args.proxy)),
-        None => match Config::from_args(&cli.proxy, None, Config::DEFAULT_TTL) {
-            Ok(config) => runtime.block_on(run(config, None)),
-            Err(err) => {
-                eprintln!("swr-proxy: {err}");
-                return ExitCode::from(USAGE_ERROR);
-            }
-        },
+    let result = match (config, demo_args) {
+        (Some(config), _) => runtime.block_on(run(config, None)),
+        (None, Some(args)) => runtime.block_on(run_demo(args)),
+        (None, None) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,6 +63,65 @@ fn main() -> ExitCode {
             eprintln!("swr-proxy: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGHUP re-reads the configuration file; a bad one is logged and the
+/// running configuration kept.
+fn spawn_reload_on_sighup(proxy: Arc<Proxy>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot install the SIGHUP handler; reload with POST /reload");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            if let Err(err) = proxy.reload() {
+                tracing::warn!(error = %err, "reload rejected; keeping the running configuration");
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = proxy;
+}
+
+/// `swr-proxy check --config F`: exit 0, or 2 with one line naming the problem.
+fn check(path: &std::path::Path) -> ExitCode {
+    let args = swr_proxy::config::ProxyArgs {
+        config: Some(path.to_path_buf()),
+        ..Default::default()
+    };
+    // A file need not name the upstream to be checked on its own.
+    let placeholder = reqwest::Url::parse("http://127.0.0.1:1").ok();
+    match Config::from_args(&args, placeholder, Config::DEFAULT_TTL) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} route{})",
+                path.display(),
+                config.routes.len(),
+                if config.routes.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("swr-proxy: {err}");
+            ExitCode::from(USAGE_ERROR)
+        }
+    }
+}
+
+fn init_logs(format: &str) {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
 }
 
@@ -119,6 +176,7 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         server::shutdown_signal().await;
         signal.cancel();
     });
+    spawn_reload_on_sighup(Arc::clone(&proxy));
     let token: Option<Arc<str>> = config.admin_token.as_deref().map(Arc::from);
     let admin_proxy = Arc::clone(&proxy);
     let admin_shutdown = shutdown.clone();

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -22,7 +23,7 @@ use crate::cache::policy::{
 };
 use crate::cache::store::{self, Fill, FillOutcome, Store};
 use crate::cache::CacheStatus;
-use crate::config::Config;
+use crate::config::{Config, ConfigError, Route};
 use crate::error::{ProxyError, UpstreamError, UpstreamErrorKind};
 use crate::metrics::{Gauges, Stats, UpstreamCause};
 use crate::refresh::{Enqueue, Job, RefreshQueue};
@@ -43,7 +44,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The proxy's shared state: one per process, shared by every connection.
 pub struct Proxy {
     config: Config,
-    defaults: Defaults,
+    /// What a reload can change: the routes and the caching rules. Swapped
+    /// whole; the hit path reads it without a lock or a reference count.
+    policy: ArcSwap<Policy>,
+    /// The field targeted at this proxy (fixed at start).
+    targeted: HeaderName,
     keys: KeyHasher,
     store: Store,
     refresh: RefreshQueue<RefreshRequest>,
@@ -62,6 +67,58 @@ pub struct Proxy {
 struct Backoff {
     failures: u32,
     until: Instant,
+}
+
+/// The rules requests are cached by: the defaults, and the routes (first
+/// match wins), each with its own defaults.
+pub struct Policy {
+    defaults: Arc<Defaults>,
+    routes: Vec<(Route, Arc<Defaults>)>,
+    honor_client_cache_control: bool,
+}
+
+impl Policy {
+    fn from_config(config: &Config) -> Policy {
+        let defaults = |ttl, swr, sie, mode| {
+            Arc::new(Defaults {
+                ttl,
+                stale_while_revalidate: swr,
+                stale_if_error: sie,
+                mode,
+                targeted: config.targeted_cache_control.clone(),
+            })
+        };
+        Policy {
+            defaults: defaults(
+                config.ttl,
+                config.stale_while_revalidate,
+                config.stale_if_error,
+                config.cache_control,
+            ),
+            routes: config
+                .routes
+                .iter()
+                .map(|r| {
+                    let d = defaults(
+                        r.ttl,
+                        r.stale_while_revalidate,
+                        r.stale_if_error,
+                        r.cache_control,
+                    );
+                    (r.clone(), d)
+                })
+                .collect(),
+            honor_client_cache_control: config.honor_client_cache_control,
+        }
+    }
+
+    /// The route for a request path, and the defaults that apply to it.
+    fn route_for(&self, path: &str) -> (Option<&Route>, &Arc<Defaults>) {
+        match self.routes.iter().find(|(route, _)| route.matches(path)) {
+            Some((route, defaults)) => (Some(route), defaults),
+            None => (None, &self.defaults),
+        }
+    }
 }
 
 /// The first backoff after a failed refresh; it doubles per failure...
@@ -111,6 +168,8 @@ struct FetchTarget {
     /// What is sent to the backend: forwarded, without the client's conditionals.
     upstream_headers: HeaderMap,
     authorization: bool,
+    /// The caching rules of the request's route.
+    defaults: Arc<Defaults>,
 }
 
 /// The result of fetching a response for the cache.
@@ -155,13 +214,8 @@ impl Proxy {
         let (refresh, workers) =
             RefreshQueue::new(config.refresh_queue, config.upstream_timeout * 2);
         let proxy = Arc::new(Proxy {
-            defaults: Defaults {
-                ttl: config.ttl,
-                stale_while_revalidate: config.stale_while_revalidate,
-                stale_if_error: config.stale_if_error,
-                mode: config.cache_control,
-                targeted: config.targeted_cache_control.clone(),
-            },
+            policy: ArcSwap::from_pointee(Policy::from_config(&config)),
+            targeted: config.targeted_cache_control.clone(),
             keys: KeyHasher::new(),
             store: Store::new(config.max_size_bytes),
             refresh,
@@ -216,6 +270,27 @@ impl Proxy {
     /// Refreshes waiting for a worker.
     pub fn refresh_queue_depth(&self) -> usize {
         self.refresh.depth()
+    }
+
+    /// Re-reads the configuration file and applies its routes and caching
+    /// rules; the cache, the connections and the listeners stay. A bad file
+    /// is rejected and the running configuration kept. Returns the number of
+    /// routes now in force.
+    pub fn reload(&self) -> Result<usize, ConfigError> {
+        let Some(path) = &self.config.config_file else {
+            return Err(ConfigError("no --config file to reload".into()));
+        };
+        let file = crate::config::read_file(path)?;
+        let config = Config::merge(
+            &self.config.source,
+            &file,
+            Some(self.config.upstream.clone()),
+            self.config.default_ttl,
+        )?;
+        let routes = config.routes.len();
+        self.policy.store(Arc::new(Policy::from_config(&config)));
+        tracing::info!(file = %path.display(), routes, "configuration reloaded");
+        Ok(routes)
     }
 
     /// The Prometheus text of every metric.
@@ -301,9 +376,23 @@ impl Proxy {
         };
         let host = lowercase(host);
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let key = self.keys.key(&host, path_and_query);
+        let policy = self.policy.load();
+        let (route, defaults) = policy.route_for(parts.uri.path());
+        if route.is_some_and(|r| r.bypass) {
+            return self
+                .pass(&parts, Some(body), client, BypassReason::Route)
+                .await;
+        }
+        // A route's key options (query filtering and order, key headers) make
+        // the key differ from the URL.
+        let shaped = route
+            .filter(|r| r.shapes_key())
+            .map(|r| shaped_key(r, parts.uri.path(), parts.uri.query(), &parts.headers));
+        let key = self
+            .keys
+            .key(&host, shaped.as_deref().unwrap_or(path_and_query));
         let head = parts.method == Method::HEAD;
-        let directives = if self.config.honor_client_cache_control {
+        let directives = if policy.honor_client_cache_control {
             Some(RequestDirectives::parse(&parts.headers)).filter(|d| !d.is_empty())
         } else {
             None
@@ -347,8 +436,9 @@ impl Proxy {
                     );
                 }
                 Use::Stale => {
-                    let queued =
-                        self.queue_refresh(fill_hash, key, &entry, &parts.headers, client, now);
+                    let target =
+                        || self.fetch_target(key, path_and_query, &parts.headers, client, defaults);
+                    let queued = self.queue_refresh(fill_hash, &entry, target, now);
                     self.stats.record_request(CacheStatus::Stale);
                     let cache_status = formatted(format_args!(
                         "swr-proxy; hit; ttl={}; detail={}",
@@ -378,7 +468,7 @@ impl Proxy {
             (None, Some(_)) => "vary-miss",
             (None, None) => "uri-miss",
         };
-        let target = self.fetch_target(key, &parts.headers, client);
+        let target = self.fetch_target(key, path_and_query, &parts.headers, client, defaults);
         let stale = stale.map(|(e, _)| e);
         if self.remembered_uncacheable(fill_hash, now) {
             self.stats.hit_for_miss.fetch_add(1, Relaxed);
@@ -426,16 +516,19 @@ impl Proxy {
     fn fetch_target(
         &self,
         key: RequestKey<'_>,
+        path_and_query: &str,
         client_headers: &HeaderMap,
         client: Option<SocketAddr>,
+        defaults: &Arc<Defaults>,
     ) -> FetchTarget {
         FetchTarget {
             url_text: key.to_text().into(),
             url_hash: key.hash,
-            path_and_query: key.path_and_query.into(),
+            path_and_query: path_and_query.into(),
             client_headers: client_headers.clone(),
             upstream_headers: fill_headers(client_headers, client),
             authorization: client_headers.contains_key(header::AUTHORIZATION),
+            defaults: Arc::clone(defaults),
         }
     }
 
@@ -444,10 +537,8 @@ impl Proxy {
     fn queue_refresh(
         &self,
         hash: u64,
-        key: RequestKey<'_>,
         entry: &Arc<Entry>,
-        headers: &HeaderMap,
-        client: Option<SocketAddr>,
+        target: impl FnOnce() -> FetchTarget,
         now: Instant,
     ) -> RefreshDecision {
         if lock(&self.backoff)
@@ -458,7 +549,7 @@ impl Proxy {
             return RefreshDecision::Backoff;
         }
         let result = self.refresh.try_enqueue(hash, || RefreshRequest {
-            target: self.fetch_target(key, headers, client),
+            target: target(),
             stale: Arc::clone(entry),
         });
         match result {
@@ -604,7 +695,7 @@ impl Proxy {
                 facts,
                 response_delay,
                 SystemTime::now(),
-                &self.defaults,
+                &target.defaults,
             ) {
                 Storability::Store(lifetimes) => {
                     let entry = Arc::new(Entry::new(
@@ -642,7 +733,7 @@ impl Proxy {
             facts,
             response_delay,
             SystemTime::now(),
-            &self.defaults,
+            &target.defaults,
         ) {
             Storability::Store(lifetimes) => lifetimes,
             Storability::Bypass(reason) => return Fetched::Pass(self.passed(reason, response)),
@@ -712,7 +803,7 @@ impl Proxy {
     /// and the fields targeted at this proxy removed.
     fn client_headers(&self, upstream_headers: &HeaderMap) -> HeaderMap {
         let mut headers = upstream::response_headers(upstream_headers);
-        headers.remove(&self.defaults.targeted);
+        headers.remove(&self.targeted);
         headers.remove(policy::CDN_CACHE_CONTROL);
         headers
     }
@@ -1075,6 +1166,31 @@ impl Proxy {
         *response.headers_mut() = headers;
         response
     }
+}
+
+/// The key path of a route with key options: the path, the query with
+/// parameters dropped or kept and maybe sorted, then the key headers' values
+/// (after a newline, so purging the URL's key purges these too).
+fn shaped_key(route: &Route, path: &str, query: Option<&str>, headers: &HeaderMap) -> String {
+    let mut params: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| route.keeps_param(p.split('=').next().unwrap_or("")))
+        .collect();
+    if route.sort_query {
+        params.sort_unstable();
+    }
+    let mut key = String::with_capacity(path.len() + query.map_or(0, str::len) + 16);
+    key.push_str(path);
+    if !params.is_empty() {
+        key.push('?');
+        key.push_str(&params.join("&"));
+    }
+    if !route.key_headers.is_empty() {
+        key.push_str(&policy::vary_key(&route.key_headers, headers));
+    }
+    key
 }
 
 /// The key text of the variant `names` select for these request headers.

@@ -129,10 +129,12 @@ pub enum BypassReason {
     Request,
     /// The backend answered 304 to a request that carried no validators of ours.
     NotModified,
+    /// A route says `bypass = true`.
+    Route,
 }
 
 impl BypassReason {
-    pub const ALL: [BypassReason; 11] = [
+    pub const ALL: [BypassReason; 12] = [
         BypassReason::Method,
         BypassReason::NoStore,
         BypassReason::Private,
@@ -144,6 +146,7 @@ impl BypassReason {
         BypassReason::Range,
         BypassReason::Request,
         BypassReason::NotModified,
+        BypassReason::Route,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -159,6 +162,7 @@ impl BypassReason {
             BypassReason::Range => "range",
             BypassReason::Request => "request",
             BypassReason::NotModified => "not-modified",
+            BypassReason::Route => "route",
         }
     }
 
