@@ -187,6 +187,49 @@ impl Default for Stats {
     }
 }
 
+/// Answers by cache status for one route.
+#[derive(Debug)]
+pub struct RouteStats {
+    pub pattern: String,
+    requests: [AtomicU64; CacheStatus::ALL.len()],
+}
+
+impl RouteStats {
+    pub fn new(pattern: &str) -> RouteStats {
+        RouteStats {
+            pattern: pattern.to_string(),
+            requests: Default::default(),
+        }
+    }
+
+    pub fn record(&self, status: CacheStatus) {
+        self.requests[status.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn requests(&self, status: CacheStatus) -> u64 {
+        self.requests[status.index()].load(Relaxed)
+    }
+}
+
+/// Renders `swr_route_requests_total` for these routes.
+pub fn render_routes(out: &mut String, routes: &[std::sync::Arc<RouteStats>]) {
+    let _ = writeln!(
+        out,
+        "# HELP swr_route_requests_total Answers by route and cache status.\n# TYPE swr_route_requests_total counter"
+    );
+    for route in routes {
+        let label = route.pattern.replace('\\', "\\\\").replace('"', "\\\"");
+        for status in CacheStatus::ALL {
+            let _ = writeln!(
+                out,
+                "swr_route_requests_total{{route=\"{label}\",cache=\"{}\"}} {}",
+                status.as_str(),
+                route.requests(status)
+            );
+        }
+    }
+}
+
 /// Gauges read from elsewhere when the metrics are rendered.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Gauges {
@@ -201,6 +244,7 @@ pub struct Gauges {
 /// Every metric name the proxy exports (histograms by their base name).
 pub const METRIC_NAMES: &[&str] = &[
     "swr_requests_total",
+    "swr_route_requests_total",
     "swr_bypass_total",
     "swr_upstream_requests_total",
     "swr_upstream_errors_total",

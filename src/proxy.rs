@@ -25,7 +25,7 @@ use crate::cache::store::{self, Fill, FillOutcome, Store};
 use crate::cache::CacheStatus;
 use crate::config::{Config, ConfigError, Route};
 use crate::error::{ProxyError, UpstreamError, UpstreamErrorKind};
-use crate::metrics::{Gauges, Stats, UpstreamCause};
+use crate::metrics::{Gauges, RouteStats, Stats, UpstreamCause};
 use crate::refresh::{Enqueue, Job, RefreshQueue};
 use crate::upstream::{self, BodyRead, BoxError, Priority, Upstream};
 
@@ -44,6 +44,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The proxy's shared state: one per process, shared by every connection.
 pub struct Proxy {
     config: Config,
+    /// Per-route counters, kept across reloads (a route's counters survive
+    /// as long as its pattern does).
+    route_stats: Mutex<Vec<Arc<RouteStats>>>,
     /// What a reload can change: the routes and the caching rules. Swapped
     /// whole; the hit path reads it without a lock or a reference count.
     policy: ArcSwap<Policy>,
@@ -73,12 +76,13 @@ struct Backoff {
 /// match wins), each with its own defaults.
 pub struct Policy {
     defaults: Arc<Defaults>,
-    routes: Vec<(Route, Arc<Defaults>)>,
+    routes: Vec<(Route, Arc<Defaults>, Arc<RouteStats>)>,
     honor_client_cache_control: bool,
 }
 
 impl Policy {
-    fn from_config(config: &Config) -> Policy {
+    /// `stats` keeps each route's counters across reloads, by pattern.
+    fn from_config(config: &Config, stats: &Mutex<Vec<Arc<RouteStats>>>) -> Policy {
         let defaults = |ttl, swr, sie, mode| {
             Arc::new(Defaults {
                 ttl,
@@ -105,7 +109,16 @@ impl Policy {
                         r.stale_if_error,
                         r.cache_control,
                     );
-                    (r.clone(), d)
+                    let mut known = lock(stats);
+                    let counters = match known.iter().find(|s| s.pattern == r.pattern) {
+                        Some(counters) => Arc::clone(counters),
+                        None => {
+                            let counters = Arc::new(RouteStats::new(&r.pattern));
+                            known.push(Arc::clone(&counters));
+                            counters
+                        }
+                    };
+                    (r.clone(), d, counters)
                 })
                 .collect(),
             honor_client_cache_control: config.honor_client_cache_control,
@@ -114,10 +127,18 @@ impl Policy {
 
     /// The route for a request path, and the defaults that apply to it.
     fn route_for(&self, path: &str) -> (Option<&Route>, &Arc<Defaults>) {
-        match self.routes.iter().find(|(route, _)| route.matches(path)) {
-            Some((route, defaults)) => (Some(route), defaults),
+        match self.routes.iter().find(|(route, _, _)| route.matches(path)) {
+            Some((route, defaults, _)) => (Some(route), defaults),
             None => (None, &self.defaults),
         }
+    }
+
+    /// The counters of the route a request path takes, if any.
+    fn route_stats(&self, path: &str) -> Option<Arc<RouteStats>> {
+        self.routes
+            .iter()
+            .find(|(route, _, _)| route.matches(path))
+            .map(|(_, _, stats)| Arc::clone(stats))
     }
 }
 
@@ -213,8 +234,10 @@ impl Proxy {
         // A claim that outlives two upstream timeouts belongs to a stuck fetch.
         let (refresh, workers) =
             RefreshQueue::new(config.refresh_queue, config.upstream_timeout * 2);
+        let route_stats = Mutex::new(Vec::new());
         let proxy = Arc::new(Proxy {
-            policy: ArcSwap::from_pointee(Policy::from_config(&config)),
+            policy: ArcSwap::from_pointee(Policy::from_config(&config, &route_stats)),
+            route_stats,
             targeted: config.targeted_cache_control.clone(),
             keys: KeyHasher::new(),
             store: Store::new(config.max_size_bytes),
@@ -288,21 +311,24 @@ impl Proxy {
             self.config.default_ttl,
         )?;
         let routes = config.routes.len();
-        self.policy.store(Arc::new(Policy::from_config(&config)));
+        self.policy
+            .store(Arc::new(Policy::from_config(&config, &self.route_stats)));
         tracing::info!(file = %path.display(), routes, "configuration reloaded");
         Ok(routes)
     }
 
     /// The Prometheus text of every metric.
     pub fn render_metrics(&self) -> String {
-        self.stats.render_prometheus(Gauges {
+        let mut text = self.stats.render_prometheus(Gauges {
             entries: self.store.entry_count(),
             bytes: self.store.weighted_size(),
             max_bytes: self.store.max_bytes(),
             evictions: self.store.evictions(),
             refresh_queue_depth: self.refresh.depth() as u64,
             upstream_in_flight: self.upstream.in_flight(),
-        })
+        });
+        crate::metrics::render_routes(&mut text, &lock(&self.route_stats));
+        text
     }
 
     /// Drops backoff and hit-for-miss marks that have run out.
@@ -321,13 +347,32 @@ impl Proxy {
         B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        if !self.config.access_log {
+        let route = {
+            let policy = self.policy.load();
+            if policy.routes.is_empty() {
+                None
+            } else {
+                policy.route_stats(request.uri().path())
+            }
+        };
+        if !self.config.access_log && route.is_none() {
             return self.respond(request, client).await;
         }
         let started = Instant::now();
         let method = request.method().clone();
         let uri = request.uri().clone();
         let response = self.respond(request, client).await;
+        let status = response.headers().get(&X_CACHE).and_then(|v| {
+            CacheStatus::ALL
+                .into_iter()
+                .find(|s| s.as_str().as_bytes() == v.as_bytes())
+        });
+        if let (Some(route), Some(status)) = (&route, status) {
+            route.record(status);
+        }
+        if !self.config.access_log {
+            return response;
+        }
         let header = |name: &HeaderName| {
             response
                 .headers()
@@ -342,6 +387,7 @@ impl Proxy {
             %uri,
             status = response.status().as_u16(),
             cache = header(&X_CACHE),
+            route = route.as_ref().map_or("-", |r| r.pattern.as_str()),
             age = header(&header::AGE),
             took_us = started.elapsed().as_micros() as u64,
             client = client.map(|c| c.ip().to_string()).unwrap_or_default(),

@@ -125,6 +125,15 @@ async fn routes_apply_their_own_lifetimes() {
         assert!(account.cache_status().contains("detail=route"));
     }
     assert_eq!(origin.hits("/account"), 2);
+    // Answers are counted per route.
+    let metrics = proxy.metrics().await;
+    let route = |route: &str, cache: &str| {
+        metrics[&format!("swr_route_requests_total{{route=\"{route}\",cache=\"{cache}\"}}")]
+    };
+    assert_eq!(route("/account", "BYPASS"), 2.0);
+    assert_eq!(route("/rank", "MISS"), 1.0);
+    assert_eq!(route("/rank", "STALE"), 1.0);
+    assert_eq!(route("/rank", "HIT"), 0.0);
 }
 
 #[tokio::test]

@@ -278,12 +278,29 @@ async fn the_grafana_dashboard_queries_exported_metrics() {
     let origin = Origin::start().await;
     let proxy = TestProxy::start(&origin, &[]).await;
     proxy.get("/x").await;
-    let exported: BTreeSet<String> = proxy
+    let (_, text) = admin_get(&proxy, "/metrics").await;
+    // A family is exported when it has a TYPE line (a per-route counter has
+    // no samples until routes are configured); histograms add suffixes.
+    let mut exported = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_whitespace().next().unwrap_or("");
+            exported.insert(name.to_string());
+            for suffix in ["_bucket", "_sum", "_count"] {
+                exported.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
+    let sampled: BTreeSet<String> = proxy
         .metrics()
         .await
         .keys()
         .map(|k| k.split('{').next().unwrap_or(k).to_string())
         .collect();
+    assert!(
+        sampled.is_subset(&exported),
+        "every sample belongs to a declared family"
+    );
     for name in &queried {
         assert!(
             exported.contains(name),
