@@ -195,6 +195,12 @@ fn stats(proxy: &Proxy) -> serde_json::Value {
         "coalesced_waiters": s.coalesced_waiters.load(Relaxed),
         "stale_if_error": s.stale_if_error_served.load(Relaxed),
         "purged": s.purged.load(Relaxed),
+        "top_keys": s
+            .top_keys
+            .top(10)
+            .into_iter()
+            .map(|(key, answers)| serde_json::json!({ "key": key, "answers": answers }))
+            .collect::<Vec<_>>(),
     })
 }
 

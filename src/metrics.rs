@@ -180,6 +180,8 @@ pub struct Stats {
     pub refresh_duration: Histogram,
     /// The age of answers served from the cache.
     pub served_age: Histogram,
+    /// The most requested keys (sampled).
+    pub top_keys: TopKeys,
 }
 
 impl Default for Stats {
@@ -208,6 +210,7 @@ impl Default for Stats {
             upstream_latency: Histogram::new(LATENCY_BOUNDS),
             refresh_duration: Histogram::new(LATENCY_BOUNDS),
             served_age: Histogram::new(AGE_BOUNDS),
+            top_keys: TopKeys::default(),
         }
     }
 }
@@ -252,6 +255,58 @@ pub fn render_routes(out: &mut String, routes: &[std::sync::Arc<RouteStats>]) {
                 route.requests(status)
             );
         }
+    }
+}
+
+/// The most requested keys, estimated by sampling one answer from the cache
+/// in `TOP_KEYS_SAMPLE` per thread: the hit path pays a thread-local
+/// increment, and a short lock one time in sixteen.
+#[derive(Debug, Default)]
+pub struct TopKeys {
+    /// A std `Mutex`: held for one map update per sample.
+    counts: std::sync::Mutex<std::collections::HashMap<Box<str>, u64>>,
+}
+
+const TOP_KEYS_SAMPLE: u64 = 16;
+/// Keys tracked at most; past this the less requested half is dropped.
+const TOP_KEYS_TRACKED: usize = 4096;
+
+impl TopKeys {
+    pub fn record(&self, key: &str) {
+        thread_local! {
+            static TICK: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        }
+        let sampled = TICK.with(|tick| {
+            let n = tick.get().wrapping_add(1);
+            tick.set(n);
+            n % TOP_KEYS_SAMPLE == 0
+        });
+        if !sampled {
+            return;
+        }
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        match counts.get_mut(key) {
+            Some(count) => *count += TOP_KEYS_SAMPLE,
+            None => {
+                counts.insert(key.into(), TOP_KEYS_SAMPLE);
+            }
+        }
+        if counts.len() > TOP_KEYS_TRACKED {
+            let mut all: Vec<u64> = counts.values().copied().collect();
+            let middle = all.len() / 2;
+            let (_, threshold, _) = all.select_nth_unstable(middle);
+            let threshold = *threshold;
+            counts.retain(|_, count| *count > threshold);
+        }
+    }
+
+    /// The `n` most requested keys with their estimated answer counts.
+    pub fn top(&self, n: usize) -> Vec<(String, u64)> {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<(String, u64)> = counts.iter().map(|(k, c)| (k.to_string(), *c)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
     }
 }
 
@@ -554,6 +609,31 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_keys_rank_by_sampled_counts() {
+        let top = TopKeys::default();
+        for _ in 0..1600 {
+            top.record("hot");
+        }
+        for _ in 0..160 {
+            top.record("warm");
+        }
+        let ranked = top.top(5);
+        assert_eq!(ranked[0].0, "hot");
+        assert_eq!(ranked[1].0, "warm");
+        assert!((1500..=1700).contains(&ranked[0].1), "{ranked:?}");
+    }
+
+    #[test]
+    fn top_keys_stay_bounded() {
+        let top = TopKeys::default();
+        for i in 0..(TOP_KEYS_TRACKED as u64 * TOP_KEYS_SAMPLE * 3) {
+            top.record(&format!("k{}", i / TOP_KEYS_SAMPLE));
+        }
+        let tracked = top.counts.lock().unwrap().len();
+        assert!(tracked <= TOP_KEYS_TRACKED, "{tracked}");
+    }
 
     /// Counters live in arrays indexed by the enums: each `ALL` must list
     /// every variant at its own index.

@@ -390,6 +390,10 @@ impl Proxy {
             route = route.as_ref().map_or("-", |r| r.pattern.as_str()),
             age = header(&header::AGE),
             took_us = started.elapsed().as_micros() as u64,
+            upstream_us = response
+                .extensions()
+                .get::<UpstreamTime>()
+                .map_or(0, |t| t.0.as_micros() as u64),
             client = client.map(|c| c.ip().to_string()).unwrap_or_default(),
         );
         response
@@ -407,13 +411,11 @@ impl Proxy {
     {
         let (parts, body) = request.into_parts();
         if !policy::method_is_cacheable(&parts.method) {
-            return self
-                .pass(&parts, Some(body), client, BypassReason::Method)
+            return upstream_timed(self.pass(&parts, Some(body), client, BypassReason::Method))
                 .await;
         }
         if parts.headers.contains_key(header::RANGE) {
-            return self
-                .pass(&parts, Some(body), client, BypassReason::Range)
+            return upstream_timed(self.pass(&parts, Some(body), client, BypassReason::Range))
                 .await;
         }
         let host = match request_host(&parts) {
@@ -425,8 +427,7 @@ impl Proxy {
         let policy = self.policy.load();
         let (route, defaults) = policy.route_for(parts.uri.path());
         if route.is_some_and(|r| r.bypass) {
-            return self
-                .pass(&parts, Some(body), client, BypassReason::Route)
+            return upstream_timed(self.pass(&parts, Some(body), client, BypassReason::Route))
                 .await;
         }
         // A route's key options (query filtering and order, key headers) make
@@ -444,8 +445,7 @@ impl Proxy {
             None
         };
         if directives.is_some_and(|d| d.no_store) {
-            return self
-                .pass(&parts, Some(body), client, BypassReason::Request)
+            return upstream_timed(self.pass(&parts, Some(body), client, BypassReason::Request))
                 .await;
         }
         let now = Instant::now();
@@ -518,12 +518,10 @@ impl Proxy {
         let stale = stale.map(|(e, _)| e);
         if self.remembered_uncacheable(fill_hash, now) {
             self.stats.hit_for_miss.fetch_add(1, Relaxed);
-            return self
-                .fetch_alone(&parts, target, fill_hash, stale, fwd, head)
+            return upstream_timed(self.fetch_alone(&parts, target, fill_hash, stale, fwd, head))
                 .await;
         }
-        self.fill(&parts, target, fill_hash, stale, fwd, head, client)
-            .await
+        upstream_timed(self.fill(&parts, target, fill_hash, stale, fwd, head, client)).await
     }
 
     fn remembered_uncacheable(&self, hash: u64, now: Instant) -> bool {
@@ -1200,6 +1198,7 @@ impl Proxy {
         };
         let age = entry.age(now);
         self.stats.served_age.observe(age);
+        self.stats.top_keys.record(entry.key());
         headers.insert(header::AGE, small_number(age.as_secs()));
         headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
         headers.insert(CACHE_STATUS, cache_status);
@@ -1212,6 +1211,22 @@ impl Proxy {
         *response.headers_mut() = headers;
         response
     }
+}
+
+/// How long an answer waited on the backend (a fetch, a pass, or another
+/// client's fetch it was coalesced with), for the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTime(pub Duration);
+
+async fn upstream_timed(
+    answer: impl std::future::Future<Output = Response<ProxyBody>>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let mut response = answer.await;
+    response
+        .extensions_mut()
+        .insert(UpstreamTime(started.elapsed()));
+    response
 }
 
 /// The key path of a route with key options: the path, the query with

@@ -233,6 +233,9 @@ async fn json_logs_and_an_access_log_line_per_request() {
                     && value["fields"]["cache"] == "MISS"
                     && value["fields"]["uri"] == "/logged?x=1"
                     && value["fields"]["status"] == 200
+                    && value["fields"]["upstream_us"]
+                        .as_u64()
+                        .is_some_and(|us| us > 0)
             })
         }
     })

@@ -114,6 +114,14 @@ async fn stats_summarise_the_cache() {
     assert_eq!(stats["entries"], 1);
     assert!(stats["bytes"].as_u64().unwrap() > 0);
     assert_eq!(stats["refresh"]["queue_depth"], 0);
+    // Top keys are sampled (one answer from the cache in 16): send enough.
+    for _ in 0..64 {
+        proxy.get("/s").await;
+    }
+    let (_, body) = admin_get(&proxy, "/stats").await;
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["top_keys"][0]["key"], proxy.key("/s"));
+    assert!(stats["top_keys"][0]["answers"].as_u64().unwrap() >= 48);
 }
 
 #[tokio::test]
