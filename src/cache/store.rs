@@ -117,26 +117,27 @@ impl Store {
 
     /// The entry stored for `key`, if it can still be served in some way at `now`.
     pub fn get(&self, key: &RequestKey<'_>, now: Instant) -> Option<Arc<Entry>> {
-        let inner = read(&self.shard(key.hash).inner);
-        let slot = inner.map.get(&key.hash)?;
-        if !key.matches(slot.entry.key_bytes()) || now >= slot.entry.evict_at() {
-            return None;
-        }
-        // Load first: a hot entry's flag is already set, and a load leaves
-        // its cache line shared between cores.
-        if !slot.visited.load(Relaxed) {
-            slot.visited.store(true, Relaxed);
-        }
-        Some(Arc::clone(&slot.entry))
+        self.lookup(key.hash, |text| key.matches(text), now)
     }
 
     /// The entry stored under `hash` whose key text is exactly `text`.
     pub fn get_exact(&self, hash: u64, text: &[u8], now: Instant) -> Option<Arc<Entry>> {
+        self.lookup(hash, |stored| stored == text, now)
+    }
+
+    fn lookup(
+        &self,
+        hash: u64,
+        is_key: impl Fn(&[u8]) -> bool,
+        now: Instant,
+    ) -> Option<Arc<Entry>> {
         let inner = read(&self.shard(hash).inner);
         let slot = inner.map.get(&hash)?;
-        if slot.entry.key_bytes() != text || now >= slot.entry.evict_at() {
+        if !is_key(slot.entry.key_bytes()) || now >= slot.entry.evict_at() {
             return None;
         }
+        // Load first: a hot entry's flag is already set, and a load leaves
+        // its cache line shared between cores.
         if !slot.visited.load(Relaxed) {
             slot.visited.store(true, Relaxed);
         }
