@@ -236,7 +236,8 @@ async fn run_demo(args: swr_proxy::config::ProxyArgs) -> Result<(), Failure> {
     let text = format!(
         "\nswr-proxy demo\n\
          backend: http://{backend_addr} (takes {} ms per answer)\n\
-         proxy:   http://{} (ttl {ttl}s, stale-while-revalidate {}s)\n\n\
+         proxy:   http://{} (ttl {ttl}s, stale-while-revalidate {}s)\n\
+         admin:   http://{}/stats, /metrics, POST /purge\n\n\
          In another terminal:\n\
          \x20 curl -si '{url}'   # X-Cache: MISS, ~300 ms, generation 1\n\
          \x20 curl -si '{url}'   # X-Cache: HIT, at once, same generation\n\
@@ -246,6 +247,7 @@ async fn run_demo(args: swr_proxy::config::ProxyArgs) -> Result<(), Failure> {
         demo::COMPUTE_TIME.as_millis(),
         config.listen,
         config.stale_while_revalidate.as_secs_f64(),
+        config.admin_listen,
     );
     let result = run(config, Some(text)).await;
     cancel.cancel();
