@@ -399,72 +399,49 @@ impl Stats {
     /// The Prometheus text exposition of every metric.
     pub fn render_prometheus(&self, gauges: Gauges) -> String {
         let mut out = String::with_capacity(8192);
-        let _ = writeln!(
-            out,
-            "# HELP swr_requests_total Answers by cache status.\n# TYPE swr_requests_total counter"
+        labelled_counter(
+            &mut out,
+            "swr_requests_total",
+            "Answers by cache status.",
+            "cache",
+            CacheStatus::ALL.map(|s| (s.as_str(), self.requests(s))),
         );
-        for status in CacheStatus::ALL {
-            let _ = writeln!(
-                out,
-                "swr_requests_total{{cache=\"{}\"}} {}",
-                status.as_str(),
-                self.requests(status)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP swr_bypass_total Answers passed through and not stored, by reason.\n# TYPE swr_bypass_total counter"
+        labelled_counter(
+            &mut out,
+            "swr_bypass_total",
+            "Answers passed through and not stored, by reason.",
+            "reason",
+            BypassReason::ALL.map(|r| (r.as_str(), self.bypasses(r))),
         );
-        for reason in BypassReason::ALL {
-            let _ = writeln!(
-                out,
-                "swr_bypass_total{{reason=\"{}\"}} {}",
-                reason.as_str(),
-                self.bypasses(reason)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP swr_upstream_requests_total Requests sent to the backend, by cause.\n# TYPE swr_upstream_requests_total counter"
+        labelled_counter(
+            &mut out,
+            "swr_upstream_requests_total",
+            "Requests sent to the backend, by cause.",
+            "cause",
+            UpstreamCause::ALL.map(|c| (c.as_str(), self.upstream_requests(c))),
         );
-        for cause in UpstreamCause::ALL {
-            let _ = writeln!(
-                out,
-                "swr_upstream_requests_total{{cause=\"{}\"}} {}",
-                cause.as_str(),
-                self.upstream_requests(cause)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP swr_upstream_errors_total Backend failures, by kind.\n# TYPE swr_upstream_errors_total counter"
+        labelled_counter(
+            &mut out,
+            "swr_upstream_errors_total",
+            "Backend failures, by kind.",
+            "kind",
+            UpstreamErrorKind::ALL.map(|k| (k.as_str(), self.upstream_errors(k))),
         );
-        for kind in UpstreamErrorKind::ALL {
-            let _ = writeln!(
-                out,
-                "swr_upstream_errors_total{{kind=\"{}\"}} {}",
-                kind.as_str(),
-                self.upstream_errors(kind)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP swr_refresh_events_total Background refreshes, by what happened.\n# TYPE swr_refresh_events_total counter"
+        labelled_counter(
+            &mut out,
+            "swr_refresh_events_total",
+            "Background refreshes, by what happened.",
+            "event",
+            [
+                ("queued", &self.refresh_queued),
+                ("dropped", &self.refresh_dropped),
+                ("succeeded", &self.refresh_succeeded),
+                ("failed", &self.refresh_failed),
+                ("not_storable", &self.refresh_not_storable),
+                ("backoff", &self.refresh_backoff),
+            ]
+            .map(|(event, counter)| (event, counter.load(Relaxed))),
         );
-        for (event, counter) in [
-            ("queued", &self.refresh_queued),
-            ("dropped", &self.refresh_dropped),
-            ("succeeded", &self.refresh_succeeded),
-            ("failed", &self.refresh_failed),
-            ("not_storable", &self.refresh_not_storable),
-            ("backoff", &self.refresh_backoff),
-        ] {
-            let _ = writeln!(
-                out,
-                "swr_refresh_events_total{{event=\"{event}\"}} {}",
-                counter.load(Relaxed)
-            );
-        }
         let simple: [(&str, &str, &str, u64); 16] = [
             (
                 "swr_refresh_in_flight",
@@ -585,6 +562,21 @@ impl Stats {
             "The age of answers served from the cache.",
         );
         out
+    }
+}
+
+/// One counter family with one label: its HELP and TYPE lines, then a
+/// sample per label value.
+fn labelled_counter<const N: usize>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: [(&str, u64); N],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, count) in samples {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
     }
 }
 
