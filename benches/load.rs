@@ -329,6 +329,16 @@ struct Target {
     cache_dir: Option<PathBuf>,
 }
 
+/// Starts `command` with its output discarded; `dir` is removed when it stops.
+fn spawn_quiet(command: &mut Command, dir: Option<PathBuf>) -> Option<Proc> {
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    Some(Proc { child, dir })
+}
+
 fn free_port() -> SocketAddr {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -382,7 +392,8 @@ async fn start_target(
             (None, vec![std::process::id()], None, Some(stop), addr)
         }
         Kind::SwrProxy => {
-            let child = Command::new(SWR_PROXY)
+            let mut command = Command::new(SWR_PROXY);
+            command
                 .args([
                     "--upstream",
                     &format!("http://{origin_addr}"),
@@ -396,13 +407,11 @@ async fn start_target(
                     &setup.refresh_concurrency.to_string(),
                     "--max-size",
                     "2GiB",
+                    "--admin-listen",
+                    "127.0.0.1:0",
                 ])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()?;
-            let proc = Proc { child, dir: None };
+                .env("RUST_LOG", "warn");
+            let proc = spawn_quiet(&mut command, None)?;
             let pid = proc.pid();
             (Some(proc), vec![pid], None, None, addr)
         }
@@ -447,23 +456,16 @@ http {{
                 ttl = setup.ttl_secs,
             );
             std::fs::write(dir.join("nginx.conf"), conf).ok()?;
-            let child = Command::new("nginx")
-                .args([
-                    "-p",
-                    &dir.display().to_string(),
-                    "-c",
-                    &dir.join("nginx.conf").display().to_string(),
-                    "-g",
-                    "daemon off;",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()?;
-            let proc = Proc {
-                child,
-                dir: Some(dir),
-            };
+            let mut command = Command::new("nginx");
+            command.args([
+                "-p",
+                &dir.display().to_string(),
+                "-c",
+                &dir.join("nginx.conf").display().to_string(),
+                "-g",
+                "daemon off;",
+            ]);
+            let proc = spawn_quiet(&mut command, Some(dir))?;
             let pid = proc.pid();
             (Some(proc), vec![pid], Some(cache), None, addr)
         }
@@ -482,28 +484,21 @@ http {{
             );
             let vcl_path = dir.join("bench.vcl");
             std::fs::write(&vcl_path, vcl).ok()?;
-            let child = Command::new("varnishd")
-                .args([
-                    "-F",
-                    "-n",
-                    &dir.join("work").display().to_string(),
-                    "-a",
-                    &addr.to_string(),
-                    "-f",
-                    &vcl_path.display().to_string(),
-                    "-s",
-                    "malloc,2G",
-                    "-p",
-                    "thread_pools=2",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()?;
-            let proc = Proc {
-                child,
-                dir: Some(dir),
-            };
+            let mut command = Command::new("varnishd");
+            command.args([
+                "-F",
+                "-n",
+                &dir.join("work").display().to_string(),
+                "-a",
+                &addr.to_string(),
+                "-f",
+                &vcl_path.display().to_string(),
+                "-s",
+                "malloc,2G",
+                "-p",
+                "thread_pools=2",
+            ]);
+            let proc = spawn_quiet(&mut command, Some(dir))?;
             let pid = proc.pid();
             (Some(proc), vec![pid], None, None, addr)
         }
