@@ -173,7 +173,7 @@ impl RefreshDecision {
 pub struct RefreshRequest {
     target: FetchTarget,
     /// The stale entry, for its validators.
-    stale: Arc<Entry>,
+    stale: Entry,
 }
 
 /// What a fetch for the cache is for: the URL, the request's headers, and
@@ -196,7 +196,7 @@ struct FetchTarget {
 /// The result of fetching a response for the cache.
 enum Fetched {
     /// Stored (a new entry, or a stale one renewed by a 304).
-    Stored(Arc<Entry>),
+    Stored(Entry),
     /// Not storable: passed through as a stream.
     Pass(Passed),
     /// The backend failed (no response, or the exchange broke).
@@ -213,7 +213,7 @@ struct Passed {
 
 /// What the leader of a fill answers its own client with.
 enum LeaderAnswer {
-    Stored(Arc<Entry>),
+    Stored(Entry),
     Pass(Passed),
     Failed(UpstreamError),
 }
@@ -537,7 +537,7 @@ impl Proxy {
         parts: &Parts,
         target: FetchTarget,
         hash: u64,
-        stale: Option<Arc<Entry>>,
+        stale: Option<Entry>,
         fwd: &'static str,
         head: bool,
     ) -> Response<ProxyBody> {
@@ -553,7 +553,7 @@ impl Proxy {
                 self.stored_response(&entry, status, fwd, "", parts)
             }
             Fetched::Pass(passed) => self.passed_response(passed, "bypass", head),
-            Fetched::Failed(err) => self.failed(err, stale.as_deref(), status, fwd, parts),
+            Fetched::Failed(err) => self.failed(err, stale.as_ref(), status, fwd, parts),
         }
     }
 
@@ -581,7 +581,7 @@ impl Proxy {
     fn queue_refresh(
         &self,
         hash: u64,
-        entry: &Arc<Entry>,
+        entry: &Entry,
         target: impl FnOnce() -> FetchTarget,
         now: Instant,
     ) -> RefreshDecision {
@@ -594,7 +594,7 @@ impl Proxy {
         }
         let result = self.refresh.try_enqueue(hash, || RefreshRequest {
             target: target(),
-            stale: Arc::clone(entry),
+            stale: entry.clone(),
         });
         match result {
             Enqueue::Queued => {
@@ -685,7 +685,7 @@ impl Proxy {
     async fn fetch(
         &self,
         target: &FetchTarget,
-        stale: Option<&Arc<Entry>>,
+        stale: Option<&Entry>,
         priority: Priority,
     ) -> Fetched {
         // Held until the body is read (or handed on to stream).
@@ -734,7 +734,7 @@ impl Proxy {
             };
             let merged = stale.renewed_headers(response.headers());
             return match policy::storability(
-                stale.status,
+                stale.status(),
                 &merged,
                 facts,
                 response_delay,
@@ -742,16 +742,16 @@ impl Proxy {
                 &target.defaults,
             ) {
                 Storability::Store(lifetimes) => {
-                    let entry = Arc::new(Entry::new(
+                    let entry = Entry::new(
                         stale.key(),
-                        stale.status,
+                        stale.status(),
                         &self.client_headers(&merged),
                         &[stale.body()],
                         Instant::now(),
                         lifetimes,
-                    ));
+                    );
                     let hash = self.keys.hash_text(stale.key());
-                    self.store.insert(hash, Arc::clone(&entry));
+                    self.store.insert(hash, entry.clone());
                     self.stats.revalidated.fetch_add(1, Relaxed);
                     self.stats
                         .revalidation_bytes_saved
@@ -763,7 +763,7 @@ impl Proxy {
                         .remove(self.keys.hash_text(stale.key()), stale.key());
                     Fetched::Pass(Passed {
                         reason,
-                        status: stale.status,
+                        status: stale.status(),
                         headers: self.client_headers(&merged),
                         body: ProxyBody::full(stale.body()),
                     })
@@ -801,14 +801,7 @@ impl Proxy {
             .await
         {
             Ok(BodyRead::Complete(body)) => {
-                let entry = Arc::new(Entry::new(
-                    &text,
-                    status,
-                    &headers,
-                    &body,
-                    Instant::now(),
-                    lifetimes,
-                ));
+                let entry = Entry::new(&text, status, &headers, &body, Instant::now(), lifetimes);
                 match vary {
                     Some(names) => {
                         self.store.record_variant(target.url_hash, &names, hash);
@@ -817,7 +810,7 @@ impl Proxy {
                     }
                     None => self.store.forget_vary(target.url_hash),
                 }
-                self.store.insert(hash, Arc::clone(&entry));
+                self.store.insert(hash, entry.clone());
                 Fetched::Stored(entry)
             }
             Ok(BodyRead::TooLarge { prefix, rest }) => Fetched::Pass(Passed {
@@ -860,7 +853,7 @@ impl Proxy {
         parts: &Parts,
         target: FetchTarget,
         fill_hash: u64,
-        stale: Option<Arc<Entry>>,
+        stale: Option<Entry>,
         fwd: &'static str,
         head: bool,
         client: Option<SocketAddr>,
@@ -891,7 +884,7 @@ impl Proxy {
                             .is_some_and(|e| policy::usable_on_error(e, Instant::now()));
                         let (outcome, answer) = match fetched {
                             Fetched::Stored(entry) => (
-                                FillOutcome::Stored(Arc::clone(&entry)),
+                                FillOutcome::Stored(entry.clone()),
                                 LeaderAnswer::Stored(entry),
                             ),
                             Fetched::Pass(passed)
@@ -924,7 +917,7 @@ impl Proxy {
                         }
                         LeaderAnswer::Pass(passed) => self.passed_response(passed, "bypass", head),
                         LeaderAnswer::Failed(err) => {
-                            self.failed(err, stale.as_deref(), status, fwd, parts)
+                            self.failed(err, stale.as_ref(), status, fwd, parts)
                         }
                     };
                 }
@@ -953,7 +946,7 @@ impl Proxy {
                                 .await;
                         }
                         Some(FillOutcome::Failed(err)) => {
-                            return self.failed(err, stale.as_deref(), status, fwd, parts)
+                            return self.failed(err, stale.as_ref(), status, fwd, parts)
                         }
                         None => continue,
                     }
@@ -996,7 +989,7 @@ impl Proxy {
         let now = Instant::now();
         let cache_status = formatted(format_args!(
             "swr-proxy; fwd={fwd}; fwd-status={}; stored{collapsed}; ttl={}",
-            entry.status.as_u16(),
+            entry.status().as_u16(),
             entry.ttl_secs(now)
         ));
         self.entry_response(entry, status, cache_status, parts, now)
@@ -1186,7 +1179,7 @@ impl Proxy {
         let conditional = parts.headers.contains_key(header::IF_NONE_MATCH)
             || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
         let not_modified = conditional && policy::client_not_modified(entry, &parts.headers);
-        let mut headers = entry.header_map(3);
+        let (mut headers, body) = entry.answer(3);
         let body = if not_modified {
             self.stats.not_modified_served.fetch_add(1, Relaxed);
             headers.remove(header::CONTENT_LENGTH);
@@ -1194,7 +1187,7 @@ impl Proxy {
         } else if parts.method == Method::HEAD {
             ProxyBody::empty()
         } else {
-            ProxyBody::full(entry.body())
+            ProxyBody::full(body)
         };
         let age = entry.age(now);
         self.stats.served_age.observe(age);
@@ -1206,7 +1199,7 @@ impl Proxy {
         *response.status_mut() = if not_modified {
             StatusCode::NOT_MODIFIED
         } else {
-            entry.status
+            entry.status()
         };
         *response.headers_mut() = headers;
         response
@@ -1325,7 +1318,11 @@ const TABLE_SIZE: u64 = 4096;
 /// A header value for a small number (`Age`), from a table when it can.
 fn small_number(n: u64) -> HeaderValue {
     static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
-    let table = TABLE.get_or_init(|| (0..TABLE_SIZE).map(HeaderValue::from).collect());
+    let table = TABLE.get_or_init(|| {
+        (0..TABLE_SIZE)
+            .map(|n| static_value(n.to_string()))
+            .collect()
+    });
     match usize::try_from(n).ok().and_then(|i| table.get(i)) {
         Some(value) => value.clone(),
         None => HeaderValue::from(n),
@@ -1337,13 +1334,23 @@ fn hit_cache_status(ttl: i64) -> HeaderValue {
     static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
     let table = TABLE.get_or_init(|| {
         (0..TABLE_SIZE)
-            .map(|n| formatted(format_args!("swr-proxy; hit; ttl={n}")))
+            .map(|n| static_value(format!("swr-proxy; hit; ttl={n}")))
             .collect()
     });
     match usize::try_from(ttl).ok().and_then(|i| table.get(i)) {
         Some(value) => value.clone(),
         None => formatted(format_args!("swr-proxy; hit; ttl={ttl}")),
     }
+}
+
+/// A header value for a table built once and kept for the life of the
+/// process. A static value is cloned without touching a shared reference
+/// count, which every core would otherwise contend on when one key is hot.
+fn static_value(text: String) -> HeaderValue {
+    let text: &'static str = text.leak();
+    HeaderValue::from_str(text)
+        .map(|_| HeaderValue::from_static(text))
+        .unwrap_or_else(|_| HeaderValue::from_static("swr-proxy"))
 }
 
 /// A header value from formatted text. The text is built from our own

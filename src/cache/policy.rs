@@ -30,9 +30,9 @@ pub enum EntryState {
 
 /// Classifies `entry` at `now`.
 pub fn entry_state(entry: &Entry, now: Instant) -> EntryState {
-    if now < entry.fresh_until {
+    if now < entry.fresh_until() {
         EntryState::Fresh
-    } else if now < entry.stale_until {
+    } else if now < entry.stale_until() {
         EntryState::Stale
     } else {
         EntryState::Expired
@@ -41,7 +41,7 @@ pub fn entry_state(entry: &Entry, now: Instant) -> EntryState {
 
 /// Whether an entry may stand in for a failed fetch at `now` (stale-if-error).
 pub fn usable_on_error(entry: &Entry, now: Instant) -> bool {
-    now < entry.error_until
+    now < entry.error_until()
 }
 
 /// How long a stored response lives.
@@ -344,7 +344,11 @@ fn heuristic_freshness(headers: &HeaderMap, response_time: SystemTime) -> Option
 }
 
 fn http_date(value: &http::HeaderValue) -> Option<SystemTime> {
-    httpdate::parse_http_date(value.to_str().ok()?.trim()).ok()
+    http_date_str(value.to_str().ok()?)
+}
+
+fn http_date_str(value: &str) -> Option<SystemTime> {
+    httpdate::parse_http_date(value.trim()).ok()
 }
 
 /// The `Age` header's value; an absent or invalid one counts as zero.
@@ -580,7 +584,7 @@ pub fn decide(entry: &Entry, now: Instant, client: Option<&RequestDirectives>) -
         return Use::ClientRefused;
     }
     if let Some(min_fresh) = rd.min_fresh {
-        let left = entry.fresh_until.saturating_duration_since(now).as_secs();
+        let left = entry.fresh_until().saturating_duration_since(now).as_secs();
         if left < min_fresh {
             return Use::ClientRefused;
         }
@@ -589,7 +593,7 @@ pub fn decide(entry: &Entry, now: Instant, client: Option<&RequestDirectives>) -
         EntryState::Fresh => Use::Fresh,
         EntryState::Stale => Use::Stale,
         EntryState::Expired => {
-            let staleness = now.saturating_duration_since(entry.fresh_until).as_secs();
+            let staleness = now.saturating_duration_since(entry.fresh_until()).as_secs();
             if rd.max_stale.is_some_and(|max| staleness <= max) {
                 Use::Stale
             } else {
@@ -604,11 +608,11 @@ pub fn decide(entry: &Entry, now: Instant, client: Option<&RequestDirectives>) -
 /// against the ETag (weak comparison), else `If-Modified-Since` against
 /// `Last-Modified`.
 pub fn client_not_modified(entry: &Entry, request: &HeaderMap) -> bool {
-    if entry.status != StatusCode::OK {
+    if entry.status() != StatusCode::OK {
         return false;
     }
     if request.contains_key(header::IF_NONE_MATCH) {
-        let Some(etag) = entry.etag().and_then(|v| v.to_str().ok()) else {
+        let Some(etag) = entry.header_str(&header::ETAG) else {
             return false;
         };
         return request
@@ -623,8 +627,8 @@ pub fn client_not_modified(entry: &Entry, request: &HeaderMap) -> bool {
         return false;
     };
     entry
-        .last_modified()
-        .and_then(http_date)
+        .header_str(&header::LAST_MODIFIED)
+        .and_then(http_date_str)
         .is_some_and(|modified| modified <= since)
 }
 
@@ -738,7 +742,7 @@ mod tests {
         };
         assert_eq!(l.initial_age, MS(3200));
         let entry = Entry::new("k/", StatusCode::OK, &h, &[], t0, l);
-        assert_eq!(entry.fresh_until, t0 + MS(6800));
+        assert_eq!(entry.fresh_until(), t0 + MS(6800));
         assert_eq!(entry.age(t0), MS(3200));
         // An Age beyond the ttl makes the response stale on arrival.
         let old = entry_at(t0, &[("age", "100")]);

@@ -1,4 +1,4 @@
-//! The store: a byte-bounded, sharded map of `Arc<Entry>` with CLOCK
+//! The store: a byte-bounded, sharded map of entries with CLOCK
 //! eviction, and the coalescing of fills (one backend fetch per absent key,
 //! however many clients wait).
 //!
@@ -27,7 +27,7 @@ use super::key::{BuildPassThrough, RequestKey};
 #[derive(Debug, Clone)]
 pub enum FillOutcome {
     /// The response was stored: every waiter answers with this entry.
-    Stored(Arc<Entry>),
+    Stored(Entry),
     /// The response may not be shared (private, too large, ...): each waiter
     /// fetches for itself.
     NotShared,
@@ -89,8 +89,8 @@ struct ShardInner {
 }
 
 struct Slot {
-    entry: Arc<Entry>,
-    weight: u64,
+    entry: Entry,
+    weight: u32,
     /// Set by reads, cleared by the eviction hand: the second chance.
     visited: AtomicBool,
 }
@@ -116,21 +116,16 @@ impl Store {
     }
 
     /// The entry stored for `key`, if it can still be served in some way at `now`.
-    pub fn get(&self, key: &RequestKey<'_>, now: Instant) -> Option<Arc<Entry>> {
+    pub fn get(&self, key: &RequestKey<'_>, now: Instant) -> Option<Entry> {
         self.lookup(key.hash, |text| key.matches(text), now)
     }
 
     /// The entry stored under `hash` whose key text is exactly `text`.
-    pub fn get_exact(&self, hash: u64, text: &[u8], now: Instant) -> Option<Arc<Entry>> {
+    pub fn get_exact(&self, hash: u64, text: &[u8], now: Instant) -> Option<Entry> {
         self.lookup(hash, |stored| stored == text, now)
     }
 
-    fn lookup(
-        &self,
-        hash: u64,
-        is_key: impl Fn(&[u8]) -> bool,
-        now: Instant,
-    ) -> Option<Arc<Entry>> {
+    fn lookup(&self, hash: u64, is_key: impl Fn(&[u8]) -> bool, now: Instant) -> Option<Entry> {
         let inner = read(&self.shard(hash).inner);
         let slot = inner.map.get(&hash)?;
         if !is_key(slot.entry.key_bytes()) || now >= slot.entry.evict_at() {
@@ -141,7 +136,7 @@ impl Store {
         if !slot.visited.load(Relaxed) {
             slot.visited.store(true, Relaxed);
         }
-        Some(Arc::clone(&slot.entry))
+        Some(slot.entry.clone())
     }
 
     /// The header names the responses for the URL `url_hash` vary on, if they do.
@@ -194,7 +189,7 @@ impl Store {
                 });
                 if is_variant {
                     if let Some(old) = inner.map.remove(&hash) {
-                        self.bytes.fetch_sub(old.weight, Relaxed);
+                        self.bytes.fetch_sub(u64::from(old.weight), Relaxed);
                         removed += 1;
                     }
                 }
@@ -205,9 +200,9 @@ impl Store {
 
     /// Stores `entry` under `hash`, replacing any entry there whole, then
     /// evicts until the store is within its budget.
-    pub fn insert(&self, hash: u64, entry: Arc<Entry>) {
-        let weight = u64::from(entry.weight());
-        if weight > self.max_bytes {
+    pub fn insert(&self, hash: u64, entry: Entry) {
+        let weight = entry.weight();
+        if u64::from(weight) > self.max_bytes {
             return;
         }
         {
@@ -219,11 +214,11 @@ impl Store {
             };
             match inner.map.insert(hash, slot) {
                 Some(old) => {
-                    self.bytes.fetch_sub(old.weight, Relaxed);
+                    self.bytes.fetch_sub(u64::from(old.weight), Relaxed);
                 }
                 None => inner.ring.push_back(hash),
             }
-            self.bytes.fetch_add(weight, Relaxed);
+            self.bytes.fetch_add(u64::from(weight), Relaxed);
             compact_ring(&mut inner);
         }
         self.evict_over_budget();
@@ -238,7 +233,7 @@ impl Store {
             .is_some_and(|s| s.entry.key() == key_text)
         {
             if let Some(old) = inner.map.remove(&hash) {
-                self.bytes.fetch_sub(old.weight, Relaxed);
+                self.bytes.fetch_sub(u64::from(old.weight), Relaxed);
                 return true;
             }
         }
@@ -275,7 +270,7 @@ impl Store {
             if soft {
                 for slot in inner.map.values_mut() {
                     if selects(slot.entry.key_bytes()) && now < slot.entry.evict_at() {
-                        slot.entry = Arc::new(slot.entry.marked_stale(now));
+                        slot.entry = slot.entry.marked_stale(now);
                         affected += 1;
                     }
                 }
@@ -284,7 +279,7 @@ impl Store {
                 inner.map.retain(|_, slot| {
                     let keep = !selects(slot.entry.key_bytes());
                     if !keep {
-                        freed += slot.weight;
+                        freed += u64::from(slot.weight);
                         affected += 1;
                     }
                     keep
@@ -314,7 +309,7 @@ impl Store {
             inner.map.retain(|_, slot| {
                 let keep = now < slot.entry.evict_at();
                 if !keep {
-                    freed += slot.weight;
+                    freed += u64::from(slot.weight);
                     removed += 1;
                 }
                 keep
@@ -378,7 +373,7 @@ fn evict_one(inner: &mut ShardInner, now: Instant) -> Option<u64> {
             inner.ring.push_back(hash);
             continue;
         }
-        return inner.map.remove(&hash).map(|slot| slot.weight);
+        return inner.map.remove(&hash).map(|slot| u64::from(slot.weight));
     }
     None
 }
@@ -445,7 +440,7 @@ mod tests {
     use http::{HeaderMap, StatusCode};
     use std::time::Duration;
 
-    fn entry(key: &RequestKey<'_>, size: usize, now: Instant, fresh: Duration) -> Arc<Entry> {
+    fn entry(key: &RequestKey<'_>, size: usize, now: Instant, fresh: Duration) -> Entry {
         let lifetimes = Lifetimes {
             fresh,
             stale_while_revalidate: Duration::ZERO,
@@ -453,14 +448,14 @@ mod tests {
             initial_age: Duration::ZERO,
             keep_for_revalidation: Duration::ZERO,
         };
-        Arc::new(Entry::new(
+        Entry::new(
             &key.to_text(),
             StatusCode::OK,
             &HeaderMap::new(),
             &[Bytes::from(vec![0; size])],
             now,
             lifetimes,
-        ))
+        )
     }
 
     #[test]
@@ -520,7 +515,7 @@ mod tests {
         assert_eq!(soft, 2);
         let a1 = keys.key("h", "/a/1");
         let marked = store.get(&a1, now).expect("still stored");
-        assert!(marked.fresh_until <= now, "stale from now on");
+        assert!(marked.fresh_until() <= now, "stale from now on");
         assert_eq!(store.purge(|_| true, false, now), 3);
         assert_eq!(store.entry_count(), 0);
         assert_eq!(store.weighted_size(), 0);
