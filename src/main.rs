@@ -12,6 +12,15 @@ use swr_proxy::config::{Cli, Command, Config};
 use swr_proxy::proxy::Proxy;
 use swr_proxy::{admin, demo, server};
 
+/// The process allocator (measured in BENCHMARKS.md). glibc's malloc held
+/// about 300 B per cached object in free holes between entries (159 MB from
+/// the system for 130 MB in use, 100,000 objects of 1 KiB); mimalloc keeps
+/// each size class on its own pages. Built with `no_thp`: mimalloc otherwise
+/// asks for transparent huge pages, which grow the resident set in 2 MiB
+/// steps.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for bad flags or configuration, as clap uses.
 const USAGE_ERROR: u8 = 2;
 
