@@ -169,6 +169,43 @@ impl RefreshDecision {
     }
 }
 
+/// The answer to one request: ready at once (from the cache), or a future
+/// that waits on the backend.
+pub type Answer = futures_util::future::Either<
+    std::future::Ready<Response<ProxyBody>>,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Response<ProxyBody>> + Send>>,
+>;
+
+/// What the cache decided about a request before anything is awaited.
+enum Next {
+    /// Answered from the cache (or a local error).
+    Answer(Response<ProxyBody>),
+    /// Passed through to the backend, nothing stored.
+    Pass(BypassReason),
+    /// Fetched for the cache (a miss or an expired entry).
+    Fetch(Box<FetchPlan>),
+}
+
+/// A fetch for the cache, as decided on the request path.
+struct FetchPlan {
+    target: FetchTarget,
+    fill_hash: u64,
+    /// The expired entry, kept for revalidation and stale-if-error.
+    stale: Option<Entry>,
+    fwd: &'static str,
+    head: bool,
+    /// The key was recently uncacheable (hit-for-miss): fetch uncoalesced.
+    alone: bool,
+}
+
+/// What the access log and the per-route counters need of a request.
+struct AnswerLog {
+    started: Instant,
+    method: Method,
+    uri: http::Uri,
+    route: Option<Arc<RouteStats>>,
+}
+
 /// What a background refresh needs to re-fetch an entry.
 pub struct RefreshRequest {
     target: FetchTarget,
@@ -338,11 +375,13 @@ impl Proxy {
     }
 
     /// Answers one request, and logs it when `--access-log` is on.
-    pub async fn handle<B>(
-        self: &Arc<Self>,
-        request: Request<B>,
-        client: Option<SocketAddr>,
-    ) -> Response<ProxyBody>
+    ///
+    /// What the cache can answer (a hit, a stale hit, a local error) is
+    /// answered here, synchronously, and comes back as a ready future. Only
+    /// a request that needs the backend gets a (boxed) future of its own: the
+    /// whole state machine of a fetch is a few kilobytes, which a hit would
+    /// otherwise build and move on every request.
+    pub fn handle<B>(self: &Arc<Self>, request: Request<B>, client: Option<SocketAddr>) -> Answer
     where
         B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
@@ -355,19 +394,48 @@ impl Proxy {
                 policy.route_stats(request.uri().path())
             }
         };
-        if !self.config.access_log && route.is_none() {
-            return self.respond(request, client).await;
+        let log = (self.config.access_log || route.is_some()).then(|| AnswerLog {
+            started: Instant::now(),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            route,
+        });
+        let (parts, body) = request.into_parts();
+        match self.from_cache(&parts, client) {
+            Next::Answer(response) => {
+                let response = match log {
+                    Some(log) => self.log_answer(log, response, client),
+                    None => response,
+                };
+                Answer::Left(std::future::ready(response))
+            }
+            next => {
+                let proxy = Arc::clone(self);
+                Answer::Right(Box::pin(async move {
+                    let response =
+                        upstream_timed(proxy.from_backend(parts, body, client, next)).await;
+                    match log {
+                        Some(log) => proxy.log_answer(log, response, client),
+                        None => response,
+                    }
+                }))
+            }
         }
-        let started = Instant::now();
-        let method = request.method().clone();
-        let uri = request.uri().clone();
-        let response = self.respond(request, client).await;
+    }
+
+    /// Counts an answer for its route and writes its access-log line.
+    fn log_answer(
+        &self,
+        log: AnswerLog,
+        response: Response<ProxyBody>,
+        client: Option<SocketAddr>,
+    ) -> Response<ProxyBody> {
         let status = response.headers().get(&X_CACHE).and_then(|v| {
             CacheStatus::ALL
                 .into_iter()
                 .find(|s| s.as_str().as_bytes() == v.as_bytes())
         });
-        if let (Some(route), Some(status)) = (&route, status) {
+        if let (Some(route), Some(status)) = (&log.route, status) {
             route.record(status);
         }
         if !self.config.access_log {
@@ -383,13 +451,13 @@ impl Proxy {
         };
         tracing::info!(
             target: "swr_proxy::access",
-            %method,
-            %uri,
+            method = %log.method,
+            uri = %log.uri,
             status = response.status().as_u16(),
             cache = header(&X_CACHE),
-            route = route.as_ref().map_or("-", |r| r.pattern.as_str()),
+            route = log.route.as_ref().map_or("-", |r| r.pattern.as_str()),
             age = header(&header::AGE),
-            took_us = started.elapsed().as_micros() as u64,
+            took_us = log.started.elapsed().as_micros() as u64,
             upstream_us = response
                 .extensions()
                 .get::<UpstreamTime>()
@@ -399,36 +467,32 @@ impl Proxy {
         response
     }
 
-    /// Answers one request.
-    async fn respond<B>(
-        self: &Arc<Self>,
-        request: Request<B>,
-        client: Option<SocketAddr>,
-    ) -> Response<ProxyBody>
-    where
-        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
-        B::Error: Into<BoxError>,
-    {
-        let (parts, body) = request.into_parts();
+    /// What the cache does with a request, without waiting for anything:
+    /// answer it (fresh or stale hit, or a local error), or say what to ask
+    /// the backend.
+    fn from_cache(self: &Arc<Self>, parts: &Parts, client: Option<SocketAddr>) -> Next {
         if !policy::method_is_cacheable(&parts.method) {
-            return upstream_timed(self.pass(&parts, Some(body), client, BypassReason::Method))
-                .await;
+            return Next::Pass(BypassReason::Method);
         }
         if parts.headers.contains_key(header::RANGE) {
-            return upstream_timed(self.pass(&parts, Some(body), client, BypassReason::Range))
-                .await;
+            return Next::Pass(BypassReason::Range);
         }
-        let host = match request_host(&parts) {
+        let host = match request_host(parts) {
             Ok(host) => host,
-            Err(err) => return self.error_response(&err, CacheStatus::Bypass, "detail=bad-host"),
+            Err(err) => {
+                return Next::Answer(self.error_response(
+                    &err,
+                    CacheStatus::Bypass,
+                    "detail=bad-host",
+                ))
+            }
         };
         let host = lowercase(host);
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let policy = self.policy.load();
         let (route, defaults) = policy.route_for(parts.uri.path());
         if route.is_some_and(|r| r.bypass) {
-            return upstream_timed(self.pass(&parts, Some(body), client, BypassReason::Route))
-                .await;
+            return Next::Pass(BypassReason::Route);
         }
         // A route's key options (query filtering and order, key headers) make
         // the key differ from the URL.
@@ -445,8 +509,7 @@ impl Proxy {
             None
         };
         if directives.is_some_and(|d| d.no_store) {
-            return upstream_timed(self.pass(&parts, Some(body), client, BypassReason::Request))
-                .await;
+            return Next::Pass(BypassReason::Request);
         }
         let now = Instant::now();
 
@@ -473,13 +536,13 @@ impl Proxy {
                 Use::Fresh => {
                     self.stats.record_request(CacheStatus::Hit);
                     let cache_status = hit_cache_status(entry.ttl_secs(now));
-                    return self.entry_response(
+                    return Next::Answer(self.entry_response(
                         &entry,
                         CacheStatus::Hit,
                         cache_status,
-                        &parts,
+                        parts,
                         now,
-                    );
+                    ));
                 }
                 Use::Stale => {
                     let target =
@@ -491,13 +554,13 @@ impl Proxy {
                         entry.ttl_secs(now),
                         queued.as_str()
                     ));
-                    return self.entry_response(
+                    return Next::Answer(self.entry_response(
                         &entry,
                         CacheStatus::Stale,
                         cache_status,
-                        &parts,
+                        parts,
                         now,
-                    );
+                    ));
                 }
                 Use::Expired => Some((entry, "stale")),
                 Use::ClientRefused => Some((entry, "request")),
@@ -506,22 +569,67 @@ impl Proxy {
         };
         if directives.is_some_and(|d| d.only_if_cached) {
             let err = ProxyError::NotCached;
-            return self.error_response(&err, CacheStatus::Miss, "fwd=miss; detail=only-if-cached");
+            return Next::Answer(self.error_response(
+                &err,
+                CacheStatus::Miss,
+                "fwd=miss; detail=only-if-cached",
+            ));
         }
-        drop(body);
         let fwd = match (&stale, &variant) {
             (Some((_, why)), _) => why,
             (None, Some(_)) => "vary-miss",
             (None, None) => "uri-miss",
         };
         let target = self.fetch_target(key, path_and_query, &parts.headers, client, defaults);
-        let stale = stale.map(|(e, _)| e);
-        if self.remembered_uncacheable(fill_hash, now) {
+        let alone = self.remembered_uncacheable(fill_hash, now);
+        if alone {
             self.stats.hit_for_miss.fetch_add(1, Relaxed);
-            return upstream_timed(self.fetch_alone(&parts, target, fill_hash, stale, fwd, head))
-                .await;
         }
-        upstream_timed(self.fill(&parts, target, fill_hash, stale, fwd, head, client)).await
+        Next::Fetch(Box::new(FetchPlan {
+            target,
+            fill_hash,
+            stale: stale.map(|(e, _)| e),
+            fwd,
+            head,
+            alone,
+        }))
+    }
+
+    /// Answers a request the cache could not: passes it through, or fetches
+    /// (coalesced) what the cache needs.
+    async fn from_backend<B>(
+        self: &Arc<Self>,
+        parts: Parts,
+        body: B,
+        client: Option<SocketAddr>,
+        next: Next,
+    ) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match next {
+            Next::Answer(response) => response,
+            Next::Pass(reason) => self.pass(&parts, Some(body), client, reason).await,
+            Next::Fetch(plan) => {
+                drop(body);
+                let FetchPlan {
+                    target,
+                    fill_hash,
+                    stale,
+                    fwd,
+                    head,
+                    alone,
+                } = *plan;
+                if alone {
+                    self.fetch_alone(&parts, target, fill_hash, stale, fwd, head)
+                        .await
+                } else {
+                    self.fill(&parts, target, fill_hash, stale, fwd, head, client)
+                        .await
+                }
+            }
+        }
     }
 
     fn remembered_uncacheable(&self, hash: u64, now: Instant) -> bool {

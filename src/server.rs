@@ -32,10 +32,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let handler = move |request, peer| {
-        let proxy = Arc::clone(&proxy);
-        async move { proxy.handle(request, Some(peer)).await }
-    };
+    let handler = move |request, peer| proxy.handle(request, Some(peer));
     serve(listener, handler, shutdown, grace).await;
 }
 
