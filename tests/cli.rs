@@ -219,10 +219,14 @@ async fn json_logs_and_an_access_log_line_per_request() {
     let origin = Origin::start().await;
     let child = Child::start(&origin.url(), &["--log-format", "json", "--access-log"]);
     let url = format!("http://{}/logged?x=1", child.addr);
-    let response = reqwest::get(&url).await.expect("answered");
-    assert_eq!(response.status().as_u16(), 200);
+    // A miss (answered after the backend) and a hit (answered at once, on
+    // the synchronous path): each gets its line.
+    for _ in 0..2 {
+        let response = reqwest::get(&url).await.expect("answered");
+        assert_eq!(response.status().as_u16(), 200);
+    }
     let log = std::sync::Arc::clone(&child.log);
-    eventually(WAIT, "an access log line", || {
+    let logged = |cache: &'static str, upstream: fn(u64) -> bool| {
         let log = std::sync::Arc::clone(&log);
         async move {
             log.lock().unwrap().iter().any(|line| {
@@ -230,14 +234,21 @@ async fn json_logs_and_an_access_log_line_per_request() {
                     return false;
                 };
                 value["target"] == "swr_proxy::access"
-                    && value["fields"]["cache"] == "MISS"
+                    && value["fields"]["cache"] == cache
                     && value["fields"]["uri"] == "/logged?x=1"
                     && value["fields"]["status"] == 200
                     && value["fields"]["upstream_us"]
                         .as_u64()
-                        .is_some_and(|us| us > 0)
+                        .is_some_and(upstream)
             })
         }
+    };
+    eventually(WAIT, "a MISS line with upstream time", || {
+        logged("MISS", |us| us > 0)
+    })
+    .await;
+    eventually(WAIT, "a HIT line without upstream time", || {
+        logged("HIT", |us| us == 0)
     })
     .await;
 }
