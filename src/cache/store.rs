@@ -10,13 +10,16 @@
 //! increment and one relaxed flag store. Eviction is CLOCK (second chance):
 //! a read marks the entry visited; the eviction hand passes over visited
 //! entries once, clearing the mark, and evicts the first unvisited one, or any
-//! entry that can no longer be served at all.
+//! entry that can no longer be served at all. The hand walks the hash table's
+//! own buckets (hashbrown's `HashTable` gives access by bucket index), so the
+//! clock costs no memory per entry.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use hashbrown::HashTable;
 use http::HeaderName;
 use tokio::sync::watch;
 
@@ -82,13 +85,30 @@ struct Shard {
 
 #[derive(Default)]
 struct ShardInner {
-    map: HashMap<u64, Slot, BuildPassThrough>,
-    /// The CLOCK ring: keys in insertion order. A key removed from the map may
-    /// linger here until the hand reaches it (it is then skipped).
-    ring: VecDeque<u64>,
+    /// Slots by key hash: one entry per hash (a key whose hash collides with
+    /// a stored one replaces it; a read checks the key text).
+    table: HashTable<Slot>,
+    /// The CLOCK hand: the bucket index the next eviction looks at first.
+    hand: usize,
+}
+
+impl ShardInner {
+    fn get(&self, hash: u64) -> Option<&Slot> {
+        self.table.find(hash, |slot| slot.hash == hash)
+    }
+
+    /// Removes the slot under `hash` if `is_it` says so of its entry.
+    fn remove_if(&mut self, hash: u64, is_it: impl FnOnce(&Entry) -> bool) -> Option<Slot> {
+        let found = self.table.find_entry(hash, |slot| slot.hash == hash).ok()?;
+        if !is_it(&found.get().entry) {
+            return None;
+        }
+        Some(found.remove().0)
+    }
 }
 
 struct Slot {
+    hash: u64,
     entry: Entry,
     weight: u32,
     /// Set by reads, cleared by the eviction hand: the second chance.
@@ -127,7 +147,7 @@ impl Store {
 
     fn lookup(&self, hash: u64, is_key: impl Fn(&[u8]) -> bool, now: Instant) -> Option<Entry> {
         let inner = read(&self.shard(hash).inner);
-        let slot = inner.map.get(&hash)?;
+        let slot = inner.get(hash)?;
         if !is_key(slot.entry.key_bytes()) || now >= slot.entry.evict_at() {
             return None;
         }
@@ -181,17 +201,15 @@ impl Store {
         if let Some(record) = record {
             for hash in record.variants {
                 let mut inner = write(&self.shard(hash).inner);
-                let is_variant = inner.map.get(&hash).is_some_and(|slot| {
-                    let key = slot.entry.key_bytes();
+                let is_variant = |entry: &Entry| {
+                    let key = entry.key_bytes();
                     key.len() > url_text.len()
                         && key.starts_with(url_text.as_bytes())
                         && key[url_text.len()] == b'\n'
-                });
-                if is_variant {
-                    if let Some(old) = inner.map.remove(&hash) {
-                        self.bytes.fetch_sub(u64::from(old.weight), Relaxed);
-                        removed += 1;
-                    }
+                };
+                if let Some(old) = inner.remove_if(hash, is_variant) {
+                    self.bytes.fetch_sub(u64::from(old.weight), Relaxed);
+                    removed += 1;
                 }
             }
         }
@@ -208,18 +226,22 @@ impl Store {
         {
             let mut inner = write(&self.shard(hash).inner);
             let slot = Slot {
+                hash,
                 entry,
                 weight,
                 visited: AtomicBool::new(false),
             };
-            match inner.map.insert(hash, slot) {
-                Some(old) => {
+            let found = inner.table.entry(hash, |s| s.hash == hash, |s| s.hash);
+            match found {
+                hashbrown::hash_table::Entry::Occupied(mut occupied) => {
+                    let old = std::mem::replace(occupied.get_mut(), slot);
                     self.bytes.fetch_sub(u64::from(old.weight), Relaxed);
                 }
-                None => inner.ring.push_back(hash),
+                hashbrown::hash_table::Entry::Vacant(vacant) => {
+                    vacant.insert(slot);
+                }
             }
             self.bytes.fetch_add(u64::from(weight), Relaxed);
-            compact_ring(&mut inner);
         }
         self.evict_over_budget();
     }
@@ -227,17 +249,13 @@ impl Store {
     /// Removes the entry under `hash` if it is the one for `key_text`.
     pub fn remove(&self, hash: u64, key_text: &str) -> bool {
         let mut inner = write(&self.shard(hash).inner);
-        if inner
-            .map
-            .get(&hash)
-            .is_some_and(|s| s.entry.key() == key_text)
-        {
-            if let Some(old) = inner.map.remove(&hash) {
+        match inner.remove_if(hash, |entry| entry.key() == key_text) {
+            Some(old) => {
                 self.bytes.fetch_sub(u64::from(old.weight), Relaxed);
-                return true;
+                true
             }
+            None => false,
         }
-        false
     }
 
     /// Evicts entries until the bytes fit the budget. The hand visits the
@@ -268,7 +286,7 @@ impl Store {
         for shard in self.shards.iter() {
             let mut inner = write(&shard.inner);
             if soft {
-                for slot in inner.map.values_mut() {
+                for slot in inner.table.iter_mut() {
                     if selects(slot.entry.key_bytes()) && now < slot.entry.evict_at() {
                         slot.entry = slot.entry.marked_stale(now);
                         affected += 1;
@@ -276,7 +294,7 @@ impl Store {
                 }
             } else {
                 let mut freed = 0;
-                inner.map.retain(|_, slot| {
+                inner.table.retain(|slot| {
                     let keep = !selects(slot.entry.key_bytes());
                     if !keep {
                         freed += u64::from(slot.weight);
@@ -285,7 +303,6 @@ impl Store {
                     keep
                 });
                 self.bytes.fetch_sub(freed, Relaxed);
-                compact_ring(&mut inner);
             }
         }
         if !soft {
@@ -306,7 +323,7 @@ impl Store {
         for shard in self.shards.iter() {
             let mut inner = write(&shard.inner);
             let mut freed = 0;
-            inner.map.retain(|_, slot| {
+            inner.table.retain(|slot| {
                 let keep = now < slot.entry.evict_at();
                 if !keep {
                     freed += u64::from(slot.weight);
@@ -314,7 +331,6 @@ impl Store {
                 }
                 keep
             });
-            compact_ring(&mut inner);
             self.bytes.fetch_sub(freed, Relaxed);
         }
         removed
@@ -324,7 +340,7 @@ impl Store {
     pub fn entry_count(&self) -> u64 {
         self.shards
             .iter()
-            .map(|s| read(&s.inner).map.len() as u64)
+            .map(|s| read(&s.inner).table.len() as u64)
             .sum()
     }
 
@@ -359,32 +375,25 @@ impl Store {
     }
 }
 
-/// Moves this shard's CLOCK hand once around its ring at most: evicts the
-/// first entry that is unvisited (or unservable) and returns its weight, or
-/// returns `None` having cleared every visited mark on the way.
+/// Moves this shard's CLOCK hand once around its buckets at most: evicts
+/// the first entry that is unvisited (or unservable) and returns its weight,
+/// or returns `None` having cleared every visited mark on the way.
 fn evict_one(inner: &mut ShardInner, now: Instant) -> Option<u64> {
-    for _ in 0..inner.ring.len() {
-        let hash = inner.ring.pop_front()?;
-        let Some(slot) = inner.map.get(&hash) else {
-            continue; // removed earlier: a stale ring position
+    let buckets = inner.table.num_buckets();
+    for _ in 0..buckets {
+        let index = inner.hand % buckets;
+        inner.hand = index + 1;
+        let Some(slot) = inner.table.get_bucket(index) else {
+            continue; // an empty bucket
         };
         let unservable = now >= slot.entry.evict_at();
         if !unservable && slot.visited.swap(false, Relaxed) {
-            inner.ring.push_back(hash);
             continue;
         }
-        return inner.map.remove(&hash).map(|slot| u64::from(slot.weight));
+        let (slot, _) = inner.table.get_bucket_entry(index).ok()?.remove();
+        return Some(u64::from(slot.weight));
     }
     None
-}
-
-/// Rebuilds the ring when stale positions (removed keys) pile up.
-fn compact_ring(inner: &mut ShardInner) {
-    if inner.ring.len() > inner.map.len() * 2 + 64 {
-        let ShardInner { map, ring } = inner;
-        ring.clear();
-        ring.extend(map.keys().copied());
-    }
 }
 
 /// Locks for reading; a poisoned lock (a panic while writing) still holds a
@@ -537,16 +546,24 @@ mod tests {
     }
 
     #[test]
-    fn a_ring_full_of_removed_keys_is_compacted() {
+    fn eviction_skips_removed_entries_and_keeps_the_budget() {
         let keys = KeyHasher::new();
-        let store = Store::new(1 << 30);
         let now = Instant::now();
-        let key = keys.key("h", "/k");
-        for _ in 0..1000 {
-            store.insert(key.hash, entry(&key, 10, now, Duration::from_secs(60)));
-            store.remove(key.hash, "h/k");
+        let probe = keys.key("h", "/probe");
+        let one = u64::from(entry(&probe, 100, now, Duration::from_secs(60)).weight());
+        let store = Store::new(one * 10);
+        for round in 0..50 {
+            for i in 0..10 {
+                let path = format!("/{round}/{i}");
+                let key = keys.key("h", &path);
+                store.insert(key.hash, entry(&key, 100, now, Duration::from_secs(60)));
+                if i % 3 == 0 {
+                    store.remove(key.hash, &key.to_text());
+                }
+            }
+            assert!(store.weighted_size() <= one * 10);
         }
-        let ring_len: usize = store.shards.iter().map(|s| read(&s.inner).ring.len()).sum();
-        assert!(ring_len < 100, "{ring_len}");
+        assert!(store.entry_count() >= 5, "{}", store.entry_count());
+        assert!(store.evictions() > 0);
     }
 }
