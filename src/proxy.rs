@@ -125,20 +125,12 @@ impl Policy {
         }
     }
 
-    /// The route for a request path, and the defaults that apply to it.
-    fn route_for(&self, path: &str) -> (Option<&Route>, &Arc<Defaults>) {
-        match self.routes.iter().find(|(route, _, _)| route.matches(path)) {
-            Some((route, defaults, _)) => (Some(route), defaults),
-            None => (None, &self.defaults),
+    /// The route a request path takes (first match), if any.
+    fn route_for(&self, path: &str) -> Option<&(Route, Arc<Defaults>, Arc<RouteStats>)> {
+        if self.routes.is_empty() {
+            return None;
         }
-    }
-
-    /// The counters of the route a request path takes, if any.
-    fn route_stats(&self, path: &str) -> Option<Arc<RouteStats>> {
-        self.routes
-            .iter()
-            .find(|(route, _, _)| route.matches(path))
-            .map(|(_, _, stats)| Arc::clone(stats))
+        self.routes.iter().find(|(route, _, _)| route.matches(path))
     }
 }
 
@@ -386,22 +378,18 @@ impl Proxy {
         B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        let route = {
-            let policy = self.policy.load();
-            if policy.routes.is_empty() {
-                None
-            } else {
-                policy.route_stats(request.uri().path())
-            }
-        };
+        let policy = self.policy.load();
+        let route = policy.route_for(request.uri().path());
         let log = (self.config.access_log || route.is_some()).then(|| AnswerLog {
             started: Instant::now(),
             method: request.method().clone(),
             uri: request.uri().clone(),
-            route,
+            route: route.map(|(_, _, stats)| Arc::clone(stats)),
         });
         let (parts, body) = request.into_parts();
-        match self.from_cache(&parts, client) {
+        let next = self.from_cache(&parts, client, &policy, route);
+        drop(policy);
+        match next {
             Next::Answer(response) => {
                 let response = match log {
                     Some(log) => self.log_answer(log, response, client),
@@ -470,7 +458,13 @@ impl Proxy {
     /// What the cache does with a request, without waiting for anything:
     /// answer it (fresh or stale hit, or a local error), or say what to ask
     /// the backend.
-    fn from_cache(self: &Arc<Self>, parts: &Parts, client: Option<SocketAddr>) -> Next {
+    fn from_cache(
+        self: &Arc<Self>,
+        parts: &Parts,
+        client: Option<SocketAddr>,
+        policy: &Policy,
+        route: Option<&(Route, Arc<Defaults>, Arc<RouteStats>)>,
+    ) -> Next {
         if !policy::method_is_cacheable(&parts.method) {
             return Next::Pass(BypassReason::Method);
         }
@@ -489,8 +483,10 @@ impl Proxy {
         };
         let host = lowercase(host);
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let policy = self.policy.load();
-        let (route, defaults) = policy.route_for(parts.uri.path());
+        let (route, defaults) = match route {
+            Some((route, defaults, _)) => (Some(route), defaults),
+            None => (None, &policy.defaults),
+        };
         if route.is_some_and(|r| r.bypass) {
             return Next::Pass(BypassReason::Route);
         }
