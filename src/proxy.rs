@@ -172,7 +172,13 @@ pub type Answer = futures_util::future::Either<
 enum Next {
     /// Answered from the cache (or a local error).
     Answer(Response<ProxyBody>),
-    /// Passed through to the backend, nothing stored.
+    /// Needs the backend.
+    Backend(BackendWork),
+}
+
+/// What a request needs of the backend.
+enum BackendWork {
+    /// Passed through, nothing stored.
     Pass(BypassReason),
     /// Fetched for the cache (a miss or an expired entry).
     Fetch(Box<FetchPlan>),
@@ -397,11 +403,11 @@ impl Proxy {
                 };
                 Answer::Left(std::future::ready(response))
             }
-            next => {
+            Next::Backend(work) => {
                 let proxy = Arc::clone(self);
                 Answer::Right(Box::pin(async move {
                     let response =
-                        upstream_timed(proxy.from_backend(parts, body, client, next)).await;
+                        upstream_timed(proxy.from_backend(parts, body, client, work)).await;
                     match log {
                         Some(log) => proxy.log_answer(log, response, client),
                         None => response,
@@ -466,10 +472,10 @@ impl Proxy {
         route: Option<&(Route, Arc<Defaults>, Arc<RouteStats>)>,
     ) -> Next {
         if !policy::method_is_cacheable(&parts.method) {
-            return Next::Pass(BypassReason::Method);
+            return Next::Backend(BackendWork::Pass(BypassReason::Method));
         }
         if parts.headers.contains_key(header::RANGE) {
-            return Next::Pass(BypassReason::Range);
+            return Next::Backend(BackendWork::Pass(BypassReason::Range));
         }
         let host = match request_host(parts) {
             Ok(host) => host,
@@ -488,7 +494,7 @@ impl Proxy {
             None => (None, &policy.defaults),
         };
         if route.is_some_and(|r| r.bypass) {
-            return Next::Pass(BypassReason::Route);
+            return Next::Backend(BackendWork::Pass(BypassReason::Route));
         }
         // A route's key options (query filtering and order, key headers) make
         // the key differ from the URL.
@@ -505,7 +511,7 @@ impl Proxy {
             None
         };
         if directives.is_some_and(|d| d.no_store) {
-            return Next::Pass(BypassReason::Request);
+            return Next::Backend(BackendWork::Pass(BypassReason::Request));
         }
         let now = Instant::now();
 
@@ -581,14 +587,14 @@ impl Proxy {
         if alone {
             self.stats.hit_for_miss.fetch_add(1, Relaxed);
         }
-        Next::Fetch(Box::new(FetchPlan {
+        Next::Backend(BackendWork::Fetch(Box::new(FetchPlan {
             target,
             fill_hash,
             stale: stale.map(|(e, _)| e),
             fwd,
             head,
             alone,
-        }))
+        })))
     }
 
     /// Answers a request the cache could not: passes it through, or fetches
@@ -598,16 +604,15 @@ impl Proxy {
         parts: Parts,
         body: B,
         client: Option<SocketAddr>,
-        next: Next,
+        work: BackendWork,
     ) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        match next {
-            Next::Answer(response) => response,
-            Next::Pass(reason) => self.pass(&parts, Some(body), client, reason).await,
-            Next::Fetch(plan) => {
+        match work {
+            BackendWork::Pass(reason) => self.pass(&parts, Some(body), client, reason).await,
+            BackendWork::Fetch(plan) => {
                 drop(body);
                 let FetchPlan {
                     target,

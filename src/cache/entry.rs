@@ -358,6 +358,17 @@ impl Entry {
     /// bytes; nothing is copied.
     pub fn answer(&self, extra: usize) -> (HeaderMap, Bytes) {
         let shared = self.shared();
+        let headers = self.headers_in(&shared, extra);
+        (headers, shared.slice(self.body_start()..))
+    }
+
+    /// The stored headers as a map for one answer, with room for `extra` more.
+    pub fn header_map(&self, extra: usize) -> HeaderMap {
+        self.headers_in(&self.shared(), extra)
+    }
+
+    /// The stored headers as a map of slices of `shared` (this entry's bytes).
+    fn headers_in(&self, shared: &Bytes, extra: usize) -> HeaderMap {
         let ranges = self.header_ranges();
         let mut map = HeaderMap::with_capacity(usize::from(ranges.left) + extra);
         for (name, range, sensitive) in ranges {
@@ -368,12 +379,7 @@ impl Entry {
                 map.append(name, value);
             }
         }
-        (map, shared.slice(self.body_start()..))
-    }
-
-    /// The stored headers as a map for one answer, with room for `extra` more.
-    pub fn header_map(&self, extra: usize) -> HeaderMap {
-        self.answer(extra).0
+        map
     }
 
     /// The first stored value of a header, as text.
