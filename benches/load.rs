@@ -544,6 +544,41 @@ fn rss_bytes(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// CPU time (user + system) the processes have used so far. Read before and
+/// after a wrk run, it gives the target's CPU per request: less noisy than
+/// req/s on a shared machine, since it does not depend on how the cores were
+/// shared with wrk.
+fn cpu_time(pids: &[u32]) -> Duration {
+    static TICKS_PER_SEC: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks_per_sec = *TICKS_PER_SEC.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    let ticks: u64 = pids
+        .iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command name (which may hold spaces): state is
+            // the 3rd field, utime the 14th and stime the 15th.
+            let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            field(11) + field(12)
+        })
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / ticks_per_sec)
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     // Allocated bytes, as tmpfs charges them (whole pages per file).
     let output = Command::new("du").args(["-s", "-B1"]).arg(dir).output();
@@ -622,6 +657,7 @@ async fn get(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<u16, S
 
 #[derive(Debug, Clone, Default)]
 struct WrkResult {
+    requests: f64,
     rps: f64,
     p99_ms: f64,
     slow_share: f64,
@@ -654,6 +690,7 @@ fn run_wrk(addr: SocketAddr, keys: usize, duration: Duration) -> Option<WrkResul
     };
     let duration_s = field("duration_us") / 1e6;
     Some(WrkResult {
+        requests: field("requests"),
         rps: if duration_s > 0.0 {
             field("requests") / duration_s
         } else {
@@ -705,7 +742,7 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
     };
     let mut kinds = kinds_available();
     kinds.push(Kind::Limit);
-    let mut results: HashMap<&'static str, Vec<WrkResult>> = HashMap::new();
+    let mut results: HashMap<&'static str, Vec<(WrkResult, f64)>> = HashMap::new();
     for round in 0..options.rounds {
         for &kind in &kinds {
             let Some(target) = start_target(kind, &origin, setup, keys, body_size).await else {
@@ -714,40 +751,38 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
             warm(target.addr, keys, 32).await;
             let addr = target.addr;
             let duration = options.duration;
+            let cpu_before = cpu_time(&target.pids);
             let result = tokio::task::spawn_blocking(move || run_wrk(addr, keys, duration))
                 .await
                 .ok()
                 .flatten();
+            let cpu = cpu_time(&target.pids).saturating_sub(cpu_before);
             drop(target);
             if let Some(r) = result {
+                let cpu_us = cpu.as_secs_f64() * 1e6 / r.requests.max(1.0);
                 eprintln!(
-                    "  {name} round {} {:<9} {:>9.0} req/s  p99 {:.2} ms  errors {}",
+                    "  {name} round {} {:<9} {:>9.0} req/s  p99 {:.2} ms  cpu {cpu_us:.1} us/req  errors {}",
                     round + 1,
                     kind.name(),
                     r.rps,
                     r.p99_ms,
                     r.errors
                 );
-                results.entry(kind.name()).or_default().push(r);
+                results.entry(kind.name()).or_default().push((r, cpu_us));
             }
         }
     }
-    let rps = |k: &str| {
+    let median_of = |k: &str, f: fn(&(WrkResult, f64)) -> f64| {
         median(
             results
                 .get(k)
-                .map(|v| v.iter().map(|r| r.rps).collect())
+                .map(|v| v.iter().map(f).collect())
                 .unwrap_or_default(),
         )
     };
-    let p99 = |k: &str| {
-        median(
-            results
-                .get(k)
-                .map(|v| v.iter().map(|r| r.p99_ms).collect())
-                .unwrap_or_default(),
-        )
-    };
+    let rps = |k: &str| median_of(k, |r| r.0.rps);
+    let p99 = |k: &str| median_of(k, |r| r.0.p99_ms);
+    let cpu = |k: &str| median_of(k, |r| r.1);
     let limit = rps("limit");
     for kind in &kinds {
         let k = kind.name();
@@ -759,6 +794,7 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
             ratio(rps(k), limit),
             ratio(rps(k), rps("nginx")),
             ratio(rps(k), rps("varnish")),
+            format!("{:.1}", cpu(k)),
         ]);
     }
 }
@@ -969,10 +1005,12 @@ impl Report {
             options.duration.as_secs(),
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
-        let _ = writeln!(out, "| scenario | target | req/s or result | p99 ms or result | vs limit | vs nginx | vs varnish |");
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "| scenario | target | req/s or result | p99 ms or result | vs limit | vs nginx | vs varnish | CPU us/req |");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
         for row in &self.rows {
-            let _ = writeln!(out, "| {} |", row.join(" | "));
+            let mut cells = row.clone();
+            cells.resize(8, String::new());
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
         }
     }
 }
