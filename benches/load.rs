@@ -37,19 +37,32 @@ const WRK_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/wrk.lua")
 
 // ---------------------------------------------------------------- options
 
-struct Options {
-    rounds: usize,
-    duration: Duration,
-    only: Option<Vec<String>>,
+pub struct Options {
+    pub rounds: usize,
+    pub duration: Duration,
+    /// The scenarios to run (all when `None`).
+    pub only: Option<Vec<String>>,
+    /// Keys of the hits-1k and hits-64k scenarios.
+    pub hit_keys: usize,
+    /// Objects cached by the memory scenario.
+    pub memory_keys: usize,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            rounds: 3,
+            duration: Duration::from_secs(10),
+            only: None,
+            hit_keys: 10_000,
+            memory_keys: 100_000,
+        }
+    }
 }
 
 impl Options {
     fn parse() -> Result<Options, String> {
-        let mut options = Options {
-            rounds: 3,
-            duration: Duration::from_secs(10),
-            only: None,
-        };
+        let mut options = Options::default();
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -345,7 +358,8 @@ fn free_port() -> SocketAddr {
         .expect("a free port")
 }
 
-fn installed(program: &str) -> bool {
+/// Whether `program` is on the PATH.
+pub fn installed(program: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
         .stdout(Stdio::null())
@@ -746,6 +760,7 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
     for round in 0..options.rounds {
         for &kind in &kinds {
             let Some(target) = start_target(kind, &origin, setup, keys, body_size).await else {
+                report.problem(format!("{name}: {} did not start", kind.name()));
                 continue;
             };
             warm(target.addr, keys, 32).await;
@@ -758,6 +773,7 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
                 .flatten();
             let cpu = cpu_time(&target.pids).saturating_sub(cpu_before);
             drop(target);
+            check_wrk(report, name, kind.name(), result.as_ref());
             if let Some(r) = result {
                 let cpu_us = cpu.as_secs_f64() * 1e6 / r.requests.max(1.0);
                 eprintln!(
@@ -799,6 +815,18 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
     }
 }
 
+/// Records a wrk run that gave no result, or whose answers failed.
+fn check_wrk(report: &mut Report, scenario: &str, target: &str, result: Option<&WrkResult>) {
+    match result {
+        None => report.problem(format!("{scenario}: wrk gave no result for {target}")),
+        Some(r) if r.errors > 0 => report.problem(format!(
+            "{scenario}: {} of {:.0} answers from {target} failed",
+            r.errors, r.requests
+        )),
+        Some(_) => {}
+    }
+}
+
 fn ratio(a: f64, b: f64) -> String {
     if a.is_finite() && b.is_finite() && b > 0.0 {
         format!("{:.2}x", a / b)
@@ -834,6 +862,7 @@ async fn stale_storm(report: &mut Report, options: &Options) {
             .collect();
         for (kind, setup, label) in runs {
             let Some(target) = start_target(kind, &origin, setup, KEYS, 1024).await else {
+                report.problem(format!("stale-storm: {label} did not start"));
                 continue;
             };
             warm(target.addr, KEYS, 32).await;
@@ -847,6 +876,7 @@ async fn stale_storm(report: &mut Report, options: &Options) {
             let backend = origin.requests.load(Ordering::Relaxed);
             let max_in_flight = origin.max_in_flight.load(Ordering::Relaxed);
             drop(target);
+            check_wrk(report, "stale-storm", &label, result.as_ref());
             if let Some(r) = result {
                 eprintln!(
                     "  stale-storm round {} {label:<9} p99 {:.2} ms, >=100ms {:.5}%, backend {backend}, in flight max {max_in_flight}",
@@ -894,6 +924,7 @@ async fn herd(report: &mut Report, options: &Options) {
         for kind in kinds_available() {
             let origin = Origin::start(1024, delay, None).await;
             let Some(target) = start_target(kind, &origin, setup, 1, 1024).await else {
+                report.problem(format!("herd: {} did not start", kind.name()));
                 continue;
             };
             let addr = target.addr;
@@ -928,6 +959,12 @@ async fn herd(report: &mut Report, options: &Options) {
             drop(target);
             let max = latencies.iter().cloned().fold(0.0, f64::max);
             let p50 = median(latencies.clone());
+            if failures > 0 {
+                report.problem(format!(
+                    "herd: {failures} of {CLIENTS} requests to {} failed",
+                    kind.name()
+                ));
+            }
             eprintln!("  herd round {} {:<9} backend {backend}, p50 {p50:.1} ms, max {max:.1} ms, failures {failures}", round + 1, kind.name());
             rows.entry(kind.name())
                 .or_default()
@@ -951,8 +988,8 @@ async fn herd(report: &mut Report, options: &Options) {
 }
 
 /// Memory: resident bytes per cached 1 KiB object, 100,000 objects.
-async fn memory(report: &mut Report) {
-    const KEYS: usize = 100_000;
+async fn memory(report: &mut Report, options: &Options) {
+    let keys = options.memory_keys;
     let origin = Origin::start(1024, Duration::ZERO, None).await;
     let setup = CacheSetup {
         ttl_secs: 3600,
@@ -960,23 +997,24 @@ async fn memory(report: &mut Report) {
         refresh_concurrency: 8,
     };
     for kind in kinds_available() {
-        let Some(target) = start_target(kind, &origin, setup, KEYS, 1024).await else {
+        let Some(target) = start_target(kind, &origin, setup, keys, 1024).await else {
+            report.problem(format!("memory: {} did not start", kind.name()));
             continue;
         };
         // One key first, so every connection- and thread-related allocation is there.
         warm(target.addr, 1, 1).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = rss_bytes(&target.pids) + target.cache_dir.as_deref().map_or(0, dir_bytes);
-        warm(target.addr, KEYS, 32).await;
+        warm(target.addr, keys, 32).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = rss_bytes(&target.pids) + target.cache_dir.as_deref().map_or(0, dir_bytes);
-        let per_object = after.saturating_sub(before) as f64 / KEYS as f64;
+        let per_object = after.saturating_sub(before) as f64 / keys as f64;
         eprintln!("  memory {:<9} {per_object:.0} B per object", kind.name());
         report.row(vec![
             "memory".into(),
             kind.name().into(),
             format!("{per_object:.0} B/object"),
-            format!("{} objects of 1 KiB", KEYS),
+            format!("{keys} objects of 1 KiB"),
             String::new(),
             String::new(),
             String::new(),
@@ -987,13 +1025,34 @@ async fn memory(report: &mut Report) {
 
 // ---------------------------------------------------------------- report
 
-struct Report {
-    rows: Vec<Vec<String>>,
+/// The table of results, and what went wrong on the way: a target that
+/// did not start, a wrk run without a result, or answers that failed. A run
+/// with problems exits with status 1.
+#[derive(Default)]
+pub struct Report {
+    pub rows: Vec<Vec<String>>,
+    pub problems: Vec<String>,
 }
 
 impl Report {
     fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
+    }
+
+    fn problem(&mut self, text: String) {
+        eprintln!("  PROBLEM: {text}");
+        self.problems.push(text);
+    }
+
+    /// The row of `scenario` for `target`.
+    pub fn row_for(&self, scenario: &str, target: &str) -> Option<&[String]> {
+        self.rows
+            .iter()
+            .find(|row| {
+                row.first().is_some_and(|s| s == scenario)
+                    && row.get(1).is_some_and(|t| t == target)
+            })
+            .map(Vec::as_slice)
     }
 
     fn print(&self, options: &Options) {
@@ -1012,6 +1071,12 @@ impl Report {
             cells.resize(8, String::new());
             let _ = writeln!(out, "| {} |", cells.join(" | "));
         }
+        if !self.problems.is_empty() {
+            let _ = writeln!(out, "\nproblems:");
+            for problem in &self.problems {
+                let _ = writeln!(out, "- {problem}");
+            }
+        }
     }
 }
 
@@ -1027,31 +1092,47 @@ fn main() {
         eprintln!("load: wrk is not installed (apt-get install -y wrk)");
         std::process::exit(1);
     }
+    let report = run(&options);
+    report.print(&options);
+    if !report.problems.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+/// Runs the scenarios `options` asks for and returns their table.
+pub fn run(options: &Options) -> Report {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let mut report = Report { rows: Vec::new() };
+    let mut report = Report::default();
     runtime.block_on(async {
         if options.wants("hits-1k") {
-            hits(&mut report, &options, "hits-1k", 10_000, 1024).await;
+            hits(&mut report, options, "hits-1k", options.hit_keys, 1024).await;
         }
         if options.wants("hits-64k") {
-            hits(&mut report, &options, "hits-64k", 10_000, 64 * 1024).await;
+            hits(
+                &mut report,
+                options,
+                "hits-64k",
+                options.hit_keys,
+                64 * 1024,
+            )
+            .await;
         }
         if options.wants("hot-1k") {
-            hits(&mut report, &options, "hot-1k", 1, 1024).await;
+            hits(&mut report, options, "hot-1k", 1, 1024).await;
         }
         if options.wants("stale-storm") {
-            stale_storm(&mut report, &options).await;
+            stale_storm(&mut report, options).await;
         }
         if options.wants("herd") {
-            herd(&mut report, &options).await;
+            herd(&mut report, options).await;
         }
         if options.wants("memory") {
-            memory(&mut report).await;
+            memory(&mut report, options).await;
         }
     });
-    report.print(&options);
+    report
 }

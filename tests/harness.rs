@@ -1,0 +1,109 @@
+//! The load harness (benches/load.rs), run at a small scale: every scenario,
+//! one short round, against the debug build. It checks the harness itself
+//! (its origin and limit servers, the nginx and Varnish setups where they are
+//! installed, wrk and its script, the table), not speed: speed is measured
+//! by `cargo bench --bench load`, in BENCHMARKS.md.
+//!
+//! Needs wrk (`apt-get install -y wrk`); `.ci/run` installs it, with nginx
+//! and Varnish.
+
+use std::time::Duration;
+
+#[allow(dead_code)]
+#[path = "../benches/load.rs"]
+mod load;
+
+use load::installed;
+
+/// The first number in a table cell ("backend 12 (0.98x ideal)" -> 12).
+fn number(cell: &str) -> f64 {
+    let start = cell.find(|c: char| c.is_ascii_digit());
+    start
+        .map(|i| {
+            let rest = &cell[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(rest.len());
+            rest[..end].parse().unwrap_or(f64::NAN)
+        })
+        .unwrap_or(f64::NAN)
+}
+
+#[test]
+fn the_load_harness_runs_every_scenario_against_every_installed_target() {
+    assert!(
+        installed("wrk"),
+        "wrk is not installed: apt-get install -y wrk (.ci/run installs it)"
+    );
+    let options = load::Options {
+        rounds: 1,
+        duration: Duration::from_secs(2),
+        only: None,
+        hit_keys: 200,
+        memory_keys: 5_000,
+    };
+    let report = load::run(&options);
+    assert!(
+        report.problems.is_empty(),
+        "the harness reported problems: {:#?}",
+        report.problems
+    );
+
+    let mut caches = vec!["swr-proxy"];
+    if installed("nginx") {
+        caches.push("nginx");
+    }
+    if installed("varnishd") {
+        caches.push("varnish");
+    }
+    let row = |scenario: &str, target: &str| -> Vec<String> {
+        report
+            .row_for(scenario, target)
+            .unwrap_or_else(|| panic!("no {scenario} row for {target}: {:#?}", report.rows))
+            .to_vec()
+    };
+
+    for scenario in ["hits-1k", "hits-64k", "hot-1k"] {
+        for target in caches.iter().chain(&["limit"]) {
+            let cells = row(scenario, target);
+            assert!(number(&cells[2]) > 0.0, "{scenario} {target}: {cells:?}");
+            assert!(
+                cells[4].ends_with('x'),
+                "{scenario} {target}: no ratio to the limit: {cells:?}"
+            );
+            assert!(
+                number(&cells[7]) > 0.0,
+                "{scenario} {target}: no CPU per request: {cells:?}"
+            );
+        }
+    }
+
+    // The stale storm refreshed entries in the background, within
+    // --refresh-concurrency; the hits-only run beside it saw no refresh.
+    for target in &caches {
+        row("stale-storm", target);
+    }
+    let storm = row("stale-storm", "swr-proxy");
+    assert!(
+        number(&storm[5]) > 0.0,
+        "no refresh reached the origin: {storm:?}"
+    );
+    assert!(number(&storm[6]) <= 256.0, "{storm:?}");
+    let calm = row("stale-storm", "swr-proxy (hits only, same load)");
+    assert_eq!(number(&calm[5]), 0.0, "{calm:?}");
+
+    // One backend request for the herd.
+    for target in &caches {
+        row("herd", target);
+    }
+    let herd = row("herd", "swr-proxy");
+    assert_eq!(number(&herd[2]), 1.0, "{herd:?}");
+
+    // Memory was measured from the resident set: each cached 1 KiB object
+    // costs at least its body.
+    for target in &caches {
+        row("memory", target);
+    }
+    let memory = row("memory", "swr-proxy");
+    assert!(number(&memory[2]) > 1024.0, "{memory:?}");
+}
