@@ -6,6 +6,7 @@
 //! cargo bench --bench load                     # every scenario, 3 interleaved rounds of 10 s
 //! cargo bench --bench load -- --quick          # 1 round of 3 s, for a smoke run
 //! cargo bench --bench load -- --only hits-1k,herd --rounds 5
+//! cargo bench --bench load -- --only hot-1k --compare /tmp/old/swr-proxy   # A/B two builds
 //! ```
 //!
 //! The origin and the limit server run inside this process; swr-proxy, nginx,
@@ -46,6 +47,9 @@ pub struct Options {
     pub hit_keys: usize,
     /// Objects cached by the memory scenario.
     pub memory_keys: usize,
+    /// Another swr-proxy binary (an earlier build) to run beside this one,
+    /// as the target "baseline".
+    pub baseline: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -56,6 +60,7 @@ impl Default for Options {
             only: None,
             hit_keys: 10_000,
             memory_keys: 100_000,
+            baseline: None,
         }
     }
 }
@@ -85,6 +90,16 @@ impl Options {
                         .filter(|n| (1..=120).contains(n))
                         .ok_or("--duration takes whole seconds, 1 to 120")?;
                     options.duration = Duration::from_secs(secs);
+                }
+                "--compare" => {
+                    let path = args
+                        .next()
+                        .ok_or("--compare takes the path of a swr-proxy binary")?;
+                    let path = PathBuf::from(path);
+                    if !path.is_file() {
+                        return Err(format!("--compare: no file at {}", path.display()));
+                    }
+                    options.baseline = Some(path);
                 }
                 "--only" => {
                     let list = args.next().ok_or("--only takes a list like hits-1k,herd")?;
@@ -275,6 +290,8 @@ async fn serve<F, Fut>(
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     SwrProxy,
+    /// The swr-proxy binary given with `--compare`.
+    Baseline,
     Nginx,
     Varnish,
     Limit,
@@ -284,6 +301,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::SwrProxy => "swr-proxy",
+            Kind::Baseline => "baseline",
             Kind::Nginx => "nginx",
             Kind::Varnish => "varnish",
             Kind::Limit => "limit",
@@ -405,8 +423,12 @@ async fn start_target(
             let (addr, stop) = start_limit(keys, body_size).await;
             (None, vec![std::process::id()], None, Some(stop), addr)
         }
-        Kind::SwrProxy => {
-            let mut command = Command::new(SWR_PROXY);
+        Kind::SwrProxy | Kind::Baseline => {
+            let binary = match kind {
+                Kind::Baseline => BASELINE.get()?.clone(),
+                _ => PathBuf::from(SWR_PROXY),
+            };
+            let mut command = Command::new(binary);
             command
                 .args([
                     "--upstream",
@@ -731,8 +753,14 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// The `--compare` binary, for the whole run.
+static BASELINE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 fn kinds_available() -> Vec<Kind> {
     let mut kinds = vec![Kind::SwrProxy];
+    if BASELINE.get().is_some() {
+        kinds.push(Kind::Baseline);
+    }
     if installed("nginx") {
         kinds.push(Kind::Nginx);
     } else {
@@ -1106,6 +1134,9 @@ pub fn run(options: &Options) -> Report {
         .enable_all()
         .build()
         .expect("runtime");
+    if let Some(path) = &options.baseline {
+        let _ = BASELINE.set(path.clone());
+    }
     let mut report = Report::default();
     runtime.block_on(async {
         if options.wants("hits-1k") {

@@ -41,6 +41,8 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         only: None,
         hit_keys: 200,
         memory_keys: 5_000,
+        // The same binary again, as the `--compare` baseline.
+        baseline: Some(env!("CARGO_BIN_EXE_swr-proxy").into()),
     };
     let report = load::run(&options);
     assert!(
@@ -49,7 +51,7 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         report.problems
     );
 
-    let mut caches = vec!["swr-proxy"];
+    let mut caches = vec!["swr-proxy", "baseline"];
     if installed("nginx") {
         caches.push("nginx");
     }
@@ -96,8 +98,10 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
     for target in &caches {
         row("herd", target);
     }
-    let herd = row("herd", "swr-proxy");
-    assert_eq!(number(&herd[2]), 1.0, "{herd:?}");
+    for target in ["swr-proxy", "baseline"] {
+        let herd = row("herd", target);
+        assert_eq!(number(&herd[2]), 1.0, "{herd:?}");
+    }
 
     // Memory was measured from the resident set: each cached 1 KiB object
     // costs at least its body.
