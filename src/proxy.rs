@@ -176,13 +176,6 @@ enum Next {
     Backend(BackendWork),
 }
 
-/// What a lookup found: a fresh hit, answered while the entry was borrowed
-/// from the store, or the entry and what it can be used for.
-enum Found {
-    Answered(Response<ProxyBody>),
-    Entry(Entry, Use),
-}
-
 /// What a request needs of the backend.
 enum BackendWork {
     /// Passed through, nothing stored.
@@ -524,25 +517,16 @@ impl Proxy {
 
         // The URL's own entry; else, for a URL whose answers vary, the variant
         // this request's headers select.
-        // A fresh hit is answered while the entry is borrowed from the store.
-        let decide = |entry: &Entry| match policy::decide(entry, now, directives.as_ref()) {
-            Use::Fresh => Found::Answered(self.fresh_response(entry, parts, now)),
-            used => Found::Entry(entry.clone(), used),
-        };
         let mut variant: Option<(u64, String)> = None;
-        let found = match self.store.get_with(&key, now, decide) {
-            Some(Found::Answered(response)) => return Next::Answer(response),
-            Some(Found::Entry(entry, used)) => Some((entry, used)),
+        let found = match self.store.get(&key, now) {
+            Some(entry) => Some(entry),
             None => match self.store.vary_names(key.hash) {
                 Some(names) => {
                     let text = variant_text(key, &names, &parts.headers);
                     let hash = self.keys.hash_text(&text);
                     let entry = self.store.get_exact(hash, text.as_bytes(), now);
                     variant = Some((hash, text));
-                    entry.map(|entry| {
-                        let used = policy::decide(&entry, now, directives.as_ref());
-                        (entry, used)
-                    })
+                    entry
                 }
                 None => None,
             },
@@ -550,8 +534,18 @@ impl Proxy {
         let fill_hash = variant.as_ref().map_or(key.hash, |(hash, _)| *hash);
 
         let stale = match found {
-            Some((entry, used)) => match used {
-                Use::Fresh => return Next::Answer(self.fresh_response(&entry, parts, now)),
+            Some(entry) => match policy::decide(&entry, now, directives.as_ref()) {
+                Use::Fresh => {
+                    self.stats.record_request(CacheStatus::Hit);
+                    let cache_status = hit_cache_status(entry.ttl_secs(now));
+                    return Next::Answer(self.entry_response(
+                        &entry,
+                        CacheStatus::Hit,
+                        cache_status,
+                        parts,
+                        now,
+                    ));
+                }
                 Use::Stale => {
                     let target =
                         || self.fetch_target(key, path_and_query, &parts.headers, client, defaults);
@@ -1278,13 +1272,6 @@ impl Proxy {
             formatted(format_args!("swr-proxy; {cache_status_params}")),
         );
         response
-    }
-
-    /// A fresh hit's answer.
-    fn fresh_response(&self, entry: &Entry, parts: &Parts, now: Instant) -> Response<ProxyBody> {
-        self.stats.record_request(CacheStatus::Hit);
-        let cache_status = hit_cache_status(entry.ttl_secs(now));
-        self.entry_response(entry, CacheStatus::Hit, cache_status, parts, now)
     }
 
     /// An answer from a stored entry: `304` to a matching conditional

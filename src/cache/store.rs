@@ -137,24 +137,7 @@ impl Store {
 
     /// The entry stored for `key`, if it can still be served in some way at `now`.
     pub fn get(&self, key: &RequestKey<'_>, now: Instant) -> Option<Entry> {
-        self.get_with(key, now, Entry::clone)
-    }
-
-    /// `answer` applied to the entry stored for `key` (as [`Store::get`]
-    /// finds it), while the entry is borrowed from the store.
-    ///
-    /// A hit answered here takes no reference of its own to the entry: on
-    /// a hot key, every reference taken and dropped is a write to a cache
-    /// line that all cores serving the key share.
-    pub fn get_with<R>(
-        &self,
-        key: &RequestKey<'_>,
-        now: Instant,
-        answer: impl FnOnce(&Entry) -> R,
-    ) -> Option<R> {
-        let inner = read(&self.shard(key.hash).inner);
-        let entry = Self::servable(&inner, key.hash, |text| key.matches(text), now)?;
-        Some(answer(entry))
+        self.lookup(key.hash, |text| key.matches(text), now)
     }
 
     /// The entry stored under `hash` whose key text is exactly `text`.
@@ -164,17 +147,6 @@ impl Store {
 
     fn lookup(&self, hash: u64, is_key: impl Fn(&[u8]) -> bool, now: Instant) -> Option<Entry> {
         let inner = read(&self.shard(hash).inner);
-        Self::servable(&inner, hash, is_key, now).cloned()
-    }
-
-    /// The entry under `hash` whose key `is_key` accepts, unless it is past
-    /// every window; marks it visited for the CLOCK hand.
-    fn servable(
-        inner: &ShardInner,
-        hash: u64,
-        is_key: impl Fn(&[u8]) -> bool,
-        now: Instant,
-    ) -> Option<&Entry> {
         let slot = inner.get(hash)?;
         if !is_key(slot.entry.key_bytes()) || now >= slot.entry.evict_at() {
             return None;
@@ -184,7 +156,7 @@ impl Store {
         if !slot.visited.load(Relaxed) {
             slot.visited.store(true, Relaxed);
         }
-        Some(&slot.entry)
+        Some(slot.entry.clone())
     }
 
     /// The header names the responses for the URL `url_hash` vary on, if they do.
