@@ -785,6 +785,7 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
     let mut kinds = kinds_available();
     kinds.push(Kind::Limit);
     let mut results: HashMap<&'static str, Vec<(WrkResult, f64)>> = HashMap::new();
+    let mut by_round: HashMap<(usize, &'static str), f64> = HashMap::new();
     for round in 0..options.rounds {
         for &kind in &kinds {
             let Some(target) = start_target(kind, &origin, setup, keys, body_size).await else {
@@ -812,6 +813,7 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
                     r.p99_ms,
                     r.errors
                 );
+                by_round.insert((round, kind.name()), r.rps);
                 results.entry(kind.name()).or_default().push((r, cpu_us));
             }
         }
@@ -840,6 +842,24 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
             ratio(rps(k), rps("varnish")),
             format!("{:.1}", cpu(k)),
         ]);
+    }
+    // The ratio to the limit within each round too: the rounds are
+    // interleaved, so a pair from one round shares the machine's state.
+    for kind in kinds.iter().filter(|k| **k != Kind::Limit) {
+        let ratios: Vec<f64> = (0..options.rounds)
+            .filter_map(|round| {
+                let target = by_round.get(&(round, kind.name()))?;
+                let limit = by_round.get(&(round, "limit")).filter(|l| **l > 0.0)?;
+                Some(target / limit)
+            })
+            .collect();
+        let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
+        report.note(format!(
+            "{name} {} / limit by round: {} (median {:.2}x)",
+            kind.name(),
+            listed.join(", "),
+            median(ratios)
+        ));
     }
 }
 
@@ -1059,12 +1079,18 @@ async fn memory(report: &mut Report, options: &Options) {
 #[derive(Default)]
 pub struct Report {
     pub rows: Vec<Vec<String>>,
+    /// Printed under the table: figures that do not fit a row.
+    pub notes: Vec<String>,
     pub problems: Vec<String>,
 }
 
 impl Report {
     fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
+    }
+
+    fn note(&mut self, text: String) {
+        self.notes.push(text);
     }
 
     fn problem(&mut self, text: String) {
@@ -1098,6 +1124,12 @@ impl Report {
             let mut cells = row.clone();
             cells.resize(8, String::new());
             let _ = writeln!(out, "| {} |", cells.join(" | "));
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(out);
+            for note in &self.notes {
+                let _ = writeln!(out, "- {note}");
+            }
         }
         if !self.problems.is_empty() {
             let _ = writeln!(out, "\nproblems:");

@@ -80,6 +80,16 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         }
     }
 
+    // Each cache's ratio to the limit, round by round.
+    for scenario in ["hits-1k", "hits-64k", "hot-1k"] {
+        for target in &caches {
+            let prefix = format!("{scenario} {target} / limit by round: ");
+            let note = report.notes.iter().find(|n| n.starts_with(&prefix));
+            let note = note.unwrap_or_else(|| panic!("no note {prefix:?}: {:#?}", report.notes));
+            assert!(note.contains("(median ") && note.ends_with("x)"), "{note}");
+        }
+    }
+
     // The stale storm refreshed entries in the background, within
     // --refresh-concurrency; the hits-only run beside it saw no refresh.
     for target in &caches {
