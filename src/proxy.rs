@@ -196,12 +196,18 @@ struct FetchPlan {
     alone: bool,
 }
 
-/// What the access log and the per-route counters need of a request.
+/// What the per-route counters and the access log need of a request.
 struct AnswerLog {
+    route: Option<Arc<RouteStats>>,
+    /// Kept only when `--access-log` is on.
+    access: Option<AccessLine>,
+}
+
+/// What an access-log line says of the request.
+struct AccessLine {
     started: Instant,
     method: Method,
     uri: http::Uri,
-    route: Option<Arc<RouteStats>>,
 }
 
 /// What a background refresh needs to re-fetch an entry.
@@ -386,11 +392,14 @@ impl Proxy {
     {
         let policy = self.policy.load();
         let route = policy.route_for(request.uri().path());
-        let log = (self.config.access_log || route.is_some()).then(|| AnswerLog {
+        let access = self.config.access_log.then(|| AccessLine {
             started: Instant::now(),
             method: request.method().clone(),
             uri: request.uri().clone(),
+        });
+        let log = (access.is_some() || route.is_some()).then(|| AnswerLog {
             route: route.map(|(_, _, stats)| Arc::clone(stats)),
+            access,
         });
         let (parts, body) = request.into_parts();
         let next = self.from_cache(&parts, client, &policy, route);
@@ -432,9 +441,9 @@ impl Proxy {
         if let (Some(route), Some(status)) = (&log.route, status) {
             route.record(status);
         }
-        if !self.config.access_log {
+        let Some(access) = log.access else {
             return response;
-        }
+        };
         let header = |name: &HeaderName| {
             response
                 .headers()
@@ -445,13 +454,13 @@ impl Proxy {
         };
         tracing::info!(
             target: "swr_proxy::access",
-            method = %log.method,
-            uri = %log.uri,
+            method = %access.method,
+            uri = %access.uri,
             status = response.status().as_u16(),
             cache = header(&X_CACHE),
             route = log.route.as_ref().map_or("-", |r| r.pattern.as_str()),
             age = header(&header::AGE),
-            took_us = log.started.elapsed().as_micros() as u64,
+            took_us = access.started.elapsed().as_micros() as u64,
             upstream_us = response
                 .extensions()
                 .get::<UpstreamTime>()
