@@ -10,9 +10,9 @@
 //!
 //! A hit wraps the entry in one `Bytes` owner (one small allocation, with a
 //! reference count of its own) and hands out slices of it for the header
-//! values and the body. The entry's shared count is touched once per hit,
-//! however many headers it has, which matters when one hot key is served by
-//! every core at once.
+//! values and the body. The entry's shared count is touched by the lookup and
+//! by that owner, however many headers the entry has, which matters when one
+//! hot key is served by every core at once.
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -308,17 +308,6 @@ impl Entry {
         self.instant_at(KEEP_UNTIL)
     }
 
-    fn instants(&self) -> Instants {
-        Instants {
-            stored_at: self.stored_at(),
-            initial_age: self.initial_age(),
-            fresh_until: self.fresh_until(),
-            stale_until: self.stale_until(),
-            error_until: self.error_until(),
-            keep_until: self.evict_at(),
-        }
-    }
-
     /// The key text: `host` + `path?query`.
     pub fn key(&self) -> &str {
         std::str::from_utf8(self.key_bytes()).unwrap_or("")
@@ -423,24 +412,19 @@ impl Entry {
     /// stale, with a refresh, for as long a window as it had; an entry with
     /// no such window is expired and fetched (coalesced) by the next request.
     pub fn marked_stale(&self, now: Instant) -> Entry {
-        let old = self.instants();
-        let window = old.stale_until.saturating_duration_since(old.fresh_until);
-        let fresh_until = old.fresh_until.min(now);
+        let window = self
+            .stale_until()
+            .saturating_duration_since(self.fresh_until());
+        let fresh_until = self.fresh_until().min(now);
         let stale_until = later(fresh_until, window);
-        let error_until = old.error_until.max(stale_until);
-        let instants = Instants {
-            fresh_until,
-            stale_until,
-            error_until,
-            keep_until: old.keep_until.max(error_until),
-            ..old
-        };
+        let error_until = self.error_until().max(stale_until);
+        let keep_until = self.evict_at().max(error_until);
         let mut data = self.data.to_vec();
         for (at, instant) in [
             (FRESH_UNTIL, fresh_until),
             (STALE_UNTIL, stale_until),
             (ERROR_UNTIL, error_until),
-            (KEEP_UNTIL, instants.keep_until),
+            (KEEP_UNTIL, keep_until),
         ] {
             data[at..at + 8].copy_from_slice(&to_offset(instant).to_le_bytes());
         }
@@ -487,8 +471,7 @@ impl fmt::Debug for Entry {
     }
 }
 
-/// The instants of an entry, decoded.
-#[derive(Clone, Copy)]
+/// The instants an entry is built with.
 struct Instants {
     stored_at: Instant,
     initial_age: Duration,
