@@ -7,12 +7,19 @@
 //! cargo bench --bench load -- --quick          # 1 round of 3 s, for a smoke run
 //! cargo bench --bench load -- --only hits-1k,herd --rounds 5
 //! cargo bench --bench load -- --only hot-1k --compare /tmp/old/swr-proxy   # A/B two builds
+//! cargo bench --bench load -- --only hot-1k --wire-limit   # also the limit with swr-proxy's headers
 //! ```
 //!
 //! The origin and the limit server run inside this process; swr-proxy, nginx,
 //! Varnish and wrk are child processes, each stopped by PID when its run ends.
 //! The limit is a minimal hyper server that keeps one body per key in a plain
 //! map: a cache cannot do less than find the object and send it.
+//!
+//! With `--wire-limit`, the hit scenarios also run "limit-wire": the limit
+//! answering with the three headers a swr-proxy hit adds (`Age`, `X-Cache`,
+//! `Cache-Status`, of the same lengths). It sends the same bytes as
+//! swr-proxy, so the ratio to it separates what the code costs from what the
+//! bytes cost wrk, which parses every answer on the same two cores.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -50,6 +57,8 @@ pub struct Options {
     /// Another swr-proxy binary (an earlier build) to run beside this one,
     /// as the target "baseline".
     pub baseline: Option<PathBuf>,
+    /// Also run the target "limit-wire" in the hit scenarios.
+    pub wire_limit: bool,
 }
 
 impl Default for Options {
@@ -61,6 +70,7 @@ impl Default for Options {
             hit_keys: 10_000,
             memory_keys: 100_000,
             baseline: None,
+            wire_limit: false,
         }
     }
 }
@@ -101,6 +111,7 @@ impl Options {
                     }
                     options.baseline = Some(path);
                 }
+                "--wire-limit" => options.wire_limit = true,
                 "--only" => {
                     let list = args.next().ok_or("--only takes a list like hits-1k,herd")?;
                     options.only = Some(list.split(',').map(str::to_string).collect());
@@ -215,10 +226,12 @@ impl Drop for Decrement {
     }
 }
 
-/// The limit: one body per key in a plain map, answered as is.
+/// The limit: one body per key in a plain map, answered as is; with `wire`,
+/// with the headers a swr-proxy hit adds.
 async fn start_limit(
     keys: usize,
     body_size: usize,
+    wire: bool,
 ) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind limit");
     let addr = listener.local_addr().expect("limit addr");
@@ -237,10 +250,21 @@ async fn start_limit(
                 match map.get(request.uri().path()) {
                     Some(body) => {
                         let mut response = Response::new(Full::new(body.clone()));
-                        response.headers_mut().insert(
+                        let headers = response.headers_mut();
+                        headers.insert(
                             "content-type",
                             http::HeaderValue::from_static("application/octet-stream"),
                         );
+                        if wire {
+                            // As a hit on an entry with an hour's ttl, 12 s old.
+                            for (name, value) in [
+                                ("age", "12"),
+                                ("x-cache", "HIT"),
+                                ("cache-status", "swr-proxy; hit; ttl=3588"),
+                            ] {
+                                headers.insert(name, http::HeaderValue::from_static(value));
+                            }
+                        }
                         response
                     }
                     None => {
@@ -295,6 +319,8 @@ enum Kind {
     Nginx,
     Varnish,
     Limit,
+    /// The limit, answering with a swr-proxy hit's headers too.
+    LimitWire,
 }
 
 impl Kind {
@@ -305,6 +331,7 @@ impl Kind {
             Kind::Nginx => "nginx",
             Kind::Varnish => "varnish",
             Kind::Limit => "limit",
+            Kind::LimitWire => "limit-wire",
         }
     }
 }
@@ -419,8 +446,8 @@ async fn start_target(
     let addr = free_port();
     let origin_addr = origin.addr;
     let (proc, pids, cache_dir, limit_stop, addr) = match kind {
-        Kind::Limit => {
-            let (addr, stop) = start_limit(keys, body_size).await;
+        Kind::Limit | Kind::LimitWire => {
+            let (addr, stop) = start_limit(keys, body_size, kind == Kind::LimitWire).await;
             (None, vec![std::process::id()], None, Some(stop), addr)
         }
         Kind::SwrProxy | Kind::Baseline => {
@@ -784,6 +811,9 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
     };
     let mut kinds = kinds_available();
     kinds.push(Kind::Limit);
+    if options.wire_limit {
+        kinds.push(Kind::LimitWire);
+    }
     let mut results: HashMap<&'static str, Vec<(WrkResult, f64)>> = HashMap::new();
     let mut by_round: HashMap<(usize, &'static str), f64> = HashMap::new();
     for round in 0..options.rounds {
@@ -845,18 +875,25 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
     }
     // The ratio to the limit within each round too: the rounds are
     // interleaved, so a pair from one round shares the machine's state.
-    for kind in kinds.iter().filter(|k| **k != Kind::Limit) {
+    let mut pairs: Vec<(&str, &str)> = kinds
+        .iter()
+        .filter(|k| !matches!(k, Kind::Limit | Kind::LimitWire))
+        .map(|k| (k.name(), "limit"))
+        .collect();
+    if options.wire_limit {
+        pairs.push((Kind::SwrProxy.name(), Kind::LimitWire.name()));
+    }
+    for (target, against) in pairs {
         let ratios: Vec<f64> = (0..options.rounds)
             .filter_map(|round| {
-                let target = by_round.get(&(round, kind.name()))?;
-                let limit = by_round.get(&(round, "limit")).filter(|l| **l > 0.0)?;
-                Some(target / limit)
+                let target = by_round.get(&(round, target))?;
+                let against = by_round.get(&(round, against)).filter(|l| **l > 0.0)?;
+                Some(target / against)
             })
             .collect();
         let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
         report.note(format!(
-            "{name} {} / limit by round: {} (median {:.2}x)",
-            kind.name(),
+            "{name} {target} / {against} by round: {} (median {:.2}x)",
             listed.join(", "),
             median(ratios)
         ));
