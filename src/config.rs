@@ -151,6 +151,13 @@ pub struct ProxyArgs {
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish [default: 30s].
     #[arg(long, env = "SWR_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub shutdown_timeout: Option<Duration>,
+
+    /// How long a client may take to send a request's headers, counted from
+    /// when its connection opens or its last answer ends; a slower or idle
+    /// keep-alive connection is closed (nginx's client_header_timeout and
+    /// keepalive_timeout) [default: 60s].
+    #[arg(long, env = "SWR_CLIENT_HEADER_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub client_header_timeout: Option<Duration>,
 }
 
 /// The configuration file: every flag, by the same name with `_` for `-`,
@@ -177,6 +184,7 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     pub access_log: Option<bool>,
     pub shutdown_timeout: Option<String>,
+    pub client_header_timeout: Option<String>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteFile>,
 }
@@ -286,6 +294,7 @@ pub struct Config {
     pub refresh_queue: usize,
     pub upstream_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub client_header_timeout: Duration,
     pub cache_control: CacheControlMode,
     pub honor_client_cache_control: bool,
     pub targeted_cache_control: http::HeaderName,
@@ -492,6 +501,12 @@ impl Config {
                 "shutdown_timeout",
                 Duration::from_secs(30),
             )?,
+            client_header_timeout: duration(
+                args.client_header_timeout,
+                &file.client_header_timeout,
+                "client_header_timeout",
+                Duration::from_secs(60),
+            )?,
             cache_control,
             honor_client_cache_control: args.honor_client_cache_control
                 || file.honor_client_cache_control.unwrap_or(false),
@@ -540,6 +555,11 @@ impl Config {
         if self.upstream_timeout.is_zero() {
             return Err(ConfigError(
                 "--upstream-timeout must be above zero, e.g. 30s".into(),
+            ));
+        }
+        if self.client_header_timeout.is_zero() {
+            return Err(ConfigError(
+                "--client-header-timeout must be above zero, e.g. 60s".into(),
             ));
         }
         Ok(())

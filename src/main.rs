@@ -193,7 +193,10 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         admin_listener,
         move |request, _peer| admin::handle(Arc::clone(&admin_proxy), token.clone(), request),
         async move { admin_shutdown.cancelled().await },
-        Duration::from_secs(5),
+        server::Timeouts {
+            grace: Duration::from_secs(5),
+            ..server::Timeouts::from_config(&config)
+        },
     ));
     tracing::info!(
         %listen,
@@ -211,7 +214,7 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         listener,
         proxy,
         async move { shutdown.cancelled().await },
-        config.shutdown_timeout,
+        server::Timeouts::from_config(&config),
     )
     .await;
     let _ = admin_task.await;

@@ -18,11 +18,32 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
+use crate::config::Config;
+use crate::idle::{self, Activity, Tracked};
 use crate::proxy::Proxy;
+
+/// How long a connection may take over its parts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For a client to send a request's headers, from when its connection
+    /// opens or falls idle after an answer (see [`idle`]).
+    pub client_header: Duration,
+    /// After shutdown begins, for in-flight requests to finish.
+    pub grace: Duration,
+}
+
+impl Timeouts {
+    pub fn from_config(config: &Config) -> Timeouts {
+        Timeouts {
+            client_header: config.client_header_timeout,
+            grace: config.shutdown_timeout,
+        }
+    }
+}
 
 /// Serves the proxy on `listener` until `shutdown` completes; then stops
 /// accepting, asks every connection to finish its in-flight requests, and
-/// waits up to `grace`.
+/// waits up to `timeouts.grace`.
 ///
 /// It never binds sockets or installs signal handlers: `main` passes the
 /// real signal, tests pass a future they control.
@@ -30,10 +51,10 @@ pub async fn run(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    timeouts: Timeouts,
 ) {
     let handler = move |request, peer| proxy.handle(request, Some(peer));
-    serve(listener, handler, shutdown, grace).await;
+    serve(listener, handler, shutdown, timeouts).await;
 }
 
 /// Serves `handler` on `listener` (HTTP/1.1 and HTTP/2) with the graceful
@@ -42,7 +63,7 @@ pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    timeouts: Timeouts,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
@@ -67,15 +88,25 @@ pub async fn serve<H, F>(
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
         let handler = handler.clone();
+        let activity = Activity::new();
+        let requests = Arc::clone(&activity);
         let service = service_fn(move |request| {
+            let busy = requests.begin();
             let answer = handler(request, peer);
-            async move { Ok::<_, Infallible>(answer.await) }
+            async move { Ok::<_, Infallible>(answer.await.map(|body| Tracked::new(body, busy))) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());
+        let timeout = timeouts.client_header;
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, %peer, "connection ended with an error");
+            tokio::select! {
+                biased;
+                ended = connection => if let Err(err) = ended {
+                    tracing::debug!(error = %err, %peer, "connection ended with an error");
+                },
+                () = idle::idle_for(&activity, timeout) => {
+                    tracing::debug!(%peer, timeout_ms = timeout.as_millis() as u64, "closing a connection with no request in progress");
+                }
             }
         });
     }
@@ -83,8 +114,8 @@ pub async fn serve<H, F>(
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown deadline reached; closing remaining connections");
+        () = tokio::time::sleep(timeouts.grace) => {
+            tracing::warn!(grace_ms = timeouts.grace.as_millis() as u64, "shutdown deadline reached; closing remaining connections");
         }
     }
 }

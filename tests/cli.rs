@@ -40,6 +40,11 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
         (&["--refresh-concurrency", "0"], "--refresh-concurrency"),
         (&["--refresh-queue", "many"], "--refresh-queue"),
         (&["--upstream-timeout", "0"], "--upstream-timeout"),
+        (&["--client-header-timeout", "0"], "--client-header-timeout"),
+        (
+            &["--client-header-timeout", "soon"],
+            "--client-header-timeout",
+        ),
         (&["--listen", "localhost"], "--listen"),
         (
             &["--max-size", "1MiB", "--max-object-size", "2MiB"],

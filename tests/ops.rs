@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use support::{eventually, Gate, Origin, Route, TestProxy, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 async fn admin_post(proxy: &TestProxy, path: &str, body: &str) -> (u16, String) {
     let response = proxy
@@ -254,6 +256,78 @@ async fn uncacheable_keys_skip_coalescing() {
     assert!(answers.iter().all(|a| a.x_cache() == "BYPASS"));
     assert_eq!(proxy.proxy.stats().hit_for_miss.load(Relaxed), 5);
     assert_eq!(proxy.proxy.stats().coalesced_waiters.load(Relaxed), 0);
+}
+
+/// A connection to `addr` on which `bytes` have been sent.
+async fn send(addr: std::net::SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    stream
+}
+
+/// Reads from `stream` until the peer closes it (or resets it); `None` if it
+/// is still open at `limit`. What was read comes back too.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<(Duration, String)> {
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.checked_sub(started.elapsed())?;
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Some((started.elapsed(), String::from_utf8_lossy(&seen).into()))
+            }
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A client that sends its headers too slowly, or keeps a connection idle
+/// after an answer, is disconnected after --client-header-timeout; one
+/// within it is not.
+#[tokio::test]
+async fn slow_and_idle_clients_are_disconnected_after_the_header_timeout() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--client-header-timeout", "300ms"]).await;
+
+    // Half a request head, then nothing.
+    let mut slow = send(
+        proxy.addr,
+        b"GET /slow HTTP/1.1\r\nHost: example\r\nX-Slow: ",
+    )
+    .await;
+    let (took, answer) = closed_within(&mut slow, WAIT)
+        .await
+        .expect("a slow client is disconnected");
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed after {took:?}, before the timeout"
+    );
+    assert!(!answer.contains("200 OK"), "{answer}");
+    assert_eq!(
+        origin.total_hits(),
+        0,
+        "an incomplete request never reaches the backend"
+    );
+
+    // A whole request is answered; the idle connection is then closed.
+    let whole = b"GET /idle HTTP/1.1\r\nHost: example\r\n\r\n";
+    let mut idle = send(proxy.addr, whole).await;
+    let (took, answer) = closed_within(&mut idle, WAIT)
+        .await
+        .expect("an idle keep-alive connection is closed");
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+
+    // With the default (60 s), the same idle connection stays open.
+    let patient = TestProxy::start(&origin, &[]).await;
+    let mut kept = send(patient.addr, whole).await;
+    assert_eq!(
+        closed_within(&mut kept, Duration::from_secs(1)).await,
+        None,
+        "closed before the default timeout"
+    );
 }
 
 /// Every metric the dashboard queries is one the proxy exports.

@@ -388,6 +388,10 @@ impl TestProxy {
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let admin_addr = admin_listener.local_addr().expect("admin address");
         let token: Option<Arc<str>> = config.admin_token.as_deref().map(Arc::from);
+        let timeouts = swr_proxy::server::Timeouts {
+            grace: Duration::from_secs(5),
+            ..swr_proxy::server::Timeouts::from_config(&config)
+        };
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let proxy = Proxy::start(config, cancel.clone(), &tracker).expect("proxy starts");
@@ -399,14 +403,14 @@ impl TestProxy {
                 swr_proxy::admin::handle(Arc::clone(&admin_proxy), token.clone(), request)
             },
             async move { admin_cancel.cancelled().await },
-            Duration::from_secs(5),
+            timeouts,
         ));
         let server_cancel = cancel.clone();
         tokio::spawn(swr_proxy::server::run(
             listener,
             Arc::clone(&proxy),
             async move { server_cancel.cancelled().await },
-            Duration::from_secs(5),
+            timeouts,
         ));
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
