@@ -226,8 +226,45 @@ impl Drop for Decrement {
     }
 }
 
-/// The limit: one body per key in a plain map, answered as is; with `wire`,
-/// with the headers a swr-proxy hit adds.
+/// The limit's map: one body per key, by path.
+pub fn limit_map(keys: usize, body_size: usize) -> HashMap<String, Bytes> {
+    (0..keys)
+        .map(|i| (format!("/k/{i}"), body_for(i, body_size)))
+        .collect()
+}
+
+/// What the limit answers for `path`: the body as is; with `wire`, with the
+/// headers a swr-proxy hit adds. `benches/hit.rs` measures this too.
+pub fn limit_response(
+    map: &HashMap<String, Bytes>,
+    path: &str,
+    wire: bool,
+) -> Response<Full<Bytes>> {
+    let Some(body) = map.get(path) else {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = http::StatusCode::NOT_FOUND;
+        return response;
+    };
+    let mut response = Response::new(Full::new(body.clone()));
+    let headers = response.headers_mut();
+    headers.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/octet-stream"),
+    );
+    if wire {
+        // As a hit on an entry with an hour's ttl, 12 s old.
+        for (name, value) in [
+            ("age", "12"),
+            ("x-cache", "HIT"),
+            ("cache-status", "swr-proxy; hit; ttl=3588"),
+        ] {
+            headers.insert(name, http::HeaderValue::from_static(value));
+        }
+    }
+    response
+}
+
+/// The limit: one body per key in a plain map, answered as is.
 async fn start_limit(
     keys: usize,
     body_size: usize,
@@ -235,51 +272,22 @@ async fn start_limit(
 ) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind limit");
     let addr = listener.local_addr().expect("limit addr");
-    let map: Arc<HashMap<String, Bytes>> = Arc::new(
-        (0..keys)
-            .map(|i| (format!("/k/{i}"), body_for(i, body_size)))
-            .collect(),
-    );
+    let map = Arc::new(limit_map(keys, body_size));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(serve(
         listener,
         stopped,
         move |request: Request<Incoming>| {
             let map = Arc::clone(&map);
-            async move {
-                match map.get(request.uri().path()) {
-                    Some(body) => {
-                        let mut response = Response::new(Full::new(body.clone()));
-                        let headers = response.headers_mut();
-                        headers.insert(
-                            "content-type",
-                            http::HeaderValue::from_static("application/octet-stream"),
-                        );
-                        if wire {
-                            // As a hit on an entry with an hour's ttl, 12 s old.
-                            for (name, value) in [
-                                ("age", "12"),
-                                ("x-cache", "HIT"),
-                                ("cache-status", "swr-proxy; hit; ttl=3588"),
-                            ] {
-                                headers.insert(name, http::HeaderValue::from_static(value));
-                            }
-                        }
-                        response
-                    }
-                    None => {
-                        let mut response = Response::new(Full::new(Bytes::new()));
-                        *response.status_mut() = http::StatusCode::NOT_FOUND;
-                        response
-                    }
-                }
-            }
+            async move { limit_response(&map, request.uri().path(), wire) }
         },
     ));
     (addr, stop)
 }
 
-async fn serve<F, Fut>(
+/// Serves `handler` on `listener` (HTTP/1.1 and HTTP/2) until `stopped`
+/// turns true.
+pub async fn serve<F, Fut>(
     listener: TcpListener,
     mut stopped: tokio::sync::watch::Receiver<bool>,
     handler: F,

@@ -7,12 +7,13 @@
 //! bookkeeping miss the CPU cache several times per read), against 75 ns for
 //! a locked `HashMap`. A cache hit has about 1 µs to spend in all, so the hit
 //! path reads a plain sharded map: a read lock, a lookup, a reference-count
-//! increment and one relaxed flag load (a store only the first time). Eviction is CLOCK (second chance):
-//! a read marks the entry visited; the eviction hand passes over visited
-//! entries once, clearing the mark, and evicts the first unvisited one, or any
-//! entry that can no longer be served at all. The hand walks the hash table's
-//! own buckets (hashbrown's `HashTable` gives access by bucket index), so the
-//! clock costs no memory per entry.
+//! increment and one relaxed flag load (a store only the first time).
+//! Eviction is CLOCK (second chance): a read marks the entry visited; the
+//! eviction hand passes over visited entries once, clearing the mark, and
+//! evicts the first unvisited one, or any entry that can no longer be served
+//! at all. The hand walks the hash table's own buckets (hashbrown's
+//! `HashTable` gives access by bucket index), so the clock costs no memory
+//! per entry.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
