@@ -9,7 +9,7 @@
 //! In request-flow order:
 //! - [`config`]: flags, defaults and `validate()`, before anything binds.
 //! - [`server`]: the accept loop and graceful shutdown.
-//! - [`idle`]: closing connections with no request in progress for too long.
+//! - [`connections`]: open connections: closing idle ones, finishing all at shutdown.
 //! - [`proxy`]: the hyper service: request -> cache decision -> upstream -> response.
 //! - [`cache::key`]: the cache key of a request (host, path, query).
 //! - [`cache::policy`]: pure rules: storable? lifetimes; state of an entry at `now`.
@@ -28,9 +28,9 @@ pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod connections;
 pub mod demo;
 pub mod error;
-pub mod idle;
 pub mod metrics;
 pub mod proxy;
 pub mod refresh;

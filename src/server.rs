@@ -9,8 +9,8 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
 
 use std::net::SocketAddr;
 
@@ -19,14 +19,14 @@ use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
 use crate::config::Config;
-use crate::idle::{self, Activity, Tracked};
+use crate::connections::{Connections, Ended, Tracked};
 use crate::proxy::Proxy;
 
 /// How long a connection may take over its parts.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     /// For a client to send a request's headers, from when its connection
-    /// opens or falls idle after an answer (see [`idle`]).
+    /// opens or falls idle after an answer (see [`crate::connections`]).
     pub client_header: Duration,
     /// After shutdown begins, for in-flight requests to finish.
     pub grace: Duration,
@@ -69,7 +69,13 @@ pub async fn serve<H, F>(
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
+    let connections = Connections::new();
+    let tasks = TaskTracker::new();
+    let sweeper = tokio::spawn({
+        let connections = Arc::clone(&connections);
+        let timeout = timeouts.client_header;
+        async move { connections.close_idle(timeout).await }
+    });
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -88,36 +94,41 @@ pub async fn serve<H, F>(
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
         let handler = handler.clone();
-        let activity = Activity::new();
-        let requests = Arc::clone(&activity);
+        let registration = connections.open();
+        let control = Arc::clone(registration.control());
         let service = service_fn(move |request| {
-            let busy = requests.begin();
+            let busy = control.begin();
             let answer = handler(request, peer);
             async move { Ok::<_, Infallible>(answer.await.map(|body| Tracked::new(body, busy))) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
+        let connection = registration.supervise(connection.into_owned());
         let timeout = timeouts.client_header;
-        tokio::spawn(async move {
-            tokio::select! {
-                biased;
-                ended = connection => if let Err(err) = ended {
-                    tracing::debug!(error = %err, %peer, "connection ended with an error");
-                },
-                () = idle::idle_for(&activity, timeout) => {
+        tasks.spawn(async move {
+            match connection.await {
+                Ok(Ended::Closed) => {}
+                Ok(Ended::Idle) => {
                     tracing::debug!(%peer, timeout_ms = timeout.as_millis() as u64, "closing a connection with no request in progress");
                 }
+                Err(err) => tracing::debug!(error = %err, %peer, "connection ended with an error"),
             }
+            drop(registration);
         });
     }
     drop(listener);
-    tracing::info!("shutting down: no new connections; waiting for in-flight requests");
+    tracing::info!(
+        connections = connections.count(),
+        "shutting down: no new connections; waiting for in-flight requests"
+    );
+    connections.finish_all();
+    tasks.close();
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tasks.wait() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(timeouts.grace) => {
             tracing::warn!(grace_ms = timeouts.grace.as_millis() as u64, "shutdown deadline reached; closing remaining connections");
         }
     }
+    sweeper.abort();
 }
 
 /// Completes on SIGINT or SIGTERM (Ctrl-C elsewhere).

@@ -330,6 +330,39 @@ async fn slow_and_idle_clients_are_disconnected_after_the_header_timeout() {
     );
 }
 
+/// At shutdown an idle keep-alive connection is closed at once, and one
+/// with a request in progress is closed after its answer.
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_finishes_busy_ones() {
+    let origin = Origin::start().await;
+    origin.route("/slow", Route::default().delay(Duration::from_millis(1000)));
+    let proxy = TestProxy::start(&origin, &[]).await;
+
+    let mut idle = send(proxy.addr, b"GET /idle HTTP/1.1\r\nHost: example\r\n\r\n").await;
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(WAIT, idle.read(&mut buf))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK"));
+    let mut busy = send(proxy.addr, b"GET /slow HTTP/1.1\r\nHost: example\r\n\r\n").await;
+    eventually(WAIT, "the slow request reaches the origin", || async {
+        origin.hits("/slow") == 1
+    })
+    .await;
+
+    proxy.shut_down();
+    let (took, _) = closed_within(&mut idle, Duration::from_secs(5))
+        .await
+        .expect("the idle connection is closed at shutdown, not after 60 s");
+    assert!(took < Duration::from_secs(5));
+    let (_, answer) = closed_within(&mut busy, WAIT)
+        .await
+        .expect("the busy connection is closed after its answer");
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.ends_with("/slow #1"), "{answer}");
+}
+
 /// Every metric the dashboard queries is one the proxy exports.
 #[tokio::test]
 async fn the_grafana_dashboard_queries_exported_metrics() {

@@ -426,6 +426,11 @@ impl TestProxy {
         }
     }
 
+    /// Begins a graceful shutdown, as SIGTERM does.
+    pub fn shut_down(&self) {
+        self.cancel.cancel();
+    }
+
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.addr, path_and_query)
     }

@@ -1,0 +1,369 @@
+//! The open client connections: one with no request in progress for the
+//! client header timeout is closed (a slowloris, or a keep-alive connection
+//! left idle, as nginx's `client_header_timeout` and `keepalive_timeout`
+//! do), and all are asked to finish when the server shuts down.
+//!
+//! A hit is a few microseconds of work, so what a connection costs on its
+//! request path matters: one request is two counter updates on the
+//! connection's own memory, and one poll of the connection one atomic load.
+//! Two cheaper-looking designs cost more (BENCHMARKS.md):
+//! - hyper's `header_read_timeout` arms a timer for every request (-10% on a
+//!   hot key);
+//! - hyper-util's `GracefulShutdown` and a per-connection `Sleep` are polled
+//!   on every wake of the connection; the first locks one mutex shared by
+//!   every connection each time, and the second needs a clock read when each
+//!   answer ends.
+//!
+//! Instead one task sweeps every connection a few times per timeout
+//! ([`close_idle`]): a connection seen with no request in progress and no
+//! answer ended since the sweep before, [`SWEEPS`] sweeps in a row, has been
+//! idle for at least the timeout and is told to close. So a connection is
+//! closed between the timeout and a quarter more after its last answer
+//! ended (or after it opened).
+//!
+//! [`close_idle`]: Connections::close_idle
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{
+    AtomicU64, AtomicU8, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+use http_body::{Body, Frame, SizeHint};
+use hyper_util::server::graceful::GracefulConnection;
+
+/// Sweeps per timeout: a connection is closed after between the timeout and
+/// `1 + 1 / SWEEPS` times it.
+pub const SWEEPS: u32 = 4;
+
+/// `Control::signal` bits.
+const FINISH: u8 = 1;
+const CLOSE: u8 = 2;
+
+/// Every open connection, for the idle sweep and for shutdown.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: Mutex<HashMap<u64, Watched>>,
+    next_id: AtomicU64,
+}
+
+/// A connection as the sweep last saw it.
+#[derive(Debug)]
+struct Watched {
+    control: Arc<Control>,
+    /// Answers ended when last swept; `None` before the first sweep.
+    ended: Option<u64>,
+    /// Sweeps in a row that found the connection idle.
+    quiet: u32,
+}
+
+/// What a connection shares with the sweep: its requests in progress, and
+/// the signal the sweep (or shutdown) sends it.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// Requests whose answer has not ended (been sent, or dropped).
+    busy: AtomicUsize,
+    /// Answers ended so far.
+    ended: AtomicU64,
+    /// `FINISH` and `CLOSE` bits.
+    signal: AtomicU8,
+    /// The connection's task, woken when a signal is sent.
+    waker: AtomicWaker,
+}
+
+impl Connections {
+    pub fn new() -> Arc<Connections> {
+        Arc::new(Connections::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Watched>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a new connection; it is forgotten when the returned
+    /// registration is dropped (with the connection's task).
+    pub fn open(self: &Arc<Self>) -> Registration {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let control = Arc::new(Control::default());
+        self.lock().insert(
+            id,
+            Watched {
+                control: Arc::clone(&control),
+                ended: None,
+                quiet: 0,
+            },
+        );
+        Registration {
+            id,
+            control,
+            connections: Arc::clone(self),
+        }
+    }
+
+    /// Connections open now.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Tells every connection to finish: answer what is in progress, take
+    /// no new request, then close.
+    pub fn finish_all(&self) {
+        for watched in self.lock().values() {
+            watched.control.send(FINISH);
+        }
+    }
+
+    /// One sweep: tells each connection found idle for the last [`SWEEPS`]
+    /// sweeps to close.
+    fn sweep(&self) {
+        for watched in self.lock().values_mut() {
+            let control = &watched.control;
+            // `ended` before `busy`: an answer that ends in between shows in
+            // `ended` next time; a request that begins in between is seen by
+            // the connection itself before it closes (see `Supervised`).
+            let ended = control.ended.load(Acquire);
+            let idle = control.busy.load(Acquire) == 0;
+            if idle && watched.ended == Some(ended) {
+                watched.quiet += 1;
+            } else {
+                watched.quiet = 0;
+            }
+            watched.ended = Some(ended);
+            if watched.quiet >= SWEEPS {
+                watched.quiet = 0;
+                control.send(CLOSE);
+            }
+        }
+    }
+
+    /// Sweeps every `timeout / SWEEPS`, forever: a connection idle for
+    /// `timeout` is closed. Run it as a task and abort it when serving ends.
+    pub async fn close_idle(&self, timeout: Duration) {
+        let period = (timeout / SWEEPS).max(Duration::from_millis(1));
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the first tick is at once
+        loop {
+            ticks.tick().await;
+            self.sweep();
+        }
+    }
+}
+
+impl Control {
+    fn send(&self, signal: u8) {
+        self.signal.fetch_or(signal, Release);
+        self.waker.wake();
+    }
+
+    /// Marks a request begun; it ends when the guard is dropped (with the
+    /// answer's body: see [`Tracked`]). Call it from the connection's own
+    /// task (hyper calls the service there, for HTTP/1 and HTTP/2).
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Relaxed);
+        Busy(Arc::clone(self))
+    }
+}
+
+/// A connection's place in [`Connections`].
+#[derive(Debug)]
+pub struct Registration {
+    id: u64,
+    control: Arc<Control>,
+    connections: Arc<Connections>,
+}
+
+impl Registration {
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// `connection`, closed when the sweep finds it idle and finished when
+    /// the server shuts down.
+    pub fn supervise<C>(&self, connection: C) -> Supervised<C> {
+        Supervised {
+            connection: Box::pin(connection),
+            control: Arc::clone(&self.control),
+            waker: None,
+            finishing: false,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.connections.lock().remove(&self.id);
+    }
+}
+
+/// A request in progress on a connection.
+#[derive(Debug)]
+pub struct Busy(Arc<Control>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // Counted before `busy` drops: whoever sees `busy` at zero sees this
+        // answer in `ended` too.
+        self.0.ended.fetch_add(1, Relaxed);
+        self.0.busy.fetch_sub(1, Release);
+    }
+}
+
+/// How a supervised connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The client or the server (after a graceful finish) closed it.
+    Closed,
+    /// It had no request in progress for the client header timeout.
+    Idle,
+}
+
+/// A connection future that closes when told to and finishes gracefully
+/// when the server shuts down.
+pub struct Supervised<C> {
+    connection: Pin<Box<C>>,
+    control: Arc<Control>,
+    /// The waker last registered with `control`: registering again only
+    /// when the task's waker changes, or after a signal (whose wake took
+    /// it), keeps the poll at one atomic load.
+    waker: Option<Waker>,
+    finishing: bool,
+}
+
+impl<C, E> Future for Supervised<C>
+where
+    C: GracefulConnection<Error = E> + Future<Output = Result<(), E>>,
+{
+    type Output = Result<Ended, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut signal = this.control.signal.load(Acquire);
+        let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if signal != 0 || !registered {
+            this.control.waker.register(cx.waker());
+            this.waker = Some(cx.waker().clone());
+            signal = this.control.signal.load(Acquire);
+        }
+        if signal & CLOSE != 0 {
+            // Requests begin on this task, so none begins before the check
+            // below; one that began since the sweep keeps the connection.
+            if this.control.busy.load(Acquire) == 0 {
+                return Poll::Ready(Ok(Ended::Idle));
+            }
+            this.control.signal.fetch_and(!CLOSE, Relaxed);
+        }
+        if signal & FINISH != 0 && !this.finishing {
+            this.finishing = true;
+            this.connection.as_mut().graceful_shutdown();
+        }
+        this.connection
+            .as_mut()
+            .poll(cx)
+            .map(|ended| ended.map(|()| Ended::Closed))
+    }
+}
+
+/// An answer's body that ends its request when it is dropped: sent, or its
+/// connection gone.
+pub struct Tracked<B> {
+    body: B,
+    _busy: Busy,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(body: B, busy: Busy) -> Tracked<B> {
+        Tracked { body, _busy: busy }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    const STEP: Duration = Duration::from_millis(100);
+
+    /// Waits (on paused time) until `control` is told to close; how long
+    /// that took, to within `STEP`.
+    async fn close_signal(control: &Control, limit: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if control.signal.load(Acquire) & CLOSE != 0 {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(STEP).await;
+        }
+        None
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_told_to_close_only_after_a_timeout_with_no_request() {
+        let timeout = Duration::from_secs(60);
+        let most = timeout + timeout / SWEEPS + STEP;
+        let connections = Connections::new();
+        let sweeper = tokio::spawn({
+            let connections = Arc::clone(&connections);
+            async move { connections.close_idle(timeout).await }
+        });
+
+        // Idle from the start: told to close a timeout after opening, not before.
+        let opened = connections.open();
+        let control = Arc::clone(opened.control());
+        let took = close_signal(&control, most * 2).await.expect("closed");
+        assert!(took >= timeout && took <= most, "closed after {took:?}");
+        control.signal.store(0, Relaxed);
+
+        // A request in progress keeps it open however long it takes.
+        let busy = control.begin();
+        assert_eq!(close_signal(&control, timeout * 3).await, None);
+
+        // Once its answer ends, a full timeout of idleness again.
+        drop(busy);
+        let took = close_signal(&control, most * 2).await.expect("idle again");
+        assert!(took >= timeout && took <= most, "closed after {took:?}");
+        control.signal.store(0, Relaxed);
+
+        // Answers ending now and then keep it open.
+        for _ in 0..6 {
+            tokio::time::sleep(timeout / 2).await;
+            drop(control.begin());
+            assert_eq!(control.signal.load(Acquire) & CLOSE, 0);
+        }
+
+        // Shutdown reaches every open connection; a closed one is forgotten.
+        let other = connections.open();
+        connections.finish_all();
+        assert_eq!(control.signal.load(Acquire) & FINISH, FINISH);
+        assert_eq!(other.control().signal.load(Acquire) & FINISH, FINISH);
+        drop(other);
+        assert_eq!(connections.count(), 1);
+        sweeper.abort();
+    }
+}
