@@ -330,6 +330,44 @@ async fn slow_and_idle_clients_are_disconnected_after_the_header_timeout() {
     );
 }
 
+/// An HTTP/2 connection with no stream open for --client-header-timeout is
+/// closed too, after its answer.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_after_the_header_timeout() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--client-header-timeout", "300ms"]).await;
+    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    let opened = Instant::now();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri(format!("http://{}/h2", proxy.addr))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("answered");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let answered = Instant::now();
+    // The proxy drops the connection without a GOAWAY, so the client's
+    // side may end with an error; that it ends, and when, is the point.
+    let _ended = tokio::time::timeout(WAIT, connection)
+        .await
+        .expect("the idle HTTP/2 connection is closed")
+        .expect("connection task");
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_millis(250),
+        "closed {idle:?} after the answer ({:?} after opening)",
+        opened.elapsed()
+    );
+    assert_eq!(origin.hits("/h2"), 1);
+}
+
 /// At shutdown an idle keep-alive connection is closed at once, and one
 /// with a request in progress is closed after its answer.
 #[tokio::test]
