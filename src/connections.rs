@@ -21,6 +21,11 @@
 //! closed between the timeout and a quarter more after its last answer
 //! ended (or after it opened).
 //!
+//! Told to close, a connection first closes gracefully, as at shutdown: an
+//! HTTP/2 client gets a GOAWAY, an idle HTTP/1 connection closes at once.
+//! One still open at the next sweep (a client still sending its request's
+//! head, which hyper's graceful close waits for) is dropped.
+//!
 //! [`close_idle`]: Connections::close_idle
 
 use std::collections::HashMap;
@@ -136,7 +141,8 @@ impl Connections {
             }
             watched.ended = Some(ended);
             if watched.quiet >= SWEEPS {
-                watched.quiet = 0;
+                // Told again at the next sweep if still idle: see `Supervised`.
+                watched.quiet = SWEEPS - 1;
                 control.send(CLOSE);
             }
         }
@@ -191,7 +197,8 @@ impl Registration {
             connection: Box::pin(connection),
             control: Arc::clone(&self.control),
             waker: None,
-            finishing: false,
+            shutting_down: false,
+            told_idle: false,
         }
     }
 }
@@ -218,7 +225,7 @@ impl Drop for Busy {
 /// How a supervised connection ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
-    /// The client or the server (after a graceful finish) closed it.
+    /// The client closed it, or the server after its answers at shutdown.
     Closed,
     /// It had no request in progress for the client header timeout.
     Idle,
@@ -233,7 +240,19 @@ pub struct Supervised<C> {
     /// when the task's waker changes, or after a signal (whose wake took
     /// it), keeps the poll at one atomic load.
     waker: Option<Waker>,
-    finishing: bool,
+    /// Hyper's graceful shutdown has been asked for.
+    shutting_down: bool,
+    /// Told to close while idle.
+    told_idle: bool,
+}
+
+impl<C: GracefulConnection> Supervised<C> {
+    fn shut_down(&mut self) {
+        if !self.shutting_down {
+            self.shutting_down = true;
+            self.connection.as_mut().graceful_shutdown();
+        }
+    }
 }
 
 impl<C, E> Future for Supervised<C>
@@ -252,21 +271,31 @@ where
             signal = this.control.signal.load(Acquire);
         }
         if signal & CLOSE != 0 {
+            this.control.signal.fetch_and(!CLOSE, Relaxed);
             // Requests begin on this task, so none begins before the check
             // below; one that began since the sweep keeps the connection.
             if this.control.busy.load(Acquire) == 0 {
-                return Poll::Ready(Ok(Ended::Idle));
+                if this.told_idle {
+                    // Still open a sweep after a graceful close.
+                    return Poll::Ready(Ok(Ended::Idle));
+                }
+                this.told_idle = true;
+                this.shut_down();
             }
-            this.control.signal.fetch_and(!CLOSE, Relaxed);
         }
-        if signal & FINISH != 0 && !this.finishing {
-            this.finishing = true;
-            this.connection.as_mut().graceful_shutdown();
+        if signal & FINISH != 0 {
+            this.shut_down();
         }
-        this.connection
-            .as_mut()
-            .poll(cx)
-            .map(|ended| ended.map(|()| Ended::Closed))
+        let told_idle = this.told_idle;
+        this.connection.as_mut().poll(cx).map(|ended| {
+            ended.map(|()| {
+                if told_idle {
+                    Ended::Idle
+                } else {
+                    Ended::Closed
+                }
+            })
+        })
     }
 }
 
@@ -349,6 +378,14 @@ mod tests {
         let took = close_signal(&control, most * 2).await.expect("idle again");
         assert!(took >= timeout && took <= most, "closed after {took:?}");
         control.signal.store(0, Relaxed);
+
+        // Still open (a graceful close waiting on a slow client): told
+        // again at the next sweep.
+        let sweep = timeout / SWEEPS;
+        let took = close_signal(&control, sweep * 2).await.expect("told again");
+        assert!(took <= sweep + STEP, "told again after {took:?}");
+        control.signal.store(0, Relaxed);
+        drop(control.begin());
 
         // Answers ending now and then keep it open.
         for _ in 0..6 {
