@@ -92,7 +92,8 @@ impl Connections {
     }
 
     /// Registers a new connection; it is forgotten when the returned
-    /// registration is dropped (with the connection's task).
+    /// registration is dropped (with the [`Supervised`] connection that
+    /// takes it).
     pub fn open(self: &Arc<Self>) -> Registration {
         let id = self.next_id.fetch_add(1, Relaxed);
         let control = Arc::new(Control::default());
@@ -191,11 +192,11 @@ impl Registration {
     }
 
     /// `connection`, closed when the sweep finds it idle and finished when
-    /// the server shuts down.
-    pub fn supervise<C>(&self, connection: C) -> Supervised<C> {
+    /// the server shuts down; forgotten when it ends.
+    pub fn supervise<C>(self, connection: C) -> Supervised<C> {
         Supervised {
             connection: Box::pin(connection),
-            control: Arc::clone(&self.control),
+            registration: self,
             waker: None,
             shutting_down: false,
             told_idle: false,
@@ -235,7 +236,7 @@ pub enum Ended {
 /// when the server shuts down.
 pub struct Supervised<C> {
     connection: Pin<Box<C>>,
-    control: Arc<Control>,
+    registration: Registration,
     /// The waker last registered with `control`: registering again only
     /// when the task's waker changes, or after a signal (whose wake took
     /// it), keeps the poll at one atomic load.
@@ -263,18 +264,19 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let mut signal = this.control.signal.load(Acquire);
+        let control = &this.registration.control;
+        let mut signal = control.signal.load(Acquire);
         let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
         if signal != 0 || !registered {
-            this.control.waker.register(cx.waker());
+            control.waker.register(cx.waker());
             this.waker = Some(cx.waker().clone());
-            signal = this.control.signal.load(Acquire);
+            signal = control.signal.load(Acquire);
         }
         if signal & CLOSE != 0 {
-            this.control.signal.fetch_and(!CLOSE, Relaxed);
+            control.signal.fetch_and(!CLOSE, Relaxed);
             // Requests begin on this task, so none begins before the check
             // below; one that began since the sweep keeps the connection.
-            if this.control.busy.load(Acquire) == 0 {
+            if control.busy.load(Acquire) == 0 {
                 if this.told_idle {
                     // Still open a sweep after a graceful close.
                     return Poll::Ready(Ok(Ended::Idle));

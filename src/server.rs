@@ -112,7 +112,6 @@ pub async fn serve<H, F>(
                 }
                 Err(err) => tracing::debug!(error = %err, %peer, "connection ended with an error"),
             }
-            drop(registration);
         });
     }
     drop(listener);
