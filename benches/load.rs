@@ -7,6 +7,7 @@
 //! cargo bench --bench load -- --quick          # 1 round of 3 s, for a smoke run
 //! cargo bench --bench load -- --only hits-1k,herd --rounds 5
 //! cargo bench --bench load -- --only hot-1k --compare /tmp/old/swr-proxy   # A/B two builds
+//! cargo bench --bench load -- --only hot-1k --compare target/release/swr-proxy --compare-args "--threads 1"
 //! cargo bench --bench load -- --only hot-1k --wire-limit   # also the limit with swr-proxy's headers
 //! ```
 //!
@@ -57,6 +58,8 @@ pub struct Options {
     /// Another swr-proxy binary (an earlier build) to run beside this one,
     /// as the target "baseline".
     pub baseline: Option<PathBuf>,
+    /// Extra flags for the baseline (A/B of a flag: `--compare` this build).
+    pub baseline_args: Vec<String>,
     /// Also run the target "limit-wire" in the hit scenarios.
     pub wire_limit: bool,
 }
@@ -70,6 +73,7 @@ impl Default for Options {
             hit_keys: 10_000,
             memory_keys: 100_000,
             baseline: None,
+            baseline_args: Vec::new(),
             wire_limit: false,
         }
     }
@@ -111,6 +115,12 @@ impl Options {
                     }
                     options.baseline = Some(path);
                 }
+                "--compare-args" => {
+                    let list = args
+                        .next()
+                        .ok_or("--compare-args takes flags like \"--threads 1\"")?;
+                    options.baseline_args = list.split_whitespace().map(str::to_string).collect();
+                }
                 "--wire-limit" => options.wire_limit = true,
                 "--only" => {
                     let list = args.next().ok_or("--only takes a list like hits-1k,herd")?;
@@ -118,6 +128,9 @@ impl Options {
                 }
                 other => return Err(format!("unknown argument {other:?}")),
             }
+        }
+        if !options.baseline_args.is_empty() && options.baseline.is_none() {
+            return Err("--compare-args needs --compare".into());
         }
         Ok(options)
     }
@@ -460,7 +473,7 @@ async fn start_target(
         }
         Kind::SwrProxy | Kind::Baseline => {
             let binary = match kind {
-                Kind::Baseline => BASELINE.get()?.clone(),
+                Kind::Baseline => BASELINE.get()?.0.clone(),
                 _ => PathBuf::from(SWR_PROXY),
             };
             let mut command = Command::new(binary);
@@ -482,6 +495,9 @@ async fn start_target(
                     "127.0.0.1:0",
                 ])
                 .env("RUST_LOG", "warn");
+            if let (Kind::Baseline, Some((_, extra))) = (kind, BASELINE.get()) {
+                command.args(extra);
+            }
             let proc = spawn_quiet(&mut command, None)?;
             let pid = proc.pid();
             (Some(proc), vec![pid], None, None, addr)
@@ -788,8 +804,8 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// The `--compare` binary, for the whole run.
-static BASELINE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+/// The `--compare` binary and its `--compare-args`, for the whole run.
+static BASELINE: std::sync::OnceLock<(PathBuf, Vec<String>)> = std::sync::OnceLock::new();
 
 fn kinds_available() -> Vec<Kind> {
     let mut kinds = vec![Kind::SwrProxy];
@@ -1212,7 +1228,7 @@ pub fn run(options: &Options) -> Report {
         .build()
         .expect("runtime");
     if let Some(path) = &options.baseline {
-        let _ = BASELINE.set(path.clone());
+        let _ = BASELINE.set((path.clone(), options.baseline_args.clone()));
     }
     let mut report = Report::default();
     runtime.block_on(async {

@@ -158,6 +158,11 @@ pub struct ProxyArgs {
     /// keepalive_timeout) [default: 60s].
     #[arg(long, env = "SWR_CLIENT_HEADER_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub client_header_timeout: Option<Duration>,
+
+    /// Threads that serve requests (nginx's worker_processes) [default: one
+    /// per core]. Leave a load generator on the same machine its own cores.
+    #[arg(long, env = "SWR_THREADS", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
+    pub threads: Option<usize>,
 }
 
 /// The configuration file: every flag, by the same name with `_` for `-`,
@@ -185,6 +190,7 @@ pub struct FileConfig {
     pub access_log: Option<bool>,
     pub shutdown_timeout: Option<String>,
     pub client_header_timeout: Option<String>,
+    pub threads: Option<usize>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteFile>,
 }
@@ -295,6 +301,8 @@ pub struct Config {
     pub upstream_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub client_header_timeout: Duration,
+    /// Worker threads of the runtime; read once at start (a reload keeps them).
+    pub threads: usize,
     pub cache_control: CacheControlMode,
     pub honor_client_cache_control: bool,
     pub targeted_cache_control: http::HeaderName,
@@ -507,6 +515,10 @@ impl Config {
                 "client_header_timeout",
                 Duration::from_secs(60),
             )?,
+            threads: args
+                .threads
+                .or(count(file.threads, "threads")?)
+                .unwrap_or_else(default_threads),
             cache_control,
             honor_client_cache_control: args.honor_client_cache_control
                 || file.honor_client_cache_control.unwrap_or(false),
@@ -702,6 +714,11 @@ fn parse_count_or_zero(text: &str) -> Result<usize, String> {
 }
 
 /// Parses a count of at least one.
+/// One thread per core the process may run on.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn parse_count(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),

@@ -47,7 +47,18 @@ fn main() -> ExitCode {
         (None, None) => String::new(),
     };
     init_logs(&log_format);
+    let threads = match (&config, &demo_args) {
+        (Some(config), _) => config.threads,
+        // The demo's configuration is checked again, with its backend, in run_demo.
+        (None, Some(args)) => reqwest::Url::parse("http://127.0.0.1:1")
+            .ok()
+            .and_then(|url| Config::from_args(args, Some(url), Config::DEFAULT_TTL).ok())
+            .map_or(1, |config| config.threads),
+        (None, None) => 1,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("swr-worker")
         .enable_all()
         .build()
     {
@@ -202,6 +213,7 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         %listen,
         %admin,
         upstream = %config.upstream,
+        threads = config.threads,
         ttl_ms = config.ttl.as_millis() as u64,
         stale_while_revalidate_ms = config.stale_while_revalidate.as_millis() as u64,
         stale_if_error_ms = config.stale_if_error.as_millis() as u64,

@@ -337,7 +337,7 @@ impl Proxy {
     }
 
     /// Re-reads the configuration file and applies its routes and caching
-    /// rules; the cache, the connections and the listeners stay. A bad file
+    /// rules; the cache, the connections, the listeners and the threads stay. A bad file
     /// is rejected and the running configuration kept. Returns the number of
     /// routes now in force.
     pub fn reload(&self) -> Result<usize, ConfigError> {

@@ -46,6 +46,8 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
             "--client-header-timeout",
         ),
         (&["--listen", "localhost"], "--listen"),
+        (&["--threads", "0"], "--threads"),
+        (&["--threads", "all"], "--threads"),
         (
             &["--max-size", "1MiB", "--max-object-size", "2MiB"],
             "--max-object-size",
@@ -91,6 +93,40 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
 fn help_exits_0() {
     let (code, _) = run(&["--help"], &[]);
     assert_eq!(code, 0);
+}
+
+/// The threads of process `pid` named `name` (Linux names them in /proc).
+#[cfg(target_os = "linux")]
+fn threads_named(pid: u32, name: &str) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc lists the threads");
+    tasks
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+        .count()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_sets_how_many_threads_serve() {
+    let origin = Origin::start().await;
+    for (flag, expected) in [("1", 1), ("3", 3)] {
+        let child = Child::start(&origin.url(), &["--threads", flag]);
+        assert_eq!(
+            threads_named(child.child.id(), "swr-worker"),
+            expected,
+            "--threads {flag}"
+        );
+        // And they serve: the answer comes from the backend through the proxy.
+        let url = format!("http://{}/threads-{flag}", child.addr);
+        let response = reqwest::get(&url).await.expect("answered");
+        assert_eq!(response.status().as_u16(), 200);
+        assert_eq!(
+            response.text().await.expect("body"),
+            format!("/threads-{flag} #1")
+        );
+    }
 }
 
 /// A running `swr-proxy` child process; killed on drop if still running.

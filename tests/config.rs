@@ -80,6 +80,7 @@ fn check_names_the_bad_field_and_line() {
             "route[0].ttl",
         ),
         ("[[route]]\npath = \"a\"\n", "", "route[0].path"),
+        ("threads = 0\n", "", "threads"),
         (
             "max_size = \"1MiB\"\nmax_object_size = \"2MiB\"\n",
             "",

@@ -41,8 +41,9 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         only: None,
         hit_keys: 200,
         memory_keys: 5_000,
-        // The same binary again, as the `--compare` baseline.
+        // The same binary again, as the `--compare` baseline, on one thread.
         baseline: Some(env!("CARGO_BIN_EXE_swr-proxy").into()),
+        baseline_args: vec!["--threads".into(), "1".into()],
         wire_limit: true,
     };
     let report = load::run(&options);
