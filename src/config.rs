@@ -569,6 +569,12 @@ impl Config {
                 "--upstream-timeout must be above zero, e.g. 30s".into(),
             ));
         }
+        if self.threads > MAX_THREADS {
+            return Err(ConfigError(format!(
+                "--threads {} is more than {MAX_THREADS}: one per core is the most that helps",
+                self.threads
+            )));
+        }
         if self.client_header_timeout.is_zero() {
             return Err(ConfigError(
                 "--client-header-timeout must be above zero, e.g. 60s".into(),
@@ -714,9 +720,12 @@ fn parse_count_or_zero(text: &str) -> Result<usize, String> {
 }
 
 /// Parses a count of at least one.
+/// More serving threads than this is a typo, not a machine.
+const MAX_THREADS: usize = 1024;
+
 /// One thread per core the process may run on.
 fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
 }
 
 fn parse_count(text: &str) -> Result<usize, String> {

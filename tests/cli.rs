@@ -48,6 +48,7 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
         (&["--listen", "localhost"], "--listen"),
         (&["--threads", "0"], "--threads"),
         (&["--threads", "all"], "--threads"),
+        (&["--threads", "100000"], "--threads"),
         (
             &["--max-size", "1MiB", "--max-object-size", "2MiB"],
             "--max-object-size",
