@@ -9,6 +9,7 @@
 //! cargo bench --bench load -- --only hot-1k --compare /tmp/old/swr-proxy   # A/B two builds
 //! cargo bench --bench load -- --only hot-1k --compare target/release/swr-proxy --compare-args "--threads 1"
 //! cargo bench --bench load -- --only hot-1k --wire-limit   # also the limit with swr-proxy's headers
+//! cargo bench --bench load -- --only hot-1k --raw-limit    # also the limit without hyper
 //! ```
 //!
 //! The origin and the limit server run inside this process; swr-proxy, nginx,
@@ -62,6 +63,8 @@ pub struct Options {
     pub baseline_args: Vec<String>,
     /// Also run the target "limit-wire" in the hit scenarios.
     pub wire_limit: bool,
+    /// Also run the target "limit-raw" (the limit without hyper).
+    pub raw_limit: bool,
 }
 
 impl Default for Options {
@@ -75,6 +78,7 @@ impl Default for Options {
             baseline: None,
             baseline_args: Vec::new(),
             wire_limit: false,
+            raw_limit: false,
         }
     }
 }
@@ -122,6 +126,7 @@ impl Options {
                     options.baseline_args = list.split_whitespace().map(str::to_string).collect();
                 }
                 "--wire-limit" => options.wire_limit = true,
+                "--raw-limit" => options.raw_limit = true,
                 "--only" => {
                     let list = args.next().ok_or("--only takes a list like hits-1k,herd")?;
                     options.only = Some(list.split(',').map(str::to_string).collect());
@@ -298,25 +303,120 @@ async fn start_limit(
     (addr, stop)
 }
 
+/// The limit without hyper: a bare HTTP/1.1 loop over the socket (find the
+/// head's end, take the path, write head and body in one `writev`), with
+/// the same headers as the limit. It shows what the HTTP library costs a
+/// hit; `--raw-limit` runs it.
+async fn start_raw_limit(
+    keys: usize,
+    body_size: usize,
+) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind limit");
+    let addr = listener.local_addr().expect("limit addr");
+    let map = Arc::new(limit_map(keys, body_size));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(accept_until(listener, stopped, move |stream| {
+        tokio::spawn(raw_connection(stream, Arc::clone(&map)));
+    }));
+    (addr, stop)
+}
+
+async fn raw_connection(stream: tokio::net::TcpStream, map: Arc<HashMap<String, Bytes>>) {
+    let mut buf = vec![0u8; 8192];
+    let mut filled = 0;
+    let mut date = (0u64, String::new());
+    loop {
+        match stream.try_read(&mut buf[filled..]) {
+            Ok(0) => return,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if stream.readable().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => return,
+        }
+        let mut start = 0;
+        while let Some(end) = buf[start..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = &buf[start..start + end];
+            let path = head
+                .split(|b| *b == b' ')
+                .nth(1)
+                .and_then(|p| std::str::from_utf8(p).ok());
+            let now = std::time::SystemTime::now();
+            let secs = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if secs != date.0 {
+                date = (secs, httpdate::fmt_http_date(now));
+            }
+            let body = path.and_then(|p| map.get(p));
+            let answer = match body {
+                Some(body) => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\ndate: {}\r\n\r\n",
+                    body.len(),
+                    date.1
+                ),
+                None => format!(
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\ndate: {}\r\n\r\n",
+                    date.1
+                ),
+            };
+            let empty = Bytes::new();
+            if !write_all(&stream, answer.as_bytes(), body.unwrap_or(&empty)).await {
+                return;
+            }
+            start += end + 4;
+        }
+        buf.copy_within(start..filled, 0);
+        filled -= start;
+        if filled == buf.len() {
+            return; // a request head over 8 KiB
+        }
+    }
+}
+
+/// Writes `head` then `body` with `writev`, waiting while the socket is full.
+async fn write_all(stream: &tokio::net::TcpStream, head: &[u8], body: &[u8]) -> bool {
+    let mut sent = 0;
+    let total = head.len() + body.len();
+    while sent < total {
+        let slices = if sent < head.len() {
+            [
+                std::io::IoSlice::new(&head[sent..]),
+                std::io::IoSlice::new(body),
+            ]
+        } else {
+            [
+                std::io::IoSlice::new(&body[sent - head.len()..]),
+                std::io::IoSlice::new(&[]),
+            ]
+        };
+        match stream.try_write_vectored(&slices) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if stream.writable().await.is_err() {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Serves `handler` on `listener` (HTTP/1.1 and HTTP/2) until `stopped`
 /// turns true.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    stopped: tokio::sync::watch::Receiver<bool>,
     handler: F,
 ) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(_) => continue,
-            },
-            _ = stopped.wait_for(|s| *s) => return,
-        };
-        let _ = stream.set_nodelay(true);
+    accept_until(listener, stopped, move |stream| {
         let handler = handler.clone();
         let service = service_fn(move |request| {
             let handler = handler.clone();
@@ -327,6 +427,27 @@ pub async fn serve<F, Fut>(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    })
+    .await;
+}
+
+/// Accepts connections on `listener` (with `TCP_NODELAY`) and hands each to
+/// `each`, until `stopped` turns true.
+async fn accept_until(
+    listener: TcpListener,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+    mut each: impl FnMut(tokio::net::TcpStream),
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(_) => continue,
+            },
+            _ = stopped.wait_for(|s| *s) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        each(stream);
     }
 }
 
@@ -342,6 +463,8 @@ enum Kind {
     Limit,
     /// The limit, answering with a swr-proxy hit's headers too.
     LimitWire,
+    /// The limit without hyper.
+    LimitRaw,
 }
 
 impl Kind {
@@ -353,6 +476,7 @@ impl Kind {
             Kind::Varnish => "varnish",
             Kind::Limit => "limit",
             Kind::LimitWire => "limit-wire",
+            Kind::LimitRaw => "limit-raw",
         }
     }
 }
@@ -467,8 +591,12 @@ async fn start_target(
     let addr = free_port();
     let origin_addr = origin.addr;
     let (proc, pids, cache_dir, limit_stop, addr) = match kind {
-        Kind::Limit | Kind::LimitWire => {
-            let (addr, stop) = start_limit(keys, body_size, kind == Kind::LimitWire).await;
+        Kind::Limit | Kind::LimitWire | Kind::LimitRaw => {
+            let (addr, stop) = if kind == Kind::LimitRaw {
+                start_raw_limit(keys, body_size).await
+            } else {
+                start_limit(keys, body_size, kind == Kind::LimitWire).await
+            };
             (None, vec![std::process::id()], None, Some(stop), addr)
         }
         Kind::SwrProxy | Kind::Baseline => {
@@ -838,6 +966,9 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
     if options.wire_limit {
         kinds.push(Kind::LimitWire);
     }
+    if options.raw_limit {
+        kinds.push(Kind::LimitRaw);
+    }
     let mut results: HashMap<&'static str, Vec<(WrkResult, f64)>> = HashMap::new();
     let mut by_round: HashMap<(usize, &'static str), f64> = HashMap::new();
     for round in 0..options.rounds {
@@ -901,11 +1032,14 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
     // interleaved, so a pair from one round shares the machine's state.
     let mut pairs: Vec<(&str, &str)> = kinds
         .iter()
-        .filter(|k| !matches!(k, Kind::Limit | Kind::LimitWire))
+        .filter(|k| !matches!(k, Kind::Limit | Kind::LimitWire | Kind::LimitRaw))
         .map(|k| (k.name(), "limit"))
         .collect();
     if options.wire_limit {
         pairs.push((Kind::SwrProxy.name(), Kind::LimitWire.name()));
+    }
+    if options.raw_limit {
+        pairs.push((Kind::LimitRaw.name(), Kind::Limit.name()));
     }
     for (target, against) in pairs {
         let ratios: Vec<f64> = (0..options.rounds)

@@ -45,6 +45,7 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         baseline: Some(env!("CARGO_BIN_EXE_swr-proxy").into()),
         baseline_args: vec!["--threads".into(), "1".into()],
         wire_limit: true,
+        raw_limit: true,
     };
     let report = load::run(&options);
     assert!(
@@ -68,7 +69,7 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
     };
 
     for scenario in ["hits-1k", "hits-64k", "hot-1k"] {
-        for target in caches.iter().chain(&["limit", "limit-wire"]) {
+        for target in caches.iter().chain(&["limit", "limit-wire", "limit-raw"]) {
             let cells = row(scenario, target);
             assert!(number(&cells[2]) > 0.0, "{scenario} {target}: {cells:?}");
             assert!(
@@ -90,10 +91,14 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
             let note = note.unwrap_or_else(|| panic!("no note {prefix:?}: {:#?}", report.notes));
             assert!(note.contains("(median ") && note.ends_with("x)"), "{note}");
         }
-        let prefix = format!("{scenario} swr-proxy / limit-wire by round: ");
-        let note = report.notes.iter().find(|n| n.starts_with(&prefix));
-        let note = note.unwrap_or_else(|| panic!("no note {prefix:?}: {:#?}", report.notes));
-        assert!(note.ends_with("x)"), "{note}");
+        for prefix in [
+            format!("{scenario} swr-proxy / limit-wire by round: "),
+            format!("{scenario} limit-raw / limit by round: "),
+        ] {
+            let note = report.notes.iter().find(|n| n.starts_with(&prefix));
+            let note = note.unwrap_or_else(|| panic!("no note {prefix:?}: {:#?}", report.notes));
+            assert!(note.ends_with("x)"), "{note}");
+        }
     }
 
     // The stale storm refreshed entries in the background, within
