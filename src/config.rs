@@ -719,7 +719,6 @@ fn parse_count_or_zero(text: &str) -> Result<usize, String> {
         .map_err(|_| "expected a whole number (0 for no cap)".into())
 }
 
-/// Parses a count of at least one.
 /// More serving threads than this is a typo, not a machine.
 const MAX_THREADS: usize = 1024;
 
@@ -728,6 +727,7 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
 }
 
+/// Parses a count of at least one.
 fn parse_count(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),

@@ -337,9 +337,9 @@ impl Proxy {
     }
 
     /// Re-reads the configuration file and applies its routes and caching
-    /// rules; the cache, the connections, the listeners and the threads stay. A bad file
-    /// is rejected and the running configuration kept. Returns the number of
-    /// routes now in force.
+    /// rules; the cache, the connections, the listeners and the threads
+    /// stay. A bad file is rejected and the running configuration kept.
+    /// Returns the number of routes now in force.
     pub fn reload(&self) -> Result<usize, ConfigError> {
         let Some(path) = &self.config.config_file else {
             return Err(ConfigError("no --config file to reload".into()));
