@@ -50,6 +50,7 @@ pub const SWEEPS: u32 = 4;
 /// `Control::signal` bits.
 const FINISH: u8 = 1;
 const CLOSE: u8 = 2;
+const ABORT: u8 = 4;
 
 /// Every open connection, for the idle sweep and for shutdown.
 #[derive(Debug, Default)]
@@ -76,7 +77,7 @@ pub struct Control {
     busy: AtomicUsize,
     /// Answers ended so far.
     ended: AtomicU64,
-    /// `FINISH` and `CLOSE` bits.
+    /// `FINISH`, `CLOSE` and `ABORT` bits.
     signal: AtomicU8,
     /// The connection's task, woken when a signal is sent.
     waker: AtomicWaker,
@@ -122,6 +123,14 @@ impl Connections {
     pub fn finish_all(&self) {
         for watched in self.lock().values() {
             watched.control.send(FINISH);
+        }
+    }
+
+    /// Tells every connection to close now, whatever it is doing: for the
+    /// ones still open when shutdown's grace period ends.
+    pub fn abort_all(&self) {
+        for watched in self.lock().values() {
+            watched.control.send(ABORT);
         }
     }
 
@@ -230,6 +239,8 @@ pub enum Ended {
     Closed,
     /// It had no request in progress for the client header timeout.
     Idle,
+    /// Still open when shutdown's grace period ended.
+    Aborted,
 }
 
 /// A connection future that closes when told to and finishes gracefully
@@ -271,6 +282,9 @@ where
             control.waker.register(cx.waker());
             this.waker = Some(cx.waker().clone());
             signal = control.signal.load(Acquire);
+        }
+        if signal & ABORT != 0 {
+            return Poll::Ready(Ok(Ended::Aborted));
         }
         if signal & CLOSE != 0 {
             control.signal.fetch_and(!CLOSE, Relaxed);
@@ -401,6 +415,8 @@ mod tests {
         connections.finish_all();
         assert_eq!(control.signal.load(Acquire) & FINISH, FINISH);
         assert_eq!(other.control().signal.load(Acquire) & FINISH, FINISH);
+        connections.abort_all();
+        assert_eq!(other.control().signal.load(Acquire) & ABORT, ABORT);
         drop(other);
         assert_eq!(connections.count(), 1);
         sweeper.abort();

@@ -41,6 +41,9 @@ impl Timeouts {
     }
 }
 
+/// How long closing the connections left at the shutdown deadline may take.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
 /// Serves the proxy on `listener` until `shutdown` completes; then stops
 /// accepting, asks every connection to finish its in-flight requests, and
 /// waits up to `timeouts.grace`.
@@ -110,6 +113,9 @@ pub async fn serve<H, F>(
                 Ok(Ended::Idle) => {
                     tracing::debug!(%peer, timeout_ms = timeout.as_millis() as u64, "closing a connection with no request in progress");
                 }
+                Ok(Ended::Aborted) => {
+                    tracing::debug!(%peer, "closed a connection still open at the shutdown deadline");
+                }
                 Err(err) => tracing::debug!(error = %err, %peer, "connection ended with an error"),
             }
         });
@@ -124,7 +130,16 @@ pub async fn serve<H, F>(
     tokio::select! {
         () = tasks.wait() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(timeouts.grace) => {
-            tracing::warn!(grace_ms = timeouts.grace.as_millis() as u64, "shutdown deadline reached; closing remaining connections");
+            tracing::warn!(
+                grace_ms = timeouts.grace.as_millis() as u64,
+                connections = connections.count(),
+                "shutdown deadline reached; closing remaining connections"
+            );
+            connections.abort_all();
+            // Each ends at its next poll, which the signal wakes.
+            if tokio::time::timeout(ABORT_WAIT, tasks.wait()).await.is_err() {
+                tracing::warn!(connections = connections.count(), "connections still open after closing");
+            }
         }
     }
     sweeper.abort();

@@ -401,6 +401,27 @@ async fn shutdown_closes_idle_connections_and_finishes_busy_ones() {
     assert!(answer.ends_with("/slow #1"), "{answer}");
 }
 
+#[tokio::test]
+async fn shutdown_closes_connections_still_busy_at_the_deadline() {
+    let origin = Origin::start().await;
+    origin.route("/hang", Route::default().delay(Duration::from_secs(60)));
+    let proxy = TestProxy::start(&origin, &["--shutdown-timeout", "300ms"]).await;
+    let mut busy = send(proxy.addr, b"GET /hang HTTP/1.1\r\nHost: example\r\n\r\n").await;
+    eventually(WAIT, "the request reaches the origin", || async {
+        origin.hits("/hang") == 1
+    })
+    .await;
+
+    proxy.shut_down();
+    // Closed soon after the 300 ms deadline, not when the backend answers
+    // a minute later; no answer was sent.
+    let (took, answer) = closed_within(&mut busy, Duration::from_secs(20))
+        .await
+        .expect("the busy connection is closed at the shutdown deadline");
+    assert!(took >= Duration::from_millis(300), "closed after {took:?}");
+    assert_eq!(answer, "", "no answer on a connection cut at the deadline");
+}
+
 /// Every metric the dashboard queries is one the proxy exports.
 #[tokio::test]
 async fn the_grafana_dashboard_queries_exported_metrics() {

@@ -388,8 +388,9 @@ impl TestProxy {
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let admin_addr = admin_listener.local_addr().expect("admin address");
         let token: Option<Arc<str>> = config.admin_token.as_deref().map(Arc::from);
+        // Shutdown's grace period: 5 s at most, shorter when a test asks.
         let timeouts = swr_proxy::server::Timeouts {
-            grace: Duration::from_secs(5),
+            grace: config.shutdown_timeout.min(Duration::from_secs(5)),
             ..swr_proxy::server::Timeouts::from_config(&config)
         };
         let cancel = CancellationToken::new();
