@@ -57,9 +57,13 @@ pub async fn handle(
         (Method::GET, "/stats") => json(StatusCode::OK, &stats(&proxy)),
         (Method::POST, "/purge") => purge(&proxy, request).await,
         (Method::POST, "/reload") => match proxy.reload() {
-            Ok(routes) => json(
+            Ok(reloaded) => json(
                 StatusCode::OK,
-                &serde_json::json!({ "reloaded": true, "routes": routes }),
+                &serde_json::json!({
+                    "reloaded": true,
+                    "routes": reloaded.routes,
+                    "at_next_start": reloaded.at_next_start,
+                }),
             ),
             Err(err) => {
                 tracing::warn!(error = %err, "reload rejected; keeping the running configuration");

@@ -583,6 +583,50 @@ impl Config {
         Ok(())
     }
 
+    /// The settings that differ in `other` and that a reload does not
+    /// apply: they take effect at the next start. A reload applies the
+    /// routes and the caching rules (lifetimes, Cache-Control handling).
+    pub fn start_only_changes(&self, other: &Config) -> Vec<&'static str> {
+        [
+            ("listen", self.listen != other.listen),
+            ("admin_listen", self.admin_listen != other.admin_listen),
+            ("admin_token", self.admin_token != other.admin_token),
+            ("upstream", self.upstream != other.upstream),
+            ("threads", self.threads != other.threads),
+            ("max_size", self.max_size_bytes != other.max_size_bytes),
+            (
+                "max_object_size",
+                self.max_object_size_bytes != other.max_object_size_bytes,
+            ),
+            (
+                "refresh_concurrency",
+                self.refresh_concurrency != other.refresh_concurrency,
+            ),
+            ("refresh_queue", self.refresh_queue != other.refresh_queue),
+            (
+                "upstream_timeout",
+                self.upstream_timeout != other.upstream_timeout,
+            ),
+            (
+                "upstream_concurrency",
+                self.upstream_concurrency != other.upstream_concurrency,
+            ),
+            (
+                "shutdown_timeout",
+                self.shutdown_timeout != other.shutdown_timeout,
+            ),
+            (
+                "client_header_timeout",
+                self.client_header_timeout != other.client_header_timeout,
+            ),
+            ("log_format", self.log_format != other.log_format),
+            ("access_log", self.access_log != other.access_log),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     /// The route for a request path: the first that matches.
     pub fn route_for(&self, path: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.matches(path))

@@ -339,8 +339,7 @@ impl Proxy {
     /// Re-reads the configuration file and applies its routes and caching
     /// rules; the cache, the connections, the listeners and the threads
     /// stay. A bad file is rejected and the running configuration kept.
-    /// Returns the number of routes now in force.
-    pub fn reload(&self) -> Result<usize, ConfigError> {
+    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
         let Some(path) = &self.config.config_file else {
             return Err(ConfigError("no --config file to reload".into()));
         };
@@ -352,10 +351,20 @@ impl Proxy {
             self.config.default_ttl,
         )?;
         let routes = config.routes.len();
+        let at_next_start = self.config.start_only_changes(&config);
         self.policy
             .store(Arc::new(Policy::from_config(&config, &self.route_stats)));
         tracing::info!(file = %path.display(), routes, "configuration reloaded");
-        Ok(routes)
+        if !at_next_start.is_empty() {
+            tracing::warn!(
+                settings = %at_next_start.join(", "),
+                "changed in the file; these take effect at the next start"
+            );
+        }
+        Ok(Reloaded {
+            routes,
+            at_next_start,
+        })
     }
 
     /// The Prometheus text of every metric.
@@ -1322,6 +1331,15 @@ impl Proxy {
         *response.headers_mut() = headers;
         response
     }
+}
+
+/// What a reload applied.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// Routes now in force.
+    pub routes: usize,
+    /// Settings changed in the file that apply at the next start.
+    pub at_next_start: Vec<&'static str>,
 }
 
 /// How long an answer waited on the backend (a fetch, a pass, or another

@@ -166,6 +166,18 @@ async fn key_options_share_or_split_entries() {
     assert_eq!(proxy.get("/s?q=boots&session=1").await.x_cache(), "MISS");
 }
 
+/// `POST /reload`: its status and body.
+async fn reload(proxy: &TestProxy) -> (u16, String) {
+    let answer = proxy
+        .client
+        .post(proxy.admin_url("/reload"))
+        .send()
+        .await
+        .expect("the admin port answers");
+    let status = answer.status().as_u16();
+    (status, answer.text().await.expect("a body"))
+}
+
 #[tokio::test]
 async fn reload_applies_a_good_file_and_rejects_a_bad_one() {
     let origin = Origin::start().await;
@@ -173,14 +185,11 @@ async fn reload_applies_a_good_file_and_rejects_a_bad_one() {
     let proxy = TestProxy::start(&origin, &["--config", file.path()]).await;
     proxy.get("/kept").await;
     file.write("ttl = \"60s\"\n[[route]]\npath = \"/new\"\nbypass = true\n");
-    let reload = proxy
-        .client
-        .post(proxy.admin_url("/reload"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reload.status().as_u16(), 200);
-    assert!(reload.text().await.unwrap().contains("\"routes\": 1"));
+    let (status, body) = reload(&proxy).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(answer["routes"], 1);
+    assert_eq!(answer["at_next_start"], serde_json::json!([]));
     assert_eq!(
         proxy.get("/new").await.x_cache(),
         "BYPASS",
@@ -192,15 +201,22 @@ async fn reload_applies_a_good_file_and_rejects_a_bad_one() {
         "the cache survived"
     );
 
+    // Settings a reload cannot apply are named in its answer.
+    file.write(
+        "ttl = \"60s\"\nthreads = 999\nrefresh_queue = 5\n[[route]]\npath = \"/new\"\nbypass = true\n",
+    );
+    let (status, body) = reload(&proxy).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        answer["at_next_start"],
+        serde_json::json!(["threads", "refresh_queue"])
+    );
+
     file.write("ttl = \"60s\"\n[[route]]\npath = \"/new\"\nbypass = maybe\n");
-    let rejected = proxy
-        .client
-        .post(proxy.admin_url("/reload"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(rejected.status().as_u16(), 422);
-    assert!(rejected.text().await.unwrap().contains("line 4"));
+    let (status, body) = reload(&proxy).await;
+    assert_eq!(status, 422);
+    assert!(body.contains("line 4"), "{body}");
     assert_eq!(
         proxy.get("/new").await.x_cache(),
         "BYPASS",
