@@ -282,42 +282,35 @@ pub fn limit_response(
     response
 }
 
-/// The limit: one body per key in a plain map, answered as is.
+/// The limit: one body per key in a plain map, answered as is (`kind`
+/// `Limit`), with a swr-proxy hit's headers too (`LimitWire`), or without
+/// hyper (`LimitRaw`: a bare HTTP/1.1 loop over the socket that finds the
+/// head's end, takes the path and writes head and body in one `writev`,
+/// with the limit's headers; it shows what the HTTP library costs a hit).
 async fn start_limit(
     keys: usize,
     body_size: usize,
-    wire: bool,
+    kind: Kind,
 ) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind limit");
     let addr = listener.local_addr().expect("limit addr");
     let map = Arc::new(limit_map(keys, body_size));
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(serve(
-        listener,
-        stopped,
-        move |request: Request<Incoming>| {
-            let map = Arc::clone(&map);
-            async move { limit_response(&map, request.uri().path(), wire) }
-        },
-    ));
-    (addr, stop)
-}
-
-/// The limit without hyper: a bare HTTP/1.1 loop over the socket (find the
-/// head's end, take the path, write head and body in one `writev`), with
-/// the same headers as the limit. It shows what the HTTP library costs a
-/// hit; `--raw-limit` runs it.
-async fn start_raw_limit(
-    keys: usize,
-    body_size: usize,
-) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind limit");
-    let addr = listener.local_addr().expect("limit addr");
-    let map = Arc::new(limit_map(keys, body_size));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(accept_until(listener, stopped, move |stream| {
-        tokio::spawn(raw_connection(stream, Arc::clone(&map)));
-    }));
+    if kind == Kind::LimitRaw {
+        tokio::spawn(accept_until(listener, stopped, move |stream| {
+            tokio::spawn(raw_connection(stream, Arc::clone(&map)));
+        }));
+    } else {
+        let wire = kind == Kind::LimitWire;
+        tokio::spawn(serve(
+            listener,
+            stopped,
+            move |request: Request<Incoming>| {
+                let map = Arc::clone(&map);
+                async move { limit_response(&map, request.uri().path(), wire) }
+            },
+        ));
+    }
     (addr, stop)
 }
 
@@ -363,8 +356,8 @@ async fn raw_connection(stream: tokio::net::TcpStream, map: Arc<HashMap<String, 
                     date.1
                 ),
             };
-            let empty = Bytes::new();
-            if !write_all(&stream, answer.as_bytes(), body.unwrap_or(&empty)).await {
+            let body = body.map_or(&[][..], |b| &b[..]);
+            if !write_all(&stream, answer.as_bytes(), body).await {
                 return;
             }
             start += end + 4;
@@ -592,11 +585,7 @@ async fn start_target(
     let origin_addr = origin.addr;
     let (proc, pids, cache_dir, limit_stop, addr) = match kind {
         Kind::Limit | Kind::LimitWire | Kind::LimitRaw => {
-            let (addr, stop) = if kind == Kind::LimitRaw {
-                start_raw_limit(keys, body_size).await
-            } else {
-                start_limit(keys, body_size, kind == Kind::LimitWire).await
-            };
+            let (addr, stop) = start_limit(keys, body_size, kind).await;
             (None, vec![std::process::id()], None, Some(stop), addr)
         }
         Kind::SwrProxy | Kind::Baseline => {

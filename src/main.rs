@@ -50,10 +50,7 @@ fn main() -> ExitCode {
     let threads = match (&config, &demo_args) {
         (Some(config), _) => config.threads,
         // The demo's configuration is checked again, with its backend, in run_demo.
-        (None, Some(args)) => reqwest::Url::parse("http://127.0.0.1:1")
-            .ok()
-            .and_then(|url| Config::from_args(args, Some(url), Config::DEFAULT_TTL).ok())
-            .map_or(1, |config| config.threads),
+        (None, Some(args)) => without_upstream(args).map_or(1, |config| config.threads),
         (None, None) => 1,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -106,15 +103,22 @@ fn spawn_reload_on_sighup(proxy: Arc<Proxy>) {
     let _ = proxy;
 }
 
+/// The configuration of `args` before the upstream is known (a file checked
+/// on its own, the demo before its backend starts): a placeholder stands in.
+fn without_upstream(
+    args: &swr_proxy::config::ProxyArgs,
+) -> Result<Config, swr_proxy::config::ConfigError> {
+    let placeholder = reqwest::Url::parse("http://127.0.0.1:1").ok();
+    Config::from_args(args, placeholder, Config::DEFAULT_TTL)
+}
+
 /// `swr-proxy check --config F`: exit 0, or 2 with one line naming the problem.
 fn check(path: &std::path::Path) -> ExitCode {
     let args = swr_proxy::config::ProxyArgs {
         config: Some(path.to_path_buf()),
         ..Default::default()
     };
-    // A file need not name the upstream to be checked on its own.
-    let placeholder = reqwest::Url::parse("http://127.0.0.1:1").ok();
-    match Config::from_args(&args, placeholder, Config::DEFAULT_TTL) {
+    match without_upstream(&args) {
         Ok(config) => {
             println!(
                 "{}: ok ({} route{})",
