@@ -163,6 +163,11 @@ pub struct ProxyArgs {
     /// per core]. Leave a load generator on the same machine its own cores.
     #[arg(long, env = "SWR_THREADS", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     pub threads: Option<usize>,
+
+    /// Serve every request through hyper. By default plain HTTP/1.1 GET
+    /// hits are answered without it, from the entry's stored bytes.
+    #[arg(long, env = "SWR_NO_FAST_HITS")]
+    pub no_fast_hits: bool,
 }
 
 /// The configuration file: every flag, by the same name with `_` for `-`,
@@ -191,6 +196,7 @@ pub struct FileConfig {
     pub shutdown_timeout: Option<String>,
     pub client_header_timeout: Option<String>,
     pub threads: Option<usize>,
+    pub fast_hits: Option<bool>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteFile>,
 }
@@ -311,6 +317,9 @@ pub struct Config {
     pub upstream_concurrency: usize,
     pub log_format: String,
     pub access_log: bool,
+    /// Answer plain HTTP/1.1 GET hits without hyper (see `fast_hits`);
+    /// read once at start.
+    pub fast_hits: bool,
     /// First match wins; a request no route matches uses the values above.
     pub routes: Vec<Route>,
     /// The file this came from, re-read on reload.
@@ -538,6 +547,7 @@ impl Config {
                 .unwrap_or(256),
             log_format,
             access_log: args.access_log || file.access_log.unwrap_or(false),
+            fast_hits: !args.no_fast_hits && file.fast_hits.unwrap_or(true),
             routes,
             config_file: args.config.clone(),
             source: args.clone(),
@@ -621,6 +631,7 @@ impl Config {
             ),
             ("log_format", self.log_format != other.log_format),
             ("access_log", self.access_log != other.access_log),
+            ("fast_hits", self.fast_hits != other.fast_hits),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))
@@ -869,6 +880,16 @@ mod tests {
         };
         let config = Config::merge(&args, &f, None, Config::DEFAULT_TTL).unwrap();
         assert_eq!(config.ttl, Duration::from_secs(5), "the flag wins");
+        assert!(config.fast_hits, "on by default");
+        let off = file("upstream = \"http://127.0.0.1:3000\"\nfast_hits = false\n").unwrap();
+        let config = Config::merge(&ProxyArgs::default(), &off, None, Config::DEFAULT_TTL).unwrap();
+        assert!(!config.fast_hits, "off in the file");
+        let args = ProxyArgs {
+            no_fast_hits: true,
+            ..ProxyArgs::default()
+        };
+        let config = Config::merge(&args, &f, None, Config::DEFAULT_TTL).unwrap();
+        assert!(!config.fast_hits, "off by flag");
     }
 
     #[test]

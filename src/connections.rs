@@ -258,7 +258,19 @@ pub struct Supervised<C> {
     told_idle: bool,
 }
 
-impl<C: GracefulConnection> Supervised<C> {
+/// A connection that can be told to finish: answer what is in progress,
+/// take no new request, then close.
+pub trait Graceful {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<C: GracefulConnection> Graceful for C {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        GracefulConnection::graceful_shutdown(self);
+    }
+}
+
+impl<C: Graceful> Supervised<C> {
     fn shut_down(&mut self) {
         if !self.shutting_down {
             self.shutting_down = true;
@@ -269,7 +281,7 @@ impl<C: GracefulConnection> Supervised<C> {
 
 impl<C, E> Future for Supervised<C>
 where
-    C: GracefulConnection<Error = E> + Future<Output = Result<(), E>>,
+    C: Graceful + Future<Output = Result<(), E>>,
 {
     type Output = Result<Ended, E>;
 

@@ -10,6 +10,7 @@
 //! - [`config`]: flags, defaults and `validate()`, before anything binds.
 //! - [`server`]: the accept loop and graceful shutdown.
 //! - [`connections`]: open connections: closing idle ones, finishing all at shutdown.
+//! - [`fast_hits`]: plain HTTP/1.1 hits answered from the socket; the rest to hyper.
 //! - [`proxy`]: the hyper service: request -> cache decision -> upstream -> response.
 //! - [`cache::key`]: the cache key of a request (host, path, query).
 //! - [`cache::policy`]: pure rules: storable? lifetimes; state of an entry at `now`.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod connections;
 pub mod demo;
 pub mod error;
+pub mod fast_hits;
 pub mod metrics;
 pub mod proxy;
 pub mod refresh;

@@ -174,6 +174,10 @@ pub struct Stats {
     pub purged: AtomicU64,
     /// Requests for keys remembered as uncacheable, sent without coalescing.
     pub hit_for_miss: AtomicU64,
+    /// Hits answered without hyper (see [`crate::fast_hits`]).
+    pub fast_hits: Striped,
+    /// Connections the fast hit path handed to hyper.
+    pub fast_handoffs: AtomicU64,
     /// Time from sending a request upstream to its response head.
     pub upstream_latency: Histogram,
     /// How long background refreshes took.
@@ -207,6 +211,8 @@ impl Default for Stats {
             refresh_backoff: AtomicU64::new(0),
             purged: AtomicU64::new(0),
             hit_for_miss: AtomicU64::new(0),
+            fast_hits: Striped::default(),
+            fast_handoffs: AtomicU64::new(0),
             upstream_latency: Histogram::new(LATENCY_BOUNDS),
             refresh_duration: Histogram::new(LATENCY_BOUNDS),
             served_age: Histogram::new(AGE_BOUNDS),
@@ -340,6 +346,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "swr_not_modified_total",
     "swr_purged_total",
     "swr_hit_for_miss_total",
+    "swr_fast_hits_total",
+    "swr_fast_hit_handoffs_total",
     "swr_cache_entries",
     "swr_cache_bytes",
     "swr_cache_max_bytes",
@@ -442,7 +450,7 @@ impl Stats {
             ]
             .map(|(event, counter)| (event, counter.load(Relaxed))),
         );
-        let simple: [(&str, &str, &str, u64); 16] = [
+        let simple: [(&str, &str, &str, u64); 18] = [
             (
                 "swr_refresh_in_flight",
                 "gauge",
@@ -502,6 +510,18 @@ impl Stats {
                 "counter",
                 "Requests for keys remembered as uncacheable.",
                 self.hit_for_miss.load(Relaxed),
+            ),
+            (
+                "swr_fast_hits_total",
+                "counter",
+                "Hits answered without hyper (plain HTTP/1.1 GET); also counted in swr_requests_total.",
+                self.fast_hits.get(),
+            ),
+            (
+                "swr_fast_hit_handoffs_total",
+                "counter",
+                "Connections the fast hit path handed to hyper, at their first request it does not answer.",
+                self.fast_handoffs.load(Relaxed),
             ),
             (
                 "swr_cache_entries",

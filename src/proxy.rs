@@ -1292,6 +1292,82 @@ impl Proxy {
         response
     }
 
+    /// Records an answer from `entry` (its age, its key among the top keys)
+    /// and returns its age.
+    fn served(&self, entry: &Entry, now: Instant) -> Duration {
+        let age = entry.age(now);
+        self.stats.served_age.observe(age);
+        self.stats.top_keys.record(entry.key());
+        age
+    }
+
+    /// The answer from the cache a plain HTTP/1.1 `GET` of `path_and_query`
+    /// on `host` gets, for [`crate::fast_hits`]: a fresh hit, or a stale one
+    /// with its refresh queued, recorded as [`Proxy::handle`] records them.
+    /// The caller has checked that the request asks nothing else of the
+    /// cache (no range, no conditional, no body); `directives` says whether
+    /// it carries Cache-Control or Pragma, and `headers` builds the client's
+    /// headers, which a queued refresh sends on.
+    ///
+    /// `None` for anything else (a route that bypasses or shapes the key, a
+    /// varying URL, a miss, an expired entry, directives that count, a
+    /// status without a body): `handle` answers it. The steps are
+    /// `from_cache`'s, in its order.
+    pub fn fast_hit(
+        &self,
+        host: &str,
+        path_and_query: &str,
+        directives: bool,
+        client: SocketAddr,
+        headers: impl FnOnce() -> HeaderMap,
+    ) -> Option<FastHit> {
+        let policy = self.policy.load();
+        if directives && policy.honor_client_cache_control {
+            return None;
+        }
+        let path = path_and_query
+            .split_once('?')
+            .map_or(path_and_query, |(path, _)| path);
+        let route = policy.route_for(path);
+        if route.is_some_and(|(route, _, _)| route.bypass || route.shapes_key()) {
+            return None;
+        }
+        let host = lowercase(host);
+        let key = self.keys.key(&host, path_and_query);
+        let now = Instant::now();
+        let entry = self.store.get(&key, now)?;
+        if !has_body(entry.status()) {
+            return None;
+        }
+        let (status, cache_status) = match policy::decide(&entry, now, None) {
+            Use::Fresh => (CacheStatus::Hit, hit_cache_status(entry.ttl_secs(now))),
+            Use::Stale => {
+                let defaults = route.map_or(&policy.defaults, |(_, defaults, _)| defaults);
+                let target =
+                    || self.fetch_target(key, path_and_query, &headers(), Some(client), defaults);
+                let queued = self.queue_refresh(key.hash, &entry, target, now);
+                let cache_status = formatted(format_args!(
+                    "swr-proxy; hit; ttl={}; detail={}",
+                    entry.ttl_secs(now),
+                    queued.as_str()
+                ));
+                (CacheStatus::Stale, cache_status)
+            }
+            Use::Expired | Use::ClientRefused => return None,
+        };
+        self.stats.record_request(status);
+        if let Some((_, _, stats)) = route {
+            stats.record(status);
+        }
+        let age = self.served(&entry, now);
+        Some(FastHit {
+            status,
+            age: small_number(age.as_secs()),
+            cache_status,
+            entry,
+        })
+    }
+
     /// An answer from a stored entry: `304` to a matching conditional
     /// request, else the stored response (without a body for HEAD). The body
     /// is shared by reference count.
@@ -1316,9 +1392,7 @@ impl Proxy {
         } else {
             ProxyBody::full(body)
         };
-        let age = entry.age(now);
-        self.stats.served_age.observe(age);
-        self.stats.top_keys.record(entry.key());
+        let age = self.served(entry, now);
         headers.insert(header::AGE, small_number(age.as_secs()));
         headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
         headers.insert(CACHE_STATUS, cache_status);
@@ -1331,6 +1405,24 @@ impl Proxy {
         *response.headers_mut() = headers;
         response
     }
+}
+
+/// An answer for [`crate::fast_hits`] to write: the entry and the values
+/// of the headers an answer adds to the stored ones.
+pub struct FastHit {
+    pub entry: Entry,
+    /// `Hit` or `Stale`, for `X-Cache`.
+    pub status: CacheStatus,
+    pub age: HeaderValue,
+    pub cache_status: HeaderValue,
+}
+
+/// Whether an answer with this status carries the body (and stored
+/// `Content-Length`) as they are: not 1xx, 204 or 304.
+fn has_body(status: StatusCode) -> bool {
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
 }
 
 /// What a reload applied.

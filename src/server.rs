@@ -9,7 +9,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 
 use std::net::SocketAddr;
@@ -19,8 +19,10 @@ use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
 use crate::config::Config;
-use crate::connections::{Connections, Ended, Tracked};
+use crate::connections::{Connections, Control, Ended, Graceful, Tracked};
+use crate::fast_hits::{FastConnection, Prefixed};
 use crate::proxy::Proxy;
+use crate::upstream::BoxError;
 
 /// How long a connection may take over its parts.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +50,10 @@ const ABORT_WAIT: Duration = Duration::from_secs(1);
 /// accepting, asks every connection to finish its in-flight requests, and
 /// waits up to `timeouts.grace`.
 ///
+/// Plain HTTP/1.1 hits are answered by [`crate::fast_hits`] (unless
+/// `--no-fast-hits` or `--access-log`, whose lines hyper's path writes);
+/// everything else by hyper.
+///
 /// It never binds sockets or installs signal handlers: `main` passes the
 /// real signal, tests pass a future they control.
 pub async fn run(
@@ -56,8 +62,25 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     timeouts: Timeouts,
 ) {
-    let handler = move |request, peer| proxy.handle(request, Some(peer));
-    serve(listener, handler, shutdown, timeouts).await;
+    let fast = proxy.config().fast_hits && !proxy.config().access_log;
+    let handler = {
+        let proxy = Arc::clone(&proxy);
+        move |request, peer| proxy.handle(request, Some(peer))
+    };
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let connect = move |stream, peer, control: Arc<Control>| {
+        let builder = Arc::clone(&builder);
+        let handler = handler.clone();
+        let control_for_hyper = Arc::clone(&control);
+        let handoff =
+            move |io: Prefixed| hyper_connection(&builder, io, handler, peer, control_for_hyper);
+        if fast {
+            FastConnection::new(stream, peer, Arc::clone(&proxy), control, handoff)
+        } else {
+            FastConnection::hyper_only(stream, handoff)
+        }
+    };
+    accept(listener, connect, shutdown, timeouts).await;
 }
 
 /// Serves `handler` on `listener` (HTTP/1.1 and HTTP/2) with the graceful
@@ -72,6 +95,48 @@ pub async fn serve<H, F>(
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let builder = auto::Builder::new(TokioExecutor::new());
+    let connect = move |stream, peer, control| {
+        hyper_connection(&builder, stream, handler.clone(), peer, control)
+    };
+    accept(listener, connect, shutdown, timeouts).await;
+}
+
+/// Hyper's connection on `io`, each request counted on `control` as in
+/// progress until its answer's body ends.
+fn hyper_connection<I, H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    handler: H,
+    peer: SocketAddr,
+    control: Arc<Control>,
+) -> impl Future<Output = Result<(), BoxError>> + Graceful + Send + 'static
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let busy = control.begin();
+        let answer = handler(request, peer);
+        async move { Ok::<_, Infallible>(answer.await.map(|body| Tracked::new(body, busy))) }
+    });
+    builder
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned()
+}
+
+/// Accepts connections until `shutdown` completes, each served by the
+/// future `connect` makes, then shuts down as [`run`] says.
+async fn accept<M, C, E>(
+    listener: TcpListener,
+    mut connect: M,
+    shutdown: impl Future<Output = ()>,
+    timeouts: Timeouts,
+) where
+    M: FnMut(TcpStream, SocketAddr, Arc<Control>) -> C,
+    C: Future<Output = Result<(), E>> + Graceful + Send + 'static,
+    E: std::fmt::Display,
+{
     let connections = Connections::new();
     let tasks = TaskTracker::new();
     let sweeper = tokio::spawn({
@@ -96,16 +161,9 @@ pub async fn serve<H, F>(
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
-        let handler = handler.clone();
         let registration = connections.open();
         let control = Arc::clone(registration.control());
-        let service = service_fn(move |request| {
-            let busy = control.begin();
-            let answer = handler(request, peer);
-            async move { Ok::<_, Infallible>(answer.await.map(|body| Tracked::new(body, busy))) }
-        });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let connection = registration.supervise(connection.into_owned());
+        let connection = registration.supervise(connect(stream, peer, control));
         let timeout = timeouts.client_header;
         tasks.spawn(async move {
             match connection.await {

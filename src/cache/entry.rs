@@ -335,11 +335,28 @@ impl Entry {
 
     /// Every stored header as `(name, value range in data, sensitive)`.
     fn header_ranges(&self) -> HeaderRanges<'_> {
-        HeaderRanges {
+        HeaderRanges(self.raw_headers())
+    }
+
+    fn raw_headers(&self) -> RawHeaders<'_> {
+        RawHeaders {
             data: &self.data,
             at: KEY_START + self.key_len(),
             left: self.u16_at(HEADER_COUNT),
         }
+    }
+
+    /// Every stored header as the bytes of its (lowercase) name and value,
+    /// in stored order, for writing an answer without a header map.
+    pub fn wire_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let data = &self.data[..];
+        self.raw_headers().map(move |(name, range, _)| {
+            let name = match name {
+                RawName::Known(name) => name.as_str().as_bytes(),
+                RawName::Custom(bytes) => &data[bytes],
+            };
+            (name, &data[range])
+        })
     }
 
     /// What an answer from this entry sends: the stored headers as a map
@@ -359,7 +376,7 @@ impl Entry {
     /// The stored headers as a map of slices of `shared` (this entry's bytes).
     fn headers_in(&self, shared: &Bytes, extra: usize) -> HeaderMap {
         let ranges = self.header_ranges();
-        let mut map = HeaderMap::with_capacity(usize::from(ranges.left) + extra);
+        let mut map = HeaderMap::with_capacity(usize::from(ranges.0.left) + extra);
         for (name, range, sensitive) in ranges {
             // The bytes were a valid value when stored; should one not be,
             // the header is dropped rather than the answer failed.
@@ -490,15 +507,37 @@ impl AsRef<[u8]> for Data {
     }
 }
 
-/// Walks the stored headers.
-struct HeaderRanges<'a> {
+/// Walks the stored headers, with their names as [`HeaderName`]s.
+struct HeaderRanges<'a>(RawHeaders<'a>);
+
+impl Iterator for HeaderRanges<'_> {
+    type Item = (HeaderName, std::ops::Range<usize>, bool);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (name, range, sensitive) = self.0.next()?;
+        let name = match name {
+            RawName::Known(name) => name.clone(),
+            RawName::Custom(bytes) => HeaderName::from_bytes(&self.0.data[bytes]).ok()?,
+        };
+        Some((name, range, sensitive))
+    }
+}
+
+/// A stored header's name: one of [`KNOWN`], or the range of its bytes.
+enum RawName {
+    Known(&'static HeaderName),
+    Custom(std::ops::Range<usize>),
+}
+
+/// Walks the stored headers as stored: names not parsed again.
+struct RawHeaders<'a> {
     data: &'a [u8],
     at: usize,
     left: u16,
 }
 
-impl Iterator for HeaderRanges<'_> {
-    type Item = (HeaderName, std::ops::Range<usize>, bool);
+impl Iterator for RawHeaders<'_> {
+    type Item = (RawName, std::ops::Range<usize>, bool);
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.left == 0 {
@@ -513,11 +552,12 @@ impl Iterator for HeaderRanges<'_> {
                 *data.get(self.at)?,
                 *data.get(self.at + 1)?,
             ]));
-            let bytes = data.get(self.at + 2..self.at + 2 + len)?;
+            let bytes = self.at + 2..self.at + 2 + len;
+            data.get(bytes.clone())?;
             self.at += 2 + len;
-            HeaderName::from_bytes(bytes).ok()?
+            RawName::Custom(bytes)
         } else {
-            KNOWN.get(usize::from(tag))?.clone()
+            RawName::Known(KNOWN.get(usize::from(tag))?)
         };
         let mut len = [0; 4];
         len.copy_from_slice(data.get(self.at..self.at + 4)?);

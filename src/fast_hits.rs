@@ -1,0 +1,572 @@
+//! Plain HTTP/1.1 cache hits answered straight from the socket; every other
+//! request handed to hyper with its connection.
+//!
+//! A hit is a lookup and one write, and on this path what hyper does
+//! per request (a header map for the request and one for the answer, the
+//! service call, encoding the map again) is most of the CPU a hit spends
+//! beyond the kernel's (BENCHMARKS.md, `limit-raw`). So a connection starts
+//! here: each request head is parsed with httparse, the parser hyper uses,
+//! with hyper's settings, and a `GET` that asks the cache for nothing but
+//! its entry is answered with the entry's stored head and body in one
+//! `writev`.
+//!
+//! The first request that is anything else goes to hyper, with the bytes
+//! read so far, and hyper serves the connection from then on: another
+//! method, HTTP/1.0, a body (`Content-Length`, `Transfer-Encoding`),
+//! `Expect`, `Upgrade`, `Connection` other than `keep-alive`, a conditional
+//! or range, a second `Host`, a head httparse rejects or longer than
+//! [`MAX_HEAD`], HTTP/2's preface, and every request the cache cannot answer
+//! at once from the URL's entry, fresh or stale ([`Proxy::fast_hit`]; a
+//! stale answer queues its refresh as hyper's path does). So this module frames no body and
+//! decides nothing about an ambiguous request: what it answers has no body,
+//! and one wrong guess costs only the fast path, never the answer.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::connections::{Busy, Control, Graceful};
+use crate::proxy::{FastHit, Proxy};
+use crate::upstream::BoxError;
+
+/// The read buffer a connection starts with.
+const READ_BUFFER: usize = 4 * 1024;
+/// A request head longer than this goes to hyper (whose limit is larger).
+pub const MAX_HEAD: usize = 16 * 1024;
+/// A request with more headers goes to hyper (whose limit is 100).
+const MAX_HEADERS: usize = 32;
+
+/// A connection served here until a request needs hyper; then by the
+/// connection `handoff` makes.
+pub struct FastConnection<F, C> {
+    state: State<C>,
+    handoff: Option<F>,
+    shutting_down: bool,
+}
+
+enum State<C> {
+    Direct(Box<Direct>),
+    Hyper(Pin<Box<C>>),
+    Done,
+}
+
+impl<F, C> FastConnection<F, C>
+where
+    F: FnOnce(Prefixed) -> C,
+{
+    /// Serves hits on `stream` for `proxy`, each counted on `control` as a
+    /// request in progress until its answer is written.
+    pub fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        proxy: Arc<Proxy>,
+        control: Arc<Control>,
+        handoff: F,
+    ) -> FastConnection<F, C> {
+        FastConnection {
+            state: State::Direct(Box::new(Direct {
+                stream,
+                peer,
+                proxy,
+                control,
+                buf: vec![0; READ_BUFFER],
+                start: 0,
+                filled: 0,
+                head: Vec::with_capacity(512),
+                body: Bytes::new(),
+                sent: 0,
+                busy: None,
+            })),
+            handoff: Some(handoff),
+            shutting_down: false,
+        }
+    }
+
+    /// Hands `stream` to hyper at once.
+    pub fn hyper_only(stream: TcpStream, handoff: F) -> FastConnection<F, C> {
+        FastConnection {
+            state: State::Hyper(Box::pin(handoff(Prefixed {
+                prefix: Bytes::new(),
+                stream,
+            }))),
+            handoff: None,
+            shutting_down: false,
+        }
+    }
+}
+
+impl<F, C, E> Future for FastConnection<F, C>
+where
+    F: FnOnce(Prefixed) -> C + Unpin,
+    C: Future<Output = Result<(), E>> + Graceful,
+    E: Into<BoxError>,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                State::Direct(direct) => match ready!(direct.poll(cx, this.shutting_down)) {
+                    Ok(Step::Close) => {
+                        this.state = State::Done;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(err) => {
+                        this.state = State::Done;
+                        return Poll::Ready(Err(err.into()));
+                    }
+                    Ok(Step::Hyper) => {
+                        let state = std::mem::replace(&mut this.state, State::Done);
+                        let (State::Direct(direct), Some(handoff)) = (state, this.handoff.take())
+                        else {
+                            return Poll::Ready(Ok(()));
+                        };
+                        this.state = State::Hyper(Box::pin(handoff((*direct).into_prefixed())));
+                    }
+                },
+                State::Hyper(connection) => {
+                    return connection.as_mut().poll(cx).map_err(Into::into);
+                }
+                State::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl<F, C> Graceful for FastConnection<F, C>
+where
+    F: Unpin,
+    C: Graceful,
+{
+    /// Here: the answer being written is finished, then the connection
+    /// closes (a request head only partly read is dropped, as nginx drops
+    /// an idle keep-alive connection at shutdown). In hyper: hyper's own.
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        let this = self.get_mut();
+        this.shutting_down = true;
+        if let State::Hyper(connection) = &mut this.state {
+            connection.as_mut().graceful_shutdown();
+        }
+    }
+}
+
+/// What the direct loop stopped for.
+enum Step {
+    /// The client closed the connection, or shutdown asked to.
+    Close,
+    /// A request hyper must serve.
+    Hyper,
+}
+
+/// What the next buffered request is.
+enum Parsed {
+    /// A hit, whose answer is ready to write.
+    Answered,
+    /// Its head has not all arrived.
+    Partial,
+    /// One for hyper.
+    Hyper,
+}
+
+/// The connection while served here.
+struct Direct {
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    control: Arc<Control>,
+    /// Bytes read: `start..filled` are not yet parsed.
+    buf: Vec<u8>,
+    start: usize,
+    filled: usize,
+    /// The answer being written: `head`, then `body`; `sent` bytes so far.
+    head: Vec<u8>,
+    body: Bytes,
+    sent: usize,
+    /// Held while an answer is being written.
+    busy: Option<Busy>,
+}
+
+impl Direct {
+    fn poll(&mut self, cx: &mut Context<'_>, shutting_down: bool) -> Poll<io::Result<Step>> {
+        loop {
+            if self.busy.is_some() {
+                ready!(self.poll_write(cx))?;
+                self.busy = None;
+                self.head.clear();
+                self.body = Bytes::new();
+                self.sent = 0;
+            }
+            if shutting_down {
+                return Poll::Ready(Ok(Step::Close));
+            }
+            if self.start < self.filled {
+                match self.next_request() {
+                    Parsed::Answered => continue,
+                    Parsed::Partial => {}
+                    Parsed::Hyper => return Poll::Ready(Ok(Step::Hyper)),
+                }
+            }
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.filled, 0);
+                self.filled -= self.start;
+                self.start = 0;
+            }
+            if self.filled == self.buf.len() {
+                if self.buf.len() >= MAX_HEAD {
+                    return Poll::Ready(Ok(Step::Hyper));
+                }
+                self.buf.resize(MAX_HEAD, 0);
+            }
+            let mut read = ReadBuf::new(&mut self.buf[self.filled..]);
+            ready!(Pin::new(&mut self.stream).poll_read(cx, &mut read))?;
+            let n = read.filled().len();
+            if n == 0 {
+                // The client is done; a head it left unfinished gets no answer.
+                return Poll::Ready(Ok(Step::Close));
+            }
+            self.filled += n;
+        }
+    }
+
+    /// Parses the next buffered request and, for a hit, prepares its answer.
+    fn next_request(&mut self) -> Parsed {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        let len = match request.parse(&self.buf[self.start..self.filled]) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Parsed::Partial,
+            Err(_) => return Parsed::Hyper,
+        };
+        let Some(plain) = PlainGet::of(&request) else {
+            return Parsed::Hyper;
+        };
+        let headers = || client_headers(request.headers);
+        let Some(hit) = self.proxy.fast_hit(
+            plain.host,
+            plain.target,
+            plain.directives,
+            self.peer,
+            headers,
+        ) else {
+            return Parsed::Hyper;
+        };
+        self.busy = Some(self.control.begin());
+        self.proxy.stats().fast_hits.add(1);
+        write_head(&mut self.head, &hit);
+        self.body = hit.entry.body();
+        self.start += len;
+        Parsed::Answered
+    }
+
+    /// Writes the rest of the answer.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let total = self.head.len() + self.body.len();
+        while self.sent < total {
+            let (head, body) = if self.sent < self.head.len() {
+                (&self.head[self.sent..], &self.body[..])
+            } else {
+                (&[][..], &self.body[self.sent - self.head.len()..])
+            };
+            let slices = [IoSlice::new(head), IoSlice::new(body)];
+            let n = ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The stream for hyper, with the bytes read and not yet answered.
+    fn into_prefixed(self) -> Prefixed {
+        self.proxy.stats().fast_handoffs.fetch_add(1, Relaxed);
+        let Direct {
+            stream,
+            buf,
+            start,
+            filled,
+            ..
+        } = self;
+        Prefixed {
+            prefix: Bytes::copy_from_slice(&buf[start..filled]),
+            stream,
+        }
+    }
+}
+
+/// A request this module may answer: `GET` of an origin-form target over
+/// HTTP/1.1, one `Host`, nothing that frames a body or asks for more than
+/// the entry.
+struct PlainGet<'a> {
+    host: &'a str,
+    target: &'a str,
+    /// Carries Cache-Control or Pragma (which count with
+    /// `--honor-client-cache-control`).
+    directives: bool,
+}
+
+impl<'a> PlainGet<'a> {
+    fn of(request: &httparse::Request<'_, 'a>) -> Option<PlainGet<'a>> {
+        if request.method != Some("GET") || request.version != Some(1) {
+            return None;
+        }
+        let target = request.path.filter(|t| t.starts_with('/'))?;
+        let mut host = None;
+        let mut directives = false;
+        for header in request.headers.iter() {
+            let name = header.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"host") {
+                if host.is_some() {
+                    return None;
+                }
+                // As `HeaderValue::to_str` (what hyper's path reads it with) accepts.
+                let text = header
+                    .value
+                    .iter()
+                    .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
+                host = Some(std::str::from_utf8(header.value).ok().filter(|_| text)?);
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                if !header.value.eq_ignore_ascii_case(b"keep-alive") {
+                    return None;
+                }
+            } else if name.eq_ignore_ascii_case(b"cache-control")
+                || name.eq_ignore_ascii_case(b"pragma")
+            {
+                directives = true;
+            } else if HYPER_ONLY.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+                return None;
+            }
+        }
+        Some(PlainGet {
+            host: host?,
+            target,
+            directives,
+        })
+    }
+}
+
+/// Request headers that send a request to hyper: they frame a body, change
+/// the connection, or ask the cache for something other than the entry.
+const HYPER_ONLY: [&[u8]; 13] = [
+    b"content-length",
+    b"transfer-encoding",
+    b"expect",
+    b"upgrade",
+    b"te",
+    b"http2-settings",
+    b"keep-alive",
+    b"range",
+    b"if-range",
+    b"if-none-match",
+    b"if-modified-since",
+    b"if-match",
+    b"if-unmodified-since",
+];
+
+/// The head of a hit's answer, as hyper would write it for
+/// `Proxy::entry_response`'s: the stored headers with `Age`, `X-Cache` and
+/// `Cache-Status` set, and `Date` unless stored.
+fn write_head(out: &mut Vec<u8>, hit: &FastHit) {
+    let status = hit.entry.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut dated = false;
+    for (name, value) in hit.entry.wire_headers() {
+        if name == b"age" || name == b"x-cache" || name == b"cache-status" {
+            continue;
+        }
+        dated |= name == b"date";
+        header_line(out, name, value);
+    }
+    header_line(out, b"age", hit.age.as_bytes());
+    header_line(out, b"x-cache", hit.status.as_str().as_bytes());
+    header_line(out, b"cache-status", hit.cache_status.as_bytes());
+    if !dated {
+        DATE.with(|date| header_line(out, b"date", &date.now()));
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The request's headers as hyper's path has them, for a refresh to send on.
+fn client_headers(headers: &[httparse::Header<'_>]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for header in headers {
+        // httparse checked both; a value hyper keeps but `http` refuses
+        // (none is known) would be left out of the refresh only.
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(header.name.as_bytes()),
+            HeaderValue::from_bytes(header.value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    static DATE: CachedDate = const { CachedDate::new() };
+}
+
+/// The `Date` value of the current second, formatted once per second per
+/// thread (as hyper does).
+struct CachedDate {
+    second: std::cell::Cell<u64>,
+    text: std::cell::Cell<[u8; 29]>,
+}
+
+impl CachedDate {
+    const fn new() -> CachedDate {
+        CachedDate {
+            second: std::cell::Cell::new(u64::MAX),
+            text: std::cell::Cell::new([b' '; 29]),
+        }
+    }
+
+    fn now(&self) -> [u8; 29] {
+        let now = SystemTime::now();
+        let second = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if second != self.second.get() {
+            let text = httpdate::fmt_http_date(now);
+            let mut bytes = [b' '; 29];
+            let len = text.len().min(bytes.len());
+            bytes[..len].copy_from_slice(&text.as_bytes()[..len]);
+            self.text.set(bytes);
+            self.second.set(second);
+        }
+        self.text.get()
+    }
+}
+
+/// A stream that reads `prefix` (bytes read before hyper took over) before
+/// the socket; writes go straight to the socket, vectored.
+pub struct Prefixed {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `PlainGet::of` makes of a request head: `Some((host, target,
+    /// directives))`, or `None` for hyper.
+    fn plain(head: &str) -> Option<(String, String, bool)> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(head.as_bytes()) {
+            Ok(httparse::Status::Complete(_)) => {}
+            other => panic!("{head:?} parses: {other:?}"),
+        }
+        PlainGet::of(&request).map(|p| (p.host.to_string(), p.target.to_string(), p.directives))
+    }
+
+    #[test]
+    fn plain_gets_and_the_rest() {
+        let answered = |head: &str| plain(head).is_some();
+        assert_eq!(
+            plain("GET /a?b=1 HTTP/1.1\r\nHost: Example:8080\r\nAccept: */*\r\n\r\n"),
+            Some(("Example:8080".into(), "/a?b=1".into(), false))
+        );
+        assert_eq!(
+            plain(
+                "GET / HTTP/1.1\r\nhost: h\r\nConnection: Keep-Alive\r\nPragma: no-cache\r\n\r\n"
+            ),
+            Some(("h".into(), "/".into(), true))
+        );
+        for head in [
+            "HEAD / HTTP/1.1\r\nHost: h\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: h\r\n\r\n",
+            "GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: hé\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nTRANSFER-ENCODING: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nRange: bytes=0-1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nIf-None-Match: \"x\"\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n",
+        ] {
+            assert!(!answered(head), "{head:?} goes to hyper");
+        }
+    }
+
+    #[test]
+    fn the_date_is_an_http_date() {
+        let date = CachedDate::new().now();
+        let text = std::str::from_utf8(&date).expect("ascii");
+        assert!(httpdate::parse_http_date(text).is_ok(), "{text:?}");
+    }
+}

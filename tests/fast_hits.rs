@@ -1,0 +1,416 @@
+//! Plain HTTP/1.1 hits answered without hyper (`src/fast_hits.rs`): the
+//! same answer hyper's path gives, and every other request handed to hyper
+//! with the bytes already read.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::{eventually, Origin, Route, TestProxy};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// One answer as read off the wire.
+#[derive(Debug)]
+struct Wire {
+    status: u16,
+    /// Lowercase names, in the order sent.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Wire {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// Takes the first whole answer (framed by its Content-Length) off `buf`.
+fn take_answer(buf: &mut Vec<u8>) -> Option<Wire> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let Ok(httparse::Status::Complete(len)) = response.parse(buf) else {
+        return None;
+    };
+    let headers: Vec<(String, String)> = response
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    if buf.len() < len + length {
+        return None;
+    }
+    let answer = Wire {
+        status: response.code.unwrap_or(0),
+        headers,
+        body: buf[len..len + length].to_vec(),
+    };
+    buf.drain(..len + length);
+    Some(answer)
+}
+
+/// Reads `count` answers from `stream`, failing the test if they do not
+/// come within [`WAIT`] or more come.
+async fn read_answers(stream: &mut TcpStream, count: usize) -> Vec<Wire> {
+    let mut buf = Vec::new();
+    let mut answers = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while answers.len() < count {
+        if let Some(answer) = take_answer(&mut buf) {
+            answers.push(answer);
+            continue;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("{} of {count} answers in time", answers.len()))
+            .expect("read");
+        assert!(n > 0, "closed after {} of {count} answers", answers.len());
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    assert!(buf.is_empty(), "more than {count} answers");
+    answers
+}
+
+/// Every answer sent on `stream` until the proxy closes it (within [`WAIT`]).
+async fn read_until_closed(stream: &mut TcpStream) -> Vec<Wire> {
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut buf))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    let answers: Vec<Wire> = std::iter::from_fn(|| take_answer(&mut buf)).collect();
+    assert_eq!(String::from_utf8_lossy(&buf), "", "only whole answers");
+    answers
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.expect("connect")
+}
+
+/// A GET for `path` with the proxy's address as `Host`, as the test
+/// client's requests that fill the cache have.
+fn get(proxy: &TestProxy, path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.addr).into_bytes()
+}
+
+async fn metric(proxy: &TestProxy, name: &str) -> f64 {
+    proxy.metrics().await.get(name).copied().unwrap_or(-1.0)
+}
+
+/// A hit on the fast path is the answer hyper's path gives (status, every
+/// header but `Date`'s value, in order, and body), and is counted as a hit.
+#[tokio::test]
+async fn a_fast_hit_is_the_answer_hyper_gives() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/ranking",
+        Route::default()
+            .header("cache-control", "max-age=600")
+            .header("x-generation", "7")
+            .header("content-type", "application/json")
+            .etag("\"r1\"")
+            .body("{\"items\":[1,2,3]}"),
+    );
+    let fast = TestProxy::start(&origin, &[]).await;
+    let hyper_only = TestProxy::start(&origin, &["--no-fast-hits"]).await;
+    let mut answers = Vec::new();
+    for proxy in [&fast, &hyper_only] {
+        assert_eq!(proxy.get("/ranking").await.x_cache(), "MISS");
+        let mut stream = connect(proxy.addr).await;
+        // Two requests in one write (pipelined).
+        let requests = [get(proxy, "/ranking"), get(proxy, "/ranking")].concat();
+        stream.write_all(&requests).await.expect("write");
+        answers.push(read_answers(&mut stream, 2).await);
+    }
+    let (fast_answers, hyper_answers) = (&answers[0], &answers[1]);
+    for (fast, hyper) in fast_answers.iter().zip(hyper_answers) {
+        assert_eq!(fast.status, 200);
+        assert_eq!(fast.status, hyper.status);
+        assert_eq!(fast.body, b"{\"items\":[1,2,3]}");
+        assert_eq!(fast.body, hyper.body);
+        let comparable = |w: &Wire| -> Vec<(String, String)> {
+            w.headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.clone(),
+                        // The origin's own count of its requests differs.
+                        if n == "date" || n == "x-origin-count" {
+                            String::new()
+                        } else {
+                            v.clone()
+                        },
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(comparable(fast), comparable(hyper));
+        assert_eq!(fast.header("x-cache"), "HIT");
+        assert_eq!(fast.header("x-generation"), "7");
+        assert_eq!(fast.header("etag"), "\"r1\"");
+        assert!(fast
+            .header("cache-status")
+            .starts_with("swr-proxy; hit; ttl="));
+        assert!(!fast.header("date").is_empty());
+    }
+    assert_eq!(metric(&fast, "swr_fast_hits_total").await, 2.0);
+    // Only the fill's connection (a miss) went to hyper.
+    assert_eq!(metric(&fast, "swr_fast_hit_handoffs_total").await, 1.0);
+    assert_eq!(
+        metric(&fast, "swr_requests_total{cache=\"HIT\"}").await,
+        2.0
+    );
+    assert_eq!(metric(&hyper_only, "swr_fast_hits_total").await, 0.0);
+    assert_eq!(
+        metric(&hyper_only, "swr_requests_total{cache=\"HIT\"}").await,
+        2.0
+    );
+    assert_eq!(origin.hits("/ranking"), 2, "one fill per proxy");
+}
+
+/// The first request the fast path does not answer (here a POST with a
+/// body, pipelined between two hits) goes to hyper with the bytes read
+/// after it, and hyper answers the rest in order.
+#[tokio::test]
+async fn a_connection_goes_to_hyper_at_the_first_request_that_is_not_a_plain_hit() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "10m"]).await;
+    assert_eq!(proxy.get("/a").await.x_cache(), "MISS");
+    let mut stream = connect(proxy.addr).await;
+    let post = format!(
+        "POST /form HTTP/1.1\r\nHost: {}\r\nContent-Length: 5\r\n\r\nhello",
+        proxy.addr
+    );
+    let requests = [
+        get(&proxy, "/a"),
+        post.into_bytes(),
+        get(&proxy, "/a"),
+        get(&proxy, "/cold"),
+    ]
+    .concat();
+    stream.write_all(&requests).await.expect("write");
+    let answers = read_answers(&mut stream, 4).await;
+    let summary: Vec<(u16, &str, String)> = answers
+        .iter()
+        .map(|a| {
+            (
+                a.status,
+                a.header("x-cache"),
+                String::from_utf8_lossy(&a.body).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (200, "HIT", "/a #1".to_string()),
+            (200, "BYPASS", "/form #1".to_string()),
+            (200, "HIT", "/a #1".to_string()),
+            (200, "MISS", "/cold #1".to_string()),
+        ]
+    );
+    let seen = origin.seen("/form");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(
+        &seen[0].body[..],
+        b"hello",
+        "the body read before the handoff reaches the origin"
+    );
+    assert_eq!(metric(&proxy, "swr_fast_hits_total").await, 1.0);
+    // The fill's connection and this one.
+    assert_eq!(metric(&proxy, "swr_fast_hit_handoffs_total").await, 2.0);
+}
+
+/// A GET that frames a body is never answered here: were its
+/// Content-Length or chunked body ignored, the body (itself a request)
+/// would be read and answered as the next request, the shape of request
+/// smuggling.
+#[tokio::test]
+async fn a_get_with_a_body_is_left_to_hyper() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "10m"]).await;
+    assert_eq!(proxy.get("/a").await.x_cache(), "MISS");
+    let smuggled = get(&proxy, "/b");
+    let last = format!(
+        "GET /a HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        proxy.addr
+    )
+    .into_bytes();
+    let with_length = [
+        format!(
+            "GET /a HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+            proxy.addr,
+            smuggled.len()
+        )
+        .into_bytes(),
+        smuggled.clone(),
+        last.clone(),
+    ]
+    .concat();
+    let chunked = [
+        format!(
+            "GET /a HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+            proxy.addr
+        )
+        .into_bytes(),
+        format!("{:x}\r\n", smuggled.len()).into_bytes(),
+        smuggled,
+        b"\r\n0\r\n\r\n".to_vec(),
+        last,
+    ]
+    .concat();
+    for requests in [with_length, chunked] {
+        let mut stream = connect(proxy.addr).await;
+        stream.write_all(&requests).await.expect("write");
+        // hyper answers from the cache, then either reads past the body to
+        // the last request (whose `Connection: close` ends the connection)
+        // or closes the connection rather than read the body.
+        let answers = read_until_closed(&mut stream).await;
+        assert!(matches!(answers.len(), 1 | 2), "{answers:?}");
+        for answer in &answers {
+            assert_eq!(answer.status, 200, "{answer:?}");
+            assert_eq!(answer.body, b"/a #1", "{answer:?}");
+        }
+    }
+    assert_eq!(origin.hits("/b"), 0, "the body is never a request");
+    assert_eq!(metric(&proxy, "swr_fast_hits_total").await, 0.0);
+}
+
+/// A head that arrives in pieces is answered once whole, not before; the
+/// `Host` is matched as the hyper path matches it (case-insensitively).
+#[tokio::test]
+async fn a_head_in_pieces_is_answered_once_whole() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "10m"]).await;
+    let filled = proxy
+        .send(reqwest::Method::GET, "/a?x=1", &[("host", "example")])
+        .await;
+    assert_eq!(filled.x_cache(), "MISS");
+    let mut stream = connect(proxy.addr).await;
+    let request = b"GET /a?x=1 HTTP/1.1\r\nHost: EXAMPLE\r\nUser-Agent: pieces\r\n\r\n";
+    let (first, rest) = request.split_at(30);
+    stream.write_all(first).await.expect("write");
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "nothing is answered before the head is whole"
+    );
+    stream.write_all(rest).await.expect("write");
+    let answers = read_answers(&mut stream, 1).await;
+    assert_eq!(answers[0].header("x-cache"), "HIT");
+    assert_eq!(answers[0].body, b"/a?x=1 #1");
+    assert_eq!(metric(&proxy, "swr_fast_hits_total").await, 1.0);
+}
+
+/// A connection that has only had fast hits is closed when idle for the
+/// client header timeout, and at once at shutdown.
+#[tokio::test]
+async fn fast_connections_close_when_idle_and_at_shutdown() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--client-header-timeout", "400ms"]).await;
+    assert_eq!(proxy.get("/a").await.x_cache(), "MISS");
+    let mut idle = connect(proxy.addr).await;
+    idle.write_all(&get(&proxy, "/a")).await.expect("write");
+    assert_eq!(read_answers(&mut idle, 1).await[0].header("x-cache"), "HIT");
+    let answered = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, idle.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "an idle fast connection is closed");
+    let took = answered.elapsed();
+    assert!(
+        took >= Duration::from_millis(300),
+        "closed {took:?} after its answer"
+    );
+    assert!(rest.is_empty());
+
+    let patient = TestProxy::start(&origin, &[]).await;
+    assert_eq!(patient.get("/a").await.x_cache(), "MISS");
+    let mut kept = connect(patient.addr).await;
+    kept.write_all(&get(&patient, "/a")).await.expect("write");
+    assert_eq!(read_answers(&mut kept, 1).await[0].header("x-cache"), "HIT");
+    assert_eq!(metric(&patient, "swr_fast_hits_total").await, 1.0);
+    patient.shut_down();
+    let closed = tokio::time::timeout(Duration::from_secs(3), kept.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "closed at shutdown, not after the 60 s timeout"
+    );
+    assert!(rest.is_empty(), "nothing more is sent");
+}
+
+/// A stale entry is answered on the fast path too, at once, and its
+/// refresh is queued with the client's headers, as on hyper's path.
+#[tokio::test]
+async fn a_stale_hit_on_the_fast_path_queues_its_refresh() {
+    let origin = Origin::start().await;
+    let flags = ["--ttl", "1s", "--stale-while-revalidate", "1m"];
+    let proxy = TestProxy::start(&origin, &flags).await;
+    assert_eq!(proxy.get("/feed").await.x_cache(), "MISS");
+    let handoffs = metric(&proxy, "swr_fast_hit_handoffs_total").await;
+    let mut stream = connect(proxy.addr).await;
+    let request = format!(
+        "GET /feed HTTP/1.1\r\nHost: {}\r\nX-Client: fast\r\n\r\n",
+        proxy.addr
+    );
+    // HITs on one connection until the entry turns stale (after 1 s).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stale = loop {
+        assert!(tokio::time::Instant::now() < deadline, "never stale");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let answer = read_answers(&mut stream, 1).await.remove(0);
+        assert_eq!(answer.body, b"/feed #1");
+        if answer.header("x-cache") == "STALE" {
+            break answer;
+        }
+        assert_eq!(answer.header("x-cache"), "HIT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        stale
+            .header("cache-status")
+            .ends_with("detail=refresh-queued"),
+        "{stale:?}"
+    );
+    eventually(WAIT, "the refresh reaches the origin", || async {
+        origin.hits("/feed") == 2
+    })
+    .await;
+    let refresh = &origin.seen("/feed")[1];
+    assert_eq!(
+        refresh.headers["x-client"], "fast",
+        "sent on with the refresh"
+    );
+    eventually(WAIT, "the refreshed entry is served", || async {
+        proxy.get("/feed").await.text() == "/feed #2"
+    })
+    .await;
+    assert_eq!(
+        metric(&proxy, "swr_requests_total{cache=\"STALE\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&proxy, "swr_fast_hit_handoffs_total").await,
+        handoffs,
+        "the stale answer stayed on the fast path"
+    );
+}
