@@ -241,32 +241,17 @@ impl Direct {
 
     /// Parses the next buffered request and, for a hit, prepares its answer.
     fn next_request(&mut self) -> Parsed {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        let len = match request.parse(&self.buf[self.start..self.filled]) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Parsed::Partial,
-            Err(_) => return Parsed::Hyper,
-        };
-        let Some(plain) = PlainGet::of(&request) else {
-            return Parsed::Hyper;
-        };
-        let headers = || client_headers(request.headers);
-        let Some(hit) = self.proxy.fast_hit(
-            plain.host,
-            plain.target,
-            plain.directives,
-            self.peer,
-            headers,
-        ) else {
-            return Parsed::Hyper;
-        };
-        self.busy = Some(self.control.begin());
-        self.proxy.stats().fast_hits.add(1);
-        write_head(&mut self.head, &hit);
-        self.body = hit.entry.body();
-        self.start += len;
-        Parsed::Answered
+        let bytes = &self.buf[self.start..self.filled];
+        match answer(&self.proxy, bytes, self.peer, &mut self.head) {
+            Answer::Ready { len, body } => {
+                self.busy = Some(self.control.begin());
+                self.body = body;
+                self.start += len;
+                Parsed::Answered
+            }
+            Answer::Partial => Parsed::Partial,
+            Answer::Hyper => Parsed::Hyper,
+        }
     }
 
     /// Writes the rest of the answer.
@@ -302,6 +287,51 @@ impl Direct {
             prefix: Bytes::copy_from_slice(&buf[start..filled]),
             stream,
         }
+    }
+}
+
+/// What [`answer`] makes of the bytes at the start of a connection's buffer.
+#[derive(Debug)]
+pub enum Answer {
+    /// A hit: its head is written, this is its body, and the request took
+    /// `len` bytes.
+    Ready { len: usize, body: Bytes },
+    /// The request head has not all arrived.
+    Partial,
+    /// The request is hyper's.
+    Hyper,
+}
+
+/// Parses the request head at the start of `bytes` and, when it is a plain
+/// `GET` the cache answers at once, appends the answer's head to `head` and
+/// returns its body (shared with the entry). All the work of a fast hit but
+/// the socket's.
+pub fn answer(proxy: &Proxy, bytes: &[u8], peer: SocketAddr, head: &mut Vec<u8>) -> Answer {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let len = match request.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Answer::Partial,
+        Err(_) => return Answer::Hyper,
+    };
+    let Some(plain) = PlainGet::of(&request) else {
+        return Answer::Hyper;
+    };
+    let client_headers = || client_headers(request.headers);
+    let Some(hit) = proxy.fast_hit(
+        plain.host,
+        plain.target,
+        plain.directives,
+        peer,
+        client_headers,
+    ) else {
+        return Answer::Hyper;
+    };
+    proxy.stats().fast_hits.add(1);
+    write_head(head, &hit);
+    Answer::Ready {
+        len,
+        body: hit.entry.body(),
     }
 }
 
