@@ -17,9 +17,13 @@
 //! or range, a second `Host`, a head httparse rejects or longer than
 //! [`MAX_HEAD`], HTTP/2's preface, and every request the cache cannot answer
 //! at once from the URL's entry, fresh or stale ([`Proxy::fast_hit`]; a
-//! stale answer queues its refresh as hyper's path does). So this module frames no body and
-//! decides nothing about an ambiguous request: what it answers has no body,
-//! and one wrong guess costs only the fast path, never the answer.
+//! stale answer queues its refresh as hyper's path does). So this module
+//! reads no request body and decides nothing about an ambiguous request:
+//! the requests it answers carry no body, and a request it declines costs
+//! only the fast path, never the answer.
+//!
+//! A connection stays with hyper once handed over (hyper owns it from
+//! then on): a client whose first request is a miss is served by hyper.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
