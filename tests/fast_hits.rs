@@ -414,3 +414,54 @@ async fn a_stale_hit_on_the_fast_path_queues_its_refresh() {
         "the stale answer stayed on the fast path"
     );
 }
+
+/// Every strict prefix of a request head waits for more bytes; the whole
+/// head is answered; a head with any one byte replaced is answered,
+/// declined (for hyper) or waited on, never anything else, and only what
+/// is answered is counted.
+#[tokio::test]
+async fn prefixes_and_corruptions_of_a_head_are_waited_on_declined_or_answered() {
+    use swr_proxy::fast_hits::{answer, Answer};
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "10m"]).await;
+    assert_eq!(proxy.get("/a?b=1").await.x_cache(), "MISS");
+    let peer: SocketAddr = "127.0.0.1:40000".parse().expect("peer");
+    let request = format!(
+        "GET /a?b=1 HTTP/1.1\r\nHost: {}\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
+        proxy.addr
+    )
+    .into_bytes();
+    let mut head = Vec::new();
+    for end in 0..request.len() {
+        let got = answer(&proxy.proxy, &request[..end], peer, &mut head);
+        assert!(matches!(got, Answer::Partial), "{end} bytes: {got:?}");
+    }
+    assert!(head.is_empty());
+    let Answer::Ready { len, body } = answer(&proxy.proxy, &request, peer, &mut head) else {
+        panic!("the whole head is answered");
+    };
+    assert_eq!(len, request.len());
+    assert_eq!(&body[..], b"/a?b=1 #1");
+    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    let mut answered = 1;
+    for at in 0..request.len() {
+        for byte in [0u8, b' ', b'\n', b':', b'?', b'A', 0xff] {
+            let mut corrupted = request.clone();
+            corrupted[at] = byte;
+            head.clear();
+            match answer(&proxy.proxy, &corrupted, peer, &mut head) {
+                Answer::Ready { len, .. } => {
+                    answered += 1;
+                    assert!(len <= corrupted.len());
+                    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"));
+                }
+                Answer::Partial | Answer::Hyper => assert!(head.is_empty()),
+            }
+        }
+    }
+    assert_eq!(proxy.proxy.stats().fast_hits.get(), answered);
+    assert!(
+        answered > 1,
+        "some corruptions (a header's value) still ask for the same entry"
+    );
+}
