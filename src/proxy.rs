@@ -553,30 +553,14 @@ impl Proxy {
 
         let stale = match found {
             Some(entry) => match policy::decide(&entry, now, directives.as_ref()) {
-                Use::Fresh => {
-                    self.stats.record_request(CacheStatus::Hit);
-                    let cache_status = hit_cache_status(entry.ttl_secs(now));
-                    return Next::Answer(self.entry_response(
-                        &entry,
-                        CacheStatus::Hit,
-                        cache_status,
-                        parts,
-                        now,
-                    ));
-                }
-                Use::Stale => {
+                decided @ (Use::Fresh | Use::Stale) => {
                     let target =
                         || self.fetch_target(key, path_and_query, &parts.headers, client, defaults);
-                    let queued = self.queue_refresh(fill_hash, &entry, target, now);
-                    self.stats.record_request(CacheStatus::Stale);
-                    let cache_status = formatted(format_args!(
-                        "swr-proxy; hit; ttl={}; detail={}",
-                        entry.ttl_secs(now),
-                        queued.as_str()
-                    ));
+                    let (status, cache_status) =
+                        self.at_once(&entry, decided == Use::Stale, fill_hash, target, now);
                     return Next::Answer(self.entry_response(
                         &entry,
-                        CacheStatus::Stale,
+                        status,
                         cache_status,
                         parts,
                         now,
@@ -1292,6 +1276,32 @@ impl Proxy {
         response
     }
 
+    /// An answer from `entry` at once, counted: fresh, or `stale` with a
+    /// refresh of `fill_hash` queued (`target` builds it, only when queued).
+    /// Returns the cache status and the `Cache-Status` value to send.
+    fn at_once(
+        &self,
+        entry: &Entry,
+        stale: bool,
+        fill_hash: u64,
+        target: impl FnOnce() -> FetchTarget,
+        now: Instant,
+    ) -> (CacheStatus, HeaderValue) {
+        let answer = if stale {
+            let queued = self.queue_refresh(fill_hash, entry, target, now);
+            let cache_status = formatted(format_args!(
+                "swr-proxy; hit; ttl={}; detail={}",
+                entry.ttl_secs(now),
+                queued.as_str()
+            ));
+            (CacheStatus::Stale, cache_status)
+        } else {
+            (CacheStatus::Hit, hit_cache_status(entry.ttl_secs(now)))
+        };
+        self.stats.record_request(answer.0);
+        answer
+    }
+
     /// Records an answer from `entry` (its age, its key among the top keys)
     /// and returns its age.
     fn served(&self, entry: &Entry, now: Instant) -> Duration {
@@ -1339,23 +1349,14 @@ impl Proxy {
         if !has_body(entry.status()) {
             return None;
         }
-        let (status, cache_status) = match policy::decide(&entry, now, None) {
-            Use::Fresh => (CacheStatus::Hit, hit_cache_status(entry.ttl_secs(now))),
-            Use::Stale => {
-                let defaults = route.map_or(&policy.defaults, |(_, defaults, _)| defaults);
-                let target =
-                    || self.fetch_target(key, path_and_query, &headers(), Some(client), defaults);
-                let queued = self.queue_refresh(key.hash, &entry, target, now);
-                let cache_status = formatted(format_args!(
-                    "swr-proxy; hit; ttl={}; detail={}",
-                    entry.ttl_secs(now),
-                    queued.as_str()
-                ));
-                (CacheStatus::Stale, cache_status)
-            }
-            Use::Expired | Use::ClientRefused => return None,
-        };
-        self.stats.record_request(status);
+        let decided = policy::decide(&entry, now, None);
+        if !matches!(decided, Use::Fresh | Use::Stale) {
+            return None;
+        }
+        let defaults = route.map_or(&policy.defaults, |(_, defaults, _)| defaults);
+        let target = || self.fetch_target(key, path_and_query, &headers(), Some(client), defaults);
+        let (status, cache_status) =
+            self.at_once(&entry, decided == Use::Stale, key.hash, target, now);
         if let Some((_, _, stats)) = route {
             stats.record(status);
         }
