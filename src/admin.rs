@@ -27,9 +27,11 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     if let Some(token) = token {
-        let expected = format!("Bearer {token}");
-        let given = request.headers().get(header::AUTHORIZATION);
-        if given.is_none_or(|v| v.as_bytes() != expected.as_bytes()) {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        if !given.is_some_and(|given| token_matches(given, token.as_bytes())) {
             let mut response = text(
                 StatusCode::UNAUTHORIZED,
                 "admin: a bearer token is required\n",
@@ -42,6 +44,15 @@ pub async fn handle(
         }
     }
     let method = request.method().clone();
+    if method == Method::POST && !is_json(request.headers()) {
+        // A web page can make a browser POST a form or text to any address,
+        // 127.0.0.1 included, without asking first; it cannot send JSON
+        // without a CORS preflight, which this API never grants.
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "admin: POST needs Content-Type: application/json\n",
+        );
+    }
     match (method, request.uri().path()) {
         (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         // Ready once the proxy listens, which happens before the admin API starts.
@@ -82,6 +93,23 @@ pub async fn handle(
             "admin: try /healthz, /readyz, /metrics, /stats or POST /purge\n",
         ),
     }
+}
+
+/// Compares a given token with the expected one in time that does not
+/// depend on where they differ (only on their lengths).
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    given.ct_eq(expected).into()
+}
+
+/// Whether a request says its body is JSON (`application/json`, with any
+/// parameters).
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// `POST /purge` with exactly one of `{"key": ...}`, `{"prefix": ...}` or
@@ -239,5 +267,23 @@ mod tests {
         assert!(is_key_or_variant(b"h/a?1\naccept=x", "h/a?1"));
         assert!(!is_key_or_variant(b"h/a?10", "h/a?1"));
         assert_eq!(strip_scheme("http://h/a"), "h/a");
+    }
+
+    #[test]
+    fn tokens_and_json() {
+        assert!(token_matches(b"s3cret", b"s3cret"));
+        assert!(!token_matches(b"s3cres", b"s3cret"));
+        assert!(!token_matches(b"s3cre", b"s3cret"));
+        assert!(!token_matches(b"", b"s3cret"));
+        let with = |value: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            is_json(&headers)
+        };
+        assert!(with("application/json"));
+        assert!(with("Application/JSON; charset=utf-8"));
+        assert!(!with("text/plain"));
+        assert!(!with("application/x-www-form-urlencoded"));
+        assert!(!is_json(&http::HeaderMap::new()));
     }
 }

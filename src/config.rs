@@ -135,6 +135,11 @@ pub struct ProxyArgs {
     )]
     pub admin_token: Option<String>,
 
+    /// Read the admin token from this file (its first line), so that it is
+    /// not in the process list; instead of --admin-token.
+    #[arg(long, env = "SWR_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Most requests in flight to the backend at once (0: no cap). Client
     /// misses go first: refreshes never take the last slot [default: 256].
     #[arg(long, env = "SWR_UPSTREAM_CONCURRENCY", value_name = "N", value_parser = parse_count_or_zero, allow_hyphen_values = true)]
@@ -168,6 +173,22 @@ pub struct ProxyArgs {
     /// hits are answered without it, from the entry's stored bytes.
     #[arg(long, env = "SWR_NO_FAST_HITS")]
     pub no_fast_hits: bool,
+
+    /// Peers (addresses or CIDRs, comma-separated) whose `Forwarded` and
+    /// `X-Forwarded-*` headers are kept and appended to: a load balancer in
+    /// front. From anyone else they are dropped [default: none].
+    #[arg(long, env = "SWR_TRUST_FORWARDED", value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
+    pub trust_forwarded: Option<Vec<ipnet::IpNet>>,
+
+    /// Longest request target, and longest header line; longer is answered
+    /// 414 (target) or 431 (header) and never forwarded [default: 8KiB].
+    #[arg(long, env = "SWR_MAX_REQUEST_LINE", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+    pub max_request_line: Option<u64>,
+
+    /// Largest request header block; larger is answered 431 and never
+    /// forwarded [default: 32KiB].
+    #[arg(long, env = "SWR_MAX_REQUEST_HEADERS", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+    pub max_request_headers: Option<u64>,
 }
 
 /// The configuration file: every flag, by the same name with `_` for `-`,
@@ -190,6 +211,7 @@ pub struct FileConfig {
     pub targeted_cache_control: Option<String>,
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<String>,
+    pub admin_token_file: Option<PathBuf>,
     pub upstream_concurrency: Option<usize>,
     pub log_format: Option<String>,
     pub access_log: Option<bool>,
@@ -197,6 +219,9 @@ pub struct FileConfig {
     pub client_header_timeout: Option<String>,
     pub threads: Option<usize>,
     pub fast_hits: Option<bool>,
+    pub trust_forwarded: Option<Vec<String>>,
+    pub max_request_line: Option<String>,
+    pub max_request_headers: Option<String>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteFile>,
 }
@@ -226,6 +251,33 @@ pub struct RouteFile {
     /// Request headers whose values are part of the key.
     #[serde(default)]
     pub key_headers: Vec<String>,
+    /// What a request's `Cookie` does: `"private"` (the default: an answer
+    /// to a request with cookies is stored only when the backend says it may
+    /// be shared), `"ignore"` (cookies are removed before forwarding and the
+    /// answer is shared), or a list of cookie names (only those are
+    /// forwarded, and their values are part of the key).
+    pub cookies: Option<CookiesFile>,
+}
+
+/// `cookies = "private" | "ignore" | ["name", ...]` in a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CookiesFile {
+    Mode(String),
+    Names(Vec<String>),
+}
+
+/// What a route does with a request's `Cookie`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Cookies {
+    /// Forwarded; the answer is stored only when the backend says it may be
+    /// shared (`public`, `s-maxage`, or a targeted field).
+    #[default]
+    Private,
+    /// Removed before forwarding; the answer is shared.
+    Ignore,
+    /// Only these cookies are forwarded, and their values are part of the key.
+    Key(Vec<String>),
 }
 
 /// One validated route: what requests it matches and how they are cached.
@@ -242,6 +294,7 @@ pub struct Route {
     pub keep_query: Vec<String>,
     pub sort_query: bool,
     pub key_headers: Vec<http::HeaderName>,
+    pub cookies: Cookies,
 }
 
 impl Route {
@@ -261,6 +314,7 @@ impl Route {
             || !self.keep_query.is_empty()
             || self.sort_query
             || !self.key_headers.is_empty()
+            || matches!(self.cookies, Cookies::Key(_))
     }
 
     /// Whether a query parameter name takes part in the key.
@@ -320,6 +374,12 @@ pub struct Config {
     /// Answer plain HTTP/1.1 GET hits without hyper (see `fast_hits`);
     /// read once at start.
     pub fast_hits: bool,
+    /// Peers whose forwarding headers are kept (`--trust-forwarded`).
+    pub trust_forwarded: Vec<ipnet::IpNet>,
+    /// Longest request target and header line (414 / 431 past it).
+    pub max_request_line: u64,
+    /// Largest request header block (431 past it).
+    pub max_request_headers: u64,
     /// First match wins; a request no route matches uses the values above.
     pub routes: Vec<Route>,
     /// The file this came from, re-read on reload.
@@ -476,6 +536,20 @@ impl Config {
                 )
             })
             .collect::<Result<Vec<Route>, ConfigError>>()?;
+        let trust_forwarded = match (&args.trust_forwarded, &file.trust_forwarded) {
+            (Some(nets), _) => nets.clone(),
+            (None, Some(texts)) => texts
+                .iter()
+                .map(|text| {
+                    parse_cidr(text).map_err(|e| {
+                        ConfigError(format!(
+                            "trust_forwarded = {text:?} in the config file: {e}"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            (None, None) => Vec::new(),
+        };
         let count = |value: Option<usize>, name: &str| match value {
             Some(0) => Err(ConfigError(format!(
                 "{name} = 0 in the config file: expected a whole number of at least 1"
@@ -536,11 +610,7 @@ impl Config {
                 .admin_listen
                 .or(file.admin_listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
-            admin_token: args
-                .admin_token
-                .clone()
-                .or_else(|| file.admin_token.clone())
-                .filter(|t| !t.is_empty()),
+            admin_token: admin_token(args, file)?,
             upstream_concurrency: args
                 .upstream_concurrency
                 .or(file.upstream_concurrency)
@@ -548,6 +618,19 @@ impl Config {
             log_format,
             access_log: args.access_log || file.access_log.unwrap_or(false),
             fast_hits: !args.no_fast_hits && file.fast_hits.unwrap_or(true),
+            trust_forwarded,
+            max_request_line: size(
+                args.max_request_line,
+                &file.max_request_line,
+                "max_request_line",
+                8 << 10,
+            )?,
+            max_request_headers: size(
+                args.max_request_headers,
+                &file.max_request_headers,
+                "max_request_headers",
+                32 << 10,
+            )?,
             routes,
             config_file: args.config.clone(),
             source: args.clone(),
@@ -584,6 +667,17 @@ impl Config {
                 "--threads {} is more than {MAX_THREADS}: one per core is the most that helps",
                 self.threads
             )));
+        }
+        if !(256..=(1 << 20)).contains(&self.max_request_line) {
+            return Err(ConfigError(
+                "--max-request-line must be between 256 and 1MiB, e.g. 8KiB".into(),
+            ));
+        }
+        if !(self.max_request_line..=(4 << 20)).contains(&self.max_request_headers) {
+            return Err(ConfigError(
+                "--max-request-headers must be at least --max-request-line and at most 4MiB, e.g. 32KiB"
+                    .into(),
+            ));
         }
         if self.client_header_timeout.is_zero() {
             return Err(ConfigError(
@@ -632,6 +726,14 @@ impl Config {
             ("log_format", self.log_format != other.log_format),
             ("access_log", self.access_log != other.access_log),
             ("fast_hits", self.fast_hits != other.fast_hits),
+            (
+                "max_request_line",
+                self.max_request_line != other.max_request_line,
+            ),
+            (
+                "max_request_headers",
+                self.max_request_headers != other.max_request_headers,
+            ),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))
@@ -684,6 +786,34 @@ fn validate_route(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let cookies = match &route.cookies {
+        None => Cookies::Private,
+        Some(CookiesFile::Mode(mode)) if mode == "private" => Cookies::Private,
+        Some(CookiesFile::Mode(mode)) if mode == "ignore" => Cookies::Ignore,
+        Some(CookiesFile::Mode(mode)) => {
+            return Err(ConfigError(format!(
+                "{}: expected \"private\", \"ignore\" or a list of cookie names, not {mode:?}",
+                at("cookies")
+            )))
+        }
+        Some(CookiesFile::Names(names)) => {
+            let valid = |n: &String| {
+                !n.is_empty()
+                    && n.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+            };
+            if let Some(bad) = names.iter().find(|n| !valid(n)) {
+                return Err(ConfigError(format!(
+                    "{}: {bad:?} is not a cookie name",
+                    at("cookies")
+                )));
+            }
+            let mut names = names.clone();
+            names.sort();
+            names.dedup();
+            Cookies::Key(names)
+        }
+    };
     Ok(Route {
         pattern: route.path.clone(),
         ttl: duration(&route.ttl, "ttl", ttl)?,
@@ -699,6 +829,7 @@ fn validate_route(
         keep_query: route.keep_query.clone(),
         sort_query: route.sort_query,
         key_headers,
+        cookies,
     })
 }
 
@@ -759,6 +890,51 @@ fn parse_mode(text: &str) -> Result<CacheControlMode, String> {
         "override" => Ok(CacheControlMode::Override),
         _ => Err("expected honor or override".into()),
     }
+}
+
+/// The admin token: `--admin-token`, else `--admin-token-file`, else the
+/// file's `admin_token` or `admin_token_file`. A token and a token file
+/// given together are an error, as is an empty or unreadable token file.
+fn admin_token(args: &ProxyArgs, file: &FileConfig) -> Result<Option<String>, ConfigError> {
+    let read = |path: &Path, name: &str| {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!("{name} {}: cannot read: {e}", path.display()))
+        })?;
+        let token = text.lines().next().unwrap_or("").trim().to_string();
+        if token.is_empty() {
+            return Err(ConfigError(format!(
+                "{name} {}: the file holds no token",
+                path.display()
+            )));
+        }
+        Ok(Some(token))
+    };
+    match (&args.admin_token, &args.admin_token_file) {
+        (Some(_), Some(_)) => Err(ConfigError(
+            "--admin-token and --admin-token-file: give one of them".into(),
+        )),
+        (Some(token), None) => Ok(Some(token.clone()).filter(|t| !t.is_empty())),
+        (None, Some(path)) => read(path, "--admin-token-file"),
+        (None, None) => match (&file.admin_token, &file.admin_token_file) {
+            (Some(_), Some(_)) => Err(ConfigError(
+                "admin_token and admin_token_file in the config file: give one of them".into(),
+            )),
+            (Some(token), None) => Ok(Some(token.clone()).filter(|t| !t.is_empty())),
+            (None, Some(path)) => read(path, "admin_token_file"),
+            (None, None) => Ok(None),
+        },
+    }
+}
+
+/// An address (`10.0.0.1`, `::1`) or a network (`10.0.0.0/8`).
+pub fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| format!("expected an address or CIDR like 10.0.0.0/8, not {text:?}"))
 }
 
 /// Parses a header name, e.g. swr-cache-control.

@@ -68,15 +68,22 @@ impl UpstreamError {
     }
 }
 
-impl fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.kind {
+impl UpstreamError {
+    /// What failed, in words, without the details (which name the
+    /// backend's address): what a client is told.
+    pub fn summary(&self) -> &'static str {
+        match self.kind {
             UpstreamErrorKind::Connect => "could not connect to the backend",
             UpstreamErrorKind::Timeout => "the backend did not answer in time",
             UpstreamErrorKind::Protocol => "the backend's answer was broken",
             UpstreamErrorKind::Status => "the backend failed",
-        };
-        write!(f, "{what}: {}", self.detail)
+        }
+    }
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.summary(), self.detail)
     }
 }
 
@@ -91,6 +98,11 @@ pub enum ProxyError {
     Internal(String),
     /// `only-if-cached` and nothing usable is stored (RFC 9111 §5.2.1.7).
     NotCached,
+    /// The request target is longer than `--max-request-line`.
+    UriTooLong,
+    /// A header line or the header block is larger than
+    /// `--max-request-line` / `--max-request-headers`.
+    HeadersTooLarge,
 }
 
 impl ProxyError {
@@ -104,6 +116,19 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    /// The one line a client is told: the failure class for a backend
+    /// failure (`connect`, `timeout`, `protocol`, `status`), never the
+    /// backend's address or the client library's message, which the log has.
+    pub fn client_message(&self) -> String {
+        match self {
+            ProxyError::Upstream(e) => format!("{} ({})", e.summary(), e.kind.as_str()),
+            ProxyError::Internal(_) => "internal error".to_string(),
+            other => other.to_string(),
         }
     }
 
@@ -120,6 +145,8 @@ impl fmt::Display for ProxyError {
             ProxyError::BadRequest(why) => write!(f, "bad request: {why}"),
             ProxyError::Internal(why) => write!(f, "internal error: {why}"),
             ProxyError::NotCached => f.write_str("only-if-cached, and nothing usable is stored"),
+            ProxyError::UriTooLong => f.write_str("the request target is too long"),
+            ProxyError::HeadersTooLarge => f.write_str("the request's headers are too large"),
         }
     }
 }
@@ -162,6 +189,14 @@ mod tests {
             StatusCode::BAD_GATEWAY
         );
         assert!(up(UpstreamErrorKind::Connect).allows_stale());
+        let connect = ProxyError::Upstream(UpstreamError::new(
+            UpstreamErrorKind::Connect,
+            "error sending request for url (http://10.1.2.3:8081/internal)",
+        ));
+        assert_eq!(
+            connect.client_message(),
+            "could not connect to the backend (connect)"
+        );
         assert!(!ProxyError::BadRequest("x").allows_stale());
         assert_eq!(
             ProxyError::BadRequest("x").status(),

@@ -14,7 +14,8 @@
 //! read so far, and hyper serves the connection from then on: another
 //! method, HTTP/1.0, a body (`Content-Length`, `Transfer-Encoding`),
 //! `Expect`, `Upgrade`, `Connection` other than `keep-alive`, a conditional
-//! or range, a second `Host`, a head httparse rejects or longer than
+//! or range, no `Host`, a second one or one that is not a `host[:port]`
+//! (hyper's path answers those 400), a head httparse rejects or longer than
 //! [`MAX_HEAD`], HTTP/2's preface, and every request the cache cannot answer
 //! at once from the URL's entry, fresh or stale ([`Proxy::fast_hit`]; a
 //! stale answer queues its refresh as hyper's path does). So this module
@@ -39,6 +40,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::cache::key::valid_host;
 use crate::connections::{Busy, Control, Graceful};
 use crate::proxy::{FastHit, Proxy};
 use crate::upstream::BoxError;
@@ -318,7 +320,7 @@ pub fn answer(proxy: &Proxy, bytes: &[u8], peer: SocketAddr, head: &mut Vec<u8>)
         Ok(httparse::Status::Partial) => return Answer::Partial,
         Err(_) => return Answer::Hyper,
     };
-    let Some(plain) = PlainGet::of(&request) else {
+    let Some(plain) = PlainGet::of(&request, Limits::of(proxy)) else {
         return Answer::Hyper;
     };
     let client_headers = || client_headers(request.headers);
@@ -350,26 +352,52 @@ struct PlainGet<'a> {
     directives: bool,
 }
 
+/// `--max-request-line` and `--max-request-headers`: a request past either
+/// goes to hyper's path, which answers it 414 / 431.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    line: usize,
+    headers: usize,
+}
+
+impl Limits {
+    fn of(proxy: &Proxy) -> Limits {
+        let config = proxy.config();
+        Limits {
+            line: usize::try_from(config.max_request_line).unwrap_or(usize::MAX),
+            headers: usize::try_from(config.max_request_headers).unwrap_or(usize::MAX),
+        }
+    }
+}
+
 impl<'a> PlainGet<'a> {
-    fn of(request: &httparse::Request<'_, 'a>) -> Option<PlainGet<'a>> {
+    fn of(request: &httparse::Request<'_, 'a>, limits: Limits) -> Option<PlainGet<'a>> {
         if request.method != Some("GET") || request.version != Some(1) {
             return None;
         }
-        let target = request.path.filter(|t| t.starts_with('/'))?;
+        let target = request
+            .path
+            .filter(|t| t.starts_with('/') && t.len() <= limits.line)?;
         let mut host = None;
         let mut directives = false;
+        let mut block = 0;
         for header in request.headers.iter() {
+            let line = header.name.len() + 2 + header.value.len();
+            block += line + 2;
+            if line > limits.line || block > limits.headers {
+                return None;
+            }
             let name = header.name.as_bytes();
             if name.eq_ignore_ascii_case(b"host") {
                 if host.is_some() {
                     return None;
                 }
-                // As `HeaderValue::to_str` (what hyper's path reads it with) accepts.
-                let text = header
-                    .value
-                    .iter()
-                    .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
-                host = Some(std::str::from_utf8(header.value).ok().filter(|_| text)?);
+                // Only a `host[:port]` (ASCII, so text); anything else is
+                // hyper's path's to refuse with a 400.
+                if !valid_host(header.value) {
+                    return None;
+                }
+                host = Some(std::str::from_utf8(header.value).ok()?);
             } else if name.eq_ignore_ascii_case(b"connection") {
                 if !header.value.eq_ignore_ascii_case(b"keep-alive") {
                     return None;
@@ -560,7 +588,14 @@ mod tests {
             Ok(httparse::Status::Complete(_)) => {}
             other => panic!("{head:?} parses: {other:?}"),
         }
-        PlainGet::of(&request).map(|p| (p.host.to_string(), p.target.to_string(), p.directives))
+        PlainGet::of(
+            &request,
+            Limits {
+                line: 8 << 10,
+                headers: 32 << 10,
+            },
+        )
+        .map(|p| (p.host.to_string(), p.target.to_string(), p.directives))
     }
 
     #[test]

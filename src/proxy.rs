@@ -17,13 +17,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::ProxyBody;
 use crate::cache::entry::Entry;
-use crate::cache::key::{KeyHasher, RequestKey};
+use crate::cache::key::{keyed_cookies, valid_host, KeyHasher, RequestKey};
 use crate::cache::policy::{
     self, BypassReason, Defaults, RequestDirectives, RequestFacts, Storability, Use,
 };
 use crate::cache::store::{self, Fill, FillOutcome, Store};
 use crate::cache::CacheStatus;
-use crate::config::{Config, ConfigError, Route};
+use crate::config::{Config, ConfigError, Cookies, Route};
 use crate::error::{ProxyError, UpstreamError, UpstreamErrorKind};
 use crate::metrics::{Gauges, RouteStats, Stats, UpstreamCause};
 use crate::refresh::{Enqueue, Job, RefreshQueue};
@@ -78,6 +78,8 @@ pub struct Policy {
     defaults: Arc<Defaults>,
     routes: Vec<(Route, Arc<Defaults>, Arc<RouteStats>)>,
     honor_client_cache_control: bool,
+    /// Peers whose forwarding headers are kept (`--trust-forwarded`).
+    trust_forwarded: Vec<ipnet::IpNet>,
 }
 
 impl Policy {
@@ -122,7 +124,18 @@ impl Policy {
                 })
                 .collect(),
             honor_client_cache_control: config.honor_client_cache_control,
+            trust_forwarded: config.trust_forwarded.clone(),
         }
+    }
+
+    /// Who sent a request, and whether its forwarding headers are trusted.
+    fn peer(&self, addr: Option<SocketAddr>) -> Peer {
+        let trusted = !self.trust_forwarded.is_empty()
+            && addr.is_some_and(|addr| {
+                let ip = addr.ip().to_canonical();
+                self.trust_forwarded.iter().any(|net| net.contains(&ip))
+            });
+        Peer { addr, trusted }
     }
 
     /// The route a request path takes (first match), if any.
@@ -132,6 +145,15 @@ impl Policy {
         }
         self.routes.iter().find(|(route, _, _)| route.matches(path))
     }
+}
+
+/// The client a request came from.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    addr: Option<SocketAddr>,
+    /// A proxy in front of swr-proxy (`--trust-forwarded`): its
+    /// `X-Forwarded-*` and `Forwarded` headers are kept and appended to.
+    trusted: bool,
 }
 
 /// The first backoff after a failed refresh; it doubles per failure...
@@ -227,11 +249,42 @@ struct FetchTarget {
     path_and_query: Arc<str>,
     /// The client's headers: what a Vary'd answer is keyed by.
     client_headers: HeaderMap,
-    /// What is sent to the backend: forwarded, without the client's conditionals.
+    /// What is sent to the backend: forwarded, without the client's
+    /// conditionals and framing.
     upstream_headers: HeaderMap,
-    authorization: bool,
+    /// What storability needs to know of the request.
+    facts: RequestFacts,
+    /// The cookies left are part of the key (a route's `cookies = [...]`).
+    keyed_cookies: bool,
     /// The caching rules of the request's route.
     defaults: Arc<Defaults>,
+}
+
+impl FetchTarget {
+    /// The fetch without the client's `Authorization` and `Cookie` (but
+    /// cookies its key names), for a refresh or revalidation of an entry
+    /// stored for everyone: one client's credentials never shape what
+    /// others are served.
+    fn without_credentials(mut self) -> FetchTarget {
+        for headers in [&mut self.client_headers, &mut self.upstream_headers] {
+            headers.remove(header::AUTHORIZATION);
+            if !self.keyed_cookies {
+                headers.remove(header::COOKIE);
+            }
+        }
+        self.facts = facts_of(&self.client_headers, self.keyed_cookies);
+        self
+    }
+}
+
+/// What storability needs of a request's headers; cookies that are part of
+/// the key do not make an answer private.
+fn facts_of(headers: &HeaderMap, keyed_cookies: bool) -> RequestFacts {
+    let facts = RequestFacts::of(headers);
+    RequestFacts {
+        cookie: facts.cookie && !keyed_cookies,
+        ..facts
+    }
 }
 
 /// The result of fetching a response for the cache.
@@ -411,7 +464,21 @@ impl Proxy {
             access,
         });
         let (parts, body) = request.into_parts();
-        let next = self.from_cache(&parts, client, &policy, route);
+        let peer = policy.peer(client);
+        let checked = within_limits(&parts, &self.config).and_then(|()| request_host(&parts));
+        let next = match checked {
+            Ok(_) => self.from_cache(&parts, peer, &policy, route),
+            // Never forwarded: a Host that is not a host (or two, or none)
+            // could make the backend answer for another key.
+            Err(err) => {
+                let detail = match err {
+                    ProxyError::UriTooLong => "detail=uri-too-long",
+                    ProxyError::HeadersTooLarge => "detail=headers-too-large",
+                    _ => "detail=bad-host",
+                };
+                Next::Answer(self.error_response(&err, CacheStatus::Bypass, detail))
+            }
+        };
         drop(policy);
         match next {
             Next::Answer(response) => {
@@ -425,7 +492,7 @@ impl Proxy {
                 let proxy = Arc::clone(self);
                 Answer::Right(Box::pin(async move {
                     let response =
-                        upstream_timed(proxy.from_backend(parts, body, client, work)).await;
+                        upstream_timed(proxy.from_backend(parts, body, peer, work)).await;
                     match log {
                         Some(log) => proxy.log_answer(log, response, client),
                         None => response,
@@ -485,7 +552,7 @@ impl Proxy {
     fn from_cache(
         self: &Arc<Self>,
         parts: &Parts,
-        client: Option<SocketAddr>,
+        peer: Peer,
         policy: &Policy,
         route: Option<&(Route, Arc<Defaults>, Arc<RouteStats>)>,
     ) -> Next {
@@ -507,6 +574,15 @@ impl Proxy {
         };
         let host = lowercase(host);
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        if !path_and_query.starts_with('/') {
+            // The key's host ends where its target's first `/` starts.
+            let err = ProxyError::BadRequest("the request target is not a path");
+            return Next::Answer(self.error_response(
+                &err,
+                CacheStatus::Bypass,
+                "detail=bad-target",
+            ));
+        }
         let (route, defaults) = match route {
             Some((route, defaults, _)) => (Some(route), defaults),
             None => (None, &policy.defaults),
@@ -554,8 +630,16 @@ impl Proxy {
         let stale = match found {
             Some(entry) => match policy::decide(&entry, now, directives.as_ref()) {
                 decided @ (Use::Fresh | Use::Stale) => {
-                    let target =
-                        || self.fetch_target(key, path_and_query, &parts.headers, client, defaults);
+                    let target = || {
+                        self.fetch_target(
+                            key,
+                            path_and_query,
+                            &parts.headers,
+                            peer,
+                            defaults,
+                            route,
+                        )
+                    };
                     let (status, cache_status) =
                         self.at_once(&entry, decided == Use::Stale, fill_hash, target, now);
                     return Next::Answer(self.entry_response(
@@ -584,7 +668,13 @@ impl Proxy {
             (None, Some(_)) => "vary-miss",
             (None, None) => "uri-miss",
         };
-        let target = self.fetch_target(key, path_and_query, &parts.headers, client, defaults);
+        let target = self.fetch_target(key, path_and_query, &parts.headers, peer, defaults, route);
+        // Refreshing what is stored for everyone: without this client's credentials.
+        let target = if stale.is_some() {
+            target.without_credentials()
+        } else {
+            target
+        };
         let alone = self.remembered_uncacheable(fill_hash, now);
         if alone {
             self.stats.hit_for_miss.fetch_add(1, Relaxed);
@@ -605,7 +695,7 @@ impl Proxy {
         self: &Arc<Self>,
         parts: Parts,
         body: B,
-        client: Option<SocketAddr>,
+        peer: Peer,
         work: BackendWork,
     ) -> Response<ProxyBody>
     where
@@ -613,7 +703,7 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         match work {
-            BackendWork::Pass(reason) => self.pass(&parts, Some(body), client, reason).await,
+            BackendWork::Pass(reason) => self.pass(&parts, Some(body), peer, reason).await,
             BackendWork::Fetch(plan) => {
                 drop(body);
                 let FetchPlan {
@@ -628,7 +718,7 @@ impl Proxy {
                     self.fetch_alone(&parts, target, fill_hash, stale, fwd, head)
                         .await
                 } else {
-                    self.fill(&parts, target, fill_hash, stale, fwd, head, client)
+                    self.fill(&parts, target, fill_hash, stale, fwd, head, peer)
                         .await
                 }
             }
@@ -668,21 +758,53 @@ impl Proxy {
         }
     }
 
+    /// A fetch for the cache of `key`'s URL, by the rules of the request's
+    /// route: the headers it keys on are forwarded whatever they are, and
+    /// its `cookies` setting decides which cookies go.
     fn fetch_target(
         &self,
         key: RequestKey<'_>,
         path_and_query: &str,
         client_headers: &HeaderMap,
-        client: Option<SocketAddr>,
+        peer: Peer,
         defaults: &Arc<Defaults>,
+        route: Option<&Route>,
     ) -> FetchTarget {
+        let mut client_headers = client_headers.clone();
+        let cookies = route.map_or(&Cookies::Private, |r| &r.cookies);
+        match cookies {
+            Cookies::Private => {}
+            Cookies::Ignore => {
+                client_headers.remove(header::COOKIE);
+            }
+            Cookies::Key(names) => {
+                let kept = keyed_cookies(&client_headers, names);
+                match HeaderValue::from_str(&kept) {
+                    Ok(value) if !kept.is_empty() => {
+                        client_headers.insert(header::COOKIE, value);
+                    }
+                    _ => {
+                        client_headers.remove(header::COOKIE);
+                    }
+                }
+            }
+        }
+        let forwarding = upstream::Forwarding {
+            host: key.host,
+            client: peer.addr,
+            trusted: peer.trusted,
+            with_body: false,
+            keyed: route.map_or(&[][..], |r| &r.key_headers[..]),
+        };
+        let keyed_cookies = matches!(cookies, Cookies::Key(_));
         FetchTarget {
             url_text: key.to_text().into(),
             url_hash: key.hash,
             path_and_query: path_and_query.into(),
-            client_headers: client_headers.clone(),
-            upstream_headers: fill_headers(client_headers, client),
-            authorization: client_headers.contains_key(header::AUTHORIZATION),
+            upstream_headers: fill_headers(&client_headers, &forwarding),
+            facts: facts_of(&client_headers, keyed_cookies),
+            client_headers,
+            keyed_cookies,
             defaults: Arc::clone(defaults),
         }
     }
@@ -704,7 +826,7 @@ impl Proxy {
             return RefreshDecision::Backoff;
         }
         let result = self.refresh.try_enqueue(hash, || RefreshRequest {
-            target: target(),
+            target: target().without_credentials(),
             stale: entry.clone(),
         });
         match result {
@@ -835,9 +957,7 @@ impl Proxy {
         if policy::status_is_error(status) {
             self.stats.record_upstream_error(UpstreamErrorKind::Status);
         }
-        let facts = RequestFacts {
-            authorization: target.authorization,
-        };
+        let facts = target.facts;
 
         if status == StatusCode::NOT_MODIFIED {
             let Some(stale) = stale.filter(|_| conditional) else {
@@ -967,7 +1087,7 @@ impl Proxy {
         stale: Option<Entry>,
         fwd: &'static str,
         head: bool,
-        client: Option<SocketAddr>,
+        peer: Peer,
     ) -> Response<ProxyBody> {
         let status = if stale.is_some() {
             CacheStatus::Expired
@@ -1008,9 +1128,17 @@ impl Proxy {
                                 (FillOutcome::Failed(err.clone()), LeaderAnswer::Failed(err))
                             }
                             Fetched::Pass(passed) => {
-                                // Later requests for this key go straight to the backend.
-                                lock(&proxy.uncacheable)
-                                    .insert(fill_hash, Instant::now() + HIT_FOR_MISS);
+                                // Later requests for this key go straight to the
+                                // backend; not for an answer that was only this
+                                // client's (its credentials), or one client could
+                                // turn coalescing off for everyone.
+                                if !matches!(
+                                    passed.reason,
+                                    BypassReason::Authorization | BypassReason::Cookie
+                                ) {
+                                    lock(&proxy.uncacheable)
+                                        .insert(fill_hash, Instant::now() + HIT_FOR_MISS);
+                                }
                                 (FillOutcome::NotShared, LeaderAnswer::Pass(passed))
                             }
                             Fetched::Failed(err) => {
@@ -1053,7 +1181,7 @@ impl Proxy {
                             // Never hand one client's unshareable answer to another:
                             // fetch for this client alone.
                             return self
-                                .pass::<Full<Bytes>>(parts, None, client, BypassReason::Status)
+                                .pass::<Full<Bytes>>(parts, None, peer, BypassReason::Status)
                                 .await;
                         }
                         Some(FillOutcome::Failed(err)) => {
@@ -1064,7 +1192,7 @@ impl Proxy {
                 }
             }
         }
-        self.pass::<Full<Bytes>>(parts, None, client, BypassReason::Status)
+        self.pass::<Full<Bytes>>(parts, None, peer, BypassReason::Status)
             .await
     }
 
@@ -1113,14 +1241,23 @@ impl Proxy {
         &self,
         parts: &Parts,
         body: Option<B>,
-        client: Option<SocketAddr>,
+        peer: Peer,
         reason: BypassReason,
     ) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        let headers = upstream::forward_headers(&parts.headers, client);
+        // `handle` answered a request without a valid host with a 400.
+        let host = lowercase(request_host(parts).unwrap_or_default());
+        let forwarding = upstream::Forwarding {
+            host: &host,
+            client: peer.addr,
+            trusted: peer.trusted,
+            with_body: body.is_some(),
+            keyed: &[],
+        };
+        let headers = upstream::forward_headers(&parts.headers, &forwarding);
         let body = body.map(|b| reqwest::Body::wrap_stream(BodyDataStream::new(b)));
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         self.stats.record_upstream_request(UpstreamCause::Pass);
@@ -1258,8 +1395,12 @@ impl Proxy {
         status: CacheStatus,
         cache_status_params: &str,
     ) -> Response<ProxyBody> {
-        tracing::warn!(error = %err, cache = status.as_str(), "answering with an error");
-        let body = format!("swr-proxy: {err}\n");
+        if err.status().is_client_error() {
+            tracing::debug!(error = %err, cache = status.as_str(), "refusing a bad request");
+        } else {
+            tracing::warn!(error = %err, cache = status.as_str(), "answering with an error");
+        }
+        let body = format!("swr-proxy: {}\n", err.client_message());
         let mut response = Response::new(ProxyBody::full(Bytes::from(body)));
         *response.status_mut() = err.status();
         let headers = response.headers_mut();
@@ -1354,7 +1495,10 @@ impl Proxy {
             return None;
         }
         let defaults = route.map_or(&policy.defaults, |(_, defaults, _)| defaults);
-        let target = || self.fetch_target(key, path_and_query, &headers(), Some(client), defaults);
+        let peer = policy.peer(Some(client));
+        let route_rules = route.map(|(route, _, _)| route);
+        let target =
+            || self.fetch_target(key, path_and_query, &headers(), peer, defaults, route_rules);
         let (status, cache_status) =
             self.at_once(&entry, decided == Use::Stale, key.hash, target, now);
         if let Some((_, _, stats)) = route {
@@ -1473,6 +1617,10 @@ fn shaped_key(route: &Route, path: &str, query: Option<&str>, headers: &HeaderMa
     if !route.key_headers.is_empty() {
         key.push_str(&policy::vary_key(&route.key_headers, headers));
     }
+    if let Cookies::Key(names) = &route.cookies {
+        key.push_str("\ncookie=");
+        key.push_str(&keyed_cookies(headers, names));
+    }
     key
 }
 
@@ -1501,17 +1649,77 @@ fn same_origin_path(value: &str, host: &str) -> Option<String> {
     )
 }
 
-/// The host a request is for: the URI's authority (HTTP/2, absolute form),
-/// else the `Host` header, else empty (HTTP/1.0).
-fn request_host(parts: &Parts) -> Result<&str, ProxyError> {
-    if let Some(authority) = parts.uri.authority() {
-        return Ok(authority.as_str());
+/// A request head within `--max-request-line` (the target, each header
+/// line) and `--max-request-headers` (the header block), or the error that
+/// answers it (414, 431).
+fn within_limits(parts: &Parts, config: &Config) -> Result<(), ProxyError> {
+    let target = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + parts.uri.authority().map_or(0, |a| a.as_str().len());
+    if target as u64 > config.max_request_line {
+        return Err(ProxyError::UriTooLong);
     }
-    match parts.headers.get(header::HOST) {
-        Some(host) => host
-            .to_str()
-            .map_err(|_| ProxyError::BadRequest("the Host header is not valid text")),
-        None => Ok(""),
+    let mut block: u64 = 0;
+    for (name, value) in &parts.headers {
+        // `name: value\r\n`
+        let line = (name.as_str().len() + 2 + value.len()) as u64;
+        if line > config.max_request_line {
+            return Err(ProxyError::HeadersTooLarge);
+        }
+        block += line + 2;
+    }
+    if block > config.max_request_headers {
+        return Err(ProxyError::HeadersTooLarge);
+    }
+    Ok(())
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute form),
+/// else the `Host` header, else empty (HTTP/1.0 without one). A request
+/// with two `Host` fields, an invalid one, an HTTP/1.1 request without one,
+/// or an HTTP/2 request whose `Host` differs from its authority is a bad
+/// request (RFC 9112 §3.2, RFC 9113 §8.3.1).
+fn request_host(parts: &Parts) -> Result<&str, ProxyError> {
+    let mut fields = parts.headers.get_all(header::HOST).iter();
+    let field = fields.next();
+    if fields.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    let field = match field {
+        Some(value) if valid_host(value.as_bytes()) => value.to_str().ok(),
+        Some(_) => {
+            return Err(ProxyError::BadRequest(
+                "the Host header is not a host[:port]",
+            ))
+        }
+        None => None,
+    };
+    if let Some(authority) = parts.uri.authority() {
+        let authority = authority.as_str();
+        if !valid_host(authority.as_bytes()) {
+            return Err(ProxyError::BadRequest(
+                "the request target's authority is not a host[:port]",
+            ));
+        }
+        if parts.version == http::Version::HTTP_2
+            && field.is_some_and(|host| !host.eq_ignore_ascii_case(authority))
+        {
+            return Err(ProxyError::BadRequest(
+                "the Host header differs from the request's authority",
+            ));
+        }
+        if parts.version == http::Version::HTTP_11 && field.is_none() {
+            return Err(ProxyError::BadRequest(
+                "an HTTP/1.1 request needs a Host header",
+            ));
+        }
+        return Ok(authority);
+    }
+    match field {
+        Some(host) => Ok(host),
+        None if parts.version <= http::Version::HTTP_10 => Ok(""),
+        None => Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host header",
+        )),
     }
 }
 
@@ -1526,8 +1734,8 @@ fn lowercase(host: &str) -> std::borrow::Cow<'_, str> {
 /// Headers for a fetch made on behalf of the cache: the client's forwarded
 /// headers without its conditionals and ranges (the cache wants the whole,
 /// storable response).
-fn fill_headers(client_headers: &HeaderMap, client: Option<SocketAddr>) -> HeaderMap {
-    let mut headers = upstream::forward_headers(client_headers, client);
+fn fill_headers(client_headers: &HeaderMap, forwarding: &upstream::Forwarding<'_>) -> HeaderMap {
+    let mut headers = upstream::forward_headers(client_headers, forwarding);
     for name in [
         header::IF_NONE_MATCH,
         header::IF_MODIFIED_SINCE,

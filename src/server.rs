@@ -67,7 +67,7 @@ pub async fn run(
         let proxy = Arc::clone(&proxy);
         move |request, peer| proxy.handle(request, Some(peer))
     };
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let builder = Arc::new(limited_builder(proxy.config()));
     let connect = move |stream, peer, control: Arc<Control>| {
         let builder = Arc::clone(&builder);
         let handler = handler.clone();
@@ -81,6 +81,25 @@ pub async fn run(
         }
     };
     accept(listener, connect, shutdown, timeouts).await;
+}
+
+/// Hyper's server, holding no more of a request head than the limits need:
+/// `Proxy::handle` answers a head over `--max-request-line` or
+/// `--max-request-headers` with 414 / 431, and one too large to buffer at
+/// all gets hyper's own 431.
+fn limited_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let line = usize::try_from(config.max_request_line).unwrap_or(usize::MAX);
+    let headers = usize::try_from(config.max_request_headers).unwrap_or(usize::MAX);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's minimum buffer is 8 KiB; a request line, the header block
+    // and the line endings fit in this one.
+    builder
+        .http1()
+        .max_buf_size(line.saturating_add(headers).saturating_add(1024).max(8192));
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(headers).unwrap_or(u32::MAX));
+    builder
 }
 
 /// Serves `handler` on `listener` (HTTP/1.1 and HTTP/2) with the graceful

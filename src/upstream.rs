@@ -211,7 +211,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers, including those named in `Connection`.
+/// Removes hop-by-hop headers, including those named in `Connection`
+/// (a response's: the backend is trusted to name its own).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -223,30 +224,138 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
+    strip_fixed_hop_by_hop(headers);
+}
+
+fn strip_fixed_hop_by_hop(headers: &mut HeaderMap) {
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
 }
 
-/// The headers sent to the backend for a client's request: hop-by-hop and
-/// `Host` removed (the client sets the backend's), `X-Forwarded-*` added.
-pub fn forward_headers(client_headers: &HeaderMap, client_addr: Option<SocketAddr>) -> HeaderMap {
+/// Request headers that tell a backend where a request came from or what
+/// it "really" is. A client can set any of them; a backend that builds
+/// links, redirects or routes from them would answer differently for a
+/// request whose cache key is the same, and that answer would be served to
+/// everyone. So they are dropped unless the peer is trusted
+/// (`--trust-forwarded`), and swr-proxy sets its own. Every header whose
+/// name starts with `x-forwarded-` is dropped as well.
+pub const FORWARDING_HEADERS: [&str; 16] = [
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-original-host",
+    "x-host",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-proxyuser-ip",
+];
+
+/// Whether a request header is one of [`FORWARDING_HEADERS`] or `x-forwarded-*`.
+pub fn is_forwarding_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.starts_with("x-forwarded-") || FORWARDING_HEADERS.contains(&name)
+}
+
+/// Request headers that frame a body. A request forwarded without the
+/// client's body (a fill, a refresh, a coalesced follower, a HEAD fetched
+/// as GET) must not carry them: a backend that reads by `Content-Length`
+/// would take the next request on the pooled connection as this one's body.
+const FRAMING: [HeaderName; 4] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::EXPECT,
+    header::TRAILER,
+];
+
+/// How a client's request is forwarded to the backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    /// The host the request is for, as in its cache key (sent as
+    /// `X-Forwarded-Host`; empty for an HTTP/1.0 request without one).
+    pub host: &'a str,
+    /// The client's address (for `X-Forwarded-For`).
+    pub client: Option<SocketAddr>,
+    /// The client is a trusted proxy (`--trust-forwarded`): its
+    /// forwarding headers are kept and appended to.
+    pub trusted: bool,
+    /// The client's body goes with the request (a pass-through). Otherwise
+    /// none does, and neither does the client's framing.
+    pub with_body: bool,
+    /// Headers a route keys on: forwarded even when they are forwarding headers.
+    pub keyed: &'a [HeaderName],
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The headers sent to the backend for a client's request.
+///
+/// - Hop-by-hop headers are removed. Names a client lists in `Connection`
+///   are not honoured (as nginx does not): removing `Host`, a header a
+///   route keys on, or one a response varies on would make the backend
+///   answer differently for the same key.
+/// - `Host` is removed (the client sets the backend's); the key's host
+///   goes as `X-Forwarded-Host`.
+/// - Forwarding headers from an untrusted client are removed, then
+///   `X-Forwarded-For`, `-Host` and `-Proto` are set from what swr-proxy saw.
+/// - Without the client's body, the client's framing is removed.
+pub fn forward_headers(client_headers: &HeaderMap, how: &Forwarding<'_>) -> HeaderMap {
     let mut headers = client_headers.clone();
-    strip_hop_by_hop(&mut headers);
-    let host = headers.remove(header::HOST);
-    if let Some(host) = host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    strip_fixed_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    if !how.with_body {
+        for name in &FRAMING {
+            headers.remove(name);
+        }
     }
-    if let Some(addr) = client_addr {
-        let ip = addr.ip().to_string();
-        let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    if !how.trusted {
+        let dropped: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| is_forwarding_header(name) && !how.keyed.contains(name))
+            .cloned()
+            .collect();
+        for name in dropped {
+            headers.remove(name);
+        }
+    }
+    if let Some(addr) = how.client {
+        let ip = addr.ip().to_canonical().to_string();
+        let earlier = headers
+            .get(X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| how.trusted);
+        let value = match earlier {
             Some(earlier) => format!("{earlier}, {ip}"),
             None => ip,
         };
         if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+            headers.insert(X_FORWARDED_FOR, value);
         }
+    }
+    let keep = |headers: &HeaderMap, name: &HeaderName| how.trusted && headers.contains_key(name);
+    if !keep(&headers, &X_FORWARDED_HOST) {
+        match HeaderValue::from_str(how.host) {
+            Ok(host) if !how.host.is_empty() => {
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+            _ => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+    if !keep(&headers, &X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     headers
 }
@@ -278,15 +387,68 @@ mod tests {
         assert!(h.contains_key("content-type"));
     }
 
+    fn forwarding<'a>(trusted: bool, with_body: bool) -> Forwarding<'a> {
+        Forwarding {
+            host: "shop.example",
+            client: Some("127.0.0.9:5000".parse().unwrap()),
+            trusted,
+            with_body,
+            keyed: &[],
+        }
+    }
+
     #[test]
-    fn forwarded_headers() {
+    fn forwarded_headers_are_set_from_what_the_proxy_saw() {
         let mut h = HeaderMap::new();
         h.insert("host", HeaderValue::from_static("shop.example"));
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        let out = forward_headers(&h, Some("127.0.0.9:5000".parse().unwrap()));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        h.insert("x-forwarded-prefix", HeaderValue::from_static("/evil"));
+        h.insert("forwarded", HeaderValue::from_static("host=evil.example"));
+        h.insert("x-original-url", HeaderValue::from_static("/admin"));
+        let out = forward_headers(&h, &forwarding(false, true));
         assert!(!out.contains_key("host"));
         assert_eq!(out["x-forwarded-host"], "shop.example");
+        assert_eq!(out["x-forwarded-for"], "127.0.0.9");
+        assert_eq!(out["x-forwarded-proto"], "http");
+        for gone in ["x-forwarded-prefix", "forwarded", "x-original-url"] {
+            assert!(!out.contains_key(gone), "{gone} is dropped");
+        }
+        // From a trusted proxy, its values are kept and appended to.
+        let out = forward_headers(&h, &forwarding(true, true));
         assert_eq!(out["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
+        assert_eq!(out["x-forwarded-host"], "evil.example");
+        assert_eq!(out["x-forwarded-prefix"], "/evil");
+    }
+
+    #[test]
+    fn connection_cannot_remove_end_to_end_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("shop.example"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("host, accept-language, x-forwarded-host"),
+        );
+        h.insert("accept-language", HeaderValue::from_static("fr"));
+        let out = forward_headers(&h, &forwarding(false, true));
+        assert_eq!(out["accept-language"], "fr");
+        assert_eq!(out["x-forwarded-host"], "shop.example");
+        assert!(!out.contains_key("connection"));
+    }
+
+    #[test]
+    fn framing_goes_only_with_the_body() {
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("10"));
+        h.insert("expect", HeaderValue::from_static("100-continue"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        let out = forward_headers(&h, &forwarding(false, false));
+        assert!(!out.contains_key("content-length"));
+        assert!(!out.contains_key("expect"));
+        assert!(!out.contains_key("transfer-encoding"));
+        let out = forward_headers(&h, &forwarding(false, true));
+        assert_eq!(out["content-length"], "10");
+        assert!(!out.contains_key("transfer-encoding"));
     }
 
     #[tokio::test]

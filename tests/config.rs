@@ -171,6 +171,7 @@ async fn reload(proxy: &TestProxy) -> (u16, String) {
     let answer = proxy
         .client
         .post(proxy.admin_url("/reload"))
+        .header("content-type", "application/json")
         .send()
         .await
         .expect("the admin port answers");

@@ -1,5 +1,12 @@
 //! The cache key of a request: host + path + query.
 //!
+//! The key text is the host followed by the target, with nothing between
+//! them. That is unambiguous because the host is checked first
+//! ([`valid_host`]): a `uri-host [":" port]` has no `/`, and every target
+//! the cache keys starts with one, so the first `/` of a key text is where
+//! the target starts and no two (host, target) pairs share key text. A Host
+//! such as `shop.example/static` is a 400, never a key.
+//!
 //! The hot path never builds a `String` for the key: it hashes the request's
 //! host and path-and-query in place. The stored entry keeps the full key text,
 //! and a lookup compares it, so two keys whose hashes collide are never
@@ -71,6 +78,97 @@ impl RequestKey<'_> {
     }
 }
 
+/// Whether `host` is a `Host` field value (or a URI authority) that names a
+/// host: `uri-host [":" port]` of RFC 9110 §7.2 / RFC 3986 §3.2.2, where
+/// `uri-host` is an IP literal in brackets or a non-empty reg-name
+/// (unreserved characters, percent-encodings and sub-delims; an IPv4
+/// address is one) and the port is 1 to 5 digits. No user information, no
+/// path, no white space.
+pub fn valid_host(host: &[u8]) -> bool {
+    let (name, port) = if host.first() == Some(&b'[') {
+        let Some(end) = host.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &host[1..end];
+        let literal_ok = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        if !literal_ok {
+            return false;
+        }
+        match &host[end + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&[][..], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match host.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&host[..colon], Some(&host[colon + 1..])),
+            None => (host, None),
+        }
+    };
+    if let Some(port) = port {
+        if port.is_empty() || port.len() > 5 || !port.iter().all(u8::is_ascii_digit) {
+            return false;
+        }
+        if host.first() == Some(&b'[') {
+            return true;
+        }
+    }
+    valid_reg_name(name)
+}
+
+/// `reg-name` of RFC 3986 §3.2.2, not empty.
+fn valid_reg_name(name: &[u8]) -> bool {
+    if name.is_empty() {
+        return false;
+    }
+    let mut i = 0;
+    while i < name.len() {
+        match name[i] {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {}
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => {}
+            b'%' => {
+                let hex = name.get(i + 1..i + 3);
+                if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                    return false;
+                }
+                i += 2;
+            }
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The cookies named in `names` (sorted) from a request's `Cookie` fields,
+/// as one `Cookie` value in the order of `names`: `a=1; b=2`. Empty when
+/// the request has none of them.
+pub fn keyed_cookies(headers: &http::HeaderMap, names: &[String]) -> String {
+    let pairs: Vec<(&str, &str)> = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(name, _)| names.iter().any(|n| n == name))
+        .collect();
+    let mut out = String::new();
+    for name in names {
+        for (_, value) in pairs.iter().filter(|(n, _)| n == name) {
+            if !out.is_empty() {
+                out.push_str("; ");
+            }
+            out.push_str(name);
+            out.push('=');
+            out.push_str(value);
+        }
+    }
+    out
+}
+
 /// Passes a `u64` key (already a hash) through unchanged, so the store does
 /// not hash it a second time.
 #[derive(Debug, Clone, Copy, Default)]
@@ -115,6 +213,56 @@ mod tests {
         let key = hasher.key("example.com", "/rank?user=1");
         assert_eq!(key.hash, hasher.hash_text("example.com/rank?user=1"));
         assert_eq!(&*key.to_text(), "example.com/rank?user=1");
+    }
+
+    #[test]
+    fn only_named_cookies_are_kept_in_name_order() {
+        let mut headers = http::HeaderMap::new();
+        headers.append("cookie", "session=s3cret; tier=gold".parse().unwrap());
+        headers.append("cookie", "ab=b;  _ga=GA1".parse().unwrap());
+        let names = ["ab".to_string(), "tier".to_string()];
+        assert_eq!(keyed_cookies(&headers, &names), "ab=b; tier=gold");
+        assert_eq!(keyed_cookies(&http::HeaderMap::new(), &names), "");
+    }
+
+    #[test]
+    fn hosts_are_uri_host_and_port() {
+        for good in [
+            "shop.example",
+            "Shop.Example:8080",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "xn--bcher-kva.example",
+            "a%2Db.example",
+            "localhost:1",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good} is a host");
+        }
+        for bad in [
+            "",
+            "shop.example/static",
+            "shop.example?x",
+            "shop.example#x",
+            "user@shop.example",
+            "shop.example:",
+            "shop.example:80:80",
+            "shop.example:123456",
+            "shop.example:8o",
+            ":80",
+            "shop example",
+            "shop.example\t",
+            "[::1",
+            "[::1]x",
+            "[]",
+            "[::g]",
+            "a%zz.example",
+            "a%2",
+            "/static",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?} is not a host");
+        }
     }
 
     #[test]

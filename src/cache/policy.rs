@@ -62,6 +62,19 @@ pub struct Lifetimes {
     pub keep_for_revalidation: Duration,
 }
 
+impl Lifetimes {
+    /// Each lifetime at most [`MAX_LIFETIME`], the age at most [`MAX_AGE`].
+    fn capped(self) -> Lifetimes {
+        Lifetimes {
+            fresh: self.fresh.min(MAX_LIFETIME),
+            stale_while_revalidate: self.stale_while_revalidate.min(MAX_LIFETIME),
+            stale_if_error: self.stale_if_error.min(MAX_LIFETIME),
+            initial_age: self.initial_age.min(MAX_AGE),
+            keep_for_revalidation: self.keep_for_revalidation,
+        }
+    }
+}
+
 /// How the backend's freshness directives are treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -98,6 +111,13 @@ pub struct Defaults {
 const HEURISTIC_FRACTION: f64 = 0.1;
 /// ...and never more than this.
 pub const HEURISTIC_CAP: Duration = Duration::from_secs(24 * 3600);
+/// The longest freshness lifetime or stale window an entry gets, whatever
+/// the backend or the configuration says (`max-age=99999999999` is a year):
+/// an entry is never fresh forever.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The largest `Age` counted: 2^31 seconds, as RFC 9111 §1.2.2 caps
+/// delta-seconds.
+pub const MAX_AGE: Duration = Duration::from_secs(1 << 31);
 /// How long past its windows a response with validators is kept for revalidation.
 pub const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(600);
 
@@ -122,6 +142,9 @@ pub enum BypassReason {
     /// The request carried `Authorization` and the response did not say
     /// `public`, `s-maxage` or `must-revalidate`.
     Authorization,
+    /// The request carried `Cookie` and the response did not say `public`
+    /// or `s-maxage`, or carry a field targeted at this cache.
+    Cookie,
     /// A range request: passed to the backend, which answers the range.
     Range,
     /// The client asked for it (`Cache-Control: no-store`, with
@@ -134,7 +157,7 @@ pub enum BypassReason {
 }
 
 impl BypassReason {
-    pub const ALL: [BypassReason; 12] = [
+    pub const ALL: [BypassReason; 13] = [
         BypassReason::Method,
         BypassReason::NoStore,
         BypassReason::Private,
@@ -143,6 +166,7 @@ impl BypassReason {
         BypassReason::VaryStar,
         BypassReason::TooLarge,
         BypassReason::Authorization,
+        BypassReason::Cookie,
         BypassReason::Range,
         BypassReason::Request,
         BypassReason::NotModified,
@@ -159,6 +183,7 @@ impl BypassReason {
             BypassReason::VaryStar => "vary-star",
             BypassReason::TooLarge => "too-large",
             BypassReason::Authorization => "authorization",
+            BypassReason::Cookie => "cookie",
             BypassReason::Range => "range",
             BypassReason::Request => "request",
             BypassReason::NotModified => "not-modified",
@@ -210,6 +235,18 @@ pub fn status_is_error(status: StatusCode) -> bool {
 pub struct RequestFacts {
     /// The request carried `Authorization`.
     pub authorization: bool,
+    /// The request carried `Cookie` (that its route does not ignore).
+    pub cookie: bool,
+}
+
+impl RequestFacts {
+    /// What storability needs of a request's headers.
+    pub fn of(headers: &HeaderMap) -> RequestFacts {
+        RequestFacts {
+            authorization: headers.contains_key(header::AUTHORIZATION),
+            cookie: headers.contains_key(header::COOKIE),
+        }
+    }
 }
 
 /// Decides whether a response to a GET may be stored, and for how long.
@@ -239,13 +276,20 @@ pub fn storability(
     }
     // RFC 9111 §3.5: a shared cache stores an answer to an authenticated
     // request only when the response says it may be shared.
-    if request.authorization && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
+    // A field targeted at this cache (RFC 9213) is written for shared caches.
+    let shared = cc.public || cc.s_maxage.is_some() || cc.targeted;
+    if request.authorization && !(shared || cc.must_revalidate) {
         return Storability::Bypass(BypassReason::Authorization);
+    }
+    // What a client's cookies produced is theirs (Varnish passes such
+    // requests; swr-proxy stores the answer when the backend says it may).
+    if request.cookie && !shared {
+        return Storability::Bypass(BypassReason::Cookie);
     }
     if status == StatusCode::PARTIAL_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Storability::Bypass(BypassReason::Status);
     }
-    let initial_age = age_value(headers) + response_delay;
+    let initial_age = age_value(headers).saturating_add(response_delay);
     let has_validators =
         headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
     let keep_for_revalidation = if has_validators {
@@ -258,13 +302,16 @@ pub fn storability(
         if !status_is_cacheable(status) {
             return Storability::Bypass(BypassReason::Status);
         }
-        return Storability::Store(Lifetimes {
-            fresh: defaults.ttl,
-            stale_while_revalidate: defaults.stale_while_revalidate,
-            stale_if_error: defaults.stale_if_error,
-            initial_age,
-            keep_for_revalidation,
-        });
+        return Storability::Store(
+            Lifetimes {
+                fresh: defaults.ttl,
+                stale_while_revalidate: defaults.stale_while_revalidate,
+                stale_if_error: defaults.stale_if_error,
+                initial_age,
+                keep_for_revalidation,
+            }
+            .capped(),
+        );
     }
 
     let explicit = explicit_freshness(&cc, headers, response_time);
@@ -295,7 +342,8 @@ pub fn storability(
         stale_if_error: window(cc.stale_if_error, defaults.stale_if_error),
         initial_age,
         keep_for_revalidation,
-    };
+    }
+    .capped();
     let usable = lifetimes.fresh > lifetimes.initial_age
         || !lifetimes.stale_while_revalidate.is_zero()
         || !lifetimes.stale_if_error.is_zero()
@@ -351,13 +399,15 @@ fn http_date_str(value: &str) -> Option<SystemTime> {
     httpdate::parse_http_date(value.trim()).ok()
 }
 
-/// The `Age` header's value; an absent or invalid one counts as zero.
+/// The `Age` header's value, at most [`MAX_AGE`]; an absent or invalid one
+/// counts as zero.
 pub fn age_value(headers: &HeaderMap) -> Duration {
     headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(Duration::ZERO, Duration::from_secs)
+        .min(MAX_AGE)
 }
 
 /// The request header names a response varies on, lowercase and deduplicated;
@@ -688,7 +738,10 @@ mod tests {
         storability(
             StatusCode::from_u16(status).unwrap(),
             &headers(pairs),
-            RequestFacts { authorization },
+            RequestFacts {
+                authorization,
+                cookie: false,
+            },
             Duration::ZERO,
             arrival(),
             defaults,
@@ -905,6 +958,63 @@ mod tests {
             decide_with(200, &[], true, &d),
             Storability::Bypass(BypassReason::Authorization)
         );
+    }
+
+    #[test]
+    fn huge_ages_and_lifetimes_are_capped_not_overflowed() {
+        let d = defaults();
+        let max = u64::MAX.to_string();
+        let cc = format!("max-age={max}, stale-while-revalidate={max}, stale-if-error={max}");
+        let l = lifetimes(&[("cache-control", &cc), ("age", &max)], &d);
+        assert_eq!(l.fresh, MAX_LIFETIME);
+        assert_eq!(l.stale_while_revalidate, MAX_LIFETIME);
+        assert_eq!(l.stale_if_error, MAX_LIFETIME);
+        assert_eq!(l.initial_age, MAX_AGE);
+        // Stored at the far end of time, it is still a finite entry.
+        let entry = crate::cache::entry::Entry::new(
+            "k/",
+            StatusCode::OK,
+            &HeaderMap::new(),
+            &[],
+            std::time::Instant::now(),
+            l,
+        );
+        assert!(entry.age(std::time::Instant::now()) >= MAX_AGE);
+    }
+
+    #[test]
+    fn cookies_need_explicit_permission() {
+        let d = defaults();
+        let with_cookie = |pairs: &[(&'static str, &str)]| {
+            storability(
+                StatusCode::OK,
+                &headers(pairs),
+                RequestFacts {
+                    authorization: false,
+                    cookie: true,
+                },
+                Duration::ZERO,
+                arrival(),
+                &d,
+            )
+        };
+        assert_eq!(with_cookie(&[]), Storability::Bypass(BypassReason::Cookie));
+        assert_eq!(
+            with_cookie(&[("cache-control", "max-age=60")]),
+            Storability::Bypass(BypassReason::Cookie)
+        );
+        assert!(matches!(
+            with_cookie(&[("cache-control", "public, max-age=60")]),
+            Storability::Store(_)
+        ));
+        assert!(matches!(
+            with_cookie(&[("cache-control", "s-maxage=60")]),
+            Storability::Store(_)
+        ));
+        assert!(matches!(
+            with_cookie(&[("cdn-cache-control", "max-age=60")]),
+            Storability::Store(_)
+        ));
     }
 
     #[test]
