@@ -897,9 +897,8 @@ fn parse_mode(text: &str) -> Result<CacheControlMode, String> {
 /// given together are an error, as is an empty or unreadable token file.
 fn admin_token(args: &ProxyArgs, file: &FileConfig) -> Result<Option<String>, ConfigError> {
     let read = |path: &Path, name: &str| {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError(format!("{name} {}: cannot read: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{name} {}: cannot read: {e}", path.display())))?;
         let token = text.lines().next().unwrap_or("").trim().to_string();
         if token.is_empty() {
             return Err(ConfigError(format!(

@@ -3,45 +3,13 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::Method;
-use support::{eventually, Origin, TestProxy, WAIT};
+use support::{eventually, Origin, TempFile, TestProxy, WAIT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_swr-proxy");
-
-/// A file in the temp directory, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(text: &str) -> TempFile {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "swr-proxy-test-{}-{}.toml",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, text).expect("write the config file");
-        TempFile(path)
-    }
-
-    fn write(&self, text: &str) {
-        std::fs::write(&self.0, text).expect("rewrite the config file");
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temp path")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn check(path: &str) -> (i32, String, String) {
     let out = Command::new(BIN)

@@ -24,6 +24,8 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod raw;
+
 use swr_proxy::config::{Cli, Config};
 use swr_proxy::proxy::Proxy;
 
@@ -372,10 +374,15 @@ pub struct TestProxy {
 impl TestProxy {
     /// Starts the proxy in front of `origin` with extra command-line flags.
     pub async fn start(origin: &Origin, flags: &[&str]) -> TestProxy {
+        TestProxy::start_for(&origin.url(), flags).await
+    }
+
+    /// Starts the proxy in front of the backend at `upstream`.
+    pub async fn start_for(upstream: &str, flags: &[&str]) -> TestProxy {
         let mut args = vec![
             "swr-proxy".to_string(),
             "--upstream".into(),
-            origin.url(),
+            upstream.to_string(),
             "--listen".into(),
             "127.0.0.1:0".into(),
         ];
@@ -552,3 +559,33 @@ where
 
 /// A generous deadline for conditions on a loaded machine.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A file in the temp directory, removed on drop.
+pub struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    pub fn new(text: &str) -> TempFile {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "swr-proxy-test-{}-{}.toml",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, text).expect("write the config file");
+        TempFile(path)
+    }
+
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.0, text).expect("rewrite the config file");
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 temp path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,535 @@
+//! A shared cache under attack: request heads written as raw bytes, against
+//! a raw backend that records the exact bytes it receives. Each test fails
+//! when the protection it names is removed.
+
+mod support;
+
+use support::raw::{exchange, RawBackend};
+use support::{eventually, TempFile, TestProxy, WAIT};
+
+/// A GET of `path` on `host` with `extra` header lines (each ending CRLF).
+fn get(path: &str, host: &str, extra: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n").into_bytes()
+}
+
+/// The proxy with fast hits (the default) and without, in front of `backend`.
+async fn both_paths(backend: &RawBackend, flags: &[&str]) -> [TestProxy; 2] {
+    let mut slow = flags.to_vec();
+    slow.push("--no-fast-hits");
+    [
+        TestProxy::start_for(&backend.url(), flags).await,
+        TestProxy::start_for(&backend.url(), &slow).await,
+    ]
+}
+
+/// Framing the client sent with a body the cache does not forward.
+const SMUGGLERS: [(&str, &str, &str); 4] = [
+    ("GET", "content-length: 10\r\n", "GET /x HTT"),
+    (
+        "GET",
+        "transfer-encoding: chunked\r\n",
+        "5\r\nGET /\r\n0\r\n\r\n",
+    ),
+    (
+        "HEAD",
+        "content-length: 5\r\nexpect: 100-continue\r\n",
+        "GET /",
+    ),
+    ("GET", "content-length: 4\r\ntrailer: x-t\r\n", "abcd"),
+];
+
+/// A fill, whatever body its client sent, reaches the backend without the
+/// client's framing: the next request on the pooled connection arrives
+/// whole, and nothing is read as a body.
+#[tokio::test]
+async fn fills_carry_no_client_framing() {
+    let backend = RawBackend::start().await;
+    let proxy = TestProxy::start_for(&backend.url(), &[]).await;
+    for (i, (method, framing, body)) in SMUGGLERS.iter().enumerate() {
+        let path = format!("/fill-{i}");
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: shop.example\r\n{framing}\r\n{body}");
+        let answer = exchange(proxy.addr, request.as_bytes()).await;
+        assert_eq!(answer.status, 200, "{method} with {framing:?}");
+        let next = format!("/next-{i}");
+        let answer = exchange(proxy.addr, &get(&next, "shop.example", "")).await;
+        assert_eq!(answer.status, 200);
+        assert!(answer.text().starts_with(&format!("{next} #")));
+        let fill = &backend.seen_for(&path)[0];
+        for name in ["content-length", "transfer-encoding", "expect", "trailer"] {
+            assert_eq!(fill.header(name), None, "{name} forwarded: {}", fill.head);
+        }
+        assert!(fill.body.is_empty());
+        assert_eq!(fill.request_line(), format!("GET {path} HTTP/1.1"));
+        let next_seen = &backend.seen_for(&next);
+        assert_eq!(next_seen.len(), 1, "the next request arrived whole");
+        assert_eq!(next_seen[0].request_line(), format!("GET {next} HTTP/1.1"));
+    }
+    // Nothing else reached the backend (no request made of a body's bytes).
+    assert_eq!(backend.seen().len(), 2 * SMUGGLERS.len());
+}
+
+/// A stale hit's refresh carries neither the client's framing nor its
+/// credentials, and a pass-through keeps its body with its own framing.
+#[tokio::test]
+async fn refreshes_carry_no_framing_and_no_credentials() {
+    let backend = RawBackend::start().await;
+    backend.answer_with(&["cache-control: max-age=0, stale-while-revalidate=60"]);
+    let proxy = TestProxy::start_for(&backend.url(), &[]).await;
+    let first = exchange(proxy.addr, &get("/r", "shop.example", "")).await;
+    assert_eq!(first.header("x-cache").as_deref(), Some("MISS"));
+    let credentials =
+        "cookie: session=alice\r\nauthorization: Bearer alice\r\ncontent-length: 3\r\n";
+    let request = [get("/r", "shop.example", credentials), b"abc".to_vec()].concat();
+    let stale = exchange(proxy.addr, &request).await;
+    assert_eq!(stale.header("x-cache").as_deref(), Some("STALE"));
+    eventually(WAIT, "the refresh reaches the backend", || async {
+        backend.seen_for("/r").len() == 2
+    })
+    .await;
+    let refresh = &backend.seen_for("/r")[1];
+    for name in ["cookie", "authorization", "content-length"] {
+        assert_eq!(refresh.header(name), None, "{name} in the refresh");
+    }
+    // A POST's body goes with its own framing.
+    let post = b"POST /p HTTP/1.1\r\nHost: shop.example\r\ncontent-length: 5\r\n\r\nhello";
+    assert_eq!(exchange(proxy.addr, post).await.status, 200);
+    let seen = &backend.seen_for("/p")[0];
+    assert_eq!(seen.body, b"hello");
+    assert_eq!(seen.header("content-length").as_deref(), Some("5"));
+}
+
+/// A `Host` that is not `host[:port]`, none in HTTP/1.1, or two, is a 400
+/// on both paths and never reaches the backend; so a Host cannot collide
+/// with a path.
+#[tokio::test]
+async fn a_host_that_is_not_a_host_is_refused() {
+    let backend = RawBackend::start().await;
+    for proxy in both_paths(&backend, &[]).await {
+        // Warm the URL the bad heads aim at, so a fast hit is possible.
+        let warm = exchange(proxy.addr, &get("/static/app.js", "shop.example", "")).await;
+        assert_eq!(warm.status, 200);
+        let before = backend.seen().len();
+        let bad: [&[u8]; 9] = [
+            b"GET /app.js HTTP/1.1\r\nHost: shop.example/static\r\n\r\n",
+            b"GET /static/app.js HTTP/1.1\r\n\r\n",
+            b"GET /static/app.js HTTP/1.1\r\nHost: shop.example\r\nHost: evil.example\r\n\r\n",
+            b"GET /static/app.js HTTP/1.1\r\nHost: shop.example\r\nhost: shop.example\r\n\r\n",
+            b"GET /static/app.js HTTP/1.1\r\nHost: user@shop.example\r\n\r\n",
+            b"GET /static/app.js HTTP/1.1\r\nHost: shop.example:80:80\r\n\r\n",
+            b"GET /static/app.js HTTP/1.1\r\nHost: shop.example?\r\n\r\n",
+            b"GET http://user@shop.example/static/app.js HTTP/1.1\r\nHost: shop.example\r\n\r\n",
+            b"POST /static/app.js HTTP/1.1\r\nHost: shop.example/x\r\ncontent-length: 0\r\n\r\n",
+        ];
+        for head in bad {
+            let answer = exchange(proxy.addr, head).await;
+            assert_eq!(answer.status, 400, "{}", String::from_utf8_lossy(head));
+        }
+        assert_eq!(backend.seen().len(), before, "nothing was forwarded");
+        // HTTP/1.0 needs no Host.
+        let old = exchange(proxy.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+        assert_eq!(old.status, 200);
+    }
+}
+
+/// `Connection` cannot remove `Host` (or anything else) before swr-proxy
+/// sets the forwarding headers: the backend sees the key's host.
+#[tokio::test]
+async fn connection_cannot_remove_host_or_keyed_headers() {
+    let backend = RawBackend::start().await;
+    let proxy = TestProxy::start_for(&backend.url(), &[]).await;
+    let extra = "Connection: host, x-forwarded-host, accept-language\r\n\
+                 X-Forwarded-Host: evil.example\r\nAccept-Language: fr\r\n";
+    let answer = exchange(proxy.addr, &get("/c", "shop.example", extra)).await;
+    assert_eq!(answer.status, 200);
+    let seen = &backend.seen_for("/c")[0];
+    assert_eq!(seen.headers("x-forwarded-host"), ["shop.example"]);
+    assert_eq!(seen.header("accept-language").as_deref(), Some("fr"));
+    assert!(!seen.head.contains("evil.example"));
+}
+
+/// Every forwarding header a client sends: absent at the backend, which
+/// sees swr-proxy's own; kept and appended to from a trusted peer.
+const CLIENT_FORWARDING: [(&str, &str); 12] = [
+    ("forwarded", "for=10.9.9.9;host=evil.example;proto=https"),
+    ("x-forwarded-for", "10.9.9.9"),
+    ("x-forwarded-host", "evil.example"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-scheme", "https"),
+    ("x-forwarded-port", "443"),
+    ("x-forwarded-prefix", "/evil"),
+    ("x-real-ip", "10.9.9.9"),
+    ("x-original-url", "/admin"),
+    ("x-rewrite-url", "/admin"),
+    ("x-http-method-override", "DELETE"),
+    ("x-original-host", "evil.example"),
+];
+
+fn forwarding_lines() -> String {
+    CLIENT_FORWARDING
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect()
+}
+
+#[tokio::test]
+async fn client_forwarding_headers_never_reach_the_backend() {
+    let backend = RawBackend::start().await;
+    let proxy = TestProxy::start_for(&backend.url(), &[]).await;
+    let lines = forwarding_lines();
+    exchange(proxy.addr, &get("/f", "shop.example", &lines)).await;
+    let post =
+        format!("POST /f-post HTTP/1.1\r\nHost: shop.example\r\n{lines}content-length: 0\r\n\r\n");
+    exchange(proxy.addr, post.as_bytes()).await;
+    for path in ["/f", "/f-post"] {
+        let seen = &backend.seen_for(path)[0];
+        for (name, value) in CLIENT_FORWARDING {
+            assert!(
+                !seen.headers(name).iter().any(|v| v.contains(value)),
+                "{name}: {value} reached the backend on {path}"
+            );
+        }
+        assert_eq!(seen.headers("x-forwarded-for"), ["127.0.0.1"]);
+        assert_eq!(seen.headers("x-forwarded-host"), ["shop.example"]);
+        assert_eq!(seen.headers("x-forwarded-proto"), ["http"]);
+    }
+}
+
+#[tokio::test]
+async fn a_trusted_peer_keeps_its_forwarding_headers() {
+    let backend = RawBackend::start().await;
+    let proxy = TestProxy::start_for(&backend.url(), &["--trust-forwarded", "127.0.0.0/8"]).await;
+    exchange(proxy.addr, &get("/t", "shop.example", &forwarding_lines())).await;
+    let seen = &backend.seen_for("/t")[0];
+    assert_eq!(seen.headers("x-forwarded-for"), ["10.9.9.9, 127.0.0.1"]);
+    assert_eq!(seen.headers("x-forwarded-host"), ["evil.example"]);
+    assert_eq!(seen.headers("x-forwarded-prefix"), ["/evil"]);
+    assert!(seen.header("forwarded").is_some());
+}
+
+/// What a request's cookies produced is not served to anyone else unless
+/// the backend says it may be; routes can ignore cookies or key on some.
+#[tokio::test]
+async fn answers_to_requests_with_cookies_stay_theirs() {
+    let backend = RawBackend::start().await;
+    backend.answer_with(&[]);
+    let proxy = TestProxy::start_for(&backend.url(), &[]).await;
+    for path in ["/account", "/account/x.css"] {
+        let alice = exchange(
+            proxy.addr,
+            &get(path, "shop.example", "Cookie: s=alice\r\n"),
+        )
+        .await;
+        assert_eq!(alice.header("x-cache").as_deref(), Some("BYPASS"));
+        let anonymous = exchange(proxy.addr, &get(path, "shop.example", "")).await;
+        assert_eq!(anonymous.header("x-cache").as_deref(), Some("MISS"));
+        assert_ne!(anonymous.text(), alice.text(), "alice's answer was shared");
+    }
+    let authorized = "Authorization: Bearer alice\r\n";
+    exchange(proxy.addr, &get("/me", "shop.example", authorized)).await;
+    let anonymous = exchange(proxy.addr, &get("/me", "shop.example", "")).await;
+    assert_eq!(anonymous.header("x-cache").as_deref(), Some("MISS"));
+    // The backend says the answer may be shared: it is.
+    backend.answer_with(&["cache-control: public, max-age=60"]);
+    exchange(
+        proxy.addr,
+        &get("/shared", "shop.example", "Cookie: s=a\r\n"),
+    )
+    .await;
+    let hit = exchange(proxy.addr, &get("/shared", "shop.example", "")).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+}
+
+#[tokio::test]
+async fn routes_ignore_cookies_or_key_on_some() {
+    let backend = RawBackend::start().await;
+    let file = TempFile::new(
+        "[[route]]\npath = \"/ignore\"\ncookies = \"ignore\"\n\n\
+         [[route]]\npath = \"/tiered\"\ncookies = [\"tier\"]\n",
+    );
+    let proxy = TestProxy::start_for(&backend.url(), &["--config", file.path()]).await;
+    let cookie = |value: &str| format!("Cookie: {value}\r\n");
+    let first = exchange(proxy.addr, &get("/ignore", "shop.example", &cookie("s=a"))).await;
+    assert_eq!(first.header("x-cache").as_deref(), Some("MISS"));
+    assert_eq!(backend.seen_for("/ignore")[0].header("cookie"), None);
+    let other = exchange(proxy.addr, &get("/ignore", "shop.example", &cookie("s=b"))).await;
+    assert_eq!(other.header("x-cache").as_deref(), Some("HIT"));
+
+    let gold = cookie("tier=gold; session=alice");
+    assert_eq!(
+        exchange(proxy.addr, &get("/tiered", "shop.example", &gold))
+            .await
+            .header("x-cache")
+            .as_deref(),
+        Some("MISS")
+    );
+    let seen = &backend.seen_for("/tiered")[0];
+    assert_eq!(seen.header("cookie").as_deref(), Some("tier=gold"));
+    let gold_bob = cookie("session=bob; tier=gold");
+    let hit = exchange(proxy.addr, &get("/tiered", "shop.example", &gold_bob)).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+    let silver = cookie("tier=silver");
+    let miss = exchange(proxy.addr, &get("/tiered", "shop.example", &silver)).await;
+    assert_eq!(miss.header("x-cache").as_deref(), Some("MISS"));
+}
+
+/// Request heads over the limits: 414 / 431 on both paths, never forwarded.
+#[tokio::test]
+async fn heads_over_the_limits_are_refused() {
+    let backend = RawBackend::start().await;
+    for proxy in both_paths(&backend, &[]).await {
+        let long_target = format!("/l?{}", "q".repeat(9 * 1024));
+        let long_line = format!("x-big: {}\r\n", "b".repeat(9 * 1024));
+        let many_lines: String = (0..6)
+            .map(|i| format!("x-part-{i}: {}\r\n", "p".repeat(7 * 1024)))
+            .collect();
+        // Within the limits: answered.
+        let near = format!("/l?{}", "q".repeat(7 * 1024));
+        assert_eq!(exchange(proxy.addr, &get(&near, "h", "")).await.status, 200);
+        let before = backend.seen().len();
+        assert_eq!(
+            exchange(proxy.addr, &get(&long_target, "h", ""))
+                .await
+                .status,
+            414
+        );
+        assert_eq!(
+            exchange(proxy.addr, &get("/l", "h", &long_line))
+                .await
+                .status,
+            431
+        );
+        assert_eq!(
+            exchange(proxy.addr, &get("/l", "h", &many_lines))
+                .await
+                .status,
+            431
+        );
+        assert_eq!(backend.seen().len(), before, "nothing was forwarded");
+    }
+    // The limits are settings.
+    let proxy = TestProxy::start_for(&backend.url(), &["--max-request-line", "1KiB"]).await;
+    let target = format!("/l?{}", "q".repeat(2048));
+    assert_eq!(
+        exchange(proxy.addr, &get(&target, "h", "")).await.status,
+        414
+    );
+}
+
+/// 502 and 504 bodies name the failure class, not the backend's address.
+#[tokio::test]
+async fn error_bodies_do_not_name_the_backend() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("address").port();
+    drop(closed);
+    let upstream = format!("http://127.0.0.1:{port}");
+    let proxy = TestProxy::start_for(&upstream, &[]).await;
+    let answer = exchange(proxy.addr, &get("/down", "shop.example", "")).await;
+    assert_eq!(answer.status, 502);
+    let text = answer.text();
+    assert!(text.contains("(connect)"), "{text}");
+    assert!(!text.contains(&port.to_string()), "{text}");
+    assert!(!text.contains("127.0.0.1"), "{text}");
+}
+
+/// An `Age` or `max-age` near `u64::MAX` neither panics nor makes an entry
+/// fresh for longer than a year.
+#[tokio::test]
+async fn huge_ages_and_lifetimes_are_capped() {
+    let backend = RawBackend::start().await;
+    let max = u64::MAX.to_string();
+    backend.answer_with(&[&format!(
+        "cache-control: max-age={max}, stale-while-revalidate={max}"
+    )]);
+    let proxy = TestProxy::start_for(&backend.url(), &[]).await;
+    assert_eq!(
+        exchange(proxy.addr, &get("/forever", "h", "")).await.status,
+        200
+    );
+    let hit = exchange(proxy.addr, &get("/forever", "h", "")).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+    let status = hit.header("cache-status").unwrap_or_default();
+    let ttl: u64 = status
+        .rsplit("ttl=")
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(ttl <= 365 * 24 * 3600, "{status}");
+    backend.answer_with(&["cache-control: max-age=60", &format!("age: {max}")]);
+    assert_eq!(
+        exchange(proxy.addr, &get("/old", "h", "")).await.status,
+        200
+    );
+    assert_eq!(
+        exchange(proxy.addr, &get("/old", "h", "")).await.status,
+        200
+    );
+}
+
+/// State-changing admin requests need JSON (a web page cannot send it
+/// without a preflight); the token can come from a file.
+#[tokio::test]
+async fn admin_posts_need_json_and_the_token_can_be_a_file() {
+    let backend = RawBackend::start().await;
+    let token = TempFile::new("s3cret\n");
+    let proxy = TestProxy::start_for(&backend.url(), &["--admin-token-file", token.path()]).await;
+    exchange(proxy.addr, &get("/kept", "shop.example", "")).await;
+    let admin = |request: String| {
+        let addr = proxy.admin_addr;
+        async move { exchange(addr, request.as_bytes()).await }
+    };
+    let unauthorized = admin("GET /stats HTTP/1.1\r\nHost: a\r\n\r\n".into()).await;
+    assert_eq!(unauthorized.status, 401);
+    let wrong =
+        admin("GET /stats HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer s3cres\r\n\r\n".into());
+    assert_eq!(wrong.await.status, 401);
+    let auth = "Authorization: Bearer s3cret\r\n";
+    assert_eq!(
+        admin(format!("GET /stats HTTP/1.1\r\nHost: a\r\n{auth}\r\n"))
+            .await
+            .status,
+        200
+    );
+    let body = r#"{"all": true}"#;
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let form = format!(
+            "POST /purge HTTP/1.1\r\nHost: a\r\n{auth}content-type: {content_type}\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        assert_eq!(admin(form).await.status, 415);
+    }
+    let reload = format!("POST /reload HTTP/1.1\r\nHost: a\r\n{auth}content-length: 0\r\n\r\n");
+    assert_eq!(admin(reload).await.status, 415);
+    let hit = exchange(proxy.addr, &get("/kept", "shop.example", "")).await;
+    assert_eq!(
+        hit.header("x-cache").as_deref(),
+        Some("HIT"),
+        "nothing was purged"
+    );
+    let json = format!(
+        "POST /purge HTTP/1.1\r\nHost: a\r\n{auth}content-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(admin(json).await.status, 200);
+    let miss = exchange(proxy.addr, &get("/kept", "shop.example", "")).await;
+    assert_eq!(miss.header("x-cache").as_deref(), Some("MISS"));
+}
+
+/// The same random request head, sent to the fast path and to hyper's,
+/// gets the same status, and the backend receives the same bytes.
+mod differential {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn host() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            Just(Some("shop.example".to_string())),
+            Just(Some("SHOP.example".to_string())),
+            Just(Some("shop.example:8080".to_string())),
+            Just(Some("shop.example/static".to_string())),
+            Just(Some("shop.example/static".to_string())),
+            Just(Some("user@shop.example".to_string())),
+            Just(Some("shop example".to_string())),
+            Just(Some("[::1]".to_string())),
+            Just(Some(String::new())),
+            Just(None),
+        ]
+    }
+
+    fn extra() -> impl Strategy<Value = Vec<&'static str>> {
+        prop::collection::vec(
+            prop_oneof![
+                Just("Host: other.example\r\n"),
+                Just("Connection: keep-alive\r\n"),
+                Just("Connection: host\r\n"),
+                Just("Connection: close\r\n"),
+                Just("X-Forwarded-Host: evil.example\r\n"),
+                Just("Forwarded: host=evil.example\r\n"),
+                Just("Cookie: s=1\r\n"),
+                Just("Authorization: Bearer x\r\n"),
+                Just("Cache-Control: no-cache\r\n"),
+                Just("Range: bytes=0-1\r\n"),
+                Just("If-None-Match: \"x\"\r\n"),
+                Just("Content-Length: 0\r\n"),
+                Just("Expect: 100-continue\r\n"),
+                Just("Accept: text/plain\r\n"),
+            ],
+            0..4,
+        )
+    }
+
+    fn target() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("/warm".to_string()),
+            Just("/warm?x=1".to_string()),
+            // With the Host `shop.example/static`, the key text of the warm
+            // `/static/app.js`.
+            Just("/app.js".to_string()),
+            "/[a-z]{1,8}",
+            Just(format!("/warm?{}", "q".repeat(9000))),
+        ]
+    }
+
+    /// The backend's view of a request, without what differs between the
+    /// two proxies' backends (the backend's own address in `Host`).
+    fn seen_bytes(backend: &RawBackend) -> Vec<String> {
+        backend
+            .seen()
+            .into_iter()
+            .map(|r| {
+                let head: Vec<&str> = r
+                    .head
+                    .lines()
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("host:"))
+                    .collect();
+                format!("{}\n{}", head.join("\n"), String::from_utf8_lossy(&r.body))
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn the_fast_path_answers_as_hyper_does(
+            target in target(),
+            host in host(),
+            extra in extra(),
+        ) {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let fast_backend = RawBackend::start().await;
+                let slow_backend = RawBackend::start().await;
+                let fast = TestProxy::start_for(&fast_backend.url(), &[]).await;
+                let slow = TestProxy::start_for(&slow_backend.url(), &["--no-fast-hits"]).await;
+                let mut head = format!("GET {target} HTTP/1.1\r\n");
+                if let Some(host) = &host {
+                    head.push_str(&format!("Host: {host}\r\n"));
+                }
+                for line in &extra {
+                    head.push_str(line);
+                }
+                head.push_str("\r\n");
+                let mut statuses = Vec::new();
+                for (proxy, backend) in [(&fast, &fast_backend), (&slow, &slow_backend)] {
+                    for path in ["/warm", "/static/app.js"] {
+                        let warm = exchange(proxy.addr, &get(path, "shop.example", "")).await;
+                        assert_eq!(warm.status, 200);
+                    }
+                    statuses.push(exchange(proxy.addr, head.as_bytes()).await.status);
+                    assert!(!backend.seen().is_empty());
+                }
+                assert_eq!(statuses[0], statuses[1], "{head:?}");
+                eventually(WAIT, "both backends saw the same bytes", || async {
+                    seen_bytes(&fast_backend) == seen_bytes(&slow_backend)
+                })
+                .await;
+            });
+        }
+    }
+}
