@@ -28,7 +28,7 @@ fn the_shipped_example_is_valid() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/swr.toml");
     let (code, stdout, stderr) = check(example);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("ok (4 routes)"), "{stdout}");
+    assert!(stdout.contains("ok (5 routes)"), "{stdout}");
 }
 
 #[test]
