@@ -24,6 +24,7 @@ fn defaults() -> Defaults {
         stale_if_error: Duration::from_secs(300),
         mode: CacheControlMode::Honor,
         targeted: http::HeaderName::from_static("swr-cache-control"),
+        heuristic_percent: None,
     }
 }
 

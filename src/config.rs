@@ -71,6 +71,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_TTL", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub ttl: Option<Duration>,
 
+    /// Freshness of a response with `Last-Modified` and no explicit
+    /// freshness: this percentage of the time since it was modified, at
+    /// most --ttl [default: off, the ttl applies; 10 with --ttl 0].
+    #[arg(long, env = "SWR_HEURISTIC_FRESHNESS", value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub heuristic_freshness: Option<u8>,
+
     /// How long after it turns stale an entry is still served at once while
     /// it is refreshed [default: 60s].
     #[arg(long, env = "SWR_STALE_WHILE_REVALIDATE", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
@@ -121,10 +127,10 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_TARGETED_CACHE_CONTROL", value_name = "HEADER", value_parser = parse_header_name)]
     pub targeted_cache_control: Option<http::HeaderName>,
 
-    /// Address of the admin API (metrics, health, purge, stats). A
-    /// non-loopback address needs --admin-token [default: 127.0.0.1:9090].
-    #[arg(long, env = "SWR_ADMIN_LISTEN", value_name = "ADDR")]
-    pub admin_listen: Option<SocketAddr>,
+    /// Address of the admin API (metrics, health, purge, stats), or `off`.
+    /// A non-loopback address needs --admin-token [default: 127.0.0.1:6180].
+    #[arg(long, env = "SWR_ADMIN_LISTEN", value_name = "ADDR|off", value_parser = parse_listen)]
+    pub admin_listen: Option<Listen>,
 
     /// Every admin request must carry `Authorization: Bearer <TOKEN>`.
     #[arg(
@@ -199,6 +205,7 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub upstream: Option<String>,
     pub ttl: Option<String>,
+    pub heuristic_freshness: Option<u8>,
     pub stale_while_revalidate: Option<String>,
     pub stale_if_error: Option<String>,
     pub max_size: Option<String>,
@@ -209,7 +216,7 @@ pub struct FileConfig {
     pub cache_control: Option<CacheControlMode>,
     pub honor_client_cache_control: Option<bool>,
     pub targeted_cache_control: Option<String>,
-    pub admin_listen: Option<SocketAddr>,
+    pub admin_listen: Option<String>,
     pub admin_token: Option<String>,
     pub admin_token_file: Option<PathBuf>,
     pub upstream_concurrency: Option<usize>,
@@ -233,6 +240,7 @@ pub struct RouteFile {
     /// A path prefix (`/ranking`), or a glob with `*` (`/users/*/similar`).
     pub path: String,
     pub ttl: Option<String>,
+    pub heuristic_freshness: Option<u8>,
     pub stale_while_revalidate: Option<String>,
     pub stale_if_error: Option<String>,
     pub cache_control: Option<CacheControlMode>,
@@ -286,6 +294,8 @@ pub struct Route {
     /// The pattern as written, for logs and metrics.
     pub pattern: String,
     pub ttl: Duration,
+    /// `heuristic_freshness` of the route, else of the top level.
+    pub heuristic_freshness: Option<u8>,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
     pub cache_control: CacheControlMode,
@@ -352,6 +362,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub upstream: reqwest::Url,
     pub ttl: Duration,
+    /// `--heuristic-freshness`: unset, the ttl applies (10% with a ttl of 0).
+    pub heuristic_freshness: Option<u8>,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
     pub max_size_bytes: u64,
@@ -366,7 +378,8 @@ pub struct Config {
     pub cache_control: CacheControlMode,
     pub honor_client_cache_control: bool,
     pub targeted_cache_control: http::HeaderName,
-    pub admin_listen: SocketAddr,
+    /// `None`: `--admin-listen off`.
+    pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<String>,
     pub upstream_concurrency: usize,
     pub log_format: String,
@@ -517,6 +530,20 @@ impl Config {
             "stale_if_error",
             Duration::from_secs(300),
         )?;
+        let heuristic_freshness = args.heuristic_freshness.or(file.heuristic_freshness);
+        let percent = |value: Option<u8>, name: &str| match value {
+            Some(p) if p > 100 => Err(ConfigError(format!(
+                "{name} = {p} in the config file: expected a percentage from 0 to 100"
+            ))),
+            _ => Ok(()),
+        };
+        percent(file.heuristic_freshness, "heuristic_freshness")?;
+        for (i, route) in file.routes.iter().enumerate() {
+            percent(
+                route.heuristic_freshness,
+                &format!("route[{i}].heuristic_freshness"),
+            )?;
+        }
         let cache_control = args
             .cache_control
             .or(file.cache_control)
@@ -534,6 +561,10 @@ impl Config {
                     stale_if_error,
                     cache_control,
                 )
+                .map(|mut route| {
+                    route.heuristic_freshness = route.heuristic_freshness.or(heuristic_freshness);
+                    route
+                })
             })
             .collect::<Result<Vec<Route>, ConfigError>>()?;
         let trust_forwarded = match (&args.trust_forwarded, &file.trust_forwarded) {
@@ -563,6 +594,7 @@ impl Config {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             upstream,
             ttl,
+            heuristic_freshness,
             stale_while_revalidate,
             stale_if_error,
             max_size_bytes: size(args.max_size, &file.max_size, "max_size", 256 << 20)?,
@@ -606,10 +638,14 @@ impl Config {
             honor_client_cache_control: args.honor_client_cache_control
                 || file.honor_client_cache_control.unwrap_or(false),
             targeted_cache_control: targeted,
-            admin_listen: args
-                .admin_listen
-                .or(file.admin_listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+            admin_listen: match (args.admin_listen, &file.admin_listen) {
+                (Some(listen), _) => listen,
+                (None, Some(text)) => parse_listen(text).map_err(|e| {
+                    ConfigError(format!("admin_listen = {text:?} in the config file: {e}"))
+                })?,
+                (None, None) => Listen::At(DEFAULT_ADMIN_LISTEN),
+            }
+            .address(),
             admin_token: admin_token(args, file)?,
             upstream_concurrency: args
                 .upstream_concurrency
@@ -651,11 +687,12 @@ impl Config {
         if self.max_object_size_bytes > u64::from(u32::MAX) {
             return Err(ConfigError("--max-object-size must be below 4GiB".into()));
         }
-        if !self.admin_listen.ip().is_loopback() && self.admin_token.is_none() {
-            return Err(ConfigError(format!(
-                "--admin-listen {} is not a loopback address: set --admin-token too",
-                self.admin_listen
-            )));
+        if let Some(admin) = self.admin_listen {
+            if !admin.ip().is_loopback() && self.admin_token.is_none() {
+                return Err(ConfigError(format!(
+                    "--admin-listen {admin} is not a loopback address: set --admin-token too"
+                )));
+            }
         }
         if self.upstream_timeout.is_zero() {
             return Err(ConfigError(
@@ -815,6 +852,7 @@ fn validate_route(
         }
     };
     Ok(Route {
+        heuristic_freshness: route.heuristic_freshness,
         pattern: route.path.clone(),
         ttl: duration(&route.ttl, "ttl", ttl)?,
         stale_while_revalidate: duration(
@@ -925,6 +963,39 @@ fn admin_token(args: &ProxyArgs, file: &FileConfig) -> Result<Option<String>, Co
     }
 }
 
+/// The admin API's default address. Not 9090 (Prometheus' own, which a
+/// host that scrapes swr-proxy often runs) nor any common exporter's
+/// (9100-9999), Varnish's (6081, 6082) or a web server's.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6180);
+
+/// A listen address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    At(SocketAddr),
+}
+
+impl Listen {
+    pub fn address(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Off => None,
+            Listen::At(addr) => Some(addr),
+        }
+    }
+}
+
+/// `127.0.0.1:6180`, `[::1]:6180`, or `off`.
+fn parse_listen(text: &str) -> Result<Listen, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(Listen::Off);
+    }
+    text.parse()
+        .map(Listen::At)
+        .map_err(|_| "expected an address like 127.0.0.1:6180, or off".to_string())
+}
+
 /// An address (`10.0.0.1`, `::1`) or a network (`10.0.0.0/8`).
 pub fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
     let text = text.trim();
@@ -981,6 +1052,18 @@ fn parse_upstream(text: &str) -> Result<reqwest::Url, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_listen_is_an_address_or_off() {
+        assert_eq!(parse_listen("off"), Ok(Listen::Off));
+        assert_eq!(parse_listen("OFF").map(Listen::address), Ok(None));
+        assert_eq!(
+            parse_listen("127.0.0.1:7000").map(Listen::address),
+            Ok(Some("127.0.0.1:7000".parse().unwrap()))
+        );
+        assert!(parse_listen("nowhere").is_err());
+        assert_ne!(DEFAULT_ADMIN_LISTEN.port(), 9090, "Prometheus' port");
+    }
 
     #[test]
     fn durations() {

@@ -85,9 +85,25 @@ async fn answer(
         items.join(",")
     );
     let mut response = Response::new(Full::new(Bytes::from(body)));
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
     );
+    // Like a real ranking backend: validators, and Last-Modified stamped
+    // when the answer was computed. No Cache-Control, so --ttl decides how
+    // long it is fresh (not a heuristic from Last-Modified).
+    let stamped = [
+        (
+            header::LAST_MODIFIED,
+            httpdate::fmt_http_date(SystemTime::now()),
+        ),
+        (header::ETAG, format!("\"g{generation}\"")),
+    ];
+    for (name, value) in stamped {
+        if let Ok(value) = header::HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
     response
 }

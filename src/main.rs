@@ -184,13 +184,20 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         ))
     })?;
     let listen = listener.local_addr().unwrap_or(config.listen);
-    let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
-        Failure::Runtime(format!(
-            "cannot listen on {} (--admin-listen): {e}",
-            config.admin_listen
-        ))
-    })?;
-    let admin = admin_listener.local_addr().unwrap_or(config.admin_listen);
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            Failure::Runtime(format!(
+                "cannot listen on {addr} (--admin-listen): {e}; another swr-proxy or \
+                 service may hold it: choose another with --admin-listen ADDR, or \
+                 --admin-listen off"
+            ))
+        })?),
+        None => None,
+    };
+    let admin = admin_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map_or_else(|| "off".to_string(), |addr| addr.to_string());
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let proxy = Proxy::start(config.clone(), cancel.clone(), &tracker).map_err(Failure::Runtime)?;
@@ -204,15 +211,18 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     let token: Option<Arc<str>> = config.admin_token.as_deref().map(Arc::from);
     let admin_proxy = Arc::clone(&proxy);
     let admin_shutdown = shutdown.clone();
-    let admin_task = tokio::spawn(server::serve(
-        admin_listener,
-        move |request, _peer| admin::handle(Arc::clone(&admin_proxy), token.clone(), request),
-        async move { admin_shutdown.cancelled().await },
-        server::Timeouts {
-            grace: Duration::from_secs(5),
-            ..server::Timeouts::from_config(&config)
-        },
-    ));
+    let admin_timeouts = server::Timeouts {
+        grace: Duration::from_secs(5),
+        ..server::Timeouts::from_config(&config)
+    };
+    let admin_task = admin_listener.map(|admin_listener| {
+        tokio::spawn(server::serve(
+            admin_listener,
+            move |request, _peer| admin::handle(Arc::clone(&admin_proxy), token.clone(), request),
+            async move { admin_shutdown.cancelled().await },
+            admin_timeouts,
+        ))
+    });
     tracing::info!(
         %listen,
         %admin,
@@ -233,7 +243,9 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         server::Timeouts::from_config(&config),
     )
     .await;
-    let _ = admin_task.await;
+    if let Some(admin_task) = admin_task {
+        let _ = admin_task.await;
+    }
     cancel.cancel();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
@@ -264,8 +276,9 @@ async fn run_demo(args: swr_proxy::config::ProxyArgs) -> Result<(), Failure> {
     let text = format!(
         "\nswr-proxy demo\n\
          backend: http://{backend_addr} (takes {} ms per answer)\n\
-         proxy:   http://{} (ttl {ttl}s, stale-while-revalidate {}s)\n\
-         admin:   http://{}/stats, /metrics, POST /purge\n\n\
+         proxy:   http://{} (ttl {ttl}s, stale-while-revalidate {}s; the backend sends\n\
+         \x20        Last-Modified and ETag but no Cache-Control, so --ttl decides freshness)\n\
+         admin:   {}\n\n\
          In another terminal:\n\
          \x20 curl -si '{url}'   # X-Cache: MISS, ~300 ms, generation 1\n\
          \x20 curl -si '{url}'   # X-Cache: HIT, at once, same generation\n\
@@ -275,7 +288,10 @@ async fn run_demo(args: swr_proxy::config::ProxyArgs) -> Result<(), Failure> {
         demo::COMPUTE_TIME.as_millis(),
         config.listen,
         config.stale_while_revalidate.as_secs_f64(),
-        config.admin_listen,
+        config.admin_listen.map_or_else(
+            || "off (--admin-listen off)".to_string(),
+            |addr| format!("http://{addr}/stats, /metrics, POST /purge")
+        ),
     );
     let result = run(config, Some(text)).await;
     cancel.cancel();

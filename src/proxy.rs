@@ -85,18 +85,22 @@ pub struct Policy {
 impl Policy {
     /// `stats` keeps each route's counters across reloads, by pattern.
     fn from_config(config: &Config, stats: &Mutex<Vec<Arc<RouteStats>>>) -> Policy {
-        let defaults = |ttl, swr, sie, mode| {
+        let defaults = |ttl, heuristic: Option<u8>, swr, sie, mode| {
             Arc::new(Defaults {
                 ttl,
                 stale_while_revalidate: swr,
                 stale_if_error: sie,
                 mode,
                 targeted: config.targeted_cache_control.clone(),
+                heuristic_percent: heuristic
+                    .or_else(|| Defaults::default_heuristic(ttl))
+                    .filter(|&p| p > 0),
             })
         };
         Policy {
             defaults: defaults(
                 config.ttl,
+                config.heuristic_freshness,
                 config.stale_while_revalidate,
                 config.stale_if_error,
                 config.cache_control,
@@ -107,6 +111,7 @@ impl Policy {
                 .map(|r| {
                     let d = defaults(
                         r.ttl,
+                        r.heuristic_freshness,
                         r.stale_while_revalidate,
                         r.stale_if_error,
                         r.cache_control,
@@ -748,7 +753,8 @@ impl Proxy {
             CacheStatus::Miss
         };
         self.stats.record_upstream_request(UpstreamCause::Miss);
-        match self.fetch(&target, stale.as_ref(), Priority::Client).await {
+        let fetched = self.fetch(&target, stale.as_ref(), Priority::Client).await;
+        match failed_over(fetched, stale.as_ref()) {
             Fetched::Stored(entry) => {
                 lock(&self.uncacheable).remove(&hash);
                 self.stored_response(&entry, status, fwd, "", parts)
@@ -976,7 +982,7 @@ impl Proxy {
                     let entry = Entry::new(
                         stale.key(),
                         stale.status(),
-                        &self.client_headers(&merged),
+                        &self.stored_headers(&merged),
                         &[stale.body()],
                         Instant::now(),
                         lifetimes,
@@ -1025,13 +1031,17 @@ impl Proxy {
             }
             _ => (target.url_hash, target.url_text.to_string(), None),
         };
-        let headers = self.client_headers(response.headers());
+        let omitted = policy::omitted_fields(response.headers(), &self.targeted);
+        let mut headers = self.client_headers(response.headers());
         match self
             .upstream
             .read_body(response, self.config.max_object_size_bytes)
             .await
         {
             Ok(BodyRead::Complete(body)) => {
+                for name in omitted {
+                    headers.remove(name);
+                }
                 let entry = Entry::new(&text, status, &headers, &body, Instant::now(), lifetimes);
                 match vary {
                     Some(names) => {
@@ -1076,6 +1086,19 @@ impl Proxy {
         headers
     }
 
+    /// A storable response's headers as stored: as clients get them, less
+    /// the fields `private="..."` / `no-cache="..."` name (RFC 9111
+    /// §5.2.2.4, §5.2.2.7), which a shared cache does not keep. (A fill
+    /// removes them itself once it knows the body is stored.)
+    fn stored_headers(&self, upstream_headers: &HeaderMap) -> HeaderMap {
+        let omitted = policy::omitted_fields(upstream_headers, &self.targeted);
+        let mut headers = self.client_headers(upstream_headers);
+        for name in omitted {
+            headers.remove(name);
+        }
+        headers
+    }
+
     /// A miss or an expired entry: one backend fetch per key, however many
     /// clients wait for it.
     #[allow(clippy::too_many_arguments)]
@@ -1110,23 +1133,11 @@ impl Proxy {
                         let fetched = proxy
                             .fetch(&target, fallback.as_ref(), Priority::Client)
                             .await;
-                        let fallback_usable = fallback
-                            .as_ref()
-                            .is_some_and(|e| policy::usable_on_error(e, Instant::now()));
-                        let (outcome, answer) = match fetched {
+                        let (outcome, answer) = match failed_over(fetched, fallback.as_ref()) {
                             Fetched::Stored(entry) => (
                                 FillOutcome::Stored(entry.clone()),
                                 LeaderAnswer::Stored(entry),
                             ),
-                            Fetched::Pass(passed)
-                                if fallback_usable && policy::status_is_error(passed.status) =>
-                            {
-                                let err = UpstreamError::new(
-                                    UpstreamErrorKind::Status,
-                                    format!("HTTP {}", passed.status.as_u16()),
-                                );
-                                (FillOutcome::Failed(err.clone()), LeaderAnswer::Failed(err))
-                            }
                             Fetched::Pass(passed) => {
                                 // Later requests for this key go straight to the
                                 // backend; not for an answer that was only this
@@ -1139,7 +1150,10 @@ impl Proxy {
                                     lock(&proxy.uncacheable)
                                         .insert(fill_hash, Instant::now() + HIT_FOR_MISS);
                                 }
-                                (FillOutcome::NotShared, LeaderAnswer::Pass(passed))
+                                (
+                                    FillOutcome::NotShared(passed.reason),
+                                    LeaderAnswer::Pass(passed),
+                                )
                             }
                             Fetched::Failed(err) => {
                                 (FillOutcome::Failed(err.clone()), LeaderAnswer::Failed(err))
@@ -1177,12 +1191,10 @@ impl Proxy {
                             // the URL is known to vary.
                             continue;
                         }
-                        Some(FillOutcome::NotShared) => {
+                        Some(FillOutcome::NotShared(reason)) => {
                             // Never hand one client's unshareable answer to another:
-                            // fetch for this client alone.
-                            return self
-                                .pass::<Full<Bytes>>(parts, None, peer, BypassReason::Status)
-                                .await;
+                            // fetch for this client alone, labelled with the reason.
+                            return self.pass::<Full<Bytes>>(parts, None, peer, reason).await;
                         }
                         Some(FillOutcome::Failed(err)) => {
                             return self.failed(err, stale.as_ref(), status, fwd, parts)
@@ -1568,6 +1580,25 @@ fn has_body(status: StatusCode) -> bool {
     !(status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED)
+}
+
+/// A fetch's result as a client's answer sees it: a backend 5xx is a
+/// failure (stale-if-error) when the stale entry may stand in for it, and
+/// a response to pass on otherwise. One mapping for the coalesced fill and
+/// the uncoalesced fetch.
+fn failed_over(fetched: Fetched, stale: Option<&Entry>) -> Fetched {
+    match fetched {
+        Fetched::Pass(passed)
+            if policy::status_is_error(passed.status)
+                && stale.is_some_and(|e| policy::usable_on_error(e, Instant::now())) =>
+        {
+            Fetched::Failed(UpstreamError::new(
+                UpstreamErrorKind::Status,
+                format!("HTTP {}", passed.status.as_u16()),
+            ))
+        }
+        other => other,
+    }
 }
 
 /// What a reload applied.

@@ -56,6 +56,14 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
         (&["--no-such-flag"], "--no-such-flag"),
         (&["--cache-control", "sometimes"], "--cache-control"),
         (&["--admin-listen", "0.0.0.0:9090"], "--admin-listen"),
+        (&["--admin-listen", "nowhere"], "--admin-listen"),
+        (&["--heuristic-freshness", "150"], "--heuristic-freshness"),
+        (&["--max-request-line", "10"], "--max-request-line"),
+        (&["--trust-forwarded", "10.0.0.0/33"], "--trust-forwarded"),
+        (
+            &["--admin-token-file", "/nonexistent/token"],
+            "--admin-token-file",
+        ),
         (&["--log-format", "xml"], "--log-format"),
         (&["--upstream-concurrency", "-1"], "--upstream-concurrency"),
         (
@@ -88,6 +96,29 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
     let (code, stderr) = run(&up, &[("SWR_TTL", "forever")]);
     assert_eq!(code, 2);
     assert!(stderr.contains("--ttl"), "{stderr}");
+}
+
+/// An admin port already taken (a Prometheus server, a second instance) is
+/// one line naming the flag and what to do.
+#[test]
+fn a_busy_admin_port_names_the_flag_and_the_fix() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("address").to_string();
+    let (code, stderr) = run(
+        &[
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &addr,
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    let last = stderr.trim_end().lines().last().unwrap_or("");
+    assert!(last.contains("--admin-listen"), "{stderr}");
+    assert!(last.contains("--admin-listen off"), "{stderr}");
 }
 
 #[test]

@@ -77,24 +77,327 @@ async fn expires_heuristics_and_the_configured_default() {
             .header("last-modified", &a_while_ago),
     );
     origin.route("/none", Route::default());
-    let ttl_of = |answer: &support::Answer| -> i64 {
-        let cs = answer.cache_status().to_string();
-        cs.split("ttl=")
-            .nth(1)
-            .and_then(|t| t.split(';').next())
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
     let exp = ttl_of(&proxy.get("/exp").await);
     assert!((115..=120).contains(&exp), "Expires - Date: {exp}");
     let lm = ttl_of(&proxy.get("/lm").await);
-    assert!(
-        (295..=300).contains(&lm),
-        "10% of the time since Last-Modified: {lm}"
-    );
+    assert_eq!(lm, 42, "Last-Modified alone: the configured ttl");
     assert_eq!(ttl_of(&proxy.get("/none").await), 42, "the configured ttl");
+    // Asked for, the heuristic: 10% of the time since, at most the ttl.
+    let asked = TestProxy::start(&origin, &["--ttl", "1h", "--heuristic-freshness", "10"]).await;
+    let lm = ttl_of(&asked.get("/lm").await);
+    assert!((295..=300).contains(&lm), "10% of 3000 s: {lm}");
+}
+
+/// The ttl of an answer, from its `Cache-Status`.
+fn ttl_of(answer: &support::Answer) -> i64 {
+    answer
+        .cache_status()
+        .split("ttl=")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ttl in {:?}", answer.cache_status()))
+}
+
+/// `--ttl` is the freshness of a response without explicit freshness,
+/// whatever its `Last-Modified` says: just now (a computed ranking) or a
+/// month ago (a static file).
+#[tokio::test]
+async fn the_ttl_applies_whatever_last_modified_says() {
+    let origin = Origin::start().await;
+    let proxy =
+        TestProxy::start(&origin, &["--ttl", "5s", "--stale-while-revalidate", "30s"]).await;
+    let now = std::time::SystemTime::now();
+    let month_ago = now - Duration::from_secs(30 * 24 * 3600);
+    for (path, modified) in [("/now", now), ("/month", month_ago)] {
+        origin.route(
+            path,
+            Route::default()
+                .header("date", &httpdate::fmt_http_date(now))
+                .header("last-modified", &httpdate::fmt_http_date(modified)),
+        );
+        assert_eq!(proxy.get(path).await.x_cache(), "MISS");
+        let hit = proxy.get(path).await;
+        assert_eq!(hit.x_cache(), "HIT", "{path}: fresh for --ttl");
+        let ttl = ttl_of(&hit);
+        assert!(
+            (4..=5).contains(&ttl),
+            "{path}: ttl={ttl}, not the heuristic"
+        );
+    }
+}
+
+/// RFC 9111 §5.1: an `Age` that is a list, or two `Age` lines, is invalid
+/// and must not make the response fresher than it is.
+#[tokio::test]
+async fn an_invalid_age_never_makes_a_response_fresher() {
+    let origin = Origin::start().await;
+    let proxy = proxy_with(&origin, STRICT, &[]).await;
+    origin.route(
+        "/list",
+        Route::default()
+            .header("cache-control", "max-age=100")
+            .header("age", "7200, 0"),
+    );
+    origin.route(
+        "/two",
+        Route::default()
+            .header("cache-control", "max-age=100")
+            .header("age", "0")
+            .header("age", "7200"),
+    );
+    for path in ["/list", "/two"] {
+        proxy.get(path).await;
+        assert_ne!(proxy.get(path).await.x_cache(), "HIT", "{path}");
+        assert_eq!(origin.hits(path), 2, "{path}: not served as fresh");
+    }
+}
+
+/// RFC 9111 §4.4: a response to any method not known to be safe
+/// invalidates, extension methods included.
+#[tokio::test]
+async fn unknown_methods_invalidate() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    origin.route(
+        "/doc",
+        Route::default().header("cache-control", "max-age=60"),
+    );
+    for method in ["PURGE", "LOCK", "X-REINDEX"] {
+        proxy.get("/doc").await;
+        assert_eq!(proxy.get("/doc").await.x_cache(), "HIT");
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let answer = proxy.send(method.clone(), "/doc", &[]).await;
+        assert_eq!(answer.x_cache(), "BYPASS");
+        assert_eq!(
+            proxy.get("/doc").await.x_cache(),
+            "MISS",
+            "{method} invalidated"
+        );
+    }
+}
+
+/// RFC 9213 §2.2: a valid targeted field replaces Cache-Control entirely
+/// for this cache, `no-store` and `private` included; an invalid one is
+/// ignored.
+#[tokio::test]
+async fn a_targeted_field_replaces_cache_control() {
+    let origin = Origin::start().await;
+    let proxy = proxy_with(&origin, STRICT, &[]).await;
+    for (path, general) in [("/ns", "no-store"), ("/pv", "private")] {
+        origin.route(
+            path,
+            Route::default()
+                .header("cache-control", general)
+                .header("cdn-cache-control", "max-age=60"),
+        );
+        proxy.get(path).await;
+        let hit = proxy.get(path).await;
+        assert_eq!(hit.x_cache(), "HIT", "{path}");
+        assert_eq!(hit.header("cache-control"), general, "clients still see it");
+    }
+    origin.route(
+        "/invalid",
+        Route::default()
+            .header("cache-control", "no-store")
+            .header("cdn-cache-control", "Max-Age=60"),
+    );
+    proxy.get("/invalid").await;
+    assert_eq!(proxy.get("/invalid").await.x_cache(), "BYPASS");
+}
+
+/// RFC 9111 §4.2.3: the apparent age from `Date` counts.
+#[tokio::test]
+async fn apparent_age_from_date_counts() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    let then = std::time::SystemTime::now() - Duration::from_secs(30);
+    origin.route(
+        "/dated",
+        Route::default()
+            .header("cache-control", "max-age=100")
+            .header("date", &httpdate::fmt_http_date(then)),
+    );
+    proxy.get("/dated").await;
+    let hit = proxy.get("/dated").await;
+    let age: u64 = hit.header("age").parse().unwrap();
+    assert!((29..=32).contains(&age), "age {age}");
+    let ttl = ttl_of(&hit);
+    assert!((68..=71).contains(&ttl), "ttl {ttl}");
+}
+
+/// RFC 9110 §5.6.7: `Expires` in the three date formats, in any case.
+#[tokio::test]
+async fn expires_in_every_date_format_and_case() {
+    let origin = Origin::start().await;
+    let proxy = proxy_with(&origin, STRICT, &[]).await;
+    let now = std::time::SystemTime::now();
+    let date = httpdate::fmt_http_date(now);
+    let later = httpdate::fmt_http_date(now + Duration::from_secs(120));
+    // `Sun, 06 Nov 1994 08:49:37 GMT` as RFC 850 and asctime.
+    let parts: Vec<&str> = later.split([' ', ',']).filter(|p| !p.is_empty()).collect();
+    let (day, dd, mon, yyyy, time) = (parts[0], parts[1], parts[2], parts[3], parts[4]);
+    let long_day = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ]
+    .into_iter()
+    .find(|d| d.starts_with(day))
+    .unwrap();
+    let rfc850 = format!("{long_day}, {dd}-{mon}-{} {time} GMT", &yyyy[2..]);
+    let asctime = format!(
+        "{day} {mon} {:>2} {time} {yyyy}",
+        dd.trim_start_matches('0')
+    );
+    for (i, expires) in [
+        later.to_lowercase(),
+        later.to_uppercase(),
+        rfc850.to_lowercase(),
+        asctime.to_uppercase(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = format!("/exp{i}");
+        origin.route(
+            &path,
+            Route::default()
+                .header("date", &date)
+                .header("expires", expires),
+        );
+        proxy.get(&path).await;
+        let hit = proxy.get(&path).await;
+        assert_eq!(hit.x_cache(), "HIT", "{expires}");
+        let ttl = ttl_of(&hit);
+        assert!((118..=120).contains(&ttl), "{expires}: ttl {ttl}");
+    }
+}
+
+/// RFC 9111 §4.1: Vary matching normalises white space and the case of
+/// tokens, without merging different values.
+#[tokio::test]
+async fn vary_matching_normalises_without_merging() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    origin.route(
+        "/v",
+        Route::default()
+            .header("cache-control", "max-age=60")
+            .header("vary", "accept-encoding"),
+    );
+    let with = |value: &'static str| [("accept-encoding", value)];
+    assert_eq!(
+        proxy
+            .send(Method::GET, "/v", &with("gzip,br"))
+            .await
+            .x_cache(),
+        "MISS"
+    );
+    for same in ["gzip, br", "GZIP ,  BR"] {
+        assert_eq!(
+            proxy.send(Method::GET, "/v", &with(same)).await.x_cache(),
+            "HIT",
+            "{same}"
+        );
+    }
+    assert_eq!(
+        proxy.send(Method::GET, "/v", &with("br")).await.x_cache(),
+        "MISS"
+    );
+    assert_eq!(
+        proxy
+            .send(Method::GET, "/v", &with("br, gzip"))
+            .await
+            .x_cache(),
+        "MISS"
+    );
+}
+
+/// RFC 9111 §5.2.2.4 and §5.2.2.7: `no-cache="field"` and
+/// `private="field"` are stored, less the named fields.
+#[tokio::test]
+async fn qualified_no_cache_and_private_store_without_their_fields() {
+    let origin = Origin::start().await;
+    let proxy = proxy_with(&origin, STRICT, &[]).await;
+    origin.route(
+        "/q",
+        Route::default()
+            .header(
+                "cache-control",
+                "max-age=60, private=\"set-cookie\", no-cache=\"x-debug\"",
+            )
+            .header("set-cookie", "session=alice")
+            .header("x-debug", "backend-7")
+            .header("x-kept", "yes"),
+    );
+    let first = proxy.get("/q").await;
+    assert_eq!(first.x_cache(), "MISS");
+    let hit = proxy.get("/q").await;
+    assert_eq!(hit.x_cache(), "HIT");
+    assert_eq!(origin.hits("/q"), 1);
+    assert_eq!(hit.header("set-cookie"), "", "not stored");
+    assert_eq!(hit.header("x-debug"), "", "not stored");
+    assert_eq!(hit.header("x-kept"), "yes");
+}
+
+/// Coalesced followers of a fill whose answer may not be shared are
+/// labelled with the real reason, not `status`.
+#[tokio::test]
+async fn followers_of_an_unshareable_fill_carry_its_reason() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    let gate = support::Gate::closed();
+    origin.route(
+        "/mine",
+        Route::default()
+            .header("cache-control", "private")
+            .gate(&gate),
+    );
+    let requests = futures_util::future::join_all((0..4).map(|_| proxy.get("/mine")));
+    let opener = async {
+        eventually(WAIT, "the fill and its followers wait", || async {
+            proxy.proxy.stats().coalesced_waiters.load(Relaxed) >= 3
+        })
+        .await;
+        gate.open();
+    };
+    let (answers, ()) = tokio::join!(requests, opener);
+    for answer in &answers {
+        assert_eq!(answer.x_cache(), "BYPASS");
+        assert!(
+            answer.cache_status().contains("detail=private"),
+            "{}",
+            answer.cache_status()
+        );
+    }
+}
+
+/// The uncoalesced fetch (a key remembered as uncacheable) treats a
+/// backend 5xx as the coalesced fill does: a stale copy within
+/// stale-if-error stands in.
+#[tokio::test]
+async fn the_uncoalesced_fetch_serves_stale_on_a_backend_error() {
+    let origin = Origin::start().await;
+    let proxy = proxy_with(&origin, STRICT, &[]).await;
+    origin.route(
+        "/sie",
+        Route::default().header("cache-control", "max-age=0, stale-if-error=60"),
+    );
+    assert_eq!(proxy.get("/sie").await.x_cache(), "MISS");
+    // Not storable this time: the key is remembered as uncacheable.
+    origin.route("/sie", Route::default().header("cache-control", "private"));
+    assert_eq!(proxy.get("/sie").await.x_cache(), "BYPASS");
+    origin.route("/sie", Route::default().status(500));
+    let answer = proxy.get("/sie").await;
+    assert_eq!(proxy.proxy.stats().hit_for_miss.load(Relaxed), 1);
+    assert_eq!(answer.status, 200, "{}", answer.cache_status());
+    assert_eq!(answer.x_cache(), "STALE");
+    assert!(answer.cache_status().contains("stale-if-error-status"));
 }
 
 #[tokio::test]

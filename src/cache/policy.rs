@@ -105,11 +105,24 @@ pub struct Defaults {
     pub mode: CacheControlMode,
     /// The `Cache-Control` targeted at this proxy (RFC 9213), e.g. `swr-cache-control`.
     pub targeted: HeaderName,
+    /// Heuristic freshness for a response with `Last-Modified` and no
+    /// explicit freshness: this percentage of the time since it was last
+    /// modified, at most `ttl` (at most a day when `ttl` is zero). `None`:
+    /// such a response is fresh for `ttl`, as any other.
+    pub heuristic_percent: Option<u8>,
 }
 
-/// Heuristic freshness is this fraction of the time since `Last-Modified`...
-const HEURISTIC_FRACTION: f64 = 0.1;
-/// ...and never more than this.
+impl Defaults {
+    /// The heuristic a ttl gets unless one is configured: none, since the
+    /// configured ttl is the answer to "how long when the backend does not
+    /// say"; with a ttl of zero (strict RFC 9111), RFC 9111 §4.2.2's
+    /// customary 10%, at most a day.
+    pub fn default_heuristic(ttl: Duration) -> Option<u8> {
+        ttl.is_zero().then_some(10)
+    }
+}
+
+/// Heuristic freshness with a ttl of zero is never more than this.
 pub const HEURISTIC_CAP: Duration = Duration::from_secs(24 * 3600);
 /// The longest freshness lifetime or stale window an entry gets, whatever
 /// the backend or the configuration says (`max-age=99999999999` is a year):
@@ -208,11 +221,13 @@ pub fn method_is_cacheable(method: &Method) -> bool {
     method == Method::GET || method == Method::HEAD
 }
 
-/// Methods whose success invalidates what is stored for the URI (RFC 9111 §4.4).
+/// Methods whose success invalidates what is stored for the URI: every
+/// method not known to be safe (RFC 9111 §4.4, RFC 9110 §9.2.1), extension
+/// methods included.
 pub fn method_invalidates(method: &Method) -> bool {
-    matches!(
+    !matches!(
         *method,
-        Method::POST | Method::PUT | Method::DELETE | Method::PATCH
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
     )
 }
 
@@ -268,7 +283,9 @@ pub fn storability(
     if cc.private {
         return Storability::Bypass(BypassReason::Private);
     }
-    if headers.contains_key(header::SET_COOKIE) {
+    if headers.contains_key(header::SET_COOKIE)
+        && !omitted_fields(headers, &defaults.targeted).contains(&header::SET_COOKIE)
+    {
         return Storability::Bypass(BypassReason::SetCookie);
     }
     if vary_names(headers).is_err() {
@@ -289,7 +306,10 @@ pub fn storability(
     if status == StatusCode::PARTIAL_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Storability::Bypass(BypassReason::Status);
     }
-    let initial_age = age_value(headers).saturating_add(response_delay);
+    // RFC 9111 §4.2.3: the larger of the apparent age (from `Date`) and the
+    // corrected `Age`.
+    let initial_age =
+        apparent_age(headers, response_time).max(age_value(headers).saturating_add(response_delay));
     let has_validators =
         headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
     let keep_for_revalidation = if has_validators {
@@ -324,7 +344,18 @@ pub fn storability(
     } else {
         match explicit {
             Some(lifetime) => lifetime,
-            None => heuristic_freshness(headers, response_time).unwrap_or(defaults.ttl),
+            None => match defaults.heuristic_percent {
+                Some(percent) => {
+                    heuristic_freshness(headers, response_time, percent).map_or(defaults.ttl, |h| {
+                        h.min(if defaults.ttl.is_zero() {
+                            HEURISTIC_CAP
+                        } else {
+                            defaults.ttl
+                        })
+                    })
+                }
+                None => defaults.ttl,
+            },
         }
     };
     // RFC 9111 §4.2.4: no stale content for these unless the response itself
@@ -380,34 +411,87 @@ fn explicit_freshness(
     Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
 }
 
-/// 10% of the time since `Last-Modified`, capped (RFC 9111 §4.2.2).
-fn heuristic_freshness(headers: &HeaderMap, response_time: SystemTime) -> Option<Duration> {
+/// `percent` of the time since `Last-Modified` (RFC 9111 §4.2.2).
+fn heuristic_freshness(
+    headers: &HeaderMap,
+    response_time: SystemTime,
+    percent: u8,
+) -> Option<Duration> {
     let last_modified = headers.get(header::LAST_MODIFIED).and_then(http_date)?;
     let date = headers
         .get(header::DATE)
         .and_then(http_date)
         .unwrap_or(response_time);
     let since = date.duration_since(last_modified).unwrap_or(Duration::ZERO);
-    Some(since.mul_f64(HEURISTIC_FRACTION).min(HEURISTIC_CAP))
+    Some(since.mul_f64(f64::from(percent.min(100)) / 100.0))
+}
+
+/// The time between `Date` and the response's arrival, in whole seconds,
+/// less one; zero without a valid `Date` or when the backend's clock is
+/// ahead. `Date` has a resolution of a second, and servers stamp it from a
+/// clock they refresh once a second (hyper does), so a response sent at
+/// once can carry a `Date` up to two seconds behind its arrival: counting
+/// that would make a `max-age=1` answer stale on arrival.
+fn apparent_age(headers: &HeaderMap, response_time: SystemTime) -> Duration {
+    let Some(date) = headers.get(header::DATE).and_then(http_date) else {
+        return Duration::ZERO;
+    };
+    let since = response_time.duration_since(date).unwrap_or(Duration::ZERO);
+    Duration::from_secs(since.as_secs().saturating_sub(1)).min(MAX_AGE)
 }
 
 fn http_date(value: &http::HeaderValue) -> Option<SystemTime> {
     http_date_str(value.to_str().ok()?)
 }
 
+/// An HTTP date in any of its three formats (IMF-fixdate, RFC 850,
+/// asctime; RFC 9110 §5.6.7), in any letter case.
 fn http_date_str(value: &str) -> Option<SystemTime> {
-    httpdate::parse_http_date(value.trim()).ok()
+    let value = value.trim();
+    if let Ok(time) = httpdate::parse_http_date(value) {
+        return Some(time);
+    }
+    // Day and month names as `Sun` / `Nov`, the zone as `GMT`.
+    let mut canonical = String::with_capacity(value.len());
+    let mut word_start = true;
+    for c in value.chars() {
+        if c.is_ascii_alphabetic() {
+            canonical.push(if word_start {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            });
+            word_start = false;
+        } else {
+            canonical.push(c);
+            word_start = true;
+        }
+    }
+    let canonical = canonical.replace("Gmt", "GMT");
+    httpdate::parse_http_date(&canonical).ok()
 }
 
-/// The `Age` header's value, at most [`MAX_AGE`]; an absent or invalid one
-/// counts as zero.
+/// The `Age` a response arrived with (RFC 9111 §5.1), at most [`MAX_AGE`]:
+/// zero when absent. A value that is not a single non-negative integer (a
+/// list such as `7200, 0`, two `Age` lines, a negative or a word) is
+/// invalid, and must not make the response fresher than it is: a list
+/// counts as its largest member, anything else as [`MAX_AGE`].
 pub fn age_value(headers: &HeaderMap) -> Duration {
-    headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_secs)
-        .min(MAX_AGE)
+    let mut age: Option<u64> = None;
+    for value in headers.get_all(header::AGE) {
+        let Ok(text) = value.to_str() else {
+            return MAX_AGE;
+        };
+        for member in text.split(',') {
+            let member = member.trim();
+            if member.is_empty() || !member.bytes().all(|b| b.is_ascii_digit()) {
+                return MAX_AGE;
+            }
+            let secs = member.parse::<u64>().unwrap_or(u64::MAX);
+            age = Some(age.map_or(secs, |a| a.max(secs)));
+        }
+    }
+    age.map_or(Duration::ZERO, Duration::from_secs).min(MAX_AGE)
 }
 
 /// The request header names a response varies on, lowercase and deduplicated;
@@ -433,32 +517,54 @@ pub fn vary_names(headers: &HeaderMap) -> Result<Vec<HeaderName>, ()> {
 }
 
 /// The normalised values of the named request headers, as one text for the
-/// cache key: `name=value` pairs, values of repeated fields joined with ", ",
-/// runs of white space folded to one space.
+/// cache key: `name=value` pairs, each value its list members (across
+/// repeated fields) joined with `, `, white space inside a member folded to
+/// one space. Only what cannot change a value's meaning is normalised:
+/// white space around members, and the case of fields whose tokens are
+/// case-insensitive (`Accept*`); `gzip` and `br` stay different values.
 pub fn vary_key(names: &[HeaderName], request: &HeaderMap) -> String {
     let mut key = String::new();
     for name in names {
         key.push('\n');
         key.push_str(name.as_str());
         key.push('=');
+        let fold_case = CASE_INSENSITIVE_VALUES.contains(&name.as_str());
         let mut first = true;
         for value in request.get_all(name) {
-            if !first {
-                key.push_str(", ");
-            }
-            first = false;
             let text = String::from_utf8_lossy(value.as_bytes());
-            let mut words = text.split_whitespace();
-            if let Some(word) = words.next() {
-                key.push_str(word);
+            for member in split_list(&text) {
+                let mut words = member.split_whitespace();
+                let Some(word) = words.next() else { continue };
+                if !first {
+                    key.push_str(", ");
+                }
+                first = false;
+                push_folded(&mut key, word, fold_case);
                 for word in words {
                     key.push(' ');
-                    key.push_str(word);
+                    push_folded(&mut key, word, fold_case);
                 }
             }
         }
     }
     key
+}
+
+/// Request fields whose values are case-insensitive tokens (content
+/// codings, media types, language tags, charsets: RFC 9110 §12.5).
+const CASE_INSENSITIVE_VALUES: [&str; 4] = [
+    "accept",
+    "accept-charset",
+    "accept-encoding",
+    "accept-language",
+];
+
+fn push_folded(key: &mut String, word: &str, fold_case: bool) {
+    if fold_case {
+        key.extend(word.chars().map(|c| c.to_ascii_lowercase()));
+    } else {
+        key.push_str(word);
+    }
 }
 
 /// The response directives the rules look at, from the most specific field
@@ -489,18 +595,19 @@ impl CacheControl {
             (&CDN_CACHE_CONTROL, true),
             (&header::CACHE_CONTROL, false),
         ] {
-            if headers.contains_key(field) {
-                let mut cc = CacheControl::parse(headers, field);
-                cc.targeted = is_targeted;
-                if is_targeted {
-                    // `no-store` and `private` in Cache-Control still keep
-                    // an answer out of every shared cache.
-                    let general = CacheControl::parse(headers, &header::CACHE_CONTROL);
-                    cc.no_store |= general.no_store;
-                    cc.private |= general.private;
-                }
-                return cc;
+            if !headers.contains_key(field) {
+                continue;
             }
+            // A targeted field replaces Cache-Control entirely for this
+            // cache, `no-store` and `private` included (RFC 9213 §2.2), when
+            // it is a valid Structured Fields dictionary; an invalid one is
+            // ignored, as if absent.
+            if is_targeted && !valid_dictionary(headers, field) {
+                continue;
+            }
+            let mut cc = CacheControl::parse(headers, field);
+            cc.targeted = is_targeted;
+            return cc;
         }
         CacheControl::default()
     }
@@ -514,8 +621,10 @@ impl CacheControl {
             let secs = || arg.and_then(|a| a.parse::<u64>().ok());
             match name.to_ascii_lowercase().as_str() {
                 "no-store" => cc.no_store = true,
-                "no-cache" => cc.no_cache = true,
-                "private" => cc.private = true,
+                // Qualified forms (`no-cache="set-cookie"`) name fields
+                // that are left out of what is stored: `omitted_fields`.
+                "no-cache" if arg.is_none() => cc.no_cache = true,
+                "private" if arg.is_none() => cc.private = true,
                 "public" => cc.public = true,
                 "must-revalidate" => cc.must_revalidate = true,
                 "proxy-revalidate" => cc.proxy_revalidate = true,
@@ -539,7 +648,7 @@ fn directives<'a>(
         .get_all(field)
         .into_iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(split_list)
         .filter_map(|directive| {
             let mut parts = directive.splitn(2, '=');
             let name = parts.next()?.trim();
@@ -549,6 +658,144 @@ fn directives<'a>(
             let arg = parts.next().map(|a| a.trim().trim_matches('"'));
             Some((name, arg))
         })
+}
+
+/// The members of a comma-separated list, commas inside a quoted string
+/// (`private="set-cookie, x-user"`) not splitting it.
+fn split_list(text: &str) -> impl Iterator<Item = &str> {
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut start = 0;
+    let mut members = Vec::new();
+    for (i, b) in text.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                members.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    members.push(&text[start..]);
+    members.into_iter()
+}
+
+/// The response fields a shared cache leaves out of what it stores:
+/// those named by `private="..."` and `no-cache="..."` (RFC 9111
+/// §5.2.2.4, §5.2.2.7) in the directives that apply to this cache. The
+/// answer is stored, and served, without them.
+pub fn omitted_fields(headers: &HeaderMap, targeted: &HeaderName) -> Vec<HeaderName> {
+    let (cdn, general) = (CDN_CACHE_CONTROL, header::CACHE_CONTROL);
+    let field = [targeted, &cdn]
+        .into_iter()
+        .find(|f| headers.contains_key(*f) && valid_dictionary(headers, f))
+        .unwrap_or(&general);
+    let mut omitted = Vec::new();
+    for (name, arg) in directives(headers, field) {
+        let qualified =
+            name.eq_ignore_ascii_case("private") || name.eq_ignore_ascii_case("no-cache");
+        let Some(arg) = arg.filter(|_| qualified) else {
+            continue;
+        };
+        for field in arg.split(',') {
+            if let Ok(name) = HeaderName::from_bytes(field.trim().as_bytes()) {
+                if !omitted.contains(&name) {
+                    omitted.push(name);
+                }
+            }
+        }
+    }
+    omitted
+}
+
+/// Whether every value of `field` is a Structured Fields dictionary
+/// (RFC 8941 §3.2): `key[=item][;params]` members separated by commas,
+/// keys in lowercase, items integers, decimals, tokens, strings or
+/// booleans. What RFC 9213 requires of a targeted field.
+fn valid_dictionary(headers: &HeaderMap, field: &HeaderName) -> bool {
+    let mut any = false;
+    for value in headers.get_all(field) {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        for member in split_list(text) {
+            any = true;
+            if !valid_member(member.trim_matches([' ', '\t'])) {
+                return false;
+            }
+        }
+    }
+    any
+}
+
+/// One dictionary member: a key, an optional `=item`, parameters.
+fn valid_member(member: &str) -> bool {
+    let mut parts = split_params(member);
+    let Some(first) = parts.next() else {
+        return false;
+    };
+    let valid_pair = |pair: &str, allow_bare: bool| {
+        let (key, item) = match pair.split_once('=') {
+            Some((key, item)) => (key, Some(item)),
+            None => (pair, None),
+        };
+        valid_key(key) && item.map_or(allow_bare, valid_item)
+    };
+    valid_pair(first, true) && parts.all(|param| valid_pair(param.trim_start(), true))
+}
+
+/// Splits `key=item;a=1;b` at semicolons outside quoted strings.
+fn split_params(member: &str) -> impl Iterator<Item = &str> {
+    let mut quoted = false;
+    let mut start = 0;
+    let mut parts = Vec::new();
+    for (i, b) in member.bytes().enumerate() {
+        match b {
+            b'"' => quoted = !quoted,
+            b';' if !quoted => {
+                parts.push(&member[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&member[start..]);
+    parts.into_iter()
+}
+
+fn valid_key(key: &str) -> bool {
+    let mut bytes = key.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'*')
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(&b))
+}
+
+fn valid_item(item: &str) -> bool {
+    let bytes = item.as_bytes();
+    match bytes.first() {
+        Some(b'"') => {
+            bytes.len() >= 2
+                && bytes[bytes.len() - 1] == b'"'
+                && bytes[1..bytes.len() - 1]
+                    .iter()
+                    .all(|&b| (b' '..=b'~').contains(&b))
+        }
+        Some(b'?') => item == "?0" || item == "?1",
+        Some(b'-' | b'0'..=b'9') => {
+            let digits = item.strip_prefix('-').unwrap_or(item);
+            !digits.is_empty()
+                && digits.bytes().filter(|&b| b == b'.').count() <= 1
+                && digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        }
+        Some(b) if b.is_ascii_alphabetic() || *b == b'*' => bytes
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b)),
+        _ => false,
+    }
 }
 
 /// The request directives honoured with `--honor-client-cache-control`.
@@ -702,6 +949,7 @@ mod tests {
             stale_if_error: S(300),
             mode: CacheControlMode::Honor,
             targeted: HeaderName::from_static("swr-cache-control"),
+            heuristic_percent: None,
         }
     }
 
@@ -710,6 +958,7 @@ mod tests {
             ttl: Duration::ZERO,
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
+            heuristic_percent: Defaults::default_heuristic(Duration::ZERO),
             ..defaults()
         }
     }
@@ -824,16 +1073,27 @@ mod tests {
         assert_eq!(l.fresh, Duration::ZERO);
         let l = lifetimes(&[DATE, ("expires", "Sat, 28 Nov 2026 11:00:00 GMT")], &d);
         assert_eq!(l.fresh, Duration::ZERO);
-        // Heuristic: 10% of the time since Last-Modified, capped at a day.
-        let l = lifetimes(
-            &[DATE, ("last-modified", "Sat, 28 Nov 2026 11:00:00 GMT")],
-            &d,
-        );
+        // Last-Modified without explicit freshness: the configured ttl,
+        // whether it was modified just now or years ago.
+        let hour_ago = ("last-modified", "Sat, 28 Nov 2026 11:00:00 GMT");
+        let years_ago = ("last-modified", "Sat, 28 Nov 2020 12:00:00 GMT");
+        let now = ("last-modified", DATE.1);
+        for lm in [hour_ago, years_ago, now] {
+            assert_eq!(lifetimes(&[DATE, lm], &d).fresh, S(10));
+        }
+        // Asked for: a percentage of the time since, at most the ttl...
+        let asked = Defaults {
+            ttl: S(3600),
+            heuristic_percent: Some(10),
+            ..defaults()
+        };
+        assert_eq!(lifetimes(&[DATE, hour_ago], &asked).fresh, S(360));
+        assert_eq!(lifetimes(&[DATE, years_ago], &asked).fresh, S(3600));
+        assert_eq!(lifetimes(&[DATE, now], &asked).fresh, S(0));
+        // ...or, with a ttl of 0 (strict RFC 9111), 10% up to a day.
+        let l = lifetimes(&[DATE, hour_ago, ("etag", "\"a\"")], &strict());
         assert_eq!(l.fresh, S(360));
-        let l = lifetimes(
-            &[DATE, ("last-modified", "Sat, 28 Nov 2020 12:00:00 GMT")],
-            &d,
-        );
+        let l = lifetimes(&[DATE, years_ago], &strict());
         assert_eq!(l.fresh, HEURISTIC_CAP);
         // Nothing from the backend: the configured ttl.
         assert_eq!(lifetimes(&[DATE], &d).fresh, S(10));
@@ -1034,10 +1294,11 @@ mod tests {
             with(&[("cache-control", "private")]),
             bypass(BypassReason::Private)
         );
-        assert_eq!(
+        // A qualified private names fields to leave out: the rest is stored.
+        assert!(matches!(
             with(&[("cache-control", "private=\"x\"")]),
-            bypass(BypassReason::Private)
-        );
+            Storability::Store(_)
+        ));
         assert_eq!(
             with(&[("set-cookie", "a=b")]),
             bypass(BypassReason::SetCookie)
@@ -1100,19 +1361,158 @@ mod tests {
             &d,
         );
         assert_eq!((l.fresh, l.stale_while_revalidate), (S(500), S(5)));
-        // Cache-Control's no-store still keeps it out.
+        // A targeted field replaces Cache-Control entirely for this cache
+        // (RFC 9213 §2.2): its no-store and private do not apply here...
+        for general in ["no-store", "private"] {
+            let l = lifetimes(
+                &[
+                    ("cache-control", general),
+                    ("swr-cache-control", "max-age=5"),
+                ],
+                &d,
+            );
+            assert_eq!(l.fresh, S(5), "{general}");
+        }
+        // ...while the targeted field's own no-store does.
         assert_eq!(
             decide_with(
                 200,
                 &[
-                    ("cache-control", "no-store"),
-                    ("swr-cache-control", "max-age=5")
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "no-store")
                 ],
                 false,
                 &d
             ),
             Storability::Bypass(BypassReason::NoStore)
         );
+        // An invalid one (not a Structured Fields dictionary) is ignored.
+        for invalid in ["Max-Age=50", "max-age=50,,", "max-age=\"50", "max-age=5 0"] {
+            let l = lifetimes(
+                &[
+                    ("cache-control", "max-age=7"),
+                    ("cdn-cache-control", invalid),
+                ],
+                &d,
+            );
+            assert_eq!(l.fresh, S(7), "{invalid}");
+        }
+        let l = lifetimes(
+            &[
+                ("cache-control", "max-age=7"),
+                ("swr-cache-control", "max-age=\"x"),
+                (
+                    "cdn-cache-control",
+                    "max-age=70, stale-while-revalidate=5;a=1",
+                ),
+            ],
+            &d,
+        );
+        assert_eq!(l.fresh, S(70));
+    }
+
+    #[test]
+    fn invalid_ages_never_make_a_response_fresher() {
+        let age = |values: &[&'static str]| {
+            let pairs: Vec<(&'static str, &str)> = values.iter().map(|v| ("age", *v)).collect();
+            age_value(&headers(&pairs))
+        };
+        assert_eq!(age(&[]), S(0));
+        assert_eq!(age(&["30"]), S(30));
+        // RFC 9111 §5.1: a list or two lines is invalid; not younger than its largest.
+        assert_eq!(age(&["7200, 0"]), S(7200));
+        assert_eq!(age(&["0", "7200"]), S(7200));
+        for junk in ["-1", "1.5", "soon", ""] {
+            assert_eq!(age(&[junk]), MAX_AGE, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn apparent_age_counts_whole_seconds_since_date() {
+        let d = defaults();
+        // DATE is 12:00:00; the response arrives at 12:00:30.9.
+        let arrived = arrival() + Duration::from_millis(30_900);
+        let stored = |pairs: &[(&'static str, &str)]| match storability(
+            StatusCode::OK,
+            &headers(pairs),
+            RequestFacts::default(),
+            Duration::ZERO,
+            arrived,
+            &d,
+        ) {
+            Storability::Store(l) => l,
+            other => panic!("{other:?}"),
+        };
+        let l = stored(&[DATE, ("cache-control", "max-age=60")]);
+        assert_eq!(
+            l.initial_age,
+            S(29),
+            "whole seconds, less the Date's resolution"
+        );
+        // The corrected Age wins when it is larger.
+        let l = stored(&[DATE, ("cache-control", "max-age=60"), ("age", "45")]);
+        assert_eq!(l.initial_age, S(45));
+        // A clock ahead of ours makes no negative age.
+        let l = stored(&[
+            ("date", "Sat, 28 Nov 2026 12:05:00 GMT"),
+            ("cache-control", "max-age=60"),
+        ]);
+        assert_eq!(l.initial_age, S(0));
+    }
+
+    #[test]
+    fn http_dates_in_every_format_and_case() {
+        let expected = http_date_str("Sun, 06 Nov 1994 08:49:37 GMT");
+        assert!(expected.is_some());
+        for text in [
+            "sun, 06 nov 1994 08:49:37 gmt",
+            "SUN, 06 NOV 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "sunday, 06-nov-94 08:49:37 gmt",
+            "Sun Nov  6 08:49:37 1994",
+            "SUN NOV  6 08:49:37 1994",
+        ] {
+            assert_eq!(http_date_str(text), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn unsafe_methods_invalidate() {
+        for method in [
+            "POST", "PUT", "DELETE", "PATCH", "PURGE", "LOCK", "X-CUSTOM",
+        ] {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            assert!(method_invalidates(&method), "{method}");
+        }
+        for method in [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE] {
+            assert!(!method_invalidates(&method), "{method}");
+        }
+    }
+
+    #[test]
+    fn qualified_no_cache_and_private_name_fields_to_omit() {
+        let d = defaults();
+        let h = headers(&[
+            (
+                "cache-control",
+                "max-age=60, private=\"set-cookie, x-user\", no-cache=\"x-debug\"",
+            ),
+            ("set-cookie", "a=b"),
+        ]);
+        let omitted = omitted_fields(&h, &d.targeted);
+        assert_eq!(omitted, ["set-cookie", "x-user", "x-debug"]);
+        // Stored (Set-Cookie left out), fresh for its max-age, not revalidated each time.
+        match storability(
+            StatusCode::OK,
+            &h,
+            RequestFacts::default(),
+            Duration::ZERO,
+            arrival(),
+            &d,
+        ) {
+            Storability::Store(l) => assert_eq!(l.fresh, S(60)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -1138,6 +1538,18 @@ mod tests {
             &headers(&[("accept", "text/html"), ("accept-encoding", "br")]),
         );
         assert_ne!(a, c);
+        // Separators and the case of Accept* tokens are normalised...
+        for same in ["gzip,br", "GZIP , Br", "gzip,\tbr"] {
+            let d = vary_key(
+                &names,
+                &headers(&[("accept", "TEXT/HTML"), ("accept-encoding", same)]),
+            );
+            assert_eq!(a, d, "{same:?}");
+        }
+        // ...other fields' case and different values are not merged.
+        let tenant = |t: &'static str| vary_key(&names, &headers(&[("x-tenant", t)]));
+        assert_ne!(tenant("Acme"), tenant("acme"));
+        assert_ne!(tenant("a, b"), tenant("a b"));
         assert!(vary_names(&headers(&[("vary", "*")])).is_err());
     }
 

@@ -32,9 +32,9 @@ use super::key::{BuildPassThrough, RequestKey};
 pub enum FillOutcome {
     /// The response was stored: every waiter answers with this entry.
     Stored(Entry),
-    /// The response may not be shared (private, too large, ...): each waiter
-    /// fetches for itself.
-    NotShared,
+    /// The response may not be shared (private, too large, ...: the
+    /// reason): each waiter fetches for itself.
+    NotShared(crate::cache::policy::BypassReason),
     /// The backend failed; the waiters answer with stale content or an error.
     Failed(crate::error::UpstreamError),
 }
