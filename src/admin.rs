@@ -26,7 +26,7 @@ pub async fn handle(
     token: Option<Arc<str>>,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    if let Some(token) = token {
+    if let Some(token) = &token {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -42,6 +42,14 @@ pub async fn handle(
             );
             return response;
         }
+    }
+    if token.is_none() && !is_local_host(request.headers()) {
+        // Without a token, only a loopback listener is allowed, and a page
+        // reaches it by name only through DNS rebinding.
+        return text(
+            StatusCode::FORBIDDEN,
+            "admin: without --admin-token, Host must be an address or localhost\n",
+        );
     }
     let method = request.method().clone();
     if method == Method::POST && !is_json(request.headers()) {
@@ -100,6 +108,26 @@ pub async fn handle(
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     given.ct_eq(expected).into()
+}
+
+/// Whether `Host` is absent, an IP address or `localhost` (with any port):
+/// not a name a DNS rebinding page could have pointed at this listener.
+fn is_local_host(headers: &http::HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split_once(']')
+                .is_some_and(|(a, _)| a.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// Whether a request says its body is JSON (`application/json`, with any
@@ -285,5 +313,26 @@ mod tests {
         assert!(!with("text/plain"));
         assert!(!with("application/x-www-form-urlencoded"));
         assert!(!is_json(&http::HeaderMap::new()));
+        let host = |value: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(header::HOST, HeaderValue::from_static(value));
+            is_local_host(&headers)
+        };
+        for local in [
+            "127.0.0.1:6180",
+            "localhost:6180",
+            "LOCALHOST",
+            "[::1]:6180",
+            "10.1.2.3",
+        ] {
+            assert!(host(local), "{local}");
+        }
+        for remote in [
+            "rebind.attacker.example:6180",
+            "localhost.attacker.example",
+            "[::1",
+        ] {
+            assert!(!host(remote), "{remote}");
+        }
     }
 }

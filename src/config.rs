@@ -665,7 +665,14 @@ impl Config {
                 args.max_request_headers,
                 &file.max_request_headers,
                 "max_request_headers",
-                32 << 10,
+                // At least one line's worth when only the line limit is raised.
+                size(
+                    args.max_request_line,
+                    &file.max_request_line,
+                    "max_request_line",
+                    0,
+                )?
+                .max(32 << 10),
             )?,
             routes,
             config_file: args.config.clone(),
@@ -960,6 +967,56 @@ fn admin_token(args: &ProxyArgs, file: &FileConfig) -> Result<Option<String>, Co
             (None, Some(path)) => read(path, "admin_token_file"),
             (None, None) => Ok(None),
         },
+    }
+}
+
+/// `--max-request-line` and `--max-request-headers`: one check that the
+/// fast path and hyper's path both make, so that a head one refuses is
+/// never answered by the other.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    /// Longest request target, and longest header line (`name: value`).
+    pub line: usize,
+    /// Largest header block (every `name: value\r\n`).
+    pub headers: usize,
+}
+
+impl HeadLimits {
+    pub fn of(config: &Config) -> HeadLimits {
+        HeadLimits {
+            line: usize::try_from(config.max_request_line).unwrap_or(usize::MAX),
+            headers: usize::try_from(config.max_request_headers).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Checks a target's length and the (name, value) lengths of the
+    /// header fields: 414 for the target, 431 for a line or the block.
+    pub fn check(
+        &self,
+        target: usize,
+        fields: impl Iterator<Item = (usize, usize)>,
+    ) -> Result<(), crate::error::ProxyError> {
+        if target > self.line {
+            return Err(crate::error::ProxyError::UriTooLong);
+        }
+        let mut block: usize = 0;
+        for (name, value) in fields {
+            let line = name + 2 + value;
+            block = block.saturating_add(line + 2);
+            if line > self.line || block > self.headers {
+                return Err(crate::error::ProxyError::HeadersTooLarge);
+            }
+        }
+        Ok(())
+    }
+
+    /// What hyper may buffer of a request head: a target, the header block
+    /// and the line endings (at least hyper's minimum, 8 KiB).
+    pub fn buffer(&self) -> usize {
+        self.line
+            .saturating_add(self.headers)
+            .saturating_add(1024)
+            .max(8192)
     }
 }
 

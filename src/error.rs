@@ -94,6 +94,10 @@ pub enum ProxyError {
     Upstream(UpstreamError),
     /// The client's own request is wrong: never answered with stale content.
     BadRequest(&'static str),
+    /// No `Host` in HTTP/1.1, two, or one that is not `host[:port]`.
+    BadHost(&'static str),
+    /// A target that is not a path, or has dot segments or a backslash.
+    BadTarget,
     /// A bug or a broken invariant on our side.
     Internal(String),
     /// `only-if-cached` and nothing usable is stored (RFC 9111 §5.2.1.7).
@@ -113,13 +117,39 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::BadHost(_) | ProxyError::BadTarget => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
+
+    /// The `Cache-Status` detail and metric label of an error that refuses
+    /// a request before the cache looks at it.
+    pub fn detail(&self) -> &'static str {
+        match self {
+            ProxyError::BadHost(_) => "bad-host",
+            ProxyError::BadTarget => "bad-target",
+            ProxyError::UriTooLong => "uri-too-long",
+            ProxyError::HeadersTooLarge => "headers-too-large",
+            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::Upstream(e) => e.kind.as_str(),
+            ProxyError::Internal(_) => "internal",
+            ProxyError::NotCached => "only-if-cached",
+        }
+    }
+
+    /// The details [`ProxyError::detail`] gives a refused request.
+    pub const REFUSALS: [&'static str; 5] = [
+        "bad-host",
+        "bad-target",
+        "uri-too-long",
+        "headers-too-large",
+        "bad-request",
+    ];
 
     /// The one line a client is told: the failure class for a backend
     /// failure (`connect`, `timeout`, `protocol`, `status`), never the
@@ -142,7 +172,12 @@ impl fmt::Display for ProxyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProxyError::Upstream(e) => e.fmt(f),
-            ProxyError::BadRequest(why) => write!(f, "bad request: {why}"),
+            ProxyError::BadRequest(why) | ProxyError::BadHost(why) => {
+                write!(f, "bad request: {why}")
+            }
+            ProxyError::BadTarget => f.write_str(
+                "bad request: the target is not a path, or has dot segments or a backslash",
+            ),
             ProxyError::Internal(why) => write!(f, "internal error: {why}"),
             ProxyError::NotCached => f.write_str("only-if-cached, and nothing usable is stored"),
             ProxyError::UriTooLong => f.write_str("the request target is too long"),

@@ -40,7 +40,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::cache::key::valid_host;
+use crate::cache::key::{valid_host, valid_target};
+use crate::config::HeadLimits;
 use crate::connections::{Busy, Control, Graceful};
 use crate::proxy::{FastHit, Proxy};
 use crate::upstream::BoxError;
@@ -320,7 +321,7 @@ pub fn answer(proxy: &Proxy, bytes: &[u8], peer: SocketAddr, head: &mut Vec<u8>)
         Ok(httparse::Status::Partial) => return Answer::Partial,
         Err(_) => return Answer::Hyper,
     };
-    let Some(plain) = PlainGet::of(&request, Limits::of(proxy)) else {
+    let Some(plain) = PlainGet::of(&request, proxy.limits()) else {
         return Answer::Hyper;
     };
     let client_headers = || client_headers(request.headers);
@@ -352,41 +353,24 @@ struct PlainGet<'a> {
     directives: bool,
 }
 
-/// `--max-request-line` and `--max-request-headers`: a request past either
-/// goes to hyper's path, which answers it 414 / 431.
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    line: usize,
-    headers: usize,
-}
-
-impl Limits {
-    fn of(proxy: &Proxy) -> Limits {
-        let config = proxy.config();
-        Limits {
-            line: usize::try_from(config.max_request_line).unwrap_or(usize::MAX),
-            headers: usize::try_from(config.max_request_headers).unwrap_or(usize::MAX),
-        }
-    }
-}
-
 impl<'a> PlainGet<'a> {
-    fn of(request: &httparse::Request<'_, 'a>, limits: Limits) -> Option<PlainGet<'a>> {
+    /// `None` for a request hyper's path must serve, including every one
+    /// it refuses (past `limits`, a bad host or target).
+    fn of(request: &httparse::Request<'_, 'a>, limits: HeadLimits) -> Option<PlainGet<'a>> {
         if request.method != Some("GET") || request.version != Some(1) {
             return None;
         }
         let target = request
             .path
-            .filter(|t| t.starts_with('/') && t.len() <= limits.line)?;
+            .filter(|t| t.starts_with('/') && valid_target(t))?;
+        let fields = request
+            .headers
+            .iter()
+            .map(|h| (h.name.len(), h.value.len()));
+        limits.check(target.len(), fields).ok()?;
         let mut host = None;
         let mut directives = false;
-        let mut block = 0;
         for header in request.headers.iter() {
-            let line = header.name.len() + 2 + header.value.len();
-            block += line + 2;
-            if line > limits.line || block > limits.headers {
-                return None;
-            }
             let name = header.name.as_bytes();
             if name.eq_ignore_ascii_case(b"host") {
                 if host.is_some() {
@@ -590,7 +574,7 @@ mod tests {
         }
         PlainGet::of(
             &request,
-            Limits {
+            HeadLimits {
                 line: 8 << 10,
                 headers: 32 << 10,
             },

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::cache::policy::BypassReason;
 use crate::cache::CacheStatus;
-use crate::error::UpstreamErrorKind;
+use crate::error::{ProxyError, UpstreamErrorKind};
 
 /// Why the proxy contacted the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +144,9 @@ impl Histogram {
 pub struct Stats {
     requests: [Striped; CacheStatus::ALL.len()],
     bypasses: [AtomicU64; BypassReason::ALL.len()],
+    /// Requests refused before the cache looked at them, by
+    /// [`ProxyError::REFUSALS`] detail.
+    refused: [AtomicU64; ProxyError::REFUSALS.len()],
     upstream_requests: [AtomicU64; UpstreamCause::ALL.len()],
     upstream_errors: [AtomicU64; UpstreamErrorKind::ALL.len()],
     pub refresh_queued: AtomicU64,
@@ -193,6 +196,7 @@ impl Default for Stats {
         Stats {
             requests: Default::default(),
             bypasses: Default::default(),
+            refused: Default::default(),
             upstream_requests: Default::default(),
             upstream_errors: Default::default(),
             refresh_queued: AtomicU64::new(0),
@@ -332,6 +336,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "swr_requests_total",
     "swr_route_requests_total",
     "swr_bypass_total",
+    "swr_refused_total",
     "swr_upstream_requests_total",
     "swr_upstream_errors_total",
     "swr_refresh_events_total",
@@ -365,6 +370,20 @@ impl Stats {
 
     pub fn requests(&self, status: CacheStatus) -> u64 {
         self.requests[status.index()].get()
+    }
+
+    /// Counts a request refused with this [`ProxyError::detail`].
+    pub fn record_refused(&self, detail: &str) {
+        if let Some(i) = ProxyError::REFUSALS.iter().position(|d| *d == detail) {
+            self.refused[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn refused(&self, detail: &str) -> u64 {
+        ProxyError::REFUSALS
+            .iter()
+            .position(|d| *d == detail)
+            .map_or(0, |i| self.refused[i].load(Relaxed))
     }
 
     pub fn record_bypass(&self, reason: BypassReason) {
@@ -420,6 +439,13 @@ impl Stats {
             "Answers passed through and not stored, by reason.",
             "reason",
             BypassReason::ALL.map(|r| (r.as_str(), self.bypasses(r))),
+        );
+        labelled_counter(
+            &mut out,
+            "swr_refused_total",
+            "Requests refused before the cache looked at them (400, 414, 431), by reason.",
+            "reason",
+            ProxyError::REFUSALS.map(|d| (d, self.refused(d))),
         );
         labelled_counter(
             &mut out,

@@ -1,5 +1,6 @@
 //! The hyper service: request -> cache decision -> upstream -> response.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -17,13 +18,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::ProxyBody;
 use crate::cache::entry::Entry;
-use crate::cache::key::{keyed_cookies, valid_host, KeyHasher, RequestKey};
+use crate::cache::key::{keyed_cookies, valid_host, valid_target, KeyHasher, RequestKey};
 use crate::cache::policy::{
     self, BypassReason, Defaults, RequestDirectives, RequestFacts, Storability, Use,
 };
 use crate::cache::store::{self, Fill, FillOutcome, Store};
 use crate::cache::CacheStatus;
-use crate::config::{Config, ConfigError, Cookies, Route};
+use crate::config::{Config, ConfigError, Cookies, HeadLimits, Route};
 use crate::error::{ProxyError, UpstreamError, UpstreamErrorKind};
 use crate::metrics::{Gauges, RouteStats, Stats, UpstreamCause};
 use crate::refresh::{Enqueue, Job, RefreshQueue};
@@ -44,6 +45,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The proxy's shared state: one per process, shared by every connection.
 pub struct Proxy {
     config: Config,
+    /// `--max-request-line` and `--max-request-headers` (fixed at start).
+    limits: HeadLimits,
     /// Per-route counters, kept across reloads (a route's counters survive
     /// as long as its pattern does).
     route_stats: Mutex<Vec<Arc<RouteStats>>>,
@@ -63,7 +66,16 @@ pub struct Proxy {
     /// Keys whose answer could not be stored, until when: their requests go
     /// to the backend at once instead of queueing behind one another's fetch
     /// (Varnish's hit-for-miss).
-    uncacheable: Mutex<HashMap<u64, Instant>>,
+    uncacheable: Mutex<HashMap<u64, Uncacheable>>,
+}
+
+/// A key whose answer could not be stored, until when, and for whom.
+#[derive(Debug, Clone, Copy)]
+struct Uncacheable {
+    until: Instant,
+    /// Only answers to requests with credentials were private (`Cookie`,
+    /// `Authorization`): requests without them still coalesce.
+    credentials_only: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -266,20 +278,61 @@ struct FetchTarget {
 }
 
 impl FetchTarget {
-    /// The fetch without the client's `Authorization` and `Cookie` (but
-    /// cookies its key names), for a refresh or revalidation of an entry
-    /// stored for everyone: one client's credentials never shape what
-    /// others are served.
-    fn without_credentials(mut self) -> FetchTarget {
+    /// The fetch without the client's `Authorization` and `Cookie`, for a
+    /// background refresh of `stale`, an entry stored for everyone: one
+    /// client's credentials never shape what others are served. Kept: the
+    /// cookies the route's key names, and a field the entry varies on
+    /// (its key holds that value, so every client of the entry sent it).
+    fn without_credentials(mut self, stale: &Entry) -> FetchTarget {
+        let varies_on = |name: &str| {
+            stale
+                .header(&header::VARY)
+                .and_then(|v| v.to_str().ok().map(str::to_ascii_lowercase))
+                .is_some_and(|v| v.split(',').any(|n| n.trim() == name))
+        };
+        let keep_cookie = self.keyed_cookies || varies_on("cookie");
+        let keep_authorization = varies_on("authorization");
         for headers in [&mut self.client_headers, &mut self.upstream_headers] {
-            headers.remove(header::AUTHORIZATION);
-            if !self.keyed_cookies {
+            if !keep_authorization {
+                headers.remove(header::AUTHORIZATION);
+            }
+            if !keep_cookie {
                 headers.remove(header::COOKIE);
             }
         }
         self.facts = facts_of(&self.client_headers, self.keyed_cookies);
         self
     }
+}
+
+/// A request's headers as its route's `cookies` setting leaves them: as
+/// sent (`private`), without `Cookie` (`ignore`), or with only the cookies
+/// the key names. What both the variant lookup and the fetch read.
+fn route_headers<'a>(route: Option<&Route>, headers: &'a HeaderMap) -> Cow<'a, HeaderMap> {
+    let Some(cookies) = route
+        .map(|r| &r.cookies)
+        .filter(|c| **c != Cookies::Private)
+    else {
+        return Cow::Borrowed(headers);
+    };
+    let mut headers = headers.clone();
+    match cookies {
+        Cookies::Key(names) => {
+            let kept = keyed_cookies(&headers, names);
+            match HeaderValue::from_str(&kept) {
+                Ok(value) if !kept.is_empty() => {
+                    headers.insert(header::COOKIE, value);
+                }
+                _ => {
+                    headers.remove(header::COOKIE);
+                }
+            }
+        }
+        Cookies::Ignore | Cookies::Private => {
+            headers.remove(header::COOKIE);
+        }
+    }
+    Cow::Owned(headers)
 }
 
 /// What storability needs of a request's headers; cookies that are part of
@@ -337,6 +390,7 @@ impl Proxy {
         let proxy = Arc::new(Proxy {
             policy: ArcSwap::from_pointee(Policy::from_config(&config, &route_stats)),
             route_stats,
+            limits: HeadLimits::of(&config),
             targeted: config.targeted_cache_control.clone(),
             keys: KeyHasher::new(),
             store: Store::new(config.max_size_bytes),
@@ -379,6 +433,11 @@ impl Proxy {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The request head limits both paths check.
+    pub fn limits(&self) -> HeadLimits {
+        self.limits
     }
 
     pub fn stats(&self) -> &Stats {
@@ -442,7 +501,7 @@ impl Proxy {
     /// Drops backoff and hit-for-miss marks that have run out.
     fn forget_expired_marks(&self, now: Instant) {
         lock(&self.backoff).retain(|_, b| now < b.until + BACKOFF_CAP);
-        lock(&self.uncacheable).retain(|_, until| now < *until);
+        lock(&self.uncacheable).retain(|_, mark| now < mark.until);
     }
 
     /// Answers one request, and logs it when `--access-log` is on.
@@ -470,19 +529,11 @@ impl Proxy {
         });
         let (parts, body) = request.into_parts();
         let peer = policy.peer(client);
-        let checked = within_limits(&parts, &self.config).and_then(|()| request_host(&parts));
-        let next = match checked {
-            Ok(_) => self.from_cache(&parts, peer, &policy, route),
-            // Never forwarded: a Host that is not a host (or two, or none)
-            // could make the backend answer for another key.
-            Err(err) => {
-                let detail = match err {
-                    ProxyError::UriTooLong => "detail=uri-too-long",
-                    ProxyError::HeadersTooLarge => "detail=headers-too-large",
-                    _ => "detail=bad-host",
-                };
-                Next::Answer(self.error_response(&err, CacheStatus::Bypass, detail))
-            }
+        let next = match self.refusal(&parts) {
+            None => self.from_cache(&parts, peer, &policy, route),
+            // Never forwarded: a head past the limits, a Host that is not a
+            // host (or two, or none), a path with dot segments.
+            Some(err) => Next::Answer(self.refused(&err)),
         };
         drop(policy);
         match next {
@@ -505,6 +556,33 @@ impl Proxy {
                 }))
             }
         }
+    }
+
+    /// Why a request is refused before the cache looks at it, if it is:
+    /// over the head limits (414, 431), a bad host or target (400).
+    fn refusal(&self, parts: &Parts) -> Option<ProxyError> {
+        let target = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+            + parts.uri.authority().map_or(0, |a| a.as_str().len());
+        let fields = parts
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str().len(), value.len()));
+        if let Err(err) = self.limits.check(target, fields) {
+            return Some(err);
+        }
+        if let Err(err) = request_host(parts) {
+            return Some(err);
+        }
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        (!valid_target(path_and_query)).then_some(ProxyError::BadTarget)
+    }
+
+    /// The answer to a refused request, counted by its reason.
+    fn refused(&self, err: &ProxyError) -> Response<ProxyBody> {
+        self.stats.record_refused(err.detail());
+        self.stats.record_request(CacheStatus::Bypass);
+        let detail = format!("detail={}", err.detail());
+        self.error_response(err, CacheStatus::Bypass, &detail)
     }
 
     /// Counts an answer for its route and writes its access-log line.
@@ -581,12 +659,7 @@ impl Proxy {
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         if !path_and_query.starts_with('/') {
             // The key's host ends where its target's first `/` starts.
-            let err = ProxyError::BadRequest("the request target is not a path");
-            return Next::Answer(self.error_response(
-                &err,
-                CacheStatus::Bypass,
-                "detail=bad-target",
-            ));
+            return Next::Answer(self.refused(&ProxyError::BadTarget));
         }
         let (route, defaults) = match route {
             Some((route, defaults, _)) => (Some(route), defaults),
@@ -602,7 +675,9 @@ impl Proxy {
             .map(|r| shaped_key(r, parts.uri.path(), parts.uri.query(), &parts.headers));
         let key = self
             .keys
-            .key(&host, shaped.as_deref().unwrap_or(path_and_query));
+            .key(&host, shaped.as_ref().map_or(path_and_query, |s| &s.text));
+        // What the backend is asked for: the URL as the key has it.
+        let path_and_query = shaped.as_ref().map_or(path_and_query, ShapedKey::target);
         let head = parts.method == Method::HEAD;
         let directives = if policy.honor_client_cache_control {
             Some(RequestDirectives::parse(&parts.headers)).filter(|d| !d.is_empty())
@@ -621,7 +696,8 @@ impl Proxy {
             Some(entry) => Some(entry),
             None => match self.store.vary_names(key.hash) {
                 Some(names) => {
-                    let text = variant_text(key, &names, &parts.headers);
+                    let headers = route_headers(route, &parts.headers);
+                    let text = variant_text(key, &names, &headers);
                     let hash = self.keys.hash_text(&text);
                     let entry = self.store.get_exact(hash, text.as_bytes(), now);
                     variant = Some((hash, text));
@@ -673,14 +749,10 @@ impl Proxy {
             (None, Some(_)) => "vary-miss",
             (None, None) => "uri-miss",
         };
+        // A client's own fetch carries its credentials: what it brings back
+        // is stored only if the backend says it may be shared.
         let target = self.fetch_target(key, path_and_query, &parts.headers, peer, defaults, route);
-        // Refreshing what is stored for everyone: without this client's credentials.
-        let target = if stale.is_some() {
-            target.without_credentials()
-        } else {
-            target
-        };
-        let alone = self.remembered_uncacheable(fill_hash, now);
+        let alone = self.remembered_uncacheable(fill_hash, now, target.facts);
         if alone {
             self.stats.hit_for_miss.fetch_add(1, Relaxed);
         }
@@ -730,10 +802,11 @@ impl Proxy {
         }
     }
 
-    fn remembered_uncacheable(&self, hash: u64, now: Instant) -> bool {
+    fn remembered_uncacheable(&self, hash: u64, now: Instant, facts: RequestFacts) -> bool {
+        let credentials = facts.authorization || facts.cookie;
         lock(&self.uncacheable)
             .get(&hash)
-            .is_some_and(|until| now < *until)
+            .is_some_and(|mark| now < mark.until && (credentials || !mark.credentials_only))
     }
 
     /// A request for a key remembered as uncacheable: fetched for this client
@@ -776,25 +849,7 @@ impl Proxy {
         defaults: &Arc<Defaults>,
         route: Option<&Route>,
     ) -> FetchTarget {
-        let mut client_headers = client_headers.clone();
-        let cookies = route.map_or(&Cookies::Private, |r| &r.cookies);
-        match cookies {
-            Cookies::Private => {}
-            Cookies::Ignore => {
-                client_headers.remove(header::COOKIE);
-            }
-            Cookies::Key(names) => {
-                let kept = keyed_cookies(&client_headers, names);
-                match HeaderValue::from_str(&kept) {
-                    Ok(value) if !kept.is_empty() => {
-                        client_headers.insert(header::COOKIE, value);
-                    }
-                    _ => {
-                        client_headers.remove(header::COOKIE);
-                    }
-                }
-            }
-        }
+        let client_headers = route_headers(route, client_headers).into_owned();
         let forwarding = upstream::Forwarding {
             host: key.host,
             client: peer.addr,
@@ -802,7 +857,7 @@ impl Proxy {
             with_body: false,
             keyed: route.map_or(&[][..], |r| &r.key_headers[..]),
         };
-        let keyed_cookies = matches!(cookies, Cookies::Key(_));
+        let keyed_cookies = route.is_some_and(|r| matches!(r.cookies, Cookies::Key(_)));
         FetchTarget {
             url_text: key.to_text().into(),
             url_hash: key.hash,
@@ -832,7 +887,7 @@ impl Proxy {
             return RefreshDecision::Backoff;
         }
         let result = self.refresh.try_enqueue(hash, || RefreshRequest {
-            target: target().without_credentials(),
+            target: target().without_credentials(entry),
             stale: entry.clone(),
         });
         match result {
@@ -996,8 +1051,13 @@ impl Proxy {
                     Fetched::Stored(entry)
                 }
                 Storability::Bypass(reason) => {
-                    self.store
-                        .remove(self.keys.hash_text(stale.key()), stale.key());
+                    // What the backend said of the stored answer ends it;
+                    // that this client's credentials made the 304 private
+                    // says nothing about the answer stored for everyone.
+                    if !matches!(reason, BypassReason::Authorization | BypassReason::Cookie) {
+                        self.store
+                            .remove(self.keys.hash_text(stale.key()), stale.key());
+                    }
                     Fetched::Pass(Passed {
                         reason,
                         status: stale.status(),
@@ -1140,15 +1200,22 @@ impl Proxy {
                             ),
                             Fetched::Pass(passed) => {
                                 // Later requests for this key go straight to the
-                                // backend; not for an answer that was only this
-                                // client's (its credentials), or one client could
-                                // turn coalescing off for everyone.
-                                if !matches!(
+                                // backend; for an answer that was private only
+                                // because of this client's credentials, only
+                                // requests with credentials do, or one client
+                                // could turn coalescing off for everyone.
+                                let credentials_only = matches!(
                                     passed.reason,
                                     BypassReason::Authorization | BypassReason::Cookie
-                                ) {
-                                    lock(&proxy.uncacheable)
-                                        .insert(fill_hash, Instant::now() + HIT_FOR_MISS);
+                                );
+                                let mark = Uncacheable {
+                                    until: Instant::now() + HIT_FOR_MISS,
+                                    credentials_only,
+                                };
+                                let mut marks = lock(&proxy.uncacheable);
+                                let kept = marks.get(&fill_hash).filter(|m| !m.credentials_only);
+                                if kept.is_none() || !credentials_only {
+                                    marks.insert(fill_hash, mark);
                                 }
                                 (
                                     FillOutcome::NotShared(passed.reason),
@@ -1189,6 +1256,18 @@ impl Proxy {
                             }
                             // Stored for another variant: look again, now that
                             // the URL is known to vary.
+                            continue;
+                        }
+                        Some(FillOutcome::NotShared(reason))
+                            if matches!(
+                                reason,
+                                BypassReason::Authorization | BypassReason::Cookie
+                            ) && !target.facts.authorization
+                                && !target.facts.cookie =>
+                        {
+                            // The leader's answer was private to its own
+                            // credentials, which this request has none of:
+                            // go round again, to lead a fill or follow one.
                             continue;
                         }
                         Some(FillOutcome::NotShared(reason)) => {
@@ -1270,7 +1349,11 @@ impl Proxy {
             keyed: &[],
         };
         let headers = upstream::forward_headers(&parts.headers, &forwarding);
-        let body = body.map(|b| reqwest::Body::wrap_stream(BodyDataStream::new(b)));
+        // A request without a body (`Content-Length: 0`, or none framed) is
+        // sent without one, not as an empty chunked stream.
+        let body = body
+            .filter(|b| !b.is_end_stream())
+            .map(|b| reqwest::Body::wrap_stream(BodyDataStream::new(b)));
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         self.stats.record_upstream_request(UpstreamCause::Pass);
         let head = parts.method == Method::HEAD;
@@ -1628,8 +1711,23 @@ async fn upstream_timed(
 
 /// The key path of a route with key options: the path, the query with
 /// parameters dropped or kept and maybe sorted, then the key headers' values
-/// (after a newline, so purging the URL's key purges these too).
-fn shaped_key(route: &Route, path: &str, query: Option<&str>, headers: &HeaderMap) -> String {
+/// (after a newline, so purging the URL's key purges these too). The first
+/// `len` bytes (path and shaped query) are also what the backend is sent:
+/// a parameter the key leaves out must not reach the backend, or a client
+/// could change the answer stored for everyone who shares the key.
+struct ShapedKey {
+    text: String,
+    len: usize,
+}
+
+impl ShapedKey {
+    /// The path and query sent to the backend.
+    fn target(&self) -> &str {
+        &self.text[..self.len]
+    }
+}
+
+fn shaped_key(route: &Route, path: &str, query: Option<&str>, headers: &HeaderMap) -> ShapedKey {
     let mut params: Vec<&str> = query
         .unwrap_or("")
         .split('&')
@@ -1645,6 +1743,7 @@ fn shaped_key(route: &Route, path: &str, query: Option<&str>, headers: &HeaderMa
         key.push('?');
         key.push_str(&params.join("&"));
     }
+    let len = key.len();
     if !route.key_headers.is_empty() {
         key.push_str(&policy::vary_key(&route.key_headers, headers));
     }
@@ -1652,7 +1751,7 @@ fn shaped_key(route: &Route, path: &str, query: Option<&str>, headers: &HeaderMa
         key.push_str("\ncookie=");
         key.push_str(&keyed_cookies(headers, names));
     }
-    key
+    ShapedKey { text: key, len }
 }
 
 /// The key text of the variant `names` select for these request headers.
@@ -1680,30 +1779,6 @@ fn same_origin_path(value: &str, host: &str) -> Option<String> {
     )
 }
 
-/// A request head within `--max-request-line` (the target, each header
-/// line) and `--max-request-headers` (the header block), or the error that
-/// answers it (414, 431).
-fn within_limits(parts: &Parts, config: &Config) -> Result<(), ProxyError> {
-    let target = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len())
-        + parts.uri.authority().map_or(0, |a| a.as_str().len());
-    if target as u64 > config.max_request_line {
-        return Err(ProxyError::UriTooLong);
-    }
-    let mut block: u64 = 0;
-    for (name, value) in &parts.headers {
-        // `name: value\r\n`
-        let line = (name.as_str().len() + 2 + value.len()) as u64;
-        if line > config.max_request_line {
-            return Err(ProxyError::HeadersTooLarge);
-        }
-        block += line + 2;
-    }
-    if block > config.max_request_headers {
-        return Err(ProxyError::HeadersTooLarge);
-    }
-    Ok(())
-}
-
 /// The host a request is for: the URI's authority (HTTP/2, absolute form),
 /// else the `Host` header, else empty (HTTP/1.0 without one). A request
 /// with two `Host` fields, an invalid one, an HTTP/1.1 request without one,
@@ -1713,33 +1788,29 @@ fn request_host(parts: &Parts) -> Result<&str, ProxyError> {
     let mut fields = parts.headers.get_all(header::HOST).iter();
     let field = fields.next();
     if fields.next().is_some() {
-        return Err(ProxyError::BadRequest("more than one Host header"));
+        return Err(ProxyError::BadHost("more than one Host header"));
     }
     let field = match field {
         Some(value) if valid_host(value.as_bytes()) => value.to_str().ok(),
-        Some(_) => {
-            return Err(ProxyError::BadRequest(
-                "the Host header is not a host[:port]",
-            ))
-        }
+        Some(_) => return Err(ProxyError::BadHost("the Host header is not a host[:port]")),
         None => None,
     };
     if let Some(authority) = parts.uri.authority() {
         let authority = authority.as_str();
         if !valid_host(authority.as_bytes()) {
-            return Err(ProxyError::BadRequest(
+            return Err(ProxyError::BadHost(
                 "the request target's authority is not a host[:port]",
             ));
         }
         if parts.version == http::Version::HTTP_2
             && field.is_some_and(|host| !host.eq_ignore_ascii_case(authority))
         {
-            return Err(ProxyError::BadRequest(
+            return Err(ProxyError::BadHost(
                 "the Host header differs from the request's authority",
             ));
         }
         if parts.version == http::Version::HTTP_11 && field.is_none() {
-            return Err(ProxyError::BadRequest(
+            return Err(ProxyError::BadHost(
                 "an HTTP/1.1 request needs a Host header",
             ));
         }
@@ -1748,7 +1819,7 @@ fn request_host(parts: &Parts) -> Result<&str, ProxyError> {
     match field {
         Some(host) => Ok(host),
         None if parts.version <= http::Version::HTTP_10 => Ok(""),
-        None => Err(ProxyError::BadRequest(
+        None => Err(ProxyError::BadHost(
             "an HTTP/1.1 request needs a Host header",
         )),
     }

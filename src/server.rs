@@ -88,17 +88,12 @@ pub async fn run(
 /// `--max-request-headers` with 414 / 431, and one too large to buffer at
 /// all gets hyper's own 431.
 fn limited_builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let line = usize::try_from(config.max_request_line).unwrap_or(usize::MAX);
-    let headers = usize::try_from(config.max_request_headers).unwrap_or(usize::MAX);
+    let limits = crate::config::HeadLimits::of(config);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's minimum buffer is 8 KiB; a request line, the header block
-    // and the line endings fit in this one.
-    builder
-        .http1()
-        .max_buf_size(line.saturating_add(headers).saturating_add(1024).max(8192));
+    builder.http1().max_buf_size(limits.buffer());
     builder
         .http2()
-        .max_header_list_size(u32::try_from(headers).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.headers).unwrap_or(u32::MAX));
     builder
 }
 

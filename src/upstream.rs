@@ -241,8 +241,18 @@ fn strip_fixed_hop_by_hop(headers: &mut HeaderMap) {
 /// everyone. So they are dropped unless the peer is trusted
 /// (`--trust-forwarded`), and swr-proxy sets its own. Every header whose
 /// name starts with `x-forwarded-` is dropped as well.
-pub const FORWARDING_HEADERS: [&str; 16] = [
+pub const FORWARDING_HEADERS: [&str; 25] = [
     "forwarded",
+    "x-forwarded",
+    "x-scheme",
+    "x-url-scheme",
+    "front-end-https",
+    "x-script-name",
+    "client-ip",
+    "x-original-method",
+    "x-envoy-original-path",
+    // httpoxy: CGI backends turn it into HTTP_PROXY.
+    "proxy",
     "x-real-ip",
     "x-client-ip",
     "true-client-ip",
@@ -295,6 +305,23 @@ pub struct Forwarding<'a> {
     pub keyed: &'a [HeaderName],
 }
 
+/// HTTP/2 clients may split `Cookie` into one field per cookie; an
+/// HTTP/1.1 backend expects one, joined with `; ` (RFC 9113 §8.2.3).
+fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    let (Some(_), Some(_)) = (crumbs.next(), crumbs.next()) else {
+        return;
+    };
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -314,6 +341,7 @@ pub fn forward_headers(client_headers: &HeaderMap, how: &Forwarding<'_>) -> Head
     let mut headers = client_headers.clone();
     strip_fixed_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
+    join_cookie_crumbs(&mut headers);
     if !how.with_body {
         for name in &FRAMING {
             headers.remove(name);

@@ -119,6 +119,33 @@ pub fn valid_host(host: &[u8]) -> bool {
     valid_reg_name(name)
 }
 
+/// Whether a request target's path may be forwarded as it is: no dot
+/// segment (`.` or `..`, percent-encoded or not) and no backslash. The
+/// upstream client resolves those (`/x/../account` becomes `/account`), so
+/// the backend would be asked for a path other than the one the key, the
+/// route and a bypass rule were chosen by.
+pub fn valid_target(target: &str) -> bool {
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if path.contains('\\') {
+        return false;
+    }
+    !path.split('/').any(|segment| {
+        let mut rest = segment;
+        let mut dots = 0;
+        while !rest.is_empty() {
+            if let Some(after) = rest.strip_prefix('.') {
+                rest = after;
+            } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case("%2e") {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    })
+}
+
 /// `reg-name` of RFC 3986 §3.2.2, not empty.
 fn valid_reg_name(name: &[u8]) -> bool {
     if name.is_empty() {
@@ -213,6 +240,35 @@ mod tests {
         let key = hasher.key("example.com", "/rank?user=1");
         assert_eq!(key.hash, hasher.hash_text("example.com/rank?user=1"));
         assert_eq!(&*key.to_text(), "example.com/rank?user=1");
+    }
+
+    #[test]
+    fn targets_with_dot_segments_are_not_forwarded() {
+        for good in [
+            "/",
+            "/a/b",
+            "/a.b/c",
+            "/...",
+            "/a/.well-known/x",
+            "/x?y=/../z",
+            "/.x",
+        ] {
+            assert!(valid_target(good), "{good}");
+        }
+        for bad in [
+            "/..",
+            "/../admin",
+            "/x/../account",
+            "/./a",
+            "/a/.",
+            "/%2e%2e/admin",
+            "/%2E./a",
+            "/a/%2e",
+            "/a\\b",
+            "/..?q",
+        ] {
+            assert!(!valid_target(bad), "{bad}");
+        }
     }
 
     #[test]

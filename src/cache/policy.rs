@@ -10,6 +10,7 @@
 //! expose (`stale-while-revalidate`, `stale-if-error`, `must-revalidate`)
 //! would have to be parsed here anyway.
 
+use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{header, HeaderMap, HeaderName, Method, StatusCode};
@@ -518,10 +519,12 @@ pub fn vary_names(headers: &HeaderMap) -> Result<Vec<HeaderName>, ()> {
 
 /// The normalised values of the named request headers, as one text for the
 /// cache key: `name=value` pairs, each value its list members (across
-/// repeated fields) joined with `, `, white space inside a member folded to
-/// one space. Only what cannot change a value's meaning is normalised:
-/// white space around members, and the case of fields whose tokens are
-/// case-insensitive (`Accept*`); `gzip` and `br` stay different values.
+/// repeated fields) joined with `, `. Only what cannot change a value's
+/// meaning is normalised: white space around members (RFC 9110 §5.6.1),
+/// and the case of fields whose tokens are case-insensitive (`Accept*`).
+/// White space inside a member is kept, and a byte that is not printable
+/// ASCII is written as `%XX`, so that two values a backend may tell apart
+/// never share a key.
 pub fn vary_key(names: &[HeaderName], request: &HeaderMap) -> String {
     let mut key = String::new();
     for name in names {
@@ -531,19 +534,16 @@ pub fn vary_key(names: &[HeaderName], request: &HeaderMap) -> String {
         let fold_case = CASE_INSENSITIVE_VALUES.contains(&name.as_str());
         let mut first = true;
         for value in request.get_all(name) {
-            let text = String::from_utf8_lossy(value.as_bytes());
-            for member in split_list(&text) {
-                let mut words = member.split_whitespace();
-                let Some(word) = words.next() else { continue };
+            for member in split_list_bytes(value.as_bytes()) {
+                let member = member.trim_ascii();
+                if member.is_empty() {
+                    continue;
+                }
                 if !first {
                     key.push_str(", ");
                 }
                 first = false;
-                push_folded(&mut key, word, fold_case);
-                for word in words {
-                    key.push(' ');
-                    push_folded(&mut key, word, fold_case);
-                }
+                push_escaped(&mut key, member, fold_case);
             }
         }
     }
@@ -559,12 +559,45 @@ const CASE_INSENSITIVE_VALUES: [&str; 4] = [
     "accept-language",
 ];
 
-fn push_folded(key: &mut String, word: &str, fold_case: bool) {
-    if fold_case {
-        key.extend(word.chars().map(|c| c.to_ascii_lowercase()));
-    } else {
-        key.push_str(word);
+/// Appends `bytes`: printable ASCII as it is (lowercase with `fold_case`),
+/// `%` and anything else as `%XX`.
+fn push_escaped(key: &mut String, bytes: &[u8], fold_case: bool) {
+    for &b in bytes {
+        match b {
+            b' '..=b'~' if b != b'%' => {
+                key.push(char::from(if fold_case {
+                    b.to_ascii_lowercase()
+                } else {
+                    b
+                }));
+            }
+            _ => {
+                let _ = write!(key, "%{b:02X}");
+            }
+        }
     }
+}
+
+/// [`split_list`] over bytes: a field value need not be UTF-8.
+fn split_list_bytes(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut start = 0;
+    let mut members = Vec::new();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                members.push(&bytes[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    members.push(&bytes[start..]);
+    members.into_iter()
 }
 
 /// The response directives the rules look at, from the most specific field
@@ -663,24 +696,8 @@ fn directives<'a>(
 /// The members of a comma-separated list, commas inside a quoted string
 /// (`private="set-cookie, x-user"`) not splitting it.
 fn split_list(text: &str) -> impl Iterator<Item = &str> {
-    let mut quoted = false;
-    let mut escaped = false;
-    let mut start = 0;
-    let mut members = Vec::new();
-    for (i, b) in text.bytes().enumerate() {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            b',' if !quoted => {
-                members.push(&text[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    members.push(&text[start..]);
-    members.into_iter()
+    // Commas are ASCII, so every member starts and ends on a char boundary.
+    split_list_bytes(text.as_bytes()).map(|member| std::str::from_utf8(member).unwrap_or(""))
 }
 
 /// The response fields a shared cache leaves out of what it stores:
@@ -1550,6 +1567,19 @@ mod tests {
         let tenant = |t: &'static str| vary_key(&names, &headers(&[("x-tenant", t)]));
         assert_ne!(tenant("Acme"), tenant("acme"));
         assert_ne!(tenant("a, b"), tenant("a b"));
+        assert_ne!(
+            tenant("a   b"),
+            tenant("a b"),
+            "white space inside a value is kept"
+        );
+        // Bytes that are not UTF-8 keep their identity.
+        let raw = |bytes: &'static [u8]| {
+            let mut h = HeaderMap::new();
+            h.insert("x-tenant", HeaderValue::from_bytes(bytes).unwrap());
+            vary_key(&names, &h)
+        };
+        assert_ne!(raw(b"acme\xe8"), raw(b"acme\xe9"));
+        assert_ne!(raw(b"acme%E8"), raw(b"acme\xe8"));
         assert!(vary_names(&headers(&[("vary", "*")])).is_err());
     }
 

@@ -1,7 +1,7 @@
 //! Raw bytes both ways: a backend that records the exact bytes of every
-//! request it receives (reading bodies by `Content-Length`, as a backend
-//! that a desync would fool does) and a client that writes a request head
-//! as given and reads one answer.
+//! request it receives (answering at once, then reading the body by
+//! `Content-Length`, as a backend that a desync fools does) and a client
+//! that writes a request head as given and reads one answer.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -155,15 +155,6 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         buf.drain(..end);
-        // A body that never comes (the proxy sent a length, not the bytes)
-        // is recorded as far as it came.
-        while buf.len() < length {
-            if !read_more(&mut stream, &mut buf, Duration::from_secs(2)).await {
-                break;
-            }
-        }
-        let take = length.min(buf.len());
-        request.body = buf.drain(..take).collect();
         let n = {
             let mut seen = state.seen.lock().unwrap();
             seen.push(request.clone());
@@ -175,9 +166,19 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n{extra}\r\n{body}",
             body.len()
         );
-        if stream.write_all(answer.as_bytes()).await.is_err() || take < length {
+        if stream.write_all(answer.as_bytes()).await.is_err() {
             return;
         }
+        // The body, by its Content-Length: bytes the proxy never sent are
+        // taken from whatever comes next on this connection (the next
+        // request), which is what a desync does to a real backend.
+        while buf.len() < length {
+            if !read_more(&mut stream, &mut buf, Duration::from_secs(5)).await {
+                return;
+            }
+        }
+        request.body = buf.drain(..length).collect();
+        state.seen.lock().unwrap()[n - 1].body = request.body;
     }
 }
 
