@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 
 use swr_proxy::config::{Cli, Command, Config};
+use swr_proxy::logs::{self, LogGuard};
 use swr_proxy::proxy::Proxy;
 use swr_proxy::{admin, demo, server};
 
@@ -46,7 +47,14 @@ fn main() -> ExitCode {
         (None, Some(args)) => args.log_format.clone().unwrap_or_default(),
         (None, None) => String::new(),
     };
-    init_logs(&log_format);
+    // Held to the end of `main`: dropping it flushes the log, a bounded time.
+    let log_guard = match init_logs(&log_format) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("swr-proxy: cannot start the log writer: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let threads = match (&config, &demo_args) {
         (Some(config), _) => config.threads,
         // The demo's configuration is checked again, with its backend, in run_demo.
@@ -61,7 +69,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("swr-proxy: cannot start the runtime: {err}");
+            log_guard.print(&format!("swr-proxy: cannot start the runtime: {err}"));
             return ExitCode::FAILURE;
         }
     };
@@ -70,14 +78,16 @@ fn main() -> ExitCode {
         (None, Some(args)) => runtime.block_on(run_demo(args)),
         (None, None) => Ok(()),
     };
+    // From here on, nothing waits on stderr: the failure goes through the
+    // log writer, and `log_guard` is flushed a bounded time when dropped.
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(message)) => {
-            eprintln!("swr-proxy: {message}");
+            log_guard.print(&format!("swr-proxy: {message}"));
             ExitCode::from(USAGE_ERROR)
         }
         Err(Failure::Runtime(message)) => {
-            eprintln!("swr-proxy: {message}");
+            log_guard.print(&format!("swr-proxy: {message}"));
             ExitCode::FAILURE
         }
     }
@@ -135,18 +145,33 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn init_logs(format: &str) {
-    let logs = tracing_subscriber::fmt()
+/// Logs go to stderr through [`logs`]' writer thread: no thread that
+/// serves, refreshes or shuts down ever waits on a log write. Panics are
+/// logged the same way (the default hook writes to stderr directly, and
+/// would block a serving thread on a stalled sink).
+fn init_logs(format: &str) -> std::io::Result<LogGuard> {
+    let (writer, guard) = logs::start(std::io::stderr(), logs::QUEUE_LINES, logs::QUEUE_BYTES)?;
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if format == "json" {
-        logs.json().init();
+        subscriber.json().init();
     } else {
-        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        subscriber
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
+    std::panic::set_hook(Box::new(|panic| {
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(%panic, %backtrace, "panicked");
+        } else {
+            tracing::error!(%panic, "panicked");
+        }
+    }));
+    Ok(guard)
 }
 
 enum Failure {

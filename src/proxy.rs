@@ -25,6 +25,7 @@ use crate::cache::store::{self, Fill, FillOutcome, Store};
 use crate::cache::CacheStatus;
 use crate::config::{Config, ConfigError, Route};
 use crate::error::{ProxyError, UpstreamError, UpstreamErrorKind};
+use crate::logs;
 use crate::metrics::{Gauges, RouteStats, Stats, UpstreamCause};
 use crate::refresh::{Enqueue, Job, RefreshQueue};
 use crate::upstream::{self, BodyRead, BoxError, Priority, Upstream};
@@ -376,6 +377,7 @@ impl Proxy {
             evictions: self.store.evictions(),
             refresh_queue_depth: self.refresh.depth() as u64,
             upstream_in_flight: self.upstream.in_flight(),
+            log_lines_dropped: logs::lines_dropped(),
         });
         crate::metrics::render_routes(&mut text, &lock(&self.route_stats));
         text
