@@ -25,6 +25,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Exit code for bad flags or configuration, as clap uses.
 const USAGE_ERROR: u8 = 2;
 
+/// After the servers stop, how long the runtime may take to drop its tasks:
+/// a blocking task (a DNS lookup) is not waited for past this.
+const RUNTIME_STOP: Duration = Duration::from_millis(500);
+
+/// After the servers stop, how long refreshes still running may take to
+/// finish. They were told to stop at the signal (see [`run`]).
+const REFRESH_STOP: Duration = Duration::from_secs(1);
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -78,6 +86,7 @@ fn main() -> ExitCode {
         (None, Some(args)) => runtime.block_on(run_demo(args)),
         (None, None) => Ok(()),
     };
+    runtime.shutdown_timeout(RUNTIME_STOP);
     // From here on, nothing waits on stderr: the failure goes through the
     // log writer, and `log_guard` is flushed a bounded time when dropped.
     match result {
@@ -201,6 +210,12 @@ fn clap_error(err: &clap::Error) -> ExitCode {
 }
 
 /// Runs the proxy until SIGINT/SIGTERM. `on_ready` is printed once listening.
+///
+/// The signal stops the refresh workers at once (an entry refreshed now
+/// would die with the process) and starts the servers' shutdown; every wait
+/// after it is bounded, so the process exits within `--shutdown-timeout`
+/// and about 4.5 s more (the connections left at the deadline, refreshes
+/// still running, the runtime, the log's flush), whatever the log sink does.
 async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     let listener = TcpListener::bind(config.listen).await.map_err(|e| {
         Failure::Runtime(format!(
@@ -216,10 +231,10 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         ))
     })?;
     let admin = admin_listener.local_addr().unwrap_or(config.admin_listen);
-    let cancel = CancellationToken::new();
+    let shutdown = CancellationToken::new();
+    let cancel = shutdown.child_token();
     let tracker = TaskTracker::new();
     let proxy = Proxy::start(config.clone(), cancel.clone(), &tracker).map_err(Failure::Runtime)?;
-    let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
         server::shutdown_signal().await;
@@ -234,7 +249,7 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         move |request, _peer| admin::handle(Arc::clone(&admin_proxy), token.clone(), request),
         async move { admin_shutdown.cancelled().await },
         server::Timeouts {
-            grace: Duration::from_secs(5),
+            grace: config.shutdown_timeout.min(Duration::from_secs(5)),
             ..server::Timeouts::from_config(&config)
         },
     ));
@@ -261,7 +276,7 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     let _ = admin_task.await;
     cancel.cancel();
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+    if tokio::time::timeout(REFRESH_STOP, tracker.wait())
         .await
         .is_err()
     {
