@@ -107,6 +107,17 @@ impl ProxyError {
         }
     }
 
+    /// What kind of error this is, for its log line's rate limit: the
+    /// backend's failure kind, or the client's mistake itself.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            ProxyError::Upstream(e) => e.kind.as_str(),
+            ProxyError::BadRequest(why) => why,
+            ProxyError::Internal(_) => "internal",
+            ProxyError::NotCached => "not-cached",
+        }
+    }
+
     /// Whether a stale entry may be served instead (stale-if-error).
     pub fn allows_stale(&self) -> bool {
         matches!(self, ProxyError::Upstream(_))

@@ -22,7 +22,8 @@
 //! - [`error`]: one error type tagged by source, mapped to a status.
 //! - [`metrics`]: the counters and their Prometheus text.
 //! - [`admin`]: the admin listener: health, metrics, stats, purge.
-//! - [`logs`]: log lines off the request path (bounded, lossy, counted).
+//! - [`logs`]: log lines off the request path (bounded, lossy, counted),
+//!   failure lines rate-limited per cause.
 //! - [`demo`]: the built-in slow backend behind `swr-proxy demo`.
 #![forbid(unsafe_code)]
 

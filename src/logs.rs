@@ -23,11 +23,15 @@
 //! (which container log drivers often share with stderr). The guard here
 //! waits a bounded time and writes nothing itself, and the whole writer is a
 //! few dozen lines with no new dependency.
+//!
+//! Also here, what keeps the volume down at info: failure lines rate-limited
+//! per cause ([`RateLimit`]).
 
+use std::collections::HashMap;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -292,6 +296,71 @@ impl Batch {
     }
 }
 
+/// What a failure line is about: what failed, and how (a static pair, so
+/// the set of causes, and the map of them, stays small).
+pub type Cause = (&'static str, &'static str);
+
+/// Lets one line per cause through every `every` and counts the rest: a
+/// failure that repeats on every request or refresh (the backend is down)
+/// writes one line per cause per interval, which says how many like it
+/// were not written since the last.
+#[derive(Debug)]
+pub struct RateLimit {
+    every: Duration,
+    /// A std `Mutex`: taken on failure paths only, for one map operation.
+    causes: Mutex<HashMap<Cause, Window>>,
+    /// Lines suppressed so far, every cause.
+    suppressed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Window {
+    written_at: Instant,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub fn new(every: Duration) -> RateLimit {
+        RateLimit {
+            every,
+            causes: Mutex::new(HashMap::new()),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: write the line, and say that `n` lines of this cause were
+    /// suppressed since the last one written. `None`: don't (it is counted).
+    pub fn admit(&self, cause: Cause, now: Instant) -> Option<u64> {
+        let mut causes = self.causes.lock().unwrap_or_else(|e| e.into_inner());
+        match causes.get_mut(&cause) {
+            Some(window) if now.saturating_duration_since(window.written_at) < self.every => {
+                window.suppressed += 1;
+                self.suppressed.fetch_add(1, Relaxed);
+                None
+            }
+            Some(window) => {
+                window.written_at = now;
+                Some(std::mem::take(&mut window.suppressed))
+            }
+            None => {
+                causes.insert(
+                    cause,
+                    Window {
+                        written_at: now,
+                        suppressed: 0,
+                    },
+                );
+                Some(0)
+            }
+        }
+    }
+
+    /// Lines suppressed so far, every cause.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed.load(Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,5 +471,23 @@ mod tests {
         writer.send(vec![b'c'; 40]);
         assert_eq!(writer.dropped(), 1, "60 + 40 fits");
         drop(open);
+    }
+
+    #[test]
+    fn one_line_per_cause_per_interval_with_the_count_suppressed() {
+        let limit = RateLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let cause = ("refresh failed", "connect");
+        assert_eq!(limit.admit(cause, t0), Some(0));
+        assert_eq!(limit.admit(cause, t0 + Duration::from_secs(1)), None);
+        assert_eq!(limit.admit(cause, t0 + Duration::from_secs(9)), None);
+        assert_eq!(
+            limit.admit(("refresh failed", "timeout"), t0),
+            Some(0),
+            "another cause has its own window"
+        );
+        assert_eq!(limit.admit(cause, t0 + Duration::from_secs(10)), Some(2));
+        assert_eq!(limit.admit(cause, t0 + Duration::from_secs(11)), None);
+        assert_eq!(limit.suppressed(), 3);
     }
 }

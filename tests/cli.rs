@@ -419,7 +419,8 @@ async fn a_log_sink_nobody_reads_never_stalls_serving_or_shutdown() {
     const SHUTDOWN: Duration = Duration::from_secs(2);
     let origin = Origin::start().await;
     // An access line per request (about 200 bytes each) fills the pipe and
-    // then the log queue within the first 10,000 requests.
+    // then the log queue within the first 10,000 requests. Refresh lines are
+    // debug, and off here as in production.
     let mut child = Child::start_with(
         &origin.url(),
         &[
