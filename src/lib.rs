@@ -23,7 +23,7 @@
 //! - [`metrics`]: the counters and their Prometheus text.
 //! - [`admin`]: the admin listener: health, metrics, stats, purge.
 //! - [`logs`]: log lines off the request path (bounded, lossy, counted),
-//!   failure lines rate-limited per cause.
+//!   failure lines rate-limited per cause, the periodic summary.
 //! - [`demo`]: the built-in slow backend behind `swr-proxy demo`.
 #![forbid(unsafe_code)]
 

@@ -25,7 +25,7 @@
 //! few dozen lines with no new dependency.
 //!
 //! Also here, what keeps the volume down at info: failure lines rate-limited
-//! per cause ([`RateLimit`]).
+//! per cause ([`RateLimit`]) and the periodic summary ([`Summary`]).
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -361,6 +361,67 @@ impl RateLimit {
     }
 }
 
+/// Totals the periodic summary line reports the change of.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub requests: u64,
+    pub refreshed: u64,
+    pub refresh_failed: u64,
+    /// Refreshes not queued: the queue was full.
+    pub refresh_dropped: u64,
+    pub log_lines_dropped: u64,
+    pub failure_lines_suppressed: u64,
+}
+
+impl Totals {
+    fn since(self, last: Totals) -> Totals {
+        Totals {
+            requests: self.requests.saturating_sub(last.requests),
+            refreshed: self.refreshed.saturating_sub(last.refreshed),
+            refresh_failed: self.refresh_failed.saturating_sub(last.refresh_failed),
+            refresh_dropped: self.refresh_dropped.saturating_sub(last.refresh_dropped),
+            log_lines_dropped: self
+                .log_lines_dropped
+                .saturating_sub(last.log_lines_dropped),
+            failure_lines_suppressed: self
+                .failure_lines_suppressed
+                .saturating_sub(last.failure_lines_suppressed),
+        }
+    }
+}
+
+/// The periodic summary at info: what happened since the last one, so that
+/// info shows the refresh traffic without a line per refresh.
+#[derive(Debug, Default)]
+pub struct Summary {
+    last: Totals,
+}
+
+impl Summary {
+    /// The change since the last call, or `None` when nothing happened (an
+    /// idle proxy writes no summaries).
+    pub fn next(&mut self, now: Totals) -> Option<Totals> {
+        let change = now.since(self.last);
+        self.last = now;
+        (change != Totals::default()).then_some(change)
+    }
+
+    /// Logs the change since the last call, unless nothing happened.
+    pub fn log(&mut self, now: Totals) {
+        if let Some(change) = self.next(now) {
+            tracing::info!(
+                requests = change.requests,
+                refreshed = change.refreshed,
+                refresh_failed = change.refresh_failed,
+                refresh_dropped = change.refresh_dropped,
+                log_lines_dropped = change.log_lines_dropped,
+                failure_lines_suppressed = change.failure_lines_suppressed,
+                "summary"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,5 +550,27 @@ mod tests {
         assert_eq!(limit.admit(cause, t0 + Duration::from_secs(10)), Some(2));
         assert_eq!(limit.admit(cause, t0 + Duration::from_secs(11)), None);
         assert_eq!(limit.suppressed(), 3);
+    }
+
+    #[test]
+    fn the_summary_reports_changes_and_skips_idle_intervals() {
+        let mut summary = Summary::default();
+        let mut totals = Totals {
+            requests: 100,
+            refreshed: 10,
+            ..Totals::default()
+        };
+        assert_eq!(summary.next(totals), Some(totals));
+        assert_eq!(summary.next(totals), None, "nothing happened");
+        totals.refresh_failed = 3;
+        totals.log_lines_dropped = 7;
+        assert_eq!(
+            summary.next(totals),
+            Some(Totals {
+                refresh_failed: 3,
+                log_lines_dropped: 7,
+                ..Totals::default()
+            })
+        );
     }
 }

@@ -25,7 +25,7 @@ use crate::cache::store::{self, Fill, FillOutcome, Store};
 use crate::cache::CacheStatus;
 use crate::config::{Config, ConfigError, Route};
 use crate::error::{ProxyError, UpstreamError, UpstreamErrorKind};
-use crate::logs::{self, Cause, RateLimit};
+use crate::logs::{self, Cause, RateLimit, Summary, Totals};
 use crate::metrics::{Gauges, RouteStats, Stats, UpstreamCause};
 use crate::refresh::{Enqueue, Job, RefreshQueue};
 use crate::upstream::{self, BodyRead, BoxError, Priority, Upstream};
@@ -319,6 +319,23 @@ impl Proxy {
                 }
             }
         });
+        let every = proxy.config.log_summary_interval;
+        if !every.is_zero() {
+            let summary_proxy = Arc::clone(&proxy);
+            let summary_cancel = cancel.clone();
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                // After a stall, one summary of it all, not a burst of them.
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut summary = Summary::default();
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => summary.log(summary_proxy.totals()),
+                        () = summary_cancel.cancelled() => break,
+                    }
+                }
+            });
+        }
         let worker_proxy = Arc::clone(&proxy);
         workers.spawn(
             proxy.config.refresh_concurrency,
@@ -390,6 +407,21 @@ impl Proxy {
         });
         crate::metrics::render_routes(&mut text, &lock(&self.route_stats));
         text
+    }
+
+    /// What the periodic summary line reports the change of.
+    fn totals(&self) -> Totals {
+        Totals {
+            requests: CacheStatus::ALL
+                .into_iter()
+                .map(|s| self.stats.requests(s))
+                .sum(),
+            refreshed: Stats::get(&self.stats.refresh_succeeded),
+            refresh_failed: Stats::get(&self.stats.refresh_failed),
+            refresh_dropped: Stats::get(&self.stats.refresh_dropped),
+            log_lines_dropped: logs::lines_dropped(),
+            failure_lines_suppressed: self.failure_lines.suppressed(),
+        }
     }
 
     /// Whether a failure line of `cause` may be written now: `Some(n)`, with

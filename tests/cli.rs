@@ -60,6 +60,14 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
         (&["--cache-control", "sometimes"], "--cache-control"),
         (&["--admin-listen", "0.0.0.0:9090"], "--admin-listen"),
         (&["--log-format", "xml"], "--log-format"),
+        (
+            &["--log-summary-interval", "often"],
+            "--log-summary-interval",
+        ),
+        (
+            &["--log-summary-interval", "500ms"],
+            "--log-summary-interval",
+        ),
         (&["--upstream-concurrency", "-1"], "--upstream-concurrency"),
         (
             &["--targeted-cache-control", "bad name"],
@@ -332,6 +340,28 @@ async fn json_logs_and_an_access_log_line_per_request() {
     .await;
     eventually(WAIT, "a HIT line without upstream time", || {
         logged("HIT", |us| us == 0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_summary_line_per_interval_says_what_happened() {
+    let origin = Origin::start().await;
+    let child = Child::start(&origin.url(), &["--log-summary-interval", "1s"]);
+    for _ in 0..3 {
+        let response = reqwest::get(format!("http://{}/summed", child.addr))
+            .await
+            .expect("answered");
+        assert_eq!(response.status().as_u16(), 200);
+    }
+    let log = Arc::clone(&child.log);
+    eventually(WAIT, "a summary line counting the 3 answers", || {
+        let log = Arc::clone(&log);
+        async move {
+            log.lock().unwrap().iter().any(|line| {
+                line.contains("summary") && log_field(line, "requests").as_deref() == Some("3")
+            })
+        }
     })
     .await;
 }
