@@ -159,6 +159,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_ACCESS_LOG")]
     pub access_log: bool,
 
+    /// How often an info line sums up what happened since the last one
+    /// (answers; refreshes done, failed, dropped; log lines dropped), or 0
+    /// for never; at least 1s [default: 60s].
+    #[arg(long, env = "SWR_LOG_SUMMARY_INTERVAL", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub log_summary_interval: Option<Duration>,
+
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish [default: 30s].
     #[arg(long, env = "SWR_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub shutdown_timeout: Option<Duration>,
@@ -222,6 +228,7 @@ pub struct FileConfig {
     pub upstream_concurrency: Option<usize>,
     pub log_format: Option<String>,
     pub access_log: Option<bool>,
+    pub log_summary_interval: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub client_header_timeout: Option<String>,
     pub threads: Option<usize>,
@@ -384,6 +391,8 @@ pub struct Config {
     pub upstream_concurrency: usize,
     pub log_format: String,
     pub access_log: bool,
+    /// How often the summary line is logged; zero: never. Read at start.
+    pub log_summary_interval: Duration,
     /// Answer plain HTTP/1.1 GET hits without hyper (see `fast_hits`);
     /// read once at start.
     pub fast_hits: bool,
@@ -653,6 +662,12 @@ impl Config {
                 .unwrap_or(256),
             log_format,
             access_log: args.access_log || file.access_log.unwrap_or(false),
+            log_summary_interval: duration(
+                args.log_summary_interval,
+                &file.log_summary_interval,
+                "log_summary_interval",
+                Duration::from_secs(60),
+            )?,
             fast_hits: !args.no_fast_hits && file.fast_hits.unwrap_or(true),
             trust_forwarded,
             max_request_line: size(
@@ -728,6 +743,13 @@ impl Config {
                 "--client-header-timeout must be above zero, e.g. 60s".into(),
             ));
         }
+        if !self.log_summary_interval.is_zero()
+            && self.log_summary_interval < Duration::from_secs(1)
+        {
+            return Err(ConfigError(
+                "--log-summary-interval must be 0 (no summary) or at least 1s, e.g. 60s".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -769,6 +791,10 @@ impl Config {
             ),
             ("log_format", self.log_format != other.log_format),
             ("access_log", self.access_log != other.access_log),
+            (
+                "log_summary_interval",
+                self.log_summary_interval != other.log_summary_interval,
+            ),
             ("fast_hits", self.fast_hits != other.fast_hits),
             (
                 "max_request_line",
@@ -1205,6 +1231,37 @@ mod tests {
         };
         let config = Config::merge(&args, &f, None, Config::DEFAULT_TTL).unwrap();
         assert!(!config.fast_hits, "off by flag");
+    }
+
+    #[test]
+    fn log_summary_interval_from_file_or_flag_zero_is_off() {
+        let none = file("upstream = \"http://127.0.0.1:3000\"\n").unwrap();
+        let config =
+            Config::merge(&ProxyArgs::default(), &none, None, Config::DEFAULT_TTL).unwrap();
+        assert_eq!(
+            config.log_summary_interval,
+            Duration::from_secs(60),
+            "default"
+        );
+        let f =
+            file("upstream = \"http://127.0.0.1:3000\"\nlog_summary_interval = \"0\"\n").unwrap();
+        let config = Config::merge(&ProxyArgs::default(), &f, None, Config::DEFAULT_TTL).unwrap();
+        assert!(config.log_summary_interval.is_zero(), "off");
+        let args = ProxyArgs {
+            log_summary_interval: Some(Duration::from_secs(5)),
+            ..ProxyArgs::default()
+        };
+        let config = Config::merge(&args, &f, None, Config::DEFAULT_TTL).unwrap();
+        assert_eq!(
+            config.log_summary_interval,
+            Duration::from_secs(5),
+            "the flag wins"
+        );
+        let short = file("upstream = \"http://x\"\nlog_summary_interval = \"10ms\"\n").unwrap();
+        let err = Config::merge(&ProxyArgs::default(), &short, None, Config::DEFAULT_TTL)
+            .unwrap_err()
+            .0;
+        assert!(err.contains("log-summary-interval"), "{err}");
     }
 
     #[test]

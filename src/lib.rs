@@ -22,6 +22,8 @@
 //! - [`error`]: one error type tagged by source, mapped to a status.
 //! - [`metrics`]: the counters and their Prometheus text.
 //! - [`admin`]: the admin listener: health, metrics, stats, purge.
+//! - [`logs`]: log lines off the request path (bounded, lossy, counted),
+//!   failure lines rate-limited per cause, the periodic summary.
 //! - [`demo`]: the built-in slow backend behind `swr-proxy demo`.
 #![forbid(unsafe_code)]
 
@@ -33,6 +35,7 @@ pub mod connections;
 pub mod demo;
 pub mod error;
 pub mod fast_hits;
+pub mod logs;
 pub mod metrics;
 pub mod proxy;
 pub mod refresh;

@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 
 use swr_proxy::config::{Cli, Command, Config};
+use swr_proxy::logs::{self, LogGuard};
 use swr_proxy::proxy::Proxy;
 use swr_proxy::{admin, demo, server};
 
@@ -23,6 +24,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Exit code for bad flags or configuration, as clap uses.
 const USAGE_ERROR: u8 = 2;
+
+/// After the servers stop, how long the runtime may take to drop its tasks:
+/// a blocking task (a DNS lookup) is not waited for past this.
+const RUNTIME_STOP: Duration = Duration::from_millis(500);
+
+/// After the servers stop, how long refreshes still running may take to
+/// finish. They were told to stop at the signal (see [`run`]).
+const REFRESH_STOP: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -46,7 +55,14 @@ fn main() -> ExitCode {
         (None, Some(args)) => args.log_format.clone().unwrap_or_default(),
         (None, None) => String::new(),
     };
-    init_logs(&log_format);
+    // Held to the end of `main`: dropping it flushes the log, a bounded time.
+    let log_guard = match init_logs(&log_format) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("swr-proxy: cannot start the log writer: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let threads = match (&config, &demo_args) {
         (Some(config), _) => config.threads,
         // The demo's configuration is checked again, with its backend, in run_demo.
@@ -61,7 +77,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("swr-proxy: cannot start the runtime: {err}");
+            log_guard.print(&format!("swr-proxy: cannot start the runtime: {err}"));
             return ExitCode::FAILURE;
         }
     };
@@ -70,14 +86,17 @@ fn main() -> ExitCode {
         (None, Some(args)) => runtime.block_on(run_demo(args)),
         (None, None) => Ok(()),
     };
+    runtime.shutdown_timeout(RUNTIME_STOP);
+    // From here on, nothing waits on stderr: the failure goes through the
+    // log writer, and `log_guard` is flushed a bounded time when dropped.
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(message)) => {
-            eprintln!("swr-proxy: {message}");
+            log_guard.print(&format!("swr-proxy: {message}"));
             ExitCode::from(USAGE_ERROR)
         }
         Err(Failure::Runtime(message)) => {
-            eprintln!("swr-proxy: {message}");
+            log_guard.print(&format!("swr-proxy: {message}"));
             ExitCode::FAILURE
         }
     }
@@ -135,18 +154,33 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn init_logs(format: &str) {
-    let logs = tracing_subscriber::fmt()
+/// Logs go to stderr through [`logs`]' writer thread: no thread that
+/// serves, refreshes or shuts down ever waits on a log write. Panics are
+/// logged the same way (the default hook writes to stderr directly, and
+/// would block a serving thread on a stalled sink).
+fn init_logs(format: &str) -> std::io::Result<LogGuard> {
+    let (writer, guard) = logs::start(std::io::stderr(), logs::QUEUE_LINES, logs::QUEUE_BYTES)?;
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if format == "json" {
-        logs.json().init();
+        subscriber.json().init();
     } else {
-        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        subscriber
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
+    std::panic::set_hook(Box::new(|panic| {
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(%panic, %backtrace, "panicked");
+        } else {
+            tracing::error!(%panic, "panicked");
+        }
+    }));
+    Ok(guard)
 }
 
 enum Failure {
@@ -176,6 +210,12 @@ fn clap_error(err: &clap::Error) -> ExitCode {
 }
 
 /// Runs the proxy until SIGINT/SIGTERM. `on_ready` is printed once listening.
+///
+/// The signal stops the refresh workers at once (an entry refreshed now
+/// would die with the process) and starts the servers' shutdown; every wait
+/// after it is bounded, so the process exits within `--shutdown-timeout`
+/// and about 4.5 s more (the connections left at the deadline, refreshes
+/// still running, the runtime, the log's flush), whatever the log sink does.
 async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     let listener = TcpListener::bind(config.listen).await.map_err(|e| {
         Failure::Runtime(format!(
@@ -198,10 +238,10 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .map_or_else(|| "off".to_string(), |addr| addr.to_string());
-    let cancel = CancellationToken::new();
+    let shutdown = CancellationToken::new();
+    let cancel = shutdown.child_token();
     let tracker = TaskTracker::new();
     let proxy = Proxy::start(config.clone(), cancel.clone(), &tracker).map_err(Failure::Runtime)?;
-    let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
         server::shutdown_signal().await;
@@ -212,7 +252,7 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     let admin_proxy = Arc::clone(&proxy);
     let admin_shutdown = shutdown.clone();
     let admin_timeouts = server::Timeouts {
-        grace: Duration::from_secs(5),
+        grace: config.shutdown_timeout.min(Duration::from_secs(5)),
         ..server::Timeouts::from_config(&config)
     };
     let admin_task = admin_listener.map(|admin_listener| {
@@ -248,7 +288,7 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     }
     cancel.cancel();
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+    if tokio::time::timeout(REFRESH_STOP, tracker.wait())
         .await
         .is_err()
     {

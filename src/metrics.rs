@@ -329,6 +329,8 @@ pub struct Gauges {
     pub evictions: u64,
     pub refresh_queue_depth: u64,
     pub upstream_in_flight: u64,
+    /// Log lines dropped because the log sink fell behind (see [`crate::logs`]).
+    pub log_lines_dropped: u64,
 }
 
 /// Every metric name the proxy exports (histograms by their base name).
@@ -361,6 +363,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "swr_upstream_latency_seconds",
     "swr_refresh_duration_seconds",
     "swr_served_age_seconds",
+    "swr_log_lines_dropped_total",
 ];
 
 impl Stats {
@@ -476,7 +479,7 @@ impl Stats {
             ]
             .map(|(event, counter)| (event, counter.load(Relaxed))),
         );
-        let simple: [(&str, &str, &str, u64); 18] = [
+        let simple: [(&str, &str, &str, u64); 19] = [
             (
                 "swr_refresh_in_flight",
                 "gauge",
@@ -584,6 +587,12 @@ impl Stats {
                 "gauge",
                 "Most background refreshes ever running at once.",
                 self.refresh_in_flight_max.load(Relaxed),
+            ),
+            (
+                "swr_log_lines_dropped_total",
+                "counter",
+                "Log lines dropped, never waited for, because the log sink fell behind.",
+                gauges.log_lines_dropped,
             ),
         ];
         for (name, kind, help, value) in simple {

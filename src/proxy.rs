@@ -26,6 +26,7 @@ use crate::cache::store::{self, Fill, FillOutcome, Store};
 use crate::cache::CacheStatus;
 use crate::config::{Config, ConfigError, Cookies, HeadLimits, Route};
 use crate::error::{ProxyError, UpstreamError, UpstreamErrorKind};
+use crate::logs::{self, Cause, RateLimit, Summary, Totals};
 use crate::metrics::{Gauges, RouteStats, Stats, UpstreamCause};
 use crate::refresh::{Enqueue, Job, RefreshQueue};
 use crate::upstream::{self, BodyRead, BoxError, Priority, Upstream};
@@ -35,6 +36,11 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// How often entries that can no longer be served are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// At most one failure line per cause this often; the next says how many
+/// were left out. A backend outage at 10,000 requests a second is a handful
+/// of lines, not 10,000 a second at a log sink that then falls behind.
+const FAILURE_LINE_EVERY: Duration = Duration::from_secs(10);
 
 /// Locks a std mutex; a poisoned one (a panic while held) still holds a
 /// consistent map, since every use is a single map operation.
@@ -67,6 +73,9 @@ pub struct Proxy {
     /// to the backend at once instead of queueing behind one another's fetch
     /// (Varnish's hit-for-miss).
     uncacheable: Mutex<HashMap<u64, Uncacheable>>,
+    /// Failure lines (refresh failed, error answers, stale-if-error) that
+    /// may be written now, per cause.
+    failure_lines: RateLimit,
 }
 
 /// A key whose answer could not be stored, until when, and for whom.
@@ -399,6 +408,7 @@ impl Proxy {
             stats: Stats::default(),
             backoff: Mutex::new(HashMap::new()),
             uncacheable: Mutex::new(HashMap::new()),
+            failure_lines: RateLimit::new(FAILURE_LINE_EVERY),
             config,
         });
         // Entries past every window are dropped lazily by reads and eviction;
@@ -421,6 +431,23 @@ impl Proxy {
                 }
             }
         });
+        let every = proxy.config.log_summary_interval;
+        if !every.is_zero() {
+            let summary_proxy = Arc::clone(&proxy);
+            let summary_cancel = cancel.clone();
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                // After a stall, one summary of it all, not a burst of them.
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut summary = Summary::default();
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => summary.log(summary_proxy.totals()),
+                        () = summary_cancel.cancelled() => break,
+                    }
+                }
+            });
+        }
         let worker_proxy = Arc::clone(&proxy);
         workers.spawn(
             proxy.config.refresh_concurrency,
@@ -493,9 +520,31 @@ impl Proxy {
             evictions: self.store.evictions(),
             refresh_queue_depth: self.refresh.depth() as u64,
             upstream_in_flight: self.upstream.in_flight(),
+            log_lines_dropped: logs::lines_dropped(),
         });
         crate::metrics::render_routes(&mut text, &lock(&self.route_stats));
         text
+    }
+
+    /// What the periodic summary line reports the change of.
+    fn totals(&self) -> Totals {
+        Totals {
+            requests: CacheStatus::ALL
+                .into_iter()
+                .map(|s| self.stats.requests(s))
+                .sum(),
+            refreshed: Stats::get(&self.stats.refresh_succeeded),
+            refresh_failed: Stats::get(&self.stats.refresh_failed),
+            refresh_dropped: Stats::get(&self.stats.refresh_dropped),
+            log_lines_dropped: logs::lines_dropped(),
+            failure_lines_suppressed: self.failure_lines.suppressed(),
+        }
+    }
+
+    /// Whether a failure line of `cause` may be written now: `Some(n)`, with
+    /// `n` lines of that cause left out since the last one written.
+    fn failure_line(&self, cause: Cause) -> Option<u64> {
+        self.failure_lines.admit(cause, Instant::now())
     }
 
     /// Drops backoff and hit-for-miss marks that have run out.
@@ -943,31 +992,41 @@ impl Proxy {
         match fetched {
             Fetched::Stored(_) => {
                 self.stats.refresh_succeeded.fetch_add(1, Relaxed);
-                tracing::info!(key, took_ms, "refreshed");
+                tracing::debug!(key, took_ms, "refreshed");
             }
             Fetched::Pass(passed) if policy::status_is_error(passed.status) => {
                 self.stats.refresh_failed.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    key,
-                    took_ms,
-                    status = passed.status.as_u16(),
-                    "refresh failed; keeping the stale entry"
-                );
+                let cause = ("refresh failed", UpstreamErrorKind::Status.as_str());
+                if let Some(suppressed) = self.failure_line(cause) {
+                    tracing::warn!(
+                        key,
+                        took_ms,
+                        status = passed.status.as_u16(),
+                        suppressed,
+                        "refresh failed; keeping the stale entry"
+                    );
+                }
             }
             Fetched::Pass(passed) => {
                 self.store.remove(job.hash, key);
                 self.stats.refresh_not_storable.fetch_add(1, Relaxed);
-                tracing::info!(
-                    key,
-                    took_ms,
-                    reason = passed.reason.as_str(),
-                    "refresh answer may not be stored; entry removed"
-                );
+                let reason = passed.reason.as_str();
+                if let Some(suppressed) = self.failure_line(("refresh not storable", reason)) {
+                    tracing::info!(
+                        key,
+                        took_ms,
+                        reason,
+                        suppressed,
+                        "refresh answer may not be stored; entry removed"
+                    );
+                }
             }
             Fetched::Failed(err) => {
                 self.stats.refresh_failed.fetch_add(1, Relaxed);
-                tracing::warn!(key, took_ms, error = %err,
-                    "refresh failed; keeping the stale entry");
+                if let Some(suppressed) = self.failure_line(("refresh failed", err.kind.as_str())) {
+                    tracing::warn!(key, took_ms, error = %err, suppressed,
+                        "refresh failed; keeping the stale entry");
+                }
             }
         }
     }
@@ -1470,7 +1529,10 @@ impl Proxy {
         if let Some(entry) = stale.filter(|e| policy::usable_on_error(e, now)) {
             self.stats.record_request(CacheStatus::Stale);
             self.stats.stale_if_error_served.fetch_add(1, Relaxed);
-            tracing::warn!(key = entry.key(), error = %err, "backend failed; serving stale (stale-if-error)");
+            if let Some(suppressed) = self.failure_line(("stale-if-error", err.kind.as_str())) {
+                tracing::warn!(key = entry.key(), error = %err, suppressed,
+                    "backend failed; serving stale (stale-if-error)");
+            }
             let cache_status = formatted(format_args!(
                 "swr-proxy; fwd=stale; ttl={}; detail=stale-if-error-{}",
                 entry.ttl_secs(now),
@@ -1491,9 +1553,10 @@ impl Proxy {
         cache_status_params: &str,
     ) -> Response<ProxyBody> {
         if err.status().is_client_error() {
+            // Counted in swr_refused_total; a client cannot fill the log.
             tracing::debug!(error = %err, cache = status.as_str(), "refusing a bad request");
-        } else {
-            tracing::warn!(error = %err, cache = status.as_str(), "answering with an error");
+        } else if let Some(suppressed) = self.failure_line(("error answer", err.detail())) {
+            tracing::warn!(error = %err, cache = status.as_str(), suppressed, "answering with an error");
         }
         let body = format!("swr-proxy: {}\n", err.client_message());
         let mut response = Response::new(ProxyBody::full(Bytes::from(body)));

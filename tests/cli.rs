@@ -1,12 +1,15 @@
-//! The binary as a user runs it: bad flags, and graceful shutdown on SIGTERM.
+//! The binary as a user runs it: bad flags, graceful shutdown on SIGTERM,
+//! logs, and serving on while nobody reads the logs.
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Lines};
+use std::process::{ChildStderr, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{eventually, Origin, Route, WAIT};
+use support::{eventually, scrape_metrics, take_answer, Origin, Route, WAIT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_swr-proxy");
 
@@ -65,6 +68,14 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
             "--admin-token-file",
         ),
         (&["--log-format", "xml"], "--log-format"),
+        (
+            &["--log-summary-interval", "often"],
+            "--log-summary-interval",
+        ),
+        (
+            &["--log-summary-interval", "500ms"],
+            "--log-summary-interval",
+        ),
         (&["--upstream-concurrency", "-1"], "--upstream-concurrency"),
         (
             &["--targeted-cache-control", "bad name"],
@@ -145,6 +156,13 @@ async fn threads_sets_how_many_threads_serve() {
     let origin = Origin::start().await;
     for (flag, expected) in [("1", 1), ("3", 3)] {
         let child = Child::start(&origin.url(), &["--threads", flag]);
+        // A new thread takes its name when it first runs, which may be
+        // after the listening line is out (written by the log thread).
+        let pid = child.child.id();
+        eventually(WAIT, "the serving threads run", || async move {
+            threads_named(pid, "swr-worker") >= expected
+        })
+        .await;
         assert_eq!(
             threads_named(child.child.id(), "swr-worker"),
             expected,
@@ -165,12 +183,41 @@ async fn threads_sets_how_many_threads_serve() {
 struct Child {
     child: std::process::Child,
     addr: String,
-    /// Every log line it has written so far.
+    admin: String,
+    /// Every log line it has written so far (none with `Stderr::NeverRead`).
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// With `Stderr::NeverRead`: the pipe's reading end, held open and never read.
+    _unread: Option<Lines<BufReader<ChildStderr>>>,
+}
+
+/// What the test does with the child's stderr after its listening line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stderr {
+    /// Read every line (into `Child::log`), so the child never meets a full pipe.
+    Drained,
+    /// Keep the pipe open and never read it again: a stalled log sink.
+    NeverRead,
+}
+
+/// The value of `name` in a log line: text `name=value`, json `"name":"value"`.
+fn log_field(line: &str, name: &str) -> Option<String> {
+    line.split(&format!(" {name}="))
+        .nth(1)
+        .or_else(|| line.split(&format!("\"{name}\":\"")).nth(1))
+        .map(|rest| {
+            rest.split(|c: char| c.is_whitespace() || c == '"')
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
 }
 
 impl Child {
     fn start(upstream: &str, extra: &[&str]) -> Child {
+        Child::start_with(upstream, extra, "info", Stderr::Drained)
+    }
+
+    fn start_with(upstream: &str, extra: &[&str], rust_log: &str, reading: Stderr) -> Child {
         let mut child = Command::new(BIN)
             .args([
                 "--upstream",
@@ -181,7 +228,7 @@ impl Child {
                 "127.0.0.1:0",
             ])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -190,35 +237,37 @@ impl Child {
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
         let deadline = Instant::now() + WAIT;
-        let addr = loop {
+        let (addr, admin) = loop {
             let line = lines.next().expect("a log line").expect("readable");
             if line.contains("listening") {
-                // text: `listen=127.0.0.1:1234`; json: `"listen":"127.0.0.1:1234"`
-                let found = line
-                    .split("listen=")
-                    .nth(1)
-                    .or_else(|| line.split("\"listen\":\"").nth(1))
-                    .map(|rest| {
-                        rest.split(|c: char| c.is_whitespace() || c == '"')
-                            .next()
-                            .unwrap_or("")
-                            .to_string()
-                    });
-                if let Some(found) = found {
-                    break found;
+                if let (Some(addr), Some(admin)) =
+                    (log_field(&line, "listen"), log_field(&line, "admin"))
+                {
+                    break (addr, admin);
                 }
             }
             assert!(Instant::now() < deadline, "no listening line");
         };
-        // Keep draining the log so the child never blocks on a full pipe.
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = std::sync::Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
+        let unread = match reading {
+            Stderr::NeverRead => Some(lines),
+            Stderr::Drained => {
+                let sink = std::sync::Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for line in lines.map_while(Result::ok) {
+                        sink.lock().unwrap().push(line);
+                    }
+                });
+                None
             }
-        });
-        Child { child, addr, log }
+        };
+        Child {
+            child,
+            addr,
+            admin,
+            log,
+            _unread: unread,
+        }
     }
 
     fn signal(&self, signal: i32) {
@@ -324,4 +373,168 @@ async fn json_logs_and_an_access_log_line_per_request() {
         logged("HIT", |us| us == 0)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_summary_line_per_interval_says_what_happened() {
+    let origin = Origin::start().await;
+    let child = Child::start(&origin.url(), &["--log-summary-interval", "1s"]);
+    for _ in 0..3 {
+        let response = reqwest::get(format!("http://{}/summed", child.addr))
+            .await
+            .expect("answered");
+        assert_eq!(response.status().as_u16(), 200);
+    }
+    let log = Arc::clone(&child.log);
+    eventually(WAIT, "a summary line counting the 3 answers", || {
+        let log = Arc::clone(&log);
+        async move {
+            log.lock().unwrap().iter().any(|line| {
+                line.contains("summary") && log_field(line, "requests").as_deref() == Some("3")
+            })
+        }
+    })
+    .await;
+}
+
+/// Sends `total` GETs (and more, until `at_least` has passed) over the keys
+/// `/k/0` to `/k/{keys - 1}` in turn, from `connections` tasks each with a
+/// connection of its own. Returns how many were answered and the slowest
+/// answer, or the first request that failed. Plain HTTP/1.1 over a socket:
+/// the test's client costs a fraction of an HTTP library's CPU.
+async fn load(
+    addr: &str,
+    keys: usize,
+    total: usize,
+    at_least: Duration,
+    connections: usize,
+) -> Result<(usize, Duration), String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let next = Arc::clone(&next);
+            let addr = addr.to_string();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut stream = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                let mut buf = Vec::with_capacity(4096);
+                let mut slowest = Duration::ZERO;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total && started.elapsed() >= at_least {
+                        return Ok(slowest);
+                    }
+                    let path = format!("/k/{}", i % keys);
+                    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+                    let sent = Instant::now();
+                    stream
+                        .write_all(request.as_bytes())
+                        .await
+                        .map_err(|e| format!("{path}: write: {e}"))?;
+                    let status = loop {
+                        if let Some(answer) = take_answer(&mut buf) {
+                            break answer.status;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        let read =
+                            tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk));
+                        match read.await {
+                            Ok(Ok(0)) => return Err(format!("{path}: connection closed")),
+                            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                            Ok(Err(e)) => return Err(format!("{path}: read: {e}")),
+                            Err(_) => return Err(format!("{path}: no answer in 5 s")),
+                        }
+                    };
+                    if status != 200 {
+                        return Err(format!("{path}: status {status}"));
+                    }
+                    slowest = slowest.max(sent.elapsed());
+                }
+            })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for task in tasks {
+        slowest = slowest.max(task.await.map_err(|e| e.to_string())??);
+    }
+    // Each task took one index past the end when it stopped.
+    let answered = next.load(Ordering::Relaxed) - connections;
+    Ok((answered, slowest))
+}
+
+/// Issue 21: with stderr a pipe nobody reads (a stuck log shipper), every
+/// request is still answered at once, the lines that do not fit are
+/// dropped and counted, and SIGTERM still ends the process in time. With a
+/// blocking log writer this test fails (the answers stop once the pipe's
+/// 64 KiB are full), and so it does when the exit waits on the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_sink_nobody_reads_never_stalls_serving_or_shutdown() {
+    const KEYS: usize = 1000;
+    const REQUESTS: usize = 20_000;
+    // Generous for a loaded 2-core machine; a stalled writer stalls
+    // answers for good, so the bound only has to be finite.
+    const SLOWEST: Duration = Duration::from_secs(2);
+    const SHUTDOWN: Duration = Duration::from_secs(2);
+    let origin = Origin::start().await;
+    // An access line per request (about 200 bytes each) fills the pipe and
+    // then the log queue within the first 10,000 requests. Refresh lines are
+    // debug, and off here as in production.
+    let mut child = Child::start_with(
+        &origin.url(),
+        &[
+            "--ttl",
+            "1s",
+            "--stale-while-revalidate",
+            "60s",
+            "--cache-control",
+            "override",
+            "--access-log",
+            "--threads",
+            "2",
+            "--shutdown-timeout",
+            "2s",
+        ],
+        "info",
+        Stderr::NeverRead,
+    );
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let (warmed, _) = load(&child.addr, KEYS, KEYS, Duration::ZERO, 8)
+        .await
+        .expect("every key warmed");
+    assert_eq!(warmed, KEYS);
+    assert_eq!(origin.total_hits(), KEYS as u64);
+    // Past the 1 s ttl several times over: refreshes run all along.
+    let (answered, slowest) = load(&child.addr, KEYS, REQUESTS, Duration::from_secs(3), 8)
+        .await
+        .expect("every request answered");
+    assert!(answered >= REQUESTS, "{answered}");
+    assert!(slowest < SLOWEST, "the slowest answer took {slowest:?}");
+    let metrics = scrape_metrics(&client, &format!("http://{}/metrics", child.admin)).await;
+    let metric = |name: &str| metrics.get(name).copied().unwrap_or(0.0);
+    let refreshed = metric("swr_refresh_events_total{event=\"succeeded\"}");
+    assert!(refreshed >= KEYS as f64, "refreshed {refreshed}");
+    let dropped = metric("swr_log_lines_dropped_total");
+    assert!(dropped > 0.0, "no log line dropped: was the pipe read?");
+    child.signal(15);
+    let signalled = Instant::now();
+    let code = tokio::task::spawn_blocking(move || child.wait_exit(SHUTDOWN + WAIT))
+        .await
+        .expect("join");
+    let took = signalled.elapsed();
+    eprintln!(
+        "{answered} answers, slowest {slowest:?}; {refreshed} refreshes; \
+         {dropped} log lines dropped; exit {took:?} after SIGTERM"
+    );
+    assert_eq!(code, Some(0), "exit after SIGTERM ({took:?})");
+    assert!(
+        took < SHUTDOWN + Duration::from_secs(5),
+        "SIGTERM took {took:?} to end the process"
+    );
 }

@@ -10,61 +10,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::{eventually, Origin, Route, TestProxy};
+use support::{eventually, take_answer, Origin, Route, TestProxy, Wire};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// One answer as read off the wire.
-#[derive(Debug)]
-struct Wire {
-    status: u16,
-    /// Lowercase names, in the order sent.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Wire {
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or("", |(_, v)| v.as_str())
-    }
-}
-
-/// Takes the first whole answer (framed by its Content-Length) off `buf`.
-fn take_answer(buf: &mut Vec<u8>) -> Option<Wire> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut response = httparse::Response::new(&mut headers);
-    let Ok(httparse::Status::Complete(len)) = response.parse(buf) else {
-        return None;
-    };
-    let headers: Vec<(String, String)> = response
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_ascii_lowercase(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
-    let length: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    if buf.len() < len + length {
-        return None;
-    }
-    let answer = Wire {
-        status: response.code.unwrap_or(0),
-        headers,
-        body: buf[len..len + length].to_vec(),
-    };
-    buf.drain(..len + length);
-    Some(answer)
-}
 
 /// Reads `count` answers from `stream`, failing the test if they do not
 /// come within [`WAIT`] or more come.

@@ -454,22 +454,7 @@ impl TestProxy {
 
     /// Scrapes `/metrics` into `name{labels}` -> value.
     pub async fn metrics(&self) -> HashMap<String, f64> {
-        let text = self
-            .client
-            .get(self.admin_url("/metrics"))
-            .send()
-            .await
-            .expect("admin answers")
-            .text()
-            .await
-            .expect("metrics text");
-        text.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                Some((name.to_string(), value.parse().ok()?))
-            })
-            .collect()
+        scrape_metrics(&self.client, &self.admin_url("/metrics")).await
     }
 
     pub async fn get(&self, path_and_query: &str) -> Answer {
@@ -494,6 +479,25 @@ impl Drop for TestProxy {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
+}
+
+/// Scrapes the Prometheus text at `url` into `name{labels}` -> value.
+pub async fn scrape_metrics(client: &reqwest::Client, url: &str) -> HashMap<String, f64> {
+    let text = client
+        .get(url)
+        .send()
+        .await
+        .expect("admin answers")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 /// A response as the client saw it.
@@ -537,6 +541,58 @@ impl Answer {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+}
+
+/// One answer as read off the wire.
+#[derive(Debug)]
+pub struct Wire {
+    pub status: u16,
+    /// Lowercase names, in the order sent.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Wire {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// Takes the first whole answer (framed by its Content-Length) off `buf`.
+pub fn take_answer(buf: &mut Vec<u8>) -> Option<Wire> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let Ok(httparse::Status::Complete(len)) = response.parse(buf) else {
+        return None;
+    };
+    let headers: Vec<(String, String)> = response
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    if buf.len() < len + length {
+        return None;
+    }
+    let answer = Wire {
+        status: response.code.unwrap_or(0),
+        headers,
+        body: buf[len..len + length].to_vec(),
+    };
+    buf.drain(..len + length);
+    Some(answer)
 }
 
 /// Waits until `check` holds, polling, or panics with `what` after `limit`.
