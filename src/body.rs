@@ -13,7 +13,7 @@ use http_body_util::Full;
 /// `Full` case) costs no allocation.
 pub enum ProxyBody {
     Full(Full<Bytes>),
-    Stream(BoxBody<Bytes, reqwest::Error>),
+    Stream(BoxBody<Bytes, crate::upstream::BoxError>),
 }
 
 impl ProxyBody {
@@ -28,7 +28,7 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = reqwest::Error;
+    type Error = crate::upstream::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,

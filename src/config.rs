@@ -95,6 +95,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_MAX_OBJECT_SIZE", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub max_object_size: Option<u64>,
 
+    /// Most body bytes read to store at once, across every fill and refresh;
+    /// a body that would pass it is streamed through, not stored
+    /// [default: 64MiB].
+    #[arg(long, env = "SWR_MAX_BUFFERED", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+    pub max_buffered: Option<u64>,
+
     /// Background refreshes running at once [default: 8].
     #[arg(long, env = "SWR_REFRESH_CONCURRENCY", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     pub refresh_concurrency: Option<usize>,
@@ -176,6 +182,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_CLIENT_HEADER_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub client_header_timeout: Option<Duration>,
 
+    /// How long an answer's write to a client may make no progress (a client
+    /// that stopped reading) before the connection is dropped (nginx's
+    /// send_timeout) [default: 60s].
+    #[arg(long, env = "SWR_CLIENT_WRITE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub client_write_timeout: Option<Duration>,
+
     /// Threads that serve requests (nginx's worker_processes) [default: one
     /// per core]. Leave a load generator on the same machine its own cores.
     #[arg(long, env = "SWR_THREADS", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
@@ -216,6 +228,7 @@ pub struct FileConfig {
     pub stale_if_error: Option<String>,
     pub max_size: Option<String>,
     pub max_object_size: Option<String>,
+    pub max_buffered: Option<String>,
     pub refresh_concurrency: Option<usize>,
     pub refresh_queue: Option<usize>,
     pub upstream_timeout: Option<String>,
@@ -231,6 +244,7 @@ pub struct FileConfig {
     pub log_summary_interval: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub client_header_timeout: Option<String>,
+    pub client_write_timeout: Option<String>,
     pub threads: Option<usize>,
     pub fast_hits: Option<bool>,
     pub trust_forwarded: Option<Vec<String>>,
@@ -375,11 +389,15 @@ pub struct Config {
     pub stale_if_error: Duration,
     pub max_size_bytes: u64,
     pub max_object_size_bytes: u64,
+    /// `--max-buffered`: body bytes read to store at once.
+    pub max_buffered_bytes: u64,
     pub refresh_concurrency: usize,
     pub refresh_queue: usize,
     pub upstream_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub client_header_timeout: Duration,
+    /// `--client-write-timeout`: a blocked write to a client, at most.
+    pub client_write_timeout: Duration,
     /// Worker threads of the runtime; read once at start (a reload keeps them).
     pub threads: usize,
     pub cache_control: CacheControlMode,
@@ -613,6 +631,12 @@ impl Config {
                 "max_object_size",
                 8 << 20,
             )?,
+            max_buffered_bytes: size(
+                args.max_buffered,
+                &file.max_buffered,
+                "max_buffered",
+                64 << 20,
+            )?,
             refresh_concurrency: args
                 .refresh_concurrency
                 .or(count(file.refresh_concurrency, "refresh_concurrency")?)
@@ -637,6 +661,12 @@ impl Config {
                 args.client_header_timeout,
                 &file.client_header_timeout,
                 "client_header_timeout",
+                Duration::from_secs(60),
+            )?,
+            client_write_timeout: duration(
+                args.client_write_timeout,
+                &file.client_write_timeout,
+                "client_write_timeout",
                 Duration::from_secs(60),
             )?,
             threads: args
@@ -706,6 +736,12 @@ impl Config {
                 self.max_object_size_bytes, self.max_size_bytes
             )));
         }
+        if self.max_buffered_bytes < self.max_object_size_bytes {
+            return Err(ConfigError(format!(
+                "--max-buffered ({} bytes) must be at least --max-object-size ({} bytes)",
+                self.max_buffered_bytes, self.max_object_size_bytes
+            )));
+        }
         if self.max_object_size_bytes > u64::from(u32::MAX) {
             return Err(ConfigError("--max-object-size must be below 4GiB".into()));
         }
@@ -736,6 +772,11 @@ impl Config {
             return Err(ConfigError(
                 "--max-request-headers must be at least --max-request-line and at most 4MiB, e.g. 32KiB"
                     .into(),
+            ));
+        }
+        if self.client_write_timeout.is_zero() {
+            return Err(ConfigError(
+                "--client-write-timeout must be above zero, e.g. 60s".into(),
             ));
         }
         if self.client_header_timeout.is_zero() {
@@ -769,6 +810,10 @@ impl Config {
                 self.max_object_size_bytes != other.max_object_size_bytes,
             ),
             (
+                "max_buffered",
+                self.max_buffered_bytes != other.max_buffered_bytes,
+            ),
+            (
                 "refresh_concurrency",
                 self.refresh_concurrency != other.refresh_concurrency,
             ),
@@ -788,6 +833,10 @@ impl Config {
             (
                 "client_header_timeout",
                 self.client_header_timeout != other.client_header_timeout,
+            ),
+            (
+                "client_write_timeout",
+                self.client_write_timeout != other.client_write_timeout,
             ),
             ("log_format", self.log_format != other.log_format),
             ("access_log", self.access_log != other.access_log),

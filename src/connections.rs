@@ -26,13 +26,20 @@
 //! One still open at the next sweep (a client still sending its request's
 //! head, which hyper's graceful close waits for) is dropped.
 //!
+//! The same sweep enforces the client write deadline: a connection whose
+//! answer has not been able to write a byte for `--client-write-timeout`
+//! (a client that stopped reading; nginx's `send_timeout`) is dropped, so a
+//! slow reader cannot keep an evicted entry's body alive for long. The
+//! socket wrapper ([`WriteWatched`]) touches shared state only when a write
+//! blocks or unblocks, never on a write that goes through.
+//!
 //! [`close_idle`]: Connections::close_idle
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{
-    AtomicU64, AtomicU8, AtomicUsize,
+    AtomicBool, AtomicU64, AtomicU8, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release},
 };
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -67,6 +74,10 @@ struct Watched {
     ended: Option<u64>,
     /// Sweeps in a row that found the connection idle.
     quiet: u32,
+    /// The stall (see [`Control::stalls`]) last seen blocked, and for how
+    /// many sweeps in a row.
+    stall: u64,
+    stalled_sweeps: u32,
 }
 
 /// What a connection shares with the sweep: its requests in progress, and
@@ -81,6 +92,10 @@ pub struct Control {
     signal: AtomicU8,
     /// The connection's task, woken when a signal is sent.
     waker: AtomicWaker,
+    /// A write to the client is waiting for the socket to drain.
+    write_blocked: AtomicBool,
+    /// Writes that have blocked so far: a new stall has a new number.
+    stalls: AtomicU64,
 }
 
 impl Connections {
@@ -104,6 +119,8 @@ impl Connections {
                 control: Arc::clone(&control),
                 ended: None,
                 quiet: 0,
+                stall: 0,
+                stalled_sweeps: 0,
             },
         );
         Registration {
@@ -134,11 +151,31 @@ impl Connections {
         }
     }
 
-    /// One sweep: tells each connection found idle for the last [`SWEEPS`]
-    /// sweeps to close.
-    fn sweep(&self) {
+    /// One sweep, every `period` of [`Connections::close_idle`]: drops each
+    /// connection whose write has been blocked for more than `write_sweeps`
+    /// sweeps; with `check_idle`, tells each connection found idle for the
+    /// last [`SWEEPS`] idle checks to close.
+    fn sweep(&self, check_idle: bool, write_sweeps: u32) {
         for watched in self.lock().values_mut() {
             let control = &watched.control;
+            if control.write_blocked.load(Acquire) {
+                let stall = control.stalls.load(Relaxed);
+                if stall == watched.stall {
+                    watched.stalled_sweeps += 1;
+                } else {
+                    watched.stall = stall;
+                    watched.stalled_sweeps = 1;
+                }
+                if watched.stalled_sweeps > write_sweeps {
+                    control.send(ABORT);
+                    continue;
+                }
+            } else {
+                watched.stalled_sweeps = 0;
+            }
+            if !check_idle {
+                continue;
+            }
             // `ended` before `busy`: an answer that ends in between shows in
             // `ended` next time; a request that begins in between is seen by
             // the connection itself before it closes (see `Supervised`).
@@ -158,16 +195,27 @@ impl Connections {
         }
     }
 
-    /// Sweeps every `timeout / SWEEPS`, forever: a connection idle for
-    /// `timeout` is closed. Run it as a task and abort it when serving ends.
-    pub async fn close_idle(&self, timeout: Duration) {
-        let period = (timeout / SWEEPS).max(Duration::from_millis(1));
+    /// Sweeps every `period`, forever: the smaller of `timeout / SWEEPS`
+    /// and `write_timeout / SWEEPS`. A connection idle for `timeout` is
+    /// closed (checked every `timeout / SWEEPS`), one whose write has been
+    /// blocked for `write_timeout` dropped. Run it as a task and abort it
+    /// when serving ends.
+    pub async fn close_idle(&self, timeout: Duration, write_timeout: Duration) {
+        let idle_period = (timeout / SWEEPS).max(Duration::from_millis(1));
+        let period = (write_timeout / SWEEPS)
+            .max(Duration::from_millis(1))
+            .min(idle_period);
+        let idle_every = (idle_period.as_nanos() / period.as_nanos()).max(1);
+        let write_sweeps = (write_timeout.as_nanos() / period.as_nanos()).max(1);
+        let write_sweeps = u32::try_from(write_sweeps).unwrap_or(u32::MAX);
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await; // the first tick is at once
+        let mut tick: u128 = 0;
         loop {
             ticks.tick().await;
-            self.sweep();
+            tick += 1;
+            self.sweep(tick % idle_every == 0, write_sweeps);
         }
     }
 }
@@ -184,6 +232,88 @@ impl Control {
     pub fn begin(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Relaxed);
         Busy(Arc::clone(self))
+    }
+}
+
+/// A client socket whose blocked writes the sweep can see: a write that
+/// returns `Pending` marks the connection's [`Control`] blocked (a new
+/// stall), the next write that goes through clears it. Writes that go
+/// through at once touch nothing shared.
+pub struct WriteWatched<S> {
+    inner: S,
+    control: Arc<Control>,
+    blocked: bool,
+}
+
+impl<S> WriteWatched<S> {
+    pub fn new(inner: S, control: Arc<Control>) -> WriteWatched<S> {
+        WriteWatched {
+            inner,
+            control,
+            blocked: false,
+        }
+    }
+
+    fn note<T>(&mut self, polled: Poll<T>) -> Poll<T> {
+        match (&polled, self.blocked) {
+            (Poll::Pending, false) => {
+                self.blocked = true;
+                self.control.stalls.fetch_add(1, Relaxed);
+                self.control.write_blocked.store(true, Release);
+            }
+            (Poll::Ready(_), true) => {
+                self.blocked = false;
+                self.control.write_blocked.store(false, Release);
+            }
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteWatched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteWatched<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.note(polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.note(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.note(polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -387,7 +517,7 @@ mod tests {
         let connections = Connections::new();
         let sweeper = tokio::spawn({
             let connections = Arc::clone(&connections);
-            async move { connections.close_idle(timeout).await }
+            async move { connections.close_idle(timeout, timeout).await }
         });
 
         // Idle from the start: told to close a timeout after opening, not before.

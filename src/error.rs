@@ -81,6 +81,8 @@ impl UpstreamError {
     }
 }
 
+impl std::error::Error for UpstreamError {}
+
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.summary(), self.detail)

@@ -35,10 +35,10 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::SystemTime;
 
+use crate::server::ClientStream;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::cache::key::{valid_host, valid_target};
 use crate::config::HeadLimits;
@@ -74,7 +74,7 @@ where
     /// Serves hits on `stream` for `proxy`, each counted on `control` as a
     /// request in progress until its answer is written.
     pub fn new(
-        stream: TcpStream,
+        stream: ClientStream,
         peer: SocketAddr,
         proxy: Arc<Proxy>,
         control: Arc<Control>,
@@ -100,7 +100,7 @@ where
     }
 
     /// Hands `stream` to hyper at once.
-    pub fn hyper_only(stream: TcpStream, handoff: F) -> FastConnection<F, C> {
+    pub fn hyper_only(stream: ClientStream, handoff: F) -> FastConnection<F, C> {
         FastConnection {
             state: State::Hyper(Box::pin(handoff(Prefixed {
                 prefix: Bytes::new(),
@@ -188,7 +188,7 @@ enum Parsed {
 
 /// The connection while served here.
 struct Direct {
-    stream: TcpStream,
+    stream: ClientStream,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
     control: Arc<Control>,
@@ -510,7 +510,7 @@ impl CachedDate {
 /// the socket; writes go straight to the socket, vectored.
 pub struct Prefixed {
     prefix: Bytes,
-    stream: TcpStream,
+    stream: ClientStream,
 }
 
 impl AsyncRead for Prefixed {

@@ -280,6 +280,9 @@ pub struct TopKeys {
 const TOP_KEYS_SAMPLE: u64 = 16;
 /// Keys tracked at most; past this the less requested half is dropped.
 const TOP_KEYS_TRACKED: usize = 4096;
+/// Bytes of a key's text kept (a variant's key can hold 32 KiB of request
+/// headers): the table stays under about 1.5 MiB whatever clients send.
+const TOP_KEY_BYTES: usize = 256;
 
 impl TopKeys {
     pub fn record(&self, key: &str) {
@@ -294,6 +297,11 @@ impl TopKeys {
         if !sampled {
             return;
         }
+        let mut end = key.len().min(TOP_KEY_BYTES);
+        while !key.is_char_boundary(end) {
+            end -= 1;
+        }
+        let key = &key[..end];
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         match counts.get_mut(key) {
             Some(count) => *count += TOP_KEYS_SAMPLE,
@@ -331,6 +339,12 @@ pub struct Gauges {
     pub upstream_in_flight: u64,
     /// Log lines dropped because the log sink fell behind (see [`crate::logs`]).
     pub log_lines_dropped: u64,
+    /// Bytes the Vary index is charged (within `bytes`).
+    pub vary_index_bytes: u64,
+    /// Bytes held by refresh jobs queued or running.
+    pub refresh_queue_bytes: u64,
+    /// Body bytes being read to store (`--max-buffered` at most).
+    pub upstream_buffered_bytes: u64,
 }
 
 /// Every metric name the proxy exports (histograms by their base name).
@@ -358,6 +372,9 @@ pub const METRIC_NAMES: &[&str] = &[
     "swr_cache_entries",
     "swr_cache_bytes",
     "swr_cache_max_bytes",
+    "swr_vary_index_bytes",
+    "swr_refresh_queue_bytes",
+    "swr_upstream_buffered_bytes",
     "swr_cache_evictions_total",
     "swr_upstream_in_flight",
     "swr_upstream_latency_seconds",
@@ -479,7 +496,7 @@ impl Stats {
             ]
             .map(|(event, counter)| (event, counter.load(Relaxed))),
         );
-        let simple: [(&str, &str, &str, u64); 19] = [
+        let simple: [(&str, &str, &str, u64); 22] = [
             (
                 "swr_refresh_in_flight",
                 "gauge",
@@ -587,6 +604,24 @@ impl Stats {
                 "gauge",
                 "Most background refreshes ever running at once.",
                 self.refresh_in_flight_max.load(Relaxed),
+            ),
+            (
+                "swr_vary_index_bytes",
+                "gauge",
+                "Bytes the Vary index is charged, within swr_cache_bytes (at most 1/16 of --max-size).",
+                gauges.vary_index_bytes,
+            ),
+            (
+                "swr_refresh_queue_bytes",
+                "gauge",
+                "Bytes held by refresh jobs queued or running (at most 32 MiB).",
+                gauges.refresh_queue_bytes,
+            ),
+            (
+                "swr_upstream_buffered_bytes",
+                "gauge",
+                "Body bytes being read from the backend to store (at most --max-buffered).",
+                gauges.upstream_buffered_bytes,
             ),
             (
                 "swr_log_lines_dropped_total",

@@ -186,6 +186,10 @@ struct Peer {
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// ...up to this.
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// Most bytes the refresh jobs queued or running may hold (their requests'
+/// headers): a fixed overhead, documented in README's "Failure behaviour".
+pub const REFRESH_QUEUE_BYTES: u64 = 32 << 20;
+
 /// How long a key whose answer could not be stored skips coalescing.
 const HIT_FOR_MISS: Duration = Duration::from_secs(60);
 
@@ -263,6 +267,23 @@ pub struct RefreshRequest {
     target: FetchTarget,
     /// The stale entry, for its validators.
     stale: Entry,
+}
+
+impl crate::refresh::Weigh for RefreshRequest {
+    /// The job's own bytes: its headers and URL (the entry is shared with
+    /// the store, and counted there).
+    fn weight(&self) -> u64 {
+        let headers = |map: &HeaderMap| -> usize {
+            map.iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 32)
+                .sum()
+        };
+        let target = &self.target;
+        (256 + headers(&target.client_headers)
+            + headers(&target.upstream_headers)
+            + target.url_text.len()
+            + target.path_and_query.len()) as u64
+    }
 }
 
 /// What a fetch for the cache is for: the URL, the request's headers, and
@@ -391,10 +412,14 @@ impl Proxy {
             &config.upstream,
             config.upstream_timeout,
             config.upstream_concurrency,
+            config.max_buffered_bytes,
         )?;
         // A claim that outlives two upstream timeouts belongs to a stuck fetch.
-        let (refresh, workers) =
-            RefreshQueue::new(config.refresh_queue, config.upstream_timeout * 2);
+        let (refresh, workers) = RefreshQueue::new(
+            config.refresh_queue,
+            REFRESH_QUEUE_BYTES,
+            config.upstream_timeout * 2,
+        );
         let route_stats = Mutex::new(Vec::new());
         let proxy = Arc::new(Proxy {
             policy: ArcSwap::from_pointee(Policy::from_config(&config, &route_stats)),
@@ -521,6 +546,9 @@ impl Proxy {
             refresh_queue_depth: self.refresh.depth() as u64,
             upstream_in_flight: self.upstream.in_flight(),
             log_lines_dropped: logs::lines_dropped(),
+            vary_index_bytes: self.store.vary_bytes(),
+            refresh_queue_bytes: self.refresh.bytes(),
+            upstream_buffered_bytes: self.upstream.buffered(),
         });
         crate::metrics::render_routes(&mut text, &lock(&self.route_stats));
         text
@@ -962,13 +990,11 @@ impl Proxy {
         let delay = BACKOFF_BASE
             .saturating_mul(1u32 << (failures - 1).min(16))
             .min(BACKOFF_CAP);
-        backoff.insert(
-            hash,
-            Backoff {
-                failures,
-                until: now + delay,
-            },
-        );
+        let mark = Backoff {
+            failures,
+            until: now + delay,
+        };
+        insert_bounded(&mut backoff, hash, mark, |b| now >= b.until + BACKOFF_CAP);
     }
 
     /// A background refresh: re-fetches (or revalidates) and replaces the
@@ -1042,7 +1068,13 @@ impl Proxy {
         priority: Priority,
     ) -> Fetched {
         // Held until the body is read (or handed on to stream).
-        let _permit = self.upstream.permit(priority).await;
+        let _permit = match self.upstream.permit(priority).await {
+            Ok(permit) => permit,
+            Err(err) => {
+                self.stats.record_upstream_error(err.kind);
+                return Fetched::Failed(err);
+            }
+        };
         let mut headers = target.upstream_headers.clone();
         let mut conditional = false;
         if let Some(stale) = stale {
@@ -1177,7 +1209,7 @@ impl Proxy {
                 reason: BypassReason::TooLarge,
                 status,
                 headers,
-                body: upstream::stream_body(prefix, rest),
+                body: self.upstream.stream_body(prefix, rest),
             }),
             Err(err) => {
                 self.stats.record_upstream_error(err.kind);
@@ -1192,7 +1224,7 @@ impl Proxy {
             reason,
             status: response.status(),
             headers: self.client_headers(response.headers()),
-            body: upstream::stream_body(Vec::new(), response),
+            body: self.upstream.stream_body(Vec::new(), response),
         }
     }
 
@@ -1274,7 +1306,8 @@ impl Proxy {
                                 let mut marks = lock(&proxy.uncacheable);
                                 let kept = marks.get(&fill_hash).filter(|m| !m.credentials_only);
                                 if kept.is_none() || !credentials_only {
-                                    marks.insert(fill_hash, mark);
+                                    let now = Instant::now();
+                                    insert_bounded(&mut marks, fill_hash, mark, |m| now >= m.until);
                                 }
                                 (
                                     FillOutcome::NotShared(passed.reason),
@@ -1421,14 +1454,19 @@ impl Proxy {
             BypassReason::Request => "request",
             _ => "bypass",
         };
-        let permit = self.upstream.permit(Priority::Client).await;
         let started = Instant::now();
-        let sent = self
-            .upstream
-            .send(parts.method.clone(), path_and_query, headers, body)
-            .await;
-        // Held to the response head: a streamed body does not keep its slot.
-        drop(permit);
+        let sent = match self.upstream.permit(Priority::Client).await {
+            Ok(permit) => {
+                let sent = self
+                    .upstream
+                    .send(parts.method.clone(), path_and_query, headers, body)
+                    .await;
+                // Held to the response head: a streamed body does not keep its slot.
+                drop(permit);
+                sent
+            }
+            Err(err) => Err(err),
+        };
         match sent {
             Ok(response) => {
                 self.stats.upstream_latency.observe(started.elapsed());
@@ -1728,6 +1766,30 @@ fn has_body(status: StatusCode) -> bool {
         || status == StatusCode::NOT_MODIFIED)
 }
 
+/// Keys a side table of marks (backoff, hit-for-miss) holds at most: with
+/// 16-32 bytes a mark, about 2 MiB each, whatever the request rate.
+const MAX_MARKS: usize = 65_536;
+
+/// Inserts `key` into a table of marks of at most [`MAX_MARKS`]; a full
+/// table first forgets the marks `expired` says are past, and if it is
+/// still full the new mark is not kept (its key goes without: a refresh not
+/// backed off, a fetch coalesced).
+fn insert_bounded<V>(
+    marks: &mut HashMap<u64, V>,
+    key: u64,
+    mark: V,
+    expired: impl Fn(&V) -> bool,
+) -> bool {
+    if marks.len() >= MAX_MARKS && !marks.contains_key(&key) {
+        marks.retain(|_, v| !expired(v));
+        if marks.len() >= MAX_MARKS {
+            return false;
+        }
+    }
+    marks.insert(key, mark);
+    true
+}
+
 /// A fetch's result as a client's answer sees it: a backend 5xx is a
 /// failure (stale-if-error) when the stale entry may stand in for it, and
 /// a response to pass on otherwise. One mapping for the coalesced fill and
@@ -1960,4 +2022,24 @@ fn static_value(text: String) -> HeaderValue {
 fn formatted(args: std::fmt::Arguments<'_>) -> HeaderValue {
     HeaderValue::try_from(args.to_string())
         .unwrap_or_else(|_| HeaderValue::from_static("swr-proxy"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_of_marks_stay_bounded() {
+        let mut marks: HashMap<u64, u64> = HashMap::new();
+        for key in 0..(MAX_MARKS as u64 + 1000) {
+            insert_bounded(&mut marks, key, key, |_| false);
+        }
+        assert_eq!(marks.len(), MAX_MARKS, "full: new marks are not kept");
+        // Expired marks make room.
+        assert!(insert_bounded(&mut marks, u64::MAX, 0, |v| *v < 10));
+        assert_eq!(marks.len(), MAX_MARKS - 10 + 1);
+        // A key already held is updated, full or not.
+        assert!(insert_bounded(&mut marks, 500, 7, |_| false));
+        assert_eq!(marks[&500], 7);
+    }
 }

@@ -3,7 +3,10 @@
 //!
 //! The request path only ever calls [`RefreshQueue::try_enqueue`], which never
 //! waits: a full queue drops the refresh (the caller counts it) and the stale
-//! answer goes out anyway.
+//! answer goes out anyway. The queue is bounded twice: by jobs
+//! (`--refresh-queue`) and by the bytes its jobs hold, queued or running
+//! (a job carries the triggering request's headers, up to
+//! `--max-request-headers` twice over).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,8 +29,13 @@ pub enum Enqueue {
     Dropped,
 }
 
+/// What a job's payload holds in memory, for the queue's byte bound.
+pub trait Weigh {
+    fn weight(&self) -> u64;
+}
+
 /// A queued refresh: the key's hash, the caller's payload, and the claim that
-/// frees the key when the job is done or dropped.
+/// frees the key (and the job's bytes) when the job is done or dropped.
 pub struct Job<T> {
     pub hash: u64,
     pub payload: T,
@@ -39,6 +47,8 @@ pub struct RefreshQueue<T> {
     /// Bounded, so an origin outage cannot pile up refreshes without limit.
     tx: mpsc::Sender<Job<T>>,
     claims: Arc<Claims>,
+    /// Most bytes the jobs queued or running may hold.
+    max_bytes: u64,
 }
 
 /// Keys with a refresh queued or running. A std `Mutex`: held for a map
@@ -48,6 +58,8 @@ struct Claims {
     next_id: AtomicU64,
     /// A claim older than this no longer blocks its key (a stuck fetch).
     max_age: Duration,
+    /// Bytes held by the jobs of live claims.
+    bytes: AtomicU64,
 }
 
 struct Held {
@@ -62,10 +74,13 @@ struct Claim {
     hash: u64,
     id: u64,
     claims: Arc<Claims>,
+    /// The job's bytes, refunded on drop.
+    weight: u64,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        self.claims.bytes.fetch_sub(self.weight, Ordering::Relaxed);
         let mut held = self.claims.held.lock().unwrap_or_else(|e| e.into_inner());
         if held.get(&self.hash).is_some_and(|h| h.id == self.id) {
             held.remove(&self.hash);
@@ -87,14 +102,15 @@ impl Claims {
             hash,
             id,
             claims: Arc::clone(self),
+            weight: 0,
         })
     }
 }
 
-impl<T: Send + 'static> RefreshQueue<T> {
-    /// A queue of `capacity` jobs; a claim older than `max_claim_age` stops
-    /// blocking its key.
-    pub fn new(capacity: usize, max_claim_age: Duration) -> (Self, Workers<T>) {
+impl<T: Weigh + Send + 'static> RefreshQueue<T> {
+    /// A queue of `capacity` jobs holding at most `max_bytes`; a claim
+    /// older than `max_claim_age` stops blocking its key.
+    pub fn new(capacity: usize, max_bytes: u64, max_claim_age: Duration) -> (Self, Workers<T>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let queue = RefreshQueue {
             tx,
@@ -102,20 +118,35 @@ impl<T: Send + 'static> RefreshQueue<T> {
                 held: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 max_age: max_claim_age,
+                bytes: AtomicU64::new(0),
             }),
+            max_bytes,
         };
         (queue, Workers { rx })
+    }
+
+    /// Bytes held by the jobs queued or running.
+    pub fn bytes(&self) -> u64 {
+        self.claims.bytes.load(Ordering::Relaxed)
     }
 
     /// Queues a refresh of `hash` unless one is queued or running, without
     /// waiting. `payload` is only built when the job is queued.
     pub fn try_enqueue(&self, hash: u64, payload: impl FnOnce() -> T) -> Enqueue {
-        let Some(claim) = self.claims.try_claim(hash, Instant::now()) else {
+        let Some(mut claim) = self.claims.try_claim(hash, Instant::now()) else {
             return Enqueue::AlreadyClaimed;
         };
+        let payload = payload();
+        let weight = payload.weight();
+        let held = self.claims.bytes.fetch_add(weight, Ordering::Relaxed);
+        claim.weight = weight;
+        if held + weight > self.max_bytes {
+            // Dropping the claim refunds the bytes and frees the key.
+            return Enqueue::Dropped;
+        }
         let job = Job {
             hash,
-            payload: payload(),
+            payload,
             _claim: claim,
         };
         match self.tx.try_send(job) {
@@ -141,7 +172,7 @@ pub struct Workers<T> {
     rx: mpsc::Receiver<Job<T>>,
 }
 
-impl<T: Send + 'static> Workers<T> {
+impl<T: Weigh + Send + 'static> Workers<T> {
     /// Starts `count` workers that run `handler` on each job until `cancel`
     /// fires. Each job runs in its own task, so a panic in one refresh ends
     /// that refresh only (its claim is freed) and the worker goes on.
@@ -184,9 +215,30 @@ impl<T: Send + 'static> Workers<T> {
 mod tests {
     use super::*;
 
+    impl Weigh for u32 {
+        fn weight(&self) -> u64 {
+            u64::from(*self)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_bytes_of_queued_jobs_are_bounded() {
+        let (queue, workers) = RefreshQueue::<u32>::new(100, 1000, Duration::from_secs(60));
+        assert_eq!(queue.try_enqueue(1, || 600), Enqueue::Queued);
+        assert_eq!(
+            queue.try_enqueue(2, || 600),
+            Enqueue::Dropped,
+            "past 1000 bytes"
+        );
+        assert_eq!(queue.bytes(), 600, "the dropped job's bytes are refunded");
+        assert_eq!(queue.try_enqueue(2, || 400), Enqueue::Queued);
+        drop(workers);
+        assert_eq!(queue.bytes(), 0);
+    }
+
     #[tokio::test]
     async fn one_claim_per_key_until_the_job_is_dropped() {
-        let (queue, workers) = RefreshQueue::<u32>::new(4, Duration::from_secs(60));
+        let (queue, workers) = RefreshQueue::<u32>::new(4, u64::MAX, Duration::from_secs(60));
         assert_eq!(queue.try_enqueue(1, || 10), Enqueue::Queued);
         assert_eq!(queue.try_enqueue(1, || 11), Enqueue::AlreadyClaimed);
         assert_eq!(queue.try_enqueue(2, || 20), Enqueue::Queued);
@@ -197,7 +249,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_drops_and_frees_the_key() {
-        let (queue, _workers) = RefreshQueue::<u32>::new(1, Duration::from_secs(60));
+        let (queue, _workers) = RefreshQueue::<u32>::new(1, u64::MAX, Duration::from_secs(60));
         assert_eq!(queue.try_enqueue(1, || 1), Enqueue::Queued);
         assert_eq!(queue.try_enqueue(2, || 2), Enqueue::Dropped);
         assert_eq!(queue.claimed(), 1, "the dropped job's claim is freed");
@@ -205,14 +257,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_old_claim_stops_blocking() {
-        let (queue, _workers) = RefreshQueue::<u32>::new(4, Duration::ZERO);
+        let (queue, _workers) = RefreshQueue::<u32>::new(4, u64::MAX, Duration::ZERO);
         assert_eq!(queue.try_enqueue(1, || 1), Enqueue::Queued);
         assert_eq!(queue.try_enqueue(1, || 2), Enqueue::Queued);
     }
 
     #[tokio::test]
     async fn workers_run_jobs_and_survive_a_panic() {
-        let (queue, workers) = RefreshQueue::<u32>::new(8, Duration::from_secs(60));
+        let (queue, workers) = RefreshQueue::<u32>::new(8, u64::MAX, Duration::from_secs(60));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();

@@ -10,6 +10,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+
+/// A client connection's socket, its blocked writes watched for
+/// `--client-write-timeout`.
+pub type ClientStream = WriteWatched<TcpStream>;
 use tokio_util::task::TaskTracker;
 
 use std::net::SocketAddr;
@@ -19,7 +23,7 @@ use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
 use crate::config::Config;
-use crate::connections::{Connections, Control, Ended, Graceful, Tracked};
+use crate::connections::{Connections, Control, Ended, Graceful, Tracked, WriteWatched};
 use crate::fast_hits::{FastConnection, Prefixed};
 use crate::proxy::Proxy;
 use crate::upstream::BoxError;
@@ -30,6 +34,8 @@ pub struct Timeouts {
     /// For a client to send a request's headers, from when its connection
     /// opens or falls idle after an answer (see [`crate::connections`]).
     pub client_header: Duration,
+    /// For an answer's write to make progress (`--client-write-timeout`).
+    pub client_write: Duration,
     /// After shutdown begins, for in-flight requests to finish.
     pub grace: Duration,
 }
@@ -38,6 +44,7 @@ impl Timeouts {
     pub fn from_config(config: &Config) -> Timeouts {
         Timeouts {
             client_header: config.client_header_timeout,
+            client_write: config.client_write_timeout,
             grace: config.shutdown_timeout,
         }
     }
@@ -147,7 +154,7 @@ async fn accept<M, C, E>(
     shutdown: impl Future<Output = ()>,
     timeouts: Timeouts,
 ) where
-    M: FnMut(TcpStream, SocketAddr, Arc<Control>) -> C,
+    M: FnMut(ClientStream, SocketAddr, Arc<Control>) -> C,
     C: Future<Output = Result<(), E>> + Graceful + Send + 'static,
     E: std::fmt::Display,
 {
@@ -155,8 +162,8 @@ async fn accept<M, C, E>(
     let tasks = TaskTracker::new();
     let sweeper = tokio::spawn({
         let connections = Arc::clone(&connections);
-        let timeout = timeouts.client_header;
-        async move { connections.close_idle(timeout).await }
+        let (timeout, write_timeout) = (timeouts.client_header, timeouts.client_write);
+        async move { connections.close_idle(timeout, write_timeout).await }
     });
     tokio::pin!(shutdown);
     loop {
@@ -177,6 +184,7 @@ async fn accept<M, C, E>(
         }
         let registration = connections.open();
         let control = Arc::clone(registration.control());
+        let stream = WriteWatched::new(stream, Arc::clone(&control));
         let connection = registration.supervise(connect(stream, peer, control));
         let timeout = timeouts.client_header;
         tasks.spawn(async move {

@@ -28,6 +28,11 @@ pub struct Upstream {
     timeout: Duration,
     limiter: Option<Limiter>,
     in_flight: Arc<AtomicU64>,
+    /// Body bytes being read to store, across every fill and refresh now
+    /// (`--max-buffered` at most: a body that would pass it is streamed
+    /// through, not stored).
+    buffered: Arc<AtomicU64>,
+    max_buffered: u64,
 }
 
 /// Who is asking for a slot to the backend.
@@ -71,6 +76,7 @@ impl Upstream {
         url: &reqwest::Url,
         timeout: Duration,
         concurrency: usize,
+        max_buffered: u64,
     ) -> Result<Upstream, String> {
         let client = reqwest::Client::builder()
             // A reverse proxy passes redirects on; it never follows them.
@@ -92,21 +98,44 @@ impl Upstream {
             timeout,
             limiter,
             in_flight: Arc::new(AtomicU64::new(0)),
+            buffered: Arc::new(AtomicU64::new(0)),
+            max_buffered,
         })
     }
 
-    /// Waits for a slot to the backend; `None` when there is no cap.
-    pub async fn permit(&self, priority: Priority) -> Option<Permit> {
-        let limiter = self.limiter.as_ref()?;
-        let background = match priority {
-            Priority::Client => None,
-            Priority::Background => Arc::clone(&limiter.background).acquire_owned().await.ok(),
+    /// Waits for a slot to the backend, for `--upstream-timeout` at most
+    /// (then a timeout, as if the backend had not answered); `None` when
+    /// there is no cap.
+    pub async fn permit(&self, priority: Priority) -> Result<Option<Permit>, UpstreamError> {
+        let Some(limiter) = self.limiter.as_ref() else {
+            return Ok(None);
         };
-        let all = Arc::clone(&limiter.all).acquire_owned().await.ok()?;
-        Some(Permit {
-            _all: all,
-            _background: background,
-        })
+        let wait = async {
+            let background = match priority {
+                Priority::Client => None,
+                Priority::Background => Arc::clone(&limiter.background).acquire_owned().await.ok(),
+            };
+            let all = Arc::clone(&limiter.all).acquire_owned().await.ok()?;
+            Some(Permit {
+                _all: all,
+                _background: background,
+            })
+        };
+        match tokio::time::timeout(self.timeout, wait).await {
+            Ok(permit) => Ok(permit),
+            Err(_) => Err(UpstreamError::new(
+                UpstreamErrorKind::Timeout,
+                format!(
+                    "no slot to the backend within {}ms (--upstream-concurrency)",
+                    self.timeout.as_millis()
+                ),
+            )),
+        }
+    }
+
+    /// Body bytes being read to store now.
+    pub fn buffered(&self) -> u64 {
+        self.buffered.load(Ordering::Relaxed)
     }
 
     /// Requests in flight to the backend now (until their response head).
@@ -159,7 +188,13 @@ impl Upstream {
                 rest: response,
             });
         }
+        // Released when the read ends, whatever its outcome.
+        let reserved = Reservation {
+            bytes: Arc::clone(&self.buffered),
+            held: 0,
+        };
         let read = async {
+            let mut reserved = reserved;
             let mut chunks: Vec<Bytes> = Vec::new();
             let mut total: u64 = 0;
             while let Some(chunk) = response
@@ -168,8 +203,9 @@ impl Upstream {
                 .map_err(|e| UpstreamError::from_reqwest(&e))?
             {
                 total += chunk.len() as u64;
+                let fits = reserved.take(chunk.len() as u64, self.max_buffered);
                 chunks.push(chunk);
-                if total > limit {
+                if total > limit || !fits {
                     return Ok(BodyRead::TooLarge {
                         prefix: chunks,
                         rest: response,
@@ -185,6 +221,32 @@ impl Upstream {
     }
 }
 
+/// Bytes reserved from [`Upstream::buffered`], given back on drop.
+struct Reservation {
+    bytes: Arc<AtomicU64>,
+    held: u64,
+}
+
+impl Reservation {
+    /// Reserves `more` bytes; `false` (and nothing reserved) when that would
+    /// pass `max`.
+    fn take(&mut self, more: u64, max: u64) -> bool {
+        let before = self.bytes.fetch_add(more, Ordering::Relaxed);
+        if before + more > max {
+            self.bytes.fetch_sub(more, Ordering::Relaxed);
+            return false;
+        }
+        self.held += more;
+        true
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.bytes.fetch_sub(self.held, Ordering::Relaxed);
+    }
+}
+
 fn timed_out(after: Duration) -> UpstreamError {
     UpstreamError::new(
         UpstreamErrorKind::Timeout,
@@ -192,11 +254,29 @@ fn timed_out(after: Duration) -> UpstreamError {
     )
 }
 
-/// A body that sends `prefix` and then streams the rest of `response`,
-/// without buffering it.
-pub fn stream_body(prefix: Vec<Bytes>, response: reqwest::Response) -> ProxyBody {
-    let all = stream::iter(prefix.into_iter().map(Ok)).chain(response.bytes_stream());
-    ProxyBody::Stream(BodyExt::boxed(StreamBody::new(all.map_ok(Frame::data))))
+impl Upstream {
+    /// A body that sends `prefix` and then streams the rest of `response`,
+    /// without buffering it. A backend that sends nothing for
+    /// `--upstream-timeout` ends the body with an error (the client's
+    /// connection is closed, never left with a truncated answer that looks
+    /// whole), so a stalled backend cannot hold a socket and a client forever.
+    pub fn stream_body(&self, prefix: Vec<Bytes>, response: reqwest::Response) -> ProxyBody {
+        let timeout = self.timeout;
+        let rest = stream::unfold(
+            Some(Box::pin(response.bytes_stream())),
+            move |state| async move {
+                let mut body = state?;
+                match tokio::time::timeout(timeout, body.next()).await {
+                    Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(body))),
+                    Ok(Some(Err(err))) => Some((Err(BoxError::from(err)), None)),
+                    Ok(None) => None,
+                    Err(_) => Some((Err(BoxError::from(timed_out(timeout))), None)),
+                }
+            },
+        );
+        let all = stream::iter(prefix.into_iter().map(Ok)).chain(rest);
+        ProxyBody::Stream(BodyExt::boxed(StreamBody::new(all.map_ok(Frame::data))))
+    }
 }
 
 /// Headers that concern one connection, never forwarded (RFC 9110 §7.6.1).
@@ -479,13 +559,51 @@ mod tests {
         assert!(!out.contains_key("transfer-encoding"));
     }
 
+    #[test]
+    fn buffered_bytes_never_pass_their_bound() {
+        let shared = Arc::new(AtomicU64::new(0));
+        let mut a = Reservation {
+            bytes: Arc::clone(&shared),
+            held: 0,
+        };
+        let mut b = Reservation {
+            bytes: Arc::clone(&shared),
+            held: 0,
+        };
+        assert!(a.take(600, 1000));
+        assert!(
+            !b.take(600, 1000),
+            "two fills cannot hold more than the bound"
+        );
+        assert!(b.take(400, 1000));
+        assert_eq!(shared.load(Ordering::Relaxed), 1000);
+        drop(a);
+        assert_eq!(
+            shared.load(Ordering::Relaxed),
+            400,
+            "released with the read"
+        );
+        drop(b);
+        assert_eq!(shared.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_waits_for_a_slot_no_longer_than_the_timeout() {
+        let url = reqwest::Url::parse("http://127.0.0.1:1").unwrap();
+        let up = Upstream::new(&url, Duration::from_millis(100), 1, u64::MAX).unwrap();
+        let held = up.permit(Priority::Client).await.unwrap();
+        let waited = up.permit(Priority::Client).await;
+        assert!(matches!(waited, Err(ref e) if e.kind == UpstreamErrorKind::Timeout));
+        drop(held);
+    }
+
     #[tokio::test]
     async fn refreshes_never_take_the_last_slot() {
         let url = reqwest::Url::parse("http://127.0.0.1:1").unwrap();
-        let up = Upstream::new(&url, Duration::from_secs(1), 3).unwrap();
+        let up = Upstream::new(&url, Duration::from_secs(1), 3, u64::MAX).unwrap();
         let mut refreshes = Vec::new();
         for _ in 0..2 {
-            refreshes.push(up.permit(Priority::Background).await.unwrap());
+            refreshes.push(up.permit(Priority::Background).await.unwrap().unwrap());
         }
         // A third refresh waits, though a slot is free...
         let third =
@@ -502,6 +620,7 @@ mod tests {
             &reqwest::Url::parse("http://127.0.0.1:1/api/").unwrap(),
             Duration::from_secs(1),
             0,
+            u64::MAX,
         )
         .unwrap();
         assert_eq!(up.url_for("/x?y=1"), "http://127.0.0.1:1/api/x?y=1");

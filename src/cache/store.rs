@@ -64,7 +64,30 @@ pub struct Store {
     fills: Arc<Mutex<HashMap<u64, FillSlot>>>,
     /// For URLs whose responses vary: the header names they vary on and the
     /// variants stored, by the hash of the URL's key. Read on a miss only.
-    vary: RwLock<HashMap<u64, VaryRecord, BuildPassThrough>>,
+    vary: RwLock<VaryIndex>,
+}
+
+/// The Vary index and the bytes its records are charged. Records count
+/// against the store's budget like entries, and together they may take at
+/// most [`VARY_SHARE`] of it: past that, records are dropped (their
+/// variants are then misses, fetched again), so `GET /?n=<counter>` against
+/// a backend that varies cannot grow memory past `--max-size`. The sweep
+/// drops records whose variants have all gone.
+#[derive(Default)]
+struct VaryIndex {
+    records: HashMap<u64, VaryRecord, BuildPassThrough>,
+    bytes: u64,
+}
+
+/// The part of the budget the Vary index may take: 1/16.
+const VARY_SHARE: u64 = 16;
+
+impl VaryRecord {
+    /// What a record is charged: the map slot, the names, the variant hashes.
+    fn weight(&self) -> u64 {
+        let names: usize = self.names.iter().map(|n| n.as_str().len() + 24).sum();
+        (96 + names + 8 * self.variants.capacity()) as u64
+    }
 }
 
 /// The variants of one URL.
@@ -126,7 +149,7 @@ impl Store {
             evict_cursor: AtomicUsize::new(0),
             evictions: AtomicU64::new(0),
             fills: Arc::new(Mutex::new(HashMap::new())),
-            vary: RwLock::new(HashMap::default()),
+            vary: RwLock::new(VaryIndex::default()),
         }
     }
 
@@ -163,14 +186,39 @@ impl Store {
     /// The header names the responses for the URL `url_hash` vary on, if they do.
     pub fn vary_names(&self, url_hash: u64) -> Option<Arc<[HeaderName]>> {
         let vary = self.vary.read().unwrap_or_else(|e| e.into_inner());
-        vary.get(&url_hash).map(|r| Arc::clone(&r.names))
+        vary.records.get(&url_hash).map(|r| Arc::clone(&r.names))
+    }
+
+    /// Bytes the Vary index is charged (part of [`Store::weighted_size`]).
+    pub fn vary_bytes(&self) -> u64 {
+        self.vary.read().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+
+    /// URLs the Vary index holds records for.
+    pub fn vary_records(&self) -> usize {
+        self.vary
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .records
+            .len()
+    }
+
+    /// Charges (or refunds) the store's budget for a change in the index.
+    fn charge_vary(&self, index: &mut VaryIndex, before: u64, after: u64) {
+        index.bytes = index.bytes.saturating_add(after).saturating_sub(before);
+        if after >= before {
+            self.bytes.fetch_add(after - before, Relaxed);
+        } else {
+            self.bytes.fetch_sub(before - after, Relaxed);
+        }
     }
 
     /// Records that the URL `url_hash` varies on `names`, with a variant
     /// stored under `variant_hash`.
     pub fn record_variant(&self, url_hash: u64, names: &[HeaderName], variant_hash: u64) {
         let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
-        let record = vary.entry(url_hash).or_insert_with(|| VaryRecord {
+        let before = vary.records.get(&url_hash).map_or(0, VaryRecord::weight);
+        let record = vary.records.entry(url_hash).or_insert_with(|| VaryRecord {
             names: names.into(),
             variants: VecDeque::new(),
         });
@@ -183,12 +231,28 @@ impl Store {
             }
             record.variants.push_back(variant_hash);
         }
+        let after = record.weight();
+        self.charge_vary(&mut vary, before, after);
+        // Back within its share: drop other records.
+        let budget = self.max_bytes / VARY_SHARE;
+        while vary.bytes > budget {
+            let Some(other) = vary.records.keys().copied().find(|h| *h != url_hash) else {
+                break;
+            };
+            if let Some(record) = vary.records.remove(&other) {
+                let weight = record.weight();
+                self.charge_vary(&mut vary, weight, 0);
+            }
+        }
     }
 
     /// Forgets that the URL varies (its responses no longer do).
     pub fn forget_vary(&self, url_hash: u64) {
         let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
-        vary.remove(&url_hash);
+        if let Some(record) = vary.records.remove(&url_hash) {
+            let weight = record.weight();
+            self.charge_vary(&mut vary, weight, 0);
+        }
     }
 
     /// Removes everything stored for a URL: its entry and every variant.
@@ -197,7 +261,12 @@ impl Store {
         let mut removed = usize::from(self.remove(url_hash, url_text));
         let record = {
             let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
-            vary.remove(&url_hash)
+            let record = vary.records.remove(&url_hash);
+            if let Some(record) = &record {
+                let weight = record.weight();
+                self.charge_vary(&mut vary, weight, 0);
+            }
+            record
         };
         if let Some(record) = record {
             for hash in record.variants {
@@ -307,8 +376,7 @@ impl Store {
             }
         }
         if !soft {
-            let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
-            vary.retain(|_, record| !record.variants.is_empty());
+            self.prune_vary();
         }
         affected
     }
@@ -334,7 +402,29 @@ impl Store {
             });
             self.bytes.fetch_sub(freed, Relaxed);
         }
+        self.prune_vary();
         removed
+    }
+
+    /// Drops from the Vary index the variants no longer stored, and the
+    /// records left without any.
+    fn prune_vary(&self) {
+        let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
+        let mut freed = 0;
+        vary.records.retain(|_, record| {
+            let before = record.weight();
+            record
+                .variants
+                .retain(|hash| read(&self.shard(*hash).inner).get(*hash).is_some());
+            record.variants.shrink_to_fit();
+            if record.variants.is_empty() {
+                freed += before;
+                return false;
+            }
+            freed += before - record.weight();
+            true
+        });
+        self.charge_vary(&mut vary, freed, 0);
     }
 
     /// Number of entries.
@@ -444,6 +534,30 @@ pub async fn wait_fill(mut slot: FillSlot) -> Option<FillOutcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vary_index_stays_within_its_share_of_the_budget() {
+        let store = Store::new(1 << 20);
+        let names = [HeaderName::from_static("accept-encoding")];
+        for url in 0..100_000u64 {
+            store.record_variant(url, &names, url.wrapping_mul(31) + 7);
+        }
+        assert!(
+            store.vary_bytes() <= (1 << 20) / VARY_SHARE,
+            "{}",
+            store.vary_bytes()
+        );
+        assert!(store.vary_records() < 1_000, "{}", store.vary_records());
+        assert_eq!(
+            store.weighted_size(),
+            store.vary_bytes(),
+            "charged to the budget"
+        );
+        // No variant of any record is stored: the sweep drops them all.
+        store.sweep(Instant::now());
+        assert_eq!((store.vary_records(), store.vary_bytes()), (0, 0));
+        assert_eq!(store.weighted_size(), 0);
+    }
     use crate::cache::key::KeyHasher;
     use crate::cache::policy::Lifetimes;
     use bytes::Bytes;

@@ -1,0 +1,282 @@
+//! Memory stays inside its bounds whatever clients and backends do, slow
+//! clients cost nothing for long, and a misbehaving backend is answered
+//! visibly: each bound driven past its limit, read from `/metrics`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::raw::exchange;
+use support::{eventually, Gate, Origin, Route, TempFile, TestProxy, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
+
+/// `GET /?n=<counter>` against a backend that varies: the Vary index stays
+/// within its share of `--max-size`, and the cache within `--max-size`.
+#[tokio::test]
+async fn the_vary_index_stays_within_the_budget() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/v",
+        Route::default()
+            .header("cache-control", "max-age=60")
+            .header("vary", "accept-encoding"),
+    );
+    let proxy = TestProxy::start(
+        &origin,
+        &["--max-size", "256KiB", "--max-object-size", "4KiB"],
+    )
+    .await;
+    for n in 0..3000 {
+        let answer = proxy.get(&format!("/v?n={n}")).await;
+        assert_eq!(answer.status, 200);
+    }
+    let metrics = proxy.metrics().await;
+    let vary = metrics["swr_vary_index_bytes"];
+    assert!(vary > 0.0, "the index is charged");
+    assert!(
+        vary <= (256.0 * 1024.0) / 16.0,
+        "index {vary} B past 1/16 of the budget"
+    );
+    assert!(metrics["swr_cache_bytes"] <= 256.0 * 1024.0);
+}
+
+/// A client that stops reading an answer is dropped after
+/// `--client-write-timeout`, on the fast path and on hyper's, so it cannot
+/// keep a large body alive.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped() {
+    let origin = Origin::start().await;
+    let size = 16 << 20;
+    origin.route(
+        "/big",
+        Route::default()
+            .header("cache-control", "max-age=60")
+            .body(vec![b'x'; size]),
+    );
+    let proxy = TestProxy::start(
+        &origin,
+        &[
+            "--max-object-size",
+            "32MiB",
+            "--max-size",
+            "64MiB",
+            "--client-write-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    assert_eq!(proxy.get("/big").await.body.len(), size, "stored");
+    for (path, hits) in [("/big", "a fast hit"), ("/big?pass", "hyper's path")] {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .set_recv_buffer_size(4096)
+            .expect("small receive buffer");
+        let mut stream = socket.connect(proxy.addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        // Read nothing for three write timeouts, then everything there is.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got += n,
+                Err(_) => panic!("{hits}: the connection is still open"),
+            }
+        }
+        assert!(
+            got < size,
+            "{hits}: read {got} of {size} bytes: never dropped"
+        );
+    }
+}
+
+/// Refresh jobs hold their request's headers: the queue is bounded in
+/// bytes as well as in jobs, and what does not fit is dropped and counted.
+#[tokio::test]
+async fn the_refresh_queue_is_bounded_in_bytes() {
+    let origin = Origin::start().await;
+    let stale = "max-age=0, stale-while-revalidate=600";
+    origin.route("/r", Route::default().header("cache-control", stale));
+    let proxy = TestProxy::start(&origin, &["--refresh-concurrency", "1"]).await;
+    for n in 0..1000 {
+        proxy.get(&format!("/r?k={n}")).await;
+    }
+    // Refreshes wait at the backend; each stale hit brings 30 KB of headers.
+    let gate = Gate::closed();
+    origin.route(
+        "/r",
+        Route::default().header("cache-control", stale).gate(&gate),
+    );
+    let padding = "p".repeat(7_000);
+    let headers: Vec<(String, String)> = (0..4)
+        .map(|i| (format!("x-pad-{i}"), padding.clone()))
+        .collect();
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    for n in 0..1000 {
+        let answer = proxy
+            .send(reqwest::Method::GET, &format!("/r?k={n}"), &headers)
+            .await;
+        assert_eq!(answer.x_cache(), "STALE");
+    }
+    let metrics = proxy.metrics().await;
+    let held = metrics["swr_refresh_queue_bytes"];
+    assert!(held > 16.0 * 1024.0 * 1024.0, "the queue filled: {held}");
+    assert!(held <= 32.0 * 1024.0 * 1024.0, "{held} bytes past 32 MiB");
+    assert!(metrics["swr_refresh_events_total{event=\"dropped\"}"] > 0.0);
+    gate.open();
+    eventually(WAIT, "the queue drains", || async {
+        proxy.metrics().await["swr_refresh_queue_bytes"] == 0.0
+    })
+    .await;
+}
+
+/// With every slot to the backend held, a client waits for one no longer
+/// than `--upstream-timeout`: a 504, not a request that hangs.
+#[tokio::test]
+async fn waiting_for_a_backend_slot_has_a_deadline() {
+    // A backend that answers `/hold` after 1.5 s and then never sends its
+    // body: the fill holds the only slot for 1.5 s + the 2 s body timeout.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let backend_seen = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = backend_seen.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let line = head.lines().next().unwrap_or("").to_string();
+                seen.lock().unwrap().push(line);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n";
+                let _ = stream.write_all(head).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let proxy = TestProxy::start_for(
+        &format!("http://{addr}"),
+        &["--upstream-concurrency", "1", "--upstream-timeout", "2s"],
+    )
+    .await;
+    let proxy_addr = proxy.addr;
+    let holder = tokio::spawn(async move {
+        exchange(proxy_addr, b"GET /hold HTTP/1.1\r\nHost: h\r\n\r\n").await
+    });
+    eventually(WAIT, "the slot is held", || async {
+        seen.lock().unwrap().len() == 1
+    })
+    .await;
+    let started = Instant::now();
+    let waiting = exchange(proxy.addr, b"GET /other HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    assert_eq!(waiting.status, 504, "{}", waiting.text());
+    assert!(waiting.text().contains("(timeout)"), "{}", waiting.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "/other never reached the backend"
+    );
+    let _ = holder.await;
+}
+
+/// A backend that sends bytes that are not HTTP, or closes in the middle
+/// of a body: 502, nothing stored, the next request asks the backend again.
+#[tokio::test]
+async fn broken_backend_answers_are_502_and_never_stored() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let answer: &[u8] = if head.starts_with("GET /garbage") {
+                    b"this is not http\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\ncache-control: max-age=60\r\n\r\nonly a hundred bytes..............................................................................."
+                };
+                let _ = stream.write_all(answer).await;
+            });
+        }
+    });
+    let proxy = TestProxy::start_for(&format!("http://{addr}"), &[]).await;
+    for path in ["/garbage", "/cut"] {
+        for _ in 0..2 {
+            let answer = exchange(
+                proxy.addr,
+                format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+            )
+            .await;
+            assert_eq!(answer.status, 502, "{path}");
+            assert!(
+                answer.text().contains("(protocol)"),
+                "{path}: {}",
+                answer.text()
+            );
+        }
+    }
+    let metrics = proxy.metrics().await;
+    assert_eq!(metrics["swr_cache_entries"], 0.0, "nothing partial stored");
+    assert!(metrics["swr_upstream_errors_total{kind=\"protocol\"}"] >= 4.0);
+}
+
+/// Reloads under load lose nothing: every request during 20 reloads gets a
+/// whole answer.
+#[tokio::test]
+async fn reloads_under_load_lose_nothing() {
+    let origin = Origin::start().await;
+    origin.route("/l", Route::default().header("cache-control", "max-age=1"));
+    let file = TempFile::new("[[route]]\npath = \"/l\"\nttl = \"1s\"\n");
+    let proxy = TestProxy::start(&origin, &["--config", file.path()]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loads = Vec::new();
+    for worker in 0..4 {
+        let (client, base, stop) = (proxy.client.clone(), proxy.url("/l"), stop.clone());
+        loads.push(tokio::spawn(async move {
+            let mut answered = 0u32;
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let url = format!("{base}?w={worker}&k={}", n % 50);
+                let response = client.get(url).send().await.expect("an answer");
+                assert_eq!(response.status().as_u16(), 200);
+                let body = response.bytes().await.expect("a whole body");
+                assert!(body.starts_with(b"/l?"));
+                answered += 1;
+            }
+            answered
+        }));
+    }
+    for i in 0..20 {
+        let ttl = if i % 2 == 0 { "2s" } else { "1s" };
+        file.write(&format!("[[route]]\npath = \"/l\"\nttl = \"{ttl}\"\n"));
+        proxy.proxy.reload().expect("the file reloads");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for load in loads {
+        assert!(load.await.expect("no failed request") > 0);
+    }
+}
