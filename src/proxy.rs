@@ -22,6 +22,7 @@ use crate::cache::key::{keyed_cookies, valid_host, valid_target, KeyHasher, Requ
 use crate::cache::policy::{
     self, BypassReason, Defaults, RequestDirectives, RequestFacts, Storability, Use,
 };
+use crate::cache::status_field::StatusField;
 use crate::cache::store::{self, Fill, FillOutcome, Store};
 use crate::cache::CacheStatus;
 use crate::config::{Config, ConfigError, Cookies, HeadLimits, Route};
@@ -658,8 +659,11 @@ impl Proxy {
     fn refused(&self, err: &ProxyError) -> Response<ProxyBody> {
         self.stats.record_refused(err.detail());
         self.stats.record_request(CacheStatus::Bypass);
-        let detail = format!("detail={}", err.detail());
-        self.error_response(err, CacheStatus::Bypass, &detail)
+        let field = StatusField {
+            detail: Some(err.detail()),
+            ..StatusField::default()
+        };
+        self.error_response(err, CacheStatus::Bypass, field)
     }
 
     /// Counts an answer for its route and writes its access-log line.
@@ -724,13 +728,7 @@ impl Proxy {
         }
         let host = match request_host(parts) {
             Ok(host) => host,
-            Err(err) => {
-                return Next::Answer(self.error_response(
-                    &err,
-                    CacheStatus::Bypass,
-                    "detail=bad-host",
-                ))
-            }
+            Err(err) => return Next::Answer(self.refused(&err)),
         };
         let host = lowercase(host);
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -815,11 +813,12 @@ impl Proxy {
         };
         if directives.is_some_and(|d| d.only_if_cached) {
             let err = ProxyError::NotCached;
-            return Next::Answer(self.error_response(
-                &err,
-                CacheStatus::Miss,
-                "fwd=miss; detail=only-if-cached",
-            ));
+            let field = StatusField {
+                fwd: Some("miss"),
+                detail: Some("only-if-cached"),
+                ..StatusField::default()
+            };
+            return Next::Answer(self.error_response(&err, CacheStatus::Miss, field));
         }
         let fwd = match (&stale, &variant) {
             (Some((_, why)), _) => why,
@@ -907,7 +906,7 @@ impl Proxy {
         match failed_over(fetched, stale.as_ref()) {
             Fetched::Stored(entry) => {
                 lock(&self.uncacheable).remove(&hash);
-                self.stored_response(&entry, status, fwd, "", parts)
+                self.stored_response(&entry, status, fwd, false, parts)
             }
             Fetched::Pass(passed) => self.passed_response(passed, "bypass", head),
             Fetched::Failed(err) => self.failed(err, stale.as_ref(), status, fwd, parts),
@@ -1325,7 +1324,7 @@ impl Proxy {
                     let Ok(answer) = rx.await else { continue };
                     return match answer {
                         LeaderAnswer::Stored(entry) => {
-                            self.stored_response(&entry, status, fwd, "", parts)
+                            self.stored_response(&entry, status, fwd, false, parts)
                         }
                         LeaderAnswer::Pass(passed) => self.passed_response(passed, "bypass", head),
                         LeaderAnswer::Failed(err) => {
@@ -1338,13 +1337,7 @@ impl Proxy {
                     match store::wait_fill(slot).await {
                         Some(FillOutcome::Stored(entry)) => {
                             if self.serves_variant(&entry, &target) {
-                                return self.stored_response(
-                                    &entry,
-                                    status,
-                                    fwd,
-                                    "; collapsed",
-                                    parts,
-                                );
+                                return self.stored_response(&entry, status, fwd, true, parts);
                             }
                             // Stored for another variant: look again, now that
                             // the URL is known to vary.
@@ -1404,16 +1397,20 @@ impl Proxy {
         entry: &Entry,
         status: CacheStatus,
         fwd: &str,
-        collapsed: &str,
+        collapsed: bool,
         parts: &Parts,
     ) -> Response<ProxyBody> {
         self.stats.record_request(status);
         let now = Instant::now();
-        let cache_status = formatted(format_args!(
-            "swr-proxy; fwd={fwd}; fwd-status={}; stored{collapsed}; ttl={}",
-            entry.status().as_u16(),
-            entry.ttl_secs(now)
-        ));
+        let cache_status = StatusField {
+            fwd: Some(fwd),
+            fwd_status: Some(entry.status().as_u16()),
+            stored: true,
+            collapsed,
+            ttl: Some(entry.ttl_secs(now)),
+            ..StatusField::default()
+        }
+        .value();
         self.entry_response(entry, status, cache_status, parts, now)
     }
 
@@ -1486,8 +1483,12 @@ impl Proxy {
                 self.stats.record_upstream_error(err.kind);
                 self.stats.record_request(CacheStatus::Bypass);
                 self.stats.record_bypass(reason);
-                let detail = format!("fwd={fwd}; detail={}", err.kind.as_str());
-                self.error_response(&ProxyError::Upstream(err), CacheStatus::Bypass, &detail)
+                let field = StatusField {
+                    fwd: Some(fwd),
+                    detail: Some(err.kind.as_str()),
+                    ..StatusField::default()
+                };
+                self.error_response(&ProxyError::Upstream(err), CacheStatus::Bypass, field)
             }
         }
     }
@@ -1545,11 +1546,13 @@ impl Proxy {
         );
         headers.insert(
             CACHE_STATUS,
-            formatted(format_args!(
-                "swr-proxy; fwd={fwd}; fwd-status={}; detail={}",
-                passed.status.as_u16(),
-                passed.reason.as_str()
-            )),
+            StatusField {
+                fwd: Some(fwd),
+                fwd_status: Some(passed.status.as_u16()),
+                detail: Some(passed.reason.as_str()),
+                ..StatusField::default()
+            }
+            .value(),
         );
         response
     }
@@ -1571,16 +1574,23 @@ impl Proxy {
                 tracing::warn!(key = entry.key(), error = %err, suppressed,
                     "backend failed; serving stale (stale-if-error)");
             }
-            let cache_status = formatted(format_args!(
-                "swr-proxy; fwd=stale; ttl={}; detail=stale-if-error-{}",
-                entry.ttl_secs(now),
-                err.kind.as_str()
-            ));
+            let cache_status = StatusField {
+                fwd: Some("stale"),
+                ttl: Some(entry.ttl_secs(now)),
+                detail: Some("stale-if-error-"),
+                detail_suffix: Some(err.kind.as_str()),
+                ..StatusField::default()
+            }
+            .value();
             return self.entry_response(entry, CacheStatus::Stale, cache_status, parts, now);
         }
         self.stats.record_request(status);
-        let detail = format!("fwd={fwd}; detail={}", err.kind.as_str());
-        self.error_response(&ProxyError::Upstream(err), status, &detail)
+        let field = StatusField {
+            fwd: Some(fwd),
+            detail: Some(err.kind.as_str()),
+            ..StatusField::default()
+        };
+        self.error_response(&ProxyError::Upstream(err), status, field)
     }
 
     /// An error answer: the status for the error, a one-line body naming the cause.
@@ -1588,7 +1598,7 @@ impl Proxy {
         &self,
         err: &ProxyError,
         status: CacheStatus,
-        cache_status_params: &str,
+        field: StatusField<'_>,
     ) -> Response<ProxyBody> {
         if err.status().is_client_error() {
             // Counted in swr_refused_total; a client cannot fill the log.
@@ -1606,10 +1616,7 @@ impl Proxy {
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
-        headers.insert(
-            CACHE_STATUS,
-            formatted(format_args!("swr-proxy; {cache_status_params}")),
-        );
+        headers.insert(CACHE_STATUS, field.value());
         response
     }
 
@@ -1626,11 +1633,13 @@ impl Proxy {
     ) -> (CacheStatus, HeaderValue) {
         let answer = if stale {
             let queued = self.queue_refresh(fill_hash, entry, target, now);
-            let cache_status = formatted(format_args!(
-                "swr-proxy; hit; ttl={}; detail={}",
-                entry.ttl_secs(now),
-                queued.as_str()
-            ));
+            let cache_status = StatusField {
+                hit: true,
+                ttl: Some(entry.ttl_secs(now)),
+                detail: Some(queued.as_str()),
+                ..StatusField::default()
+            }
+            .value();
             (CacheStatus::Stale, cache_status)
         } else {
             (CacheStatus::Hit, hit_cache_status(entry.ttl_secs(now)))
@@ -1993,17 +2002,26 @@ fn small_number(n: u64) -> HeaderValue {
     }
 }
 
+/// The `Cache-Status` parameters of a fresh hit with `ttl` seconds left.
+fn hit_field(ttl: i64) -> StatusField<'static> {
+    StatusField {
+        hit: true,
+        ttl: Some(ttl),
+        ..StatusField::default()
+    }
+}
+
 /// `Cache-Status` of a fresh hit with `ttl` seconds left.
 fn hit_cache_status(ttl: i64) -> HeaderValue {
     static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
     let table = TABLE.get_or_init(|| {
         (0..TABLE_SIZE)
-            .map(|n| static_value(format!("swr-proxy; hit; ttl={n}")))
+            .map(|n| static_value(hit_field(n as i64).text()))
             .collect()
     });
     match usize::try_from(ttl).ok().and_then(|i| table.get(i)) {
         Some(value) => value.clone(),
-        None => formatted(format_args!("swr-proxy; hit; ttl={ttl}")),
+        None => hit_field(ttl).value(),
     }
 }
 
@@ -2014,13 +2032,6 @@ fn static_value(text: String) -> HeaderValue {
     let text: &'static str = text.leak();
     HeaderValue::from_str(text)
         .map(|_| HeaderValue::from_static(text))
-        .unwrap_or_else(|_| HeaderValue::from_static("swr-proxy"))
-}
-
-/// A header value from formatted text. The text is built from our own
-/// constants and numbers, so it is always a valid value.
-fn formatted(args: std::fmt::Arguments<'_>) -> HeaderValue {
-    HeaderValue::try_from(args.to_string())
         .unwrap_or_else(|_| HeaderValue::from_static("swr-proxy"))
 }
 

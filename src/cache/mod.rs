@@ -6,6 +6,7 @@
 pub mod entry;
 pub mod key;
 pub mod policy;
+pub mod status_field;
 pub mod store;
 
 /// What the cache did for one answer. The same string goes into the
