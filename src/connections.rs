@@ -96,6 +96,13 @@ pub struct Control {
     write_blocked: AtomicBool,
     /// Writes that have blocked so far: a new stall has a new number.
     stalls: AtomicU64,
+    /// Answer bodies whose last frame was handed to hyper and not yet
+    /// followed by the next poll: with HTTP/2, a client that stops reading
+    /// exhausts its flow-control window and hyper stops polling the body,
+    /// though the socket never blocks.
+    handed: AtomicUsize,
+    /// Frames hyper has come back for after taking one: progress.
+    taken: AtomicU64,
 }
 
 impl Connections {
@@ -158,8 +165,10 @@ impl Connections {
     fn sweep(&self, check_idle: bool, write_sweeps: u32) {
         for watched in self.lock().values_mut() {
             let control = &watched.control;
-            if control.write_blocked.load(Acquire) {
-                let stall = control.stalls.load(Relaxed);
+            let stuck = control.write_blocked.load(Acquire) || control.handed.load(Acquire) > 0;
+            if stuck {
+                // Any write that went through, or frame taken, is progress.
+                let stall = control.stalls.load(Relaxed) + control.taken.load(Relaxed);
                 if stall == watched.stall {
                     watched.stalled_sweeps += 1;
                 } else {
@@ -205,8 +214,10 @@ impl Connections {
         let period = (write_timeout / SWEEPS)
             .max(Duration::from_millis(1))
             .min(idle_period);
-        let idle_every = (idle_period.as_nanos() / period.as_nanos()).max(1);
-        let write_sweeps = (write_timeout.as_nanos() / period.as_nanos()).max(1);
+        // Rounded up: an idle connection is never closed before its
+        // timeout, nor a blocked one dropped before the write timeout.
+        let idle_every = idle_period.as_nanos().div_ceil(period.as_nanos()).max(1);
+        let write_sweeps = write_timeout.as_nanos().div_ceil(period.as_nanos()).max(1);
         let write_sweeps = u32::try_from(write_sweeps).unwrap_or(u32::MAX);
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -461,12 +472,34 @@ where
 /// connection gone.
 pub struct Tracked<B> {
     body: B,
-    _busy: Busy,
+    busy: Busy,
+    /// A frame was handed to hyper and it has not polled since.
+    handed: bool,
 }
 
 impl<B> Tracked<B> {
     pub fn new(body: B, busy: Busy) -> Tracked<B> {
-        Tracked { body, _busy: busy }
+        Tracked {
+            body,
+            busy,
+            handed: false,
+        }
+    }
+
+    fn taken(&mut self) {
+        if self.handed {
+            self.handed = false;
+            self.busy.0.handed.fetch_sub(1, Release);
+            self.busy.0.taken.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        if self.handed {
+            self.busy.0.handed.fetch_sub(1, Release);
+        }
     }
 }
 
@@ -478,7 +511,14 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        this.taken();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            this.handed = true;
+            this.busy.0.handed.fetch_add(1, Release);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -16,14 +16,18 @@ pub enum UpstreamErrorKind {
     Protocol,
     /// The backend answered with 500, 502, 503 or 504.
     Status,
+    /// Never sent: every slot to the backend (`--upstream-concurrency`) was
+    /// taken for `--upstream-timeout`. Not the backend's failure: no backoff.
+    Busy,
 }
 
 impl UpstreamErrorKind {
-    pub const ALL: [UpstreamErrorKind; 4] = [
+    pub const ALL: [UpstreamErrorKind; 5] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::Timeout,
         UpstreamErrorKind::Protocol,
         UpstreamErrorKind::Status,
+        UpstreamErrorKind::Busy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -32,6 +36,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::Status => "status",
+            UpstreamErrorKind::Busy => "busy",
         }
     }
 
@@ -77,6 +82,7 @@ impl UpstreamError {
             UpstreamErrorKind::Timeout => "the backend did not answer in time",
             UpstreamErrorKind::Protocol => "the backend's answer was broken",
             UpstreamErrorKind::Status => "the backend failed",
+            UpstreamErrorKind::Busy => "every connection to the backend is busy",
         }
     }
 }
@@ -117,6 +123,9 @@ impl ProxyError {
         match self {
             ProxyError::Upstream(e) if e.kind == UpstreamErrorKind::Timeout => {
                 StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Upstream(e) if e.kind == UpstreamErrorKind::Busy => {
+                StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::BadRequest(_) | ProxyError::BadHost(_) | ProxyError::BadTarget => {

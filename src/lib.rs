@@ -9,13 +9,16 @@
 //! In request-flow order:
 //! - [`config`]: flags, defaults and `validate()`, before anything binds.
 //! - [`server`]: the accept loop and graceful shutdown.
-//! - [`connections`]: open connections: closing idle ones, finishing all at shutdown.
+//! - [`connections`]: open connections: closing idle ones and clients that
+//!   stop reading, finishing all at shutdown.
 //! - [`fast_hits`]: plain HTTP/1.1 hits answered from the socket; the rest to hyper.
 //! - [`proxy`]: the hyper service: request -> cache decision -> upstream -> response.
 //! - [`cache::key`]: the cache key of a request (host, path, query).
 //! - [`cache::policy`]: pure rules: storable? lifetimes; state of an entry at `now`.
 //! - [`cache::entry`]: the stored response and its instants.
-//! - [`cache::store`]: the byte-bounded sharded map (CLOCK eviction) and coalesced fills.
+//! - [`cache::store`]: the byte-bounded sharded map (CLOCK eviction), the
+//!   Vary index within its budget, and coalesced fills.
+//! - [`cache::status_field`]: the `Cache-Status` value, built in one place.
 //! - [`refresh`]: bounded refresh queue, fixed workers, per-key claim.
 //! - [`upstream`]: the one upstream client, header shaping, body reading.
 //! - [`body`]: the response body type (stored bytes or a passed-through stream).

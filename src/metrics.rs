@@ -737,6 +737,6 @@ mod tests {
             UpstreamCause::Revalidate as usize,
             UpstreamCause::ALL.len() - 1
         );
-        assert_eq!(BypassReason::Route.index(), BypassReason::ALL.len() - 1);
+        assert_eq!(BypassReason::BufferFull.index(), BypassReason::ALL.len() - 1);
     }
 }

@@ -332,6 +332,10 @@ impl FetchTarget {
             }
         }
         self.facts = facts_of(&self.client_headers, self.keyed_cookies);
+        // A header value can be a slice of the connection's read buffer,
+        // which a queued job would keep alive whole: copy what it keeps.
+        self.client_headers = detached(&self.client_headers);
+        self.upstream_headers = detached(&self.upstream_headers);
         self
     }
 }
@@ -364,6 +368,17 @@ fn route_headers<'a>(route: Option<&Route>, headers: &'a HeaderMap) -> Cow<'a, H
         }
     }
     Cow::Owned(headers)
+}
+
+/// A copy of `headers` that shares no memory with them.
+fn detached(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
+            copy.append(name.clone(), value);
+        }
+    }
+    copy
 }
 
 /// What storability needs of a request's headers; cookies that are part of
@@ -419,7 +434,9 @@ impl Proxy {
         let (refresh, workers) = RefreshQueue::new(
             config.refresh_queue,
             REFRESH_QUEUE_BYTES,
-            config.upstream_timeout * 2,
+            // A refresh can wait for a slot, a head and a body, each up
+            // to the upstream timeout.
+            config.upstream_timeout * 3,
         );
         let route_stats = Mutex::new(Vec::new());
         let proxy = Arc::new(Proxy {
@@ -1012,6 +1029,8 @@ impl Proxy {
                 lock(&self.backoff).remove(&job.hash);
             }
             Fetched::Pass(passed) if !policy::status_is_error(passed.status) => {}
+            // The backend was never asked.
+            Fetched::Failed(err) if err.kind == UpstreamErrorKind::Busy => {}
             _ => self.back_off(job.hash),
         }
         match fetched {
@@ -1031,6 +1050,10 @@ impl Proxy {
                         "refresh failed; keeping the stale entry"
                     );
                 }
+            }
+            Fetched::Pass(passed) if passed.reason == BypassReason::BufferFull => {
+                // Memory was short, not the answer storable: keep the entry.
+                self.stats.refresh_failed.fetch_add(1, Relaxed);
             }
             Fetched::Pass(passed) => {
                 self.store.remove(job.hash, key);
@@ -1069,10 +1092,8 @@ impl Proxy {
         // Held until the body is read (or handed on to stream).
         let _permit = match self.upstream.permit(priority).await {
             Ok(permit) => permit,
-            Err(err) => {
-                self.stats.record_upstream_error(err.kind);
-                return Fetched::Failed(err);
-            }
+            // Counted as `busy`, not as a backend failure.
+            Err(err) => return Fetched::Failed(err),
         };
         let mut headers = target.upstream_headers.clone();
         let mut conditional = false;
@@ -1204,6 +1225,12 @@ impl Proxy {
                 self.store.insert(hash, entry.clone());
                 Fetched::Stored(entry)
             }
+            Ok(BodyRead::NoRoom { prefix, rest }) => Fetched::Pass(Passed {
+                reason: BypassReason::BufferFull,
+                status,
+                headers,
+                body: self.upstream.stream_body(prefix, rest),
+            }),
             Ok(BodyRead::TooLarge { prefix, rest }) => Fetched::Pass(Passed {
                 reason: BypassReason::TooLarge,
                 status,
@@ -1298,13 +1325,15 @@ impl Proxy {
                                     passed.reason,
                                     BypassReason::Authorization | BypassReason::Cookie
                                 );
+                                // Short of memory says nothing of the key.
+                                let remember = passed.reason != BypassReason::BufferFull;
                                 let mark = Uncacheable {
                                     until: Instant::now() + HIT_FOR_MISS,
                                     credentials_only,
                                 };
                                 let mut marks = lock(&proxy.uncacheable);
                                 let kept = marks.get(&fill_hash).filter(|m| !m.credentials_only);
-                                if kept.is_none() || !credentials_only {
+                                if remember && (kept.is_none() || !credentials_only) {
                                     let now = Instant::now();
                                     insert_bounded(&mut marks, fill_hash, mark, |m| now >= m.until);
                                 }
@@ -1792,6 +1821,9 @@ fn insert_bounded<V>(
     if marks.len() >= MAX_MARKS && !marks.contains_key(&key) {
         marks.retain(|_, v| !expired(v));
         if marks.len() >= MAX_MARKS {
+            // Every mark is live: drop them all (they only save work), so
+            // that a full table is not scanned on every insert.
+            marks.clear();
             return false;
         }
     }
@@ -2045,10 +2077,18 @@ mod tests {
         for key in 0..(MAX_MARKS as u64 + 1000) {
             insert_bounded(&mut marks, key, key, |_| false);
         }
-        assert_eq!(marks.len(), MAX_MARKS, "full: new marks are not kept");
+        assert!(marks.len() <= MAX_MARKS);
         // Expired marks make room.
+        marks.clear();
+        for key in 0..MAX_MARKS as u64 {
+            insert_bounded(&mut marks, key, key, |_| false);
+        }
         assert!(insert_bounded(&mut marks, u64::MAX, 0, |v| *v < 10));
         assert_eq!(marks.len(), MAX_MARKS - 10 + 1);
+        // All live: the table is emptied, not scanned again and again.
+        assert!(
+            !insert_bounded(&mut marks, u64::MAX - 1, 0, |_| false) || marks.len() <= MAX_MARKS
+        );
         // A key already held is updated, full or not.
         assert!(insert_bounded(&mut marks, 500, 7, |_| false));
         assert_eq!(marks[&500], 7);

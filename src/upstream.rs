@@ -68,6 +68,12 @@ pub enum BodyRead {
         prefix: Vec<Bytes>,
         rest: reqwest::Response,
     },
+    /// `--max-buffered` is taken by other reads: as `TooLarge`, but it says
+    /// nothing of the object, which may be stored next time.
+    NoRoom {
+        prefix: Vec<Bytes>,
+        rest: reqwest::Response,
+    },
 }
 
 impl Upstream {
@@ -124,7 +130,7 @@ impl Upstream {
         match tokio::time::timeout(self.timeout, wait).await {
             Ok(permit) => Ok(permit),
             Err(_) => Err(UpstreamError::new(
-                UpstreamErrorKind::Timeout,
+                UpstreamErrorKind::Busy,
                 format!(
                     "no slot to the backend within {}ms (--upstream-concurrency)",
                     self.timeout.as_millis()
@@ -205,8 +211,14 @@ impl Upstream {
                 total += chunk.len() as u64;
                 let fits = reserved.take(chunk.len() as u64, self.max_buffered);
                 chunks.push(chunk);
-                if total > limit || !fits {
+                if total > limit {
                     return Ok(BodyRead::TooLarge {
+                        prefix: chunks,
+                        rest: response,
+                    });
+                }
+                if !fits {
+                    return Ok(BodyRead::NoRoom {
                         prefix: chunks,
                         rest: response,
                     });
@@ -231,9 +243,12 @@ impl Reservation {
     /// Reserves `more` bytes; `false` (and nothing reserved) when that would
     /// pass `max`.
     fn take(&mut self, more: u64, max: u64) -> bool {
-        let before = self.bytes.fetch_add(more, Ordering::Relaxed);
-        if before + more > max {
-            self.bytes.fetch_sub(more, Ordering::Relaxed);
+        let reserved = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                now.checked_add(more).filter(|total| *total <= max)
+            });
+        if reserved.is_err() {
             return false;
         }
         self.held += more;
@@ -593,7 +608,7 @@ mod tests {
         let up = Upstream::new(&url, Duration::from_millis(100), 1, u64::MAX).unwrap();
         let held = up.permit(Priority::Client).await.unwrap();
         let waited = up.permit(Priority::Client).await;
-        assert!(matches!(waited, Err(ref e) if e.kind == UpstreamErrorKind::Timeout));
+        assert!(matches!(waited, Err(ref e) if e.kind == UpstreamErrorKind::Busy));
         drop(held);
     }
 

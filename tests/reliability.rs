@@ -139,7 +139,8 @@ async fn the_refresh_queue_is_bounded_in_bytes() {
 }
 
 /// With every slot to the backend held, a client waits for one no longer
-/// than `--upstream-timeout`: a 504, not a request that hangs.
+/// than `--upstream-timeout`: a 503 naming the cause, not a request that
+/// hangs.
 #[tokio::test]
 async fn waiting_for_a_backend_slot_has_a_deadline() {
     // A backend that answers `/hold` after 1.5 s and then never sends its
@@ -182,8 +183,8 @@ async fn waiting_for_a_backend_slot_has_a_deadline() {
     .await;
     let started = Instant::now();
     let waiting = exchange(proxy.addr, b"GET /other HTTP/1.1\r\nHost: h\r\n\r\n").await;
-    assert_eq!(waiting.status, 504, "{}", waiting.text());
-    assert!(waiting.text().contains("(timeout)"), "{}", waiting.text());
+    assert_eq!(waiting.status, 503, "{}", waiting.text());
+    assert!(waiting.text().contains("(busy)"), "{}", waiting.text());
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
@@ -279,4 +280,65 @@ async fn reloads_under_load_lose_nothing() {
     for load in loads {
         assert!(load.await.expect("no failed request") > 0);
     }
+}
+
+/// An HTTP/2 client that stops reading exhausts its flow-control window,
+/// so the socket never blocks: the connection is still dropped after
+/// `--client-write-timeout`, since hyper stopped taking the body.
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_is_dropped() {
+    let origin = Origin::start().await;
+    let size = 16 << 20;
+    origin.route(
+        "/big2",
+        Route::default()
+            .header("cache-control", "max-age=60")
+            .body(vec![b'y'; size]),
+    );
+    let proxy = TestProxy::start(
+        &origin,
+        &[
+            "--max-object-size",
+            "32MiB",
+            "--max-size",
+            "64MiB",
+            "--client-write-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    assert_eq!(proxy.get("/big2").await.body.len(), size, "stored");
+    let stream = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .adaptive_window(false)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri(format!("http://{}/big2", proxy.addr))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("a head");
+    assert_eq!(response.status(), 200);
+    // Take nothing for three write timeouts, then everything there is.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut body = response.into_body();
+    let mut got = 0usize;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = tokio::time::timeout(left, http_body_util::BodyExt::frame(&mut body)).await;
+        match frame {
+            Ok(Some(Ok(frame))) => got += frame.data_ref().map_or(0, |d| d.len()),
+            Ok(Some(Err(_))) | Ok(None) => break,
+            Err(_) => panic!("the HTTP/2 connection is still open"),
+        }
+    }
+    assert!(got < size, "read {got} of {size} bytes: never dropped");
 }

@@ -168,10 +168,12 @@ pub enum BypassReason {
     NotModified,
     /// A route says `bypass = true`.
     Route,
+    /// `--max-buffered` was taken by other reads: streamed this time.
+    BufferFull,
 }
 
 impl BypassReason {
-    pub const ALL: [BypassReason; 13] = [
+    pub const ALL: [BypassReason; 14] = [
         BypassReason::Method,
         BypassReason::NoStore,
         BypassReason::Private,
@@ -185,6 +187,7 @@ impl BypassReason {
         BypassReason::Request,
         BypassReason::NotModified,
         BypassReason::Route,
+        BypassReason::BufferFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -202,6 +205,7 @@ impl BypassReason {
             BypassReason::Request => "request",
             BypassReason::NotModified => "not-modified",
             BypassReason::Route => "route",
+            BypassReason::BufferFull => "buffer-full",
         }
     }
 

@@ -233,8 +233,11 @@ impl Store {
         }
         let after = record.weight();
         self.charge_vary(&mut vary, before, after);
-        // Back within its share: drop other records.
+        // Back within its share: drop other records, and their variants
+        // with them (unreachable without the record, and an invalidation
+        // could no longer find them).
         let budget = self.max_bytes / VARY_SHARE;
+        let mut orphans = Vec::new();
         while vary.bytes > budget {
             let Some(other) = vary.records.keys().copied().find(|h| *h != url_hash) else {
                 break;
@@ -242,6 +245,14 @@ impl Store {
             if let Some(record) = vary.records.remove(&other) {
                 let weight = record.weight();
                 self.charge_vary(&mut vary, weight, 0);
+                orphans.extend(record.variants);
+            }
+        }
+        drop(vary);
+        for hash in orphans {
+            let mut inner = write(&self.shard(hash).inner);
+            if let Some(old) = inner.remove_if(hash, |_| true) {
+                self.bytes.fetch_sub(u64::from(old.weight), Relaxed);
             }
         }
     }
