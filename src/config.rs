@@ -430,7 +430,13 @@ impl std::error::Error for ConfigError {}
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
-    toml::from_str::<FileConfig>(&text).map_err(|e| {
+    parse_file(&text, path)
+}
+
+/// Parses the text of a configuration file read from `path`; errors name
+/// `path`, the line and the field.
+pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str::<FileConfig>(text).map_err(|e| {
         let message = e.message().replace('\n', " ");
         let Some(span) = e.span() else {
             return ConfigError(format!("{}: {message}", path.display()));
