@@ -95,12 +95,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_MAX_OBJECT_SIZE", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub max_object_size: Option<u64>,
 
-    /// Background refreshes running at once [default: 8].
+    /// Background refreshes running at once, at most 4096 [default: 8].
     #[arg(long, env = "SWR_REFRESH_CONCURRENCY", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     pub refresh_concurrency: Option<usize>,
 
     /// Refreshes waiting for a worker; past this, refreshes are dropped (and
-    /// counted) [default: 10000].
+    /// counted); at most 1048576 [default: 10000].
     #[arg(long, env = "SWR_REFRESH_QUEUE", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     pub refresh_queue: Option<usize>,
 
@@ -146,7 +146,8 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
 
-    /// Most requests in flight to the backend at once (0: no cap). Client
+    /// Most requests in flight to the backend at once (0: no cap; at most
+    /// 1048576). Client
     /// misses go first: refreshes never take the last slot [default: 256].
     #[arg(long, env = "SWR_UPSTREAM_CONCURRENCY", value_name = "N", value_parser = parse_count_or_zero, allow_hyphen_values = true)]
     pub upstream_concurrency: Option<usize>,
@@ -733,6 +734,28 @@ impl Config {
                 self.threads
             )));
         }
+        // Each of these sizes something at start (tasks, a semaphore, a
+        // channel): past its bound it is a typo that would panic or exhaust
+        // memory there, so it is refused here.
+        for (flag, value, max) in [
+            (
+                "--refresh-concurrency",
+                self.refresh_concurrency,
+                MAX_REFRESH_CONCURRENCY,
+            ),
+            ("--refresh-queue", self.refresh_queue, MAX_QUEUED_REFRESHES),
+            (
+                "--upstream-concurrency",
+                self.upstream_concurrency,
+                MAX_UPSTREAM_CONCURRENCY,
+            ),
+        ] {
+            if value > max {
+                return Err(ConfigError(format!(
+                    "{flag} {value} is more than {max}, the most it may be"
+                )));
+            }
+        }
         if !(256..=(1 << 20)).contains(&self.max_request_line) {
             return Err(ConfigError(
                 "--max-request-line must be between 256 and 1MiB, e.g. 8KiB".into(),
@@ -1111,6 +1134,12 @@ fn parse_count_or_zero(text: &str) -> Result<usize, String> {
 
 /// More serving threads than this is a typo, not a machine.
 const MAX_THREADS: usize = 1024;
+/// Refresh workers: each is a task started with the proxy.
+pub const MAX_REFRESH_CONCURRENCY: usize = 4096;
+/// Refreshes waiting for a worker (tokio's channel panics past 2^61).
+pub const MAX_QUEUED_REFRESHES: usize = 1 << 20;
+/// Requests in flight to the backend (tokio's semaphore panics past 2^61).
+pub const MAX_UPSTREAM_CONCURRENCY: usize = 1 << 20;
 
 /// One thread per core the process may run on.
 fn default_threads() -> usize {
