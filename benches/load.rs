@@ -869,29 +869,15 @@ struct WrkResult {
 }
 
 fn run_wrk(addr: SocketAddr, keys: usize, duration: Duration) -> Option<WrkResult> {
-    let output = Command::new("wrk")
-        .args([
-            "-t1",
-            "-c64",
-            &format!("-d{}s", duration.as_secs()),
-            "--timeout",
-            "5s",
-            "-s",
-            WRK_SCRIPT,
-            &format!("http://{addr}"),
-        ])
-        .env("KEYS", keys.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = wrk_output(
+        WRK_SCRIPT,
+        addr,
+        duration,
+        "5s",
+        &[("KEYS", keys.to_string())],
+    )?;
     let line = text.lines().find(|l| l.starts_with("RESULT "))?;
-    let field = |name: &str| -> f64 {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let field = |name: &str| -> f64 { result_field(line, name).unwrap_or(0.0) };
     let duration_s = field("duration_us") / 1e6;
     Some(WrkResult {
         requests: field("requests"),
@@ -904,6 +890,40 @@ fn run_wrk(addr: SocketAddr, keys: usize, duration: Duration) -> Option<WrkResul
         slow_share: field("slow100_share"),
         errors: field("errors") as u64,
     })
+}
+
+/// What `wrk -t1 -c64` with the Lua `script` (and `env`) prints to stdout
+/// after `duration` against `addr`.
+pub fn wrk_output(
+    script: &str,
+    addr: SocketAddr,
+    duration: Duration,
+    timeout: &str,
+    env: &[(&str, String)],
+) -> Option<String> {
+    let output = Command::new("wrk")
+        .args([
+            "-t1",
+            "-c64",
+            &format!("-d{}s", duration.as_secs()),
+            "--timeout",
+            timeout,
+            "-s",
+            script,
+            &format!("http://{addr}"),
+        ])
+        .envs(env.iter().map(|(name, value)| (name, value)))
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The value of `name=VALUE` in a script's RESULT line.
+pub fn result_field<T: std::str::FromStr>(line: &str, name: &str) -> Option<T> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
 }
 
 // ---------------------------------------------------------------- scenarios

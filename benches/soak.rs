@@ -320,32 +320,14 @@ struct WrkResult {
 
 impl WrkResult {
     fn field(&self, name: &str) -> u64 {
-        self.line
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        load::result_field(&self.line, name).unwrap_or(0)
     }
 }
 
 fn run_wrk(addr: SocketAddr, duration: Duration, unique: f64) -> Result<WrkResult, String> {
-    let output = Command::new("wrk")
-        .args([
-            "-t1",
-            "-c64",
-            &format!("-d{}s", duration.as_secs()),
-            "--timeout",
-            "10s",
-            "-s",
-            WRK_SCRIPT,
-            &format!("http://{addr}"),
-        ])
-        .env("KEYS", KEYS.to_string())
-        .env("UNIQUE", unique.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("wrk: {e}"))?;
-    let text = String::from_utf8_lossy(&output.stdout);
+    let env = [("KEYS", KEYS.to_string()), ("UNIQUE", unique.to_string())];
+    let text =
+        load::wrk_output(WRK_SCRIPT, addr, duration, "10s", &env).ok_or("wrk did not run")?;
     // The first few 5xx on warmed keys, with their X-Cache and Cache-Status.
     for line in text.lines().filter(|l| l.starts_with("WARM5XX ")) {
         println!("{line}");
