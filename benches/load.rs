@@ -483,13 +483,13 @@ struct CacheSetup {
 }
 
 /// A child process stopped by PID (SIGTERM, then SIGKILL) when dropped.
-struct Proc {
-    child: std::process::Child,
-    dir: Option<PathBuf>,
+pub struct Proc {
+    pub child: std::process::Child,
+    pub dir: Option<PathBuf>,
 }
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -535,7 +535,7 @@ fn spawn_quiet(command: &mut Command, dir: Option<PathBuf>) -> Option<Proc> {
     Some(Proc { child, dir })
 }
 
-fn free_port() -> SocketAddr {
+pub fn free_port() -> SocketAddr {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -563,7 +563,7 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-async fn wait_listening(addr: SocketAddr) -> bool {
+pub async fn wait_listening(addr: SocketAddr) -> bool {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -734,7 +734,7 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn rss_bytes(pids: &[u32]) -> u64 {
+pub fn rss_bytes(pids: &[u32]) -> u64 {
     pids.iter()
         .map(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -824,9 +824,9 @@ async fn warm(addr: SocketAddr, keys: usize, concurrency: usize) {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+pub type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+pub async fn connect(addr: SocketAddr) -> Result<Sender, String> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -840,7 +840,7 @@ async fn connect(addr: SocketAddr) -> Result<Sender, String> {
     Ok(sender)
 }
 
-async fn get(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<u16, String> {
+pub async fn get(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<u16, String> {
     sender.ready().await.map_err(|e| e.to_string())?;
     let request = Request::get(path)
         .header("host", addr.to_string())
@@ -869,29 +869,15 @@ struct WrkResult {
 }
 
 fn run_wrk(addr: SocketAddr, keys: usize, duration: Duration) -> Option<WrkResult> {
-    let output = Command::new("wrk")
-        .args([
-            "-t1",
-            "-c64",
-            &format!("-d{}s", duration.as_secs()),
-            "--timeout",
-            "5s",
-            "-s",
-            WRK_SCRIPT,
-            &format!("http://{addr}"),
-        ])
-        .env("KEYS", keys.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = wrk_output(
+        WRK_SCRIPT,
+        addr,
+        duration,
+        "5s",
+        &[("KEYS", keys.to_string())],
+    )?;
     let line = text.lines().find(|l| l.starts_with("RESULT "))?;
-    let field = |name: &str| -> f64 {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let field = |name: &str| -> f64 { result_field(line, name).unwrap_or(0.0) };
     let duration_s = field("duration_us") / 1e6;
     Some(WrkResult {
         requests: field("requests"),
@@ -904,6 +890,40 @@ fn run_wrk(addr: SocketAddr, keys: usize, duration: Duration) -> Option<WrkResul
         slow_share: field("slow100_share"),
         errors: field("errors") as u64,
     })
+}
+
+/// What `wrk -t1 -c64` with the Lua `script` (and `env`) prints to stdout
+/// after `duration` against `addr`.
+pub fn wrk_output(
+    script: &str,
+    addr: SocketAddr,
+    duration: Duration,
+    timeout: &str,
+    env: &[(&str, String)],
+) -> Option<String> {
+    let output = Command::new("wrk")
+        .args([
+            "-t1",
+            "-c64",
+            &format!("-d{}s", duration.as_secs()),
+            "--timeout",
+            timeout,
+            "-s",
+            script,
+            &format!("http://{addr}"),
+        ])
+        .envs(env.iter().map(|(name, value)| (name, value)))
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The value of `name=VALUE` in a script's RESULT line.
+pub fn result_field<T: std::str::FromStr>(line: &str, name: &str) -> Option<T> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
 }
 
 // ---------------------------------------------------------------- scenarios

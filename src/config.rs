@@ -101,12 +101,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_MAX_BUFFERED", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub max_buffered: Option<u64>,
 
-    /// Background refreshes running at once [default: 8].
+    /// Background refreshes running at once, at most 4096 [default: 8].
     #[arg(long, env = "SWR_REFRESH_CONCURRENCY", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     pub refresh_concurrency: Option<usize>,
 
     /// Refreshes waiting for a worker; past this, refreshes are dropped (and
-    /// counted) [default: 10000].
+    /// counted); at most 1048576 [default: 10000].
     #[arg(long, env = "SWR_REFRESH_QUEUE", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     pub refresh_queue: Option<usize>,
 
@@ -152,7 +152,8 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWR_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
 
-    /// Most requests in flight to the backend at once (0: no cap). Client
+    /// Most requests in flight to the backend at once (0: no cap; at most
+    /// 1048576). Client
     /// misses go first: refreshes never take the last slot [default: 256].
     #[arg(long, env = "SWR_UPSTREAM_CONCURRENCY", value_name = "N", value_parser = parse_count_or_zero, allow_hyphen_values = true)]
     pub upstream_concurrency: Option<usize>,
@@ -448,7 +449,13 @@ impl std::error::Error for ConfigError {}
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
-    toml::from_str::<FileConfig>(&text).map_err(|e| {
+    parse_file(&text, path)
+}
+
+/// Parses the text of a configuration file read from `path`; errors name
+/// `path`, the line and the field.
+pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str::<FileConfig>(text).map_err(|e| {
         let message = e.message().replace('\n', " ");
         let Some(span) = e.span() else {
             return ConfigError(format!("{}: {message}", path.display()));
@@ -762,6 +769,28 @@ impl Config {
                 "--threads {} is more than {MAX_THREADS}: one per core is the most that helps",
                 self.threads
             )));
+        }
+        // Each of these sizes something at start (tasks, a semaphore, a
+        // channel): past its bound it is a typo that would panic or exhaust
+        // memory there, so it is refused here.
+        for (flag, value, max) in [
+            (
+                "--refresh-concurrency",
+                self.refresh_concurrency,
+                MAX_REFRESH_CONCURRENCY,
+            ),
+            ("--refresh-queue", self.refresh_queue, MAX_QUEUED_REFRESHES),
+            (
+                "--upstream-concurrency",
+                self.upstream_concurrency,
+                MAX_UPSTREAM_CONCURRENCY,
+            ),
+        ] {
+            if value > max {
+                return Err(ConfigError(format!(
+                    "{flag} {value} is more than {max}, the most it may be"
+                )));
+            }
         }
         if !(256..=(1 << 20)).contains(&self.max_request_line) {
             return Err(ConfigError(
@@ -1154,6 +1183,12 @@ fn parse_count_or_zero(text: &str) -> Result<usize, String> {
 
 /// More serving threads than this is a typo, not a machine.
 const MAX_THREADS: usize = 1024;
+/// Refresh workers: each is a task started with the proxy.
+pub const MAX_REFRESH_CONCURRENCY: usize = 4096;
+/// Refreshes waiting for a worker (tokio's channel panics past 2^61).
+pub const MAX_QUEUED_REFRESHES: usize = 1 << 20;
+/// Requests in flight to the backend (tokio's semaphore panics past 2^61).
+pub const MAX_UPSTREAM_CONCURRENCY: usize = 1 << 20;
 
 /// One thread per core the process may run on.
 fn default_threads() -> usize {

@@ -77,6 +77,21 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
             "--log-summary-interval",
         ),
         (&["--upstream-concurrency", "-1"], "--upstream-concurrency"),
+        // Found by fuzz/fuzz_targets/config_file.rs: these panicked at start
+        // (tokio's semaphore and channel) or spawned workers until memory
+        // ran out.
+        (
+            &["--upstream-concurrency", "18446744073709551615"],
+            "--upstream-concurrency",
+        ),
+        (
+            &["--refresh-queue", "18446744073709551615"],
+            "--refresh-queue",
+        ),
+        (
+            &["--refresh-concurrency", "100000000000"],
+            "--refresh-concurrency",
+        ),
         (
             &["--targeted-cache-control", "bad name"],
             "--targeted-cache-control",

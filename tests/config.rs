@@ -3,11 +3,19 @@
 
 mod support;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use reqwest::Method;
 use support::{eventually, Origin, TempFile, TestProxy, WAIT};
+use swr_proxy::config::{
+    parse_file, Config, ProxyArgs, MAX_QUEUED_REFRESHES, MAX_REFRESH_CONCURRENCY,
+    MAX_UPSTREAM_CONCURRENCY,
+};
+use swr_proxy::proxy::Proxy;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 const BIN: &str = env!("CARGO_BIN_EXE_swr-proxy");
 
@@ -73,6 +81,49 @@ fn check_names_the_bad_field_and_line() {
     let (code, _, stderr) = check("/no/such/file.toml");
     assert_eq!(code, 2);
     assert!(stderr.contains("cannot read"), "{stderr}");
+}
+
+/// Found by fuzz/fuzz_targets/config_file.rs: counts that `Proxy::start`
+/// sizes a semaphore, a channel or a set of tasks by were accepted up to
+/// `usize::MAX`, and start panicked (tokio's limit is 2^61) or spawned
+/// workers until memory ran out. Past their bounds they are refused, naming
+/// the setting; at their bounds the proxy starts.
+#[tokio::test]
+async fn counts_that_size_what_start_builds_are_bounded() {
+    let merge = |text: &str| {
+        let file = parse_file(text, Path::new("fuzz.toml")).expect("toml");
+        let upstream = "http://127.0.0.1:9".parse().expect("url");
+        Config::merge(
+            &ProxyArgs::default(),
+            &file,
+            Some(upstream),
+            Duration::from_secs(10),
+        )
+    };
+    for (field, value) in [
+        ("upstream_concurrency", "18446744073709551615"),
+        ("refresh_queue", "18446744073709551615"),
+        ("refresh_concurrency", "100000000000"),
+    ] {
+        let err = merge(&format!("{field} = {value}\n")).expect_err(field);
+        let flag = format!("--{}", field.replace('_', "-"));
+        assert!(err.0.contains(&flag), "{field}: {err}");
+    }
+    let config = merge(&format!(
+        "upstream_concurrency = {MAX_UPSTREAM_CONCURRENCY}\n\
+         refresh_queue = {MAX_QUEUED_REFRESHES}\n\
+         refresh_concurrency = {MAX_REFRESH_CONCURRENCY}\n"
+    ))
+    .expect("the largest values are accepted");
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let proxy = Proxy::start(config, cancel.clone(), &tracker).expect("starts");
+    cancel.cancel();
+    tracker.close();
+    tokio::time::timeout(WAIT, tracker.wait())
+        .await
+        .expect("the workers stop");
+    drop(proxy);
 }
 
 #[tokio::test]

@@ -270,6 +270,32 @@ async fn a_head_in_pieces_is_answered_once_whole() {
     assert_eq!(metric(&proxy, "swr_fast_hits_total").await, 1.0);
 }
 
+/// Found by fuzz/fuzz_targets/keys.rs: a target with a character of more
+/// than one byte across the third byte of a segment (`/ab\u{e9}`) made
+/// `valid_target` slice inside it, and the fast path's connection task
+/// panicked without an answer. Such a target (hyper's path takes UTF-8) is
+/// fetched and stored as any other, and its next request is a fast hit.
+#[tokio::test]
+async fn a_target_that_is_not_ascii_is_answered() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "10m"]).await;
+    for target in ["/ab\u{e9}", "/x/%2e\u{61d}y", "/\u{1f600}"] {
+        let mut stream = connect(proxy.addr).await;
+        let mut request = get(&proxy, target);
+        request.extend_from_slice(&get(&proxy, "/after"));
+        stream.write_all(&request).await.expect("write");
+        let answers = read_answers(&mut stream, 2).await;
+        assert_eq!(answers[0].status, 200, "{target:?}");
+        assert_eq!(answers[0].header("x-cache"), "MISS", "{target:?}");
+        assert_eq!(answers[1].status, 200, "the connection serves on");
+        let mut again = connect(proxy.addr).await;
+        again.write_all(&get(&proxy, target)).await.expect("write");
+        let hit = read_answers(&mut again, 1).await;
+        assert_eq!(hit[0].header("x-cache"), "HIT", "{target:?}");
+    }
+    assert_eq!(metric(&proxy, "swr_fast_hits_total").await, 3.0);
+}
+
 /// A connection that has only had fast hits is closed when idle for the
 /// client header timeout, and at once at shutdown.
 #[tokio::test]

@@ -135,7 +135,12 @@ pub fn valid_target(target: &str) -> bool {
         while !rest.is_empty() {
             if let Some(after) = rest.strip_prefix('.') {
                 rest = after;
-            } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case("%2e") {
+            } else if rest
+                .as_bytes()
+                .get(..3)
+                .is_some_and(|b| b.eq_ignore_ascii_case(b"%2e"))
+            {
+                // Three ASCII bytes: the rest starts on a char boundary.
                 rest = &rest[3..];
             } else {
                 return false;
@@ -252,6 +257,12 @@ mod tests {
             "/a/.well-known/x",
             "/x?y=/../z",
             "/.x",
+            // Found by fuzz/fuzz_targets/keys.rs: a character of more than
+            // one byte across a segment's third byte was sliced inside.
+            "/ab\u{e9}",
+            "/x/%2e\u{61d}y",
+            "/%2E.\u{1f600}",
+            "/\u{1f600}",
         ] {
             assert!(valid_target(good), "{good}");
         }

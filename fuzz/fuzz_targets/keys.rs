@@ -1,0 +1,208 @@
+//! Key building: `valid_host`, `valid_target`, the key text, `vary_key`,
+//! `keyed_cookies` and a route's patterns, over arbitrary bytes.
+//!
+//! Input: NUL-separated fields: host, target, a second host and target, a
+//! header name, two values, cookie names (comma-separated), Cookie lines,
+//! a route pattern.
+//!
+//! Checked, besides "no panic":
+//! - a valid host is non-empty printable ASCII with no `/ ? # @` or white
+//!   space; two valid (host, target) pairs share key text only when equal,
+//!   and `matches` agrees;
+//! - a target `valid_target` accepts keeps its path segments through the
+//!   URL parser the upstream client uses (no dot segment it would resolve);
+//! - `vary_key`: two single values with no surrounding white space or
+//!   comma give different keys when their bytes differ (ASCII case aside,
+//!   for the `Accept*` fields); with two names, equal keys mean equal keys
+//!   name by name (the names' parts cannot run into each other); repeated
+//!   fields are keyed as their comma-joined value;
+//! - `keyed_cookies`: only listed names, and two single cookies of one
+//!   listed name with different (visible ASCII) values give different keys.
+
+#![no_main]
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use libfuzzer_sys::fuzz_target;
+use swr_proxy::cache::key::{keyed_cookies, valid_host, valid_target, KeyHasher};
+use swr_proxy::cache::policy::vary_key;
+use swr_proxy::config::glob;
+use swr_proxy_fuzz::{fields, header_map};
+
+fn field<'a>(parts: &[&'a [u8]], i: usize) -> &'a [u8] {
+    parts.get(i).copied().unwrap_or_default()
+}
+
+fn check_host(host: &[u8]) -> bool {
+    if !valid_host(host) {
+        return false;
+    }
+    assert!(!host.is_empty());
+    assert!(
+        host.iter()
+            .all(|b| b.is_ascii_graphic() && !b"/?#@".contains(b)),
+        "{host:?}"
+    );
+    true
+}
+
+/// `target` (with a path) as the upstream client's URL parser has it:
+/// whether it keeps the path's segments as they are counted here.
+fn check_target(target: &str) {
+    if !target.starts_with('/') || !valid_target(target) {
+        return;
+    }
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    // The URL parser drops tabs and newlines and cuts at `#`: compare only
+    // what it keeps whole.
+    if !path.bytes().all(|b| b.is_ascii_graphic() && b != b'#') {
+        return;
+    }
+    let url = url::Url::parse(&format!("http://h{target}")).expect("a URL");
+    assert_eq!(
+        url.path().split('/').count(),
+        path.split('/').count(),
+        "{target:?} became {:?}",
+        url.path()
+    );
+}
+
+fn one(name: &HeaderName, value: &[u8]) -> Option<HeaderMap> {
+    let value = HeaderValue::from_bytes(value).ok()?;
+    let mut map = HeaderMap::new();
+    map.append(name.clone(), value);
+    Some(map)
+}
+
+fn cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+fuzz_target!(|data: &[u8]| {
+    let parts = fields(data);
+    let (host1, target1, host2, target2) = (
+        field(&parts, 0),
+        field(&parts, 1),
+        field(&parts, 2),
+        field(&parts, 3),
+    );
+
+    // Hosts, targets and the key text.
+    let valid1 = check_host(host1);
+    let valid2 = check_host(host2);
+    let targets = (std::str::from_utf8(target1), std::str::from_utf8(target2));
+    if let Ok(t) = targets.0 {
+        check_target(t);
+    }
+    if let (true, true, Ok(t1), Ok(t2)) = (valid1, valid2, targets.0, targets.1) {
+        if t1.starts_with('/') && t2.starts_with('/') {
+            let h1 = std::str::from_utf8(host1).expect("ascii");
+            let h2 = std::str::from_utf8(host2).expect("ascii");
+            let hasher = KeyHasher::new();
+            let (k1, k2) = (hasher.key(h1, t1), hasher.key(h2, t2));
+            let same = (h1, t1) == (h2, t2);
+            assert_eq!(*k1.to_text() == *k2.to_text(), same, "{h1}{t1} / {h2}{t2}");
+            assert_eq!(k1.matches(k2.to_text().as_bytes()), same);
+            if same {
+                assert_eq!(k1.hash, k2.hash);
+            }
+            assert_eq!(k1.hash, hasher.hash_text(&k1.to_text()));
+        }
+    }
+
+    // Vary keys.
+    if let Ok(name) = HeaderName::from_bytes(field(&parts, 4)) {
+        let (v1, v2) = (field(&parts, 5), field(&parts, 6));
+        let plain = |v: &[u8]| !v.is_empty() && v.trim_ascii() == v && !v.contains(&b',');
+        let names = std::slice::from_ref(&name);
+        if let (Some(a), Some(b)) = (one(&name, v1), one(&name, v2)) {
+            let (ka, kb) = (vary_key(names, &a), vary_key(names, &b));
+            let folds = name.as_str().starts_with("accept");
+            let differ = if folds {
+                !v1.eq_ignore_ascii_case(v2)
+            } else {
+                v1 != v2
+            };
+            if plain(v1) && plain(v2) && differ {
+                assert_ne!(ka, kb, "{v1:?} / {v2:?}");
+            }
+            // Two fields are keyed as their comma-joined value.
+            if !v1.contains(&b'"') && !v2.contains(&b'"') {
+                let mut joined = v1.to_vec();
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(v2);
+                if let Some(single) = one(&name, &joined) {
+                    let mut both = a.clone();
+                    both.append(name.clone(), b[&name].clone());
+                    assert_eq!(vary_key(names, &both), vary_key(names, &single));
+                }
+            }
+            // With a second name, the parts of each stay apart.
+            let other = if name == "x-b" {
+                HeaderName::from_static("x-c")
+            } else {
+                HeaderName::from_static("x-b")
+            };
+            let mut pair = vec![name.clone(), other.clone()];
+            pair.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+            let mut a2 = a.clone();
+            if let Ok(v) = HeaderValue::from_bytes(v2) {
+                a2.append(other.clone(), v);
+            }
+            let mut b2 = b.clone();
+            if let Ok(v) = HeaderValue::from_bytes(v1) {
+                b2.append(other.clone(), v);
+            }
+            let whole = vary_key(&pair, &a2) == vary_key(&pair, &b2);
+            let each = pair.iter().all(|n| {
+                vary_key(std::slice::from_ref(n), &a2) == vary_key(std::slice::from_ref(n), &b2)
+            });
+            assert_eq!(whole, each);
+        }
+        let _ = vary_key(names, &header_map(field(&parts, 8)));
+    }
+
+    // Cookies a route keys.
+    let mut names: Vec<String> = std::str::from_utf8(field(&parts, 7))
+        .unwrap_or("")
+        .split(',')
+        .filter(|n| cookie_name(n))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    let cookies = header_map(field(&parts, 8));
+    let kept = keyed_cookies(&cookies, &names);
+    for pair in kept.split("; ").filter(|p| !p.is_empty()) {
+        let (name, _) = pair.split_once('=').expect("name=value");
+        assert!(names.iter().any(|n| n == name), "{name:?} not keyed");
+    }
+    if let Some(name) = names.first() {
+        let (v1, v2) = (field(&parts, 5), field(&parts, 6));
+        let cookie_value =
+            |v: &[u8]| v.iter().all(|b| b.is_ascii_graphic() && *b != b';') && !v.is_empty();
+        if cookie_value(v1) && cookie_value(v2) && v1 != v2 {
+            let jar = |v: &[u8]| {
+                let mut map = HeaderMap::new();
+                let mut text = format!("{name}=").into_bytes();
+                text.extend_from_slice(v);
+                map.append(
+                    http::header::COOKIE,
+                    HeaderValue::from_bytes(&text).expect("visible"),
+                );
+                keyed_cookies(&map, &names)
+            };
+            assert_ne!(jar(v1), jar(v2));
+        }
+    }
+
+    // A route's pattern against the targets.
+    if let (Ok(pattern), Ok(t1)) = (std::str::from_utf8(field(&parts, 9)), targets.0) {
+        if glob(pattern, t1) {
+            let literal: String = pattern.split('*').collect();
+            assert!(t1.len() >= literal.len());
+        }
+    }
+});
