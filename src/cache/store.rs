@@ -315,6 +315,12 @@ impl Store {
             let found = inner.table.entry(hash, |s| s.hash == hash, |s| s.hash);
             match found {
                 hashbrown::hash_table::Entry::Occupied(mut occupied) => {
+                    // A replaced entry (a refresh, a revalidation) keeps its
+                    // second chance: it was read, or it would not have been
+                    // refreshed. Without it the hand took hot keys as cold
+                    // in the moment after their refresh (seen in the soak).
+                    let visited = occupied.get().visited.load(Relaxed);
+                    slot.visited.store(visited, Relaxed);
                     let old = std::mem::replace(occupied.get_mut(), slot);
                     self.bytes.fetch_sub(u64::from(old.weight), Relaxed);
                 }
