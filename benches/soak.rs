@@ -6,6 +6,7 @@
 //! cargo bench --bench soak                        # 5 minutes
 //! cargo bench --bench soak -- --duration 60       # 1 minute
 //! cargo bench --bench soak -- --duration 600 --slow-readers 32
+//! cargo bench --bench soak -- --duration 40 --unique 0  # no new URLs: nothing evicted
 //! ```
 //!
 //! - The origin runs in this process: every answer has `Cache-Control:
