@@ -737,6 +737,9 @@ mod tests {
             UpstreamCause::Revalidate as usize,
             UpstreamCause::ALL.len() - 1
         );
-        assert_eq!(BypassReason::BufferFull.index(), BypassReason::ALL.len() - 1);
+        assert_eq!(
+            BypassReason::BufferFull.index(),
+            BypassReason::ALL.len() - 1
+        );
     }
 }
