@@ -41,15 +41,12 @@ async fn the_vary_index_stays_within_the_budget() {
     assert!(metrics["swr_cache_bytes"] <= 256.0 * 1024.0);
 }
 
-/// A client that stops reading an answer is dropped after
-/// `--client-write-timeout`, on the fast path and on hyper's, so it cannot
-/// keep a large body alive.
-#[tokio::test]
-async fn a_client_that_stops_reading_is_dropped() {
+/// An origin with a stored `size`-byte answer at `path`, and the proxy in
+/// front of it with `--client-write-timeout 1s`.
+async fn large_object_behind_a_write_timeout(path: &str, size: usize) -> (Origin, TestProxy) {
     let origin = Origin::start().await;
-    let size = 16 << 20;
     origin.route(
-        "/big",
+        path,
         Route::default()
             .header("cache-control", "max-age=60")
             .body(vec![b'x'; size]),
@@ -66,7 +63,17 @@ async fn a_client_that_stops_reading_is_dropped() {
         ],
     )
     .await;
-    assert_eq!(proxy.get("/big").await.body.len(), size, "stored");
+    assert_eq!(proxy.get(path).await.body.len(), size, "stored");
+    (origin, proxy)
+}
+
+/// A client that stops reading an answer is dropped after
+/// `--client-write-timeout`, on the fast path and on hyper's, so it cannot
+/// keep a large body alive.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped() {
+    let size = 16 << 20;
+    let (_origin, proxy) = large_object_behind_a_write_timeout("/big", size).await;
     for (path, hits) in [("/big", "a fast hit"), ("/big?pass", "hyper's path")] {
         let socket = TcpSocket::new_v4().expect("socket");
         socket
@@ -287,27 +294,8 @@ async fn reloads_under_load_lose_nothing() {
 /// `--client-write-timeout`, since hyper stopped taking the body.
 #[tokio::test]
 async fn an_http2_client_that_stops_reading_is_dropped() {
-    let origin = Origin::start().await;
     let size = 16 << 20;
-    origin.route(
-        "/big2",
-        Route::default()
-            .header("cache-control", "max-age=60")
-            .body(vec![b'y'; size]),
-    );
-    let proxy = TestProxy::start(
-        &origin,
-        &[
-            "--max-object-size",
-            "32MiB",
-            "--max-size",
-            "64MiB",
-            "--client-write-timeout",
-            "1s",
-        ],
-    )
-    .await;
-    assert_eq!(proxy.get("/big2").await.body.len(), size, "stored");
+    let (_origin, proxy) = large_object_behind_a_write_timeout("/big2", size).await;
     let stream = tokio::net::TcpStream::connect(proxy.addr)
         .await
         .expect("connect");
