@@ -126,6 +126,11 @@ pub fn valid_host(host: &[u8]) -> bool {
 /// route and a bypass rule were chosen by.
 pub fn valid_target(target: &str) -> bool {
     let path = target.split_once('?').map_or(target, |(path, _)| path);
+    // Most paths have no byte that can start a dot segment or be a
+    // backslash: one pass over the bytes, on the hit path.
+    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return true;
+    }
     if path.contains('\\') {
         return false;
     }
