@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::cache::policy::CacheControlMode;
+use crate::routes::{Cookies, Glob, PathMatcher, Route};
 
 /// The command line. Without a subcommand it runs the proxy.
 #[derive(Debug, Parser)]
@@ -295,87 +296,6 @@ pub struct RouteFile {
 pub enum CookiesFile {
     Mode(String),
     Names(Vec<String>),
-}
-
-/// What a route does with a request's `Cookie`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Cookies {
-    /// Forwarded; the answer is stored only when the backend says it may be
-    /// shared (`public`, `s-maxage`, or a targeted field).
-    #[default]
-    Private,
-    /// Removed before forwarding; the answer is shared.
-    Ignore,
-    /// Only these cookies are forwarded, and their values are part of the key.
-    Key(Vec<String>),
-}
-
-/// One validated route: what requests it matches and how they are cached.
-#[derive(Debug, Clone)]
-pub struct Route {
-    /// The pattern as written, for logs and metrics.
-    pub pattern: String,
-    pub ttl: Duration,
-    /// `heuristic_freshness` of the route, else of the top level.
-    pub heuristic_freshness: Option<u8>,
-    pub stale_while_revalidate: Duration,
-    pub stale_if_error: Duration,
-    pub cache_control: CacheControlMode,
-    pub bypass: bool,
-    pub ignore_query: Vec<String>,
-    pub keep_query: Vec<String>,
-    pub sort_query: bool,
-    pub key_headers: Vec<http::HeaderName>,
-    pub cookies: Cookies,
-}
-
-impl Route {
-    /// Whether the route matches a request path: a prefix, or a glob where
-    /// `*` matches any run of characters (and the glob must match it all).
-    pub fn matches(&self, path: &str) -> bool {
-        if self.pattern.contains('*') {
-            glob(&self.pattern, path)
-        } else {
-            path.starts_with(&self.pattern)
-        }
-    }
-
-    /// Whether the cache key of this route differs from the plain URL's.
-    pub fn shapes_key(&self) -> bool {
-        !self.ignore_query.is_empty()
-            || !self.keep_query.is_empty()
-            || self.sort_query
-            || !self.key_headers.is_empty()
-            || matches!(self.cookies, Cookies::Key(_))
-    }
-
-    /// Whether a query parameter name takes part in the key.
-    pub fn keeps_param(&self, name: &str) -> bool {
-        if !self.keep_query.is_empty() {
-            return self.keep_query.iter().any(|p| glob(p, name));
-        }
-        !self.ignore_query.iter().any(|p| glob(p, name))
-    }
-}
-
-/// `*` matches any run of characters; everything else matches itself.
-pub fn glob(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == text;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
-        return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for middle in &parts[1..parts.len() - 1] {
-        match rest.find(middle) {
-            Some(at) => rest = &rest[at + middle.len()..],
-            None => return false,
-        }
-    }
-    true
 }
 
 /// The validated configuration the proxy runs with.
@@ -965,6 +885,7 @@ fn validate_route(
     Ok(Route {
         heuristic_freshness: route.heuristic_freshness,
         pattern: route.path.clone(),
+        matcher: PathMatcher::new(&route.path),
         ttl: duration(&route.ttl, "ttl", ttl)?,
         stale_while_revalidate: duration(
             &route.stale_while_revalidate,
@@ -974,8 +895,8 @@ fn validate_route(
         stale_if_error: duration(&route.stale_if_error, "stale_if_error", stale_if_error)?,
         cache_control: route.cache_control.unwrap_or(cache_control),
         bypass: route.bypass,
-        ignore_query: route.ignore_query.clone(),
-        keep_query: route.keep_query.clone(),
+        ignore_query: route.ignore_query.iter().map(|p| Glob::new(p)).collect(),
+        keep_query: route.keep_query.iter().map(|p| Glob::new(p)).collect(),
         sort_query: route.sort_query,
         key_headers,
         cookies,
@@ -1263,17 +1184,6 @@ mod tests {
         for bad in ["", "MiB", "12XB", "-1", "1.5MiB", "99999999999GiB"] {
             assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
         }
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob("utm_*", "utm_source"));
-        assert!(!glob("utm_*", "xutm_source"));
-        assert!(glob("/users/*/similar", "/users/42/similar"));
-        assert!(!glob("/users/*/similar", "/users/42/similar/x"));
-        assert!(glob("*", "anything"));
-        assert!(glob("a*b*c", "a-b-c"));
-        assert!(!glob("a*b*c", "a-c"));
     }
 
     fn file(text: &str) -> Result<FileConfig, String> {

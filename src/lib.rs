@@ -8,11 +8,13 @@
 //! # Layout
 //! In request-flow order:
 //! - [`config`]: flags, defaults and `validate()`, before anything binds.
+//! - [`routes`]: per-path rules, their patterns compiled at load.
 //! - [`server`]: the accept loop and graceful shutdown.
 //! - [`connections`]: open connections: closing idle ones and clients that
 //!   stop reading, finishing all at shutdown.
 //! - [`fast_hits`]: plain HTTP/1.1 hits answered from the socket; the rest to hyper.
-//! - [`proxy`]: the hyper service: request -> cache decision -> upstream -> response.
+//! - [`proxy`]: the request flow: lookup -> fill or pass -> respond, one
+//!   file per step.
 //! - [`cache::key`]: the cache key of a request (host, path, query).
 //! - [`cache::policy`]: pure rules: storable? lifetimes; state of an entry at `now`.
 //! - [`cache::entry`]: the stored response and its instants.
@@ -42,5 +44,6 @@ pub mod logs;
 pub mod metrics;
 pub mod proxy;
 pub mod refresh;
+pub mod routes;
 pub mod server;
 pub mod upstream;

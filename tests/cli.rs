@@ -614,7 +614,10 @@ async fn until_closed(
                 break;
             };
             if answer.status != 200 || answer.body.is_empty() {
-                return Err(format!("{path}: status {} {:?}", answer.status, answer.body));
+                return Err(format!(
+                    "{path}: status {} {:?}",
+                    answer.status, answer.body
+                ));
             }
             ended.answered += 1;
             if answer.header("connection").eq_ignore_ascii_case("close") {

@@ -25,7 +25,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use swr_proxy::cache::key::{keyed_cookies, valid_host, valid_target, KeyHasher};
 use swr_proxy::cache::policy::vary_key;
-use swr_proxy::config::glob;
+use swr_proxy::routes::Glob;
 use swr_proxy_fuzz::{fields, header_map};
 
 fn field<'a>(parts: &[&'a [u8]], i: usize) -> &'a [u8] {
@@ -200,7 +200,7 @@ fuzz_target!(|data: &[u8]| {
 
     // A route's pattern against the targets.
     if let (Ok(pattern), Ok(t1)) = (std::str::from_utf8(field(&parts, 9)), targets.0) {
-        if glob(pattern, t1) {
+        if Glob::new(pattern).matches(t1) {
             let literal: String = pattern.split('*').collect();
             assert!(t1.len() >= literal.len());
         }

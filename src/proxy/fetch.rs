@@ -1,0 +1,369 @@
+//! Fetching a response for the cache: what is sent (forwarded headers,
+//! no client conditionals or framing, credentials kept or not), the
+//! conditional request and 304 renewal of a stored entry, storability,
+//! and storing the answer under its URL or its variant. The only place
+//! that stores a backend answer.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode};
+
+use crate::body::ProxyBody;
+use crate::cache::entry::Entry;
+use crate::cache::key::RequestKey;
+use crate::cache::policy::{self, BypassReason, Defaults, RequestFacts, Storability};
+use crate::error::{UpstreamError, UpstreamErrorKind};
+use crate::metrics::UpstreamCause;
+use crate::routes::{Cookies, Route};
+use crate::upstream::{self, BodyRead, Priority};
+
+use super::rules::{route_headers, Peer};
+use super::Proxy;
+
+/// What a fetch for the cache is for: the URL, the request's headers, and
+/// where the answer is stored.
+#[derive(Clone)]
+pub(super) struct FetchTarget {
+    /// The URL's key text (`host` + `path?query`) and its hash.
+    pub(super) url_text: Arc<str>,
+    pub(super) url_hash: u64,
+    pub(super) path_and_query: Arc<str>,
+    /// The client's headers: what a Vary'd answer is keyed by.
+    pub(super) client_headers: HeaderMap,
+    /// What is sent to the backend: forwarded, without the client's
+    /// conditionals and framing.
+    pub(super) upstream_headers: HeaderMap,
+    /// What storability needs to know of the request.
+    pub(super) facts: RequestFacts,
+    /// The cookies left are part of the key (a route's `cookies = [...]`).
+    pub(super) keyed_cookies: bool,
+    /// The caching rules of the request's route.
+    pub(super) defaults: Arc<Defaults>,
+}
+
+impl FetchTarget {
+    /// The fetch without the client's `Authorization` and `Cookie`, for a
+    /// background refresh of `stale`, an entry stored for everyone: one
+    /// client's credentials never shape what others are served. Kept: the
+    /// cookies the route's key names, and a field the entry varies on
+    /// (its key holds that value, so every client of the entry sent it).
+    pub(super) fn without_credentials(mut self, stale: &Entry) -> FetchTarget {
+        let varies_on = |name: &str| {
+            stale
+                .header(&header::VARY)
+                .and_then(|v| v.to_str().ok().map(str::to_ascii_lowercase))
+                .is_some_and(|v| v.split(',').any(|n| n.trim() == name))
+        };
+        let keep_cookie = self.keyed_cookies || varies_on("cookie");
+        let keep_authorization = varies_on("authorization");
+        for headers in [&mut self.client_headers, &mut self.upstream_headers] {
+            if !keep_authorization {
+                headers.remove(header::AUTHORIZATION);
+            }
+            if !keep_cookie {
+                headers.remove(header::COOKIE);
+            }
+        }
+        self.facts = facts_of(&self.client_headers, self.keyed_cookies);
+        // A header value can be a slice of the connection's read buffer,
+        // which a queued job would keep alive whole: copy what it keeps.
+        self.client_headers = detached(&self.client_headers);
+        self.upstream_headers = detached(&self.upstream_headers);
+        self
+    }
+}
+
+/// A copy of `headers` that shares no memory with them.
+pub(super) fn detached(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
+            copy.append(name.clone(), value);
+        }
+    }
+    copy
+}
+
+/// What storability needs of a request's headers; cookies that are part of
+/// the key do not make an answer private.
+pub(super) fn facts_of(headers: &HeaderMap, keyed_cookies: bool) -> RequestFacts {
+    let facts = RequestFacts::of(headers);
+    RequestFacts {
+        cookie: facts.cookie && !keyed_cookies,
+        ..facts
+    }
+}
+
+/// The result of fetching a response for the cache.
+pub(super) enum Fetched {
+    /// Stored (a new entry, or a stale one renewed by a 304).
+    Stored(Entry),
+    /// Not storable: passed through as a stream.
+    Pass(Passed),
+    /// The backend failed (no response, or the exchange broke).
+    Failed(UpstreamError),
+}
+
+/// A backend response passed through without being stored.
+pub(super) struct Passed {
+    pub(super) reason: BypassReason,
+    pub(super) status: StatusCode,
+    pub(super) headers: HeaderMap,
+    pub(super) body: ProxyBody,
+}
+
+/// Headers for a fetch made on behalf of the cache: the client's forwarded
+/// headers without its conditionals and ranges (the cache wants the whole,
+/// storable response).
+pub(super) fn fill_headers(
+    client_headers: &HeaderMap,
+    forwarding: &upstream::Forwarding<'_>,
+) -> HeaderMap {
+    let mut headers = upstream::forward_headers(client_headers, forwarding);
+    for name in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+        header::RANGE,
+    ] {
+        headers.remove(name);
+    }
+    headers
+}
+
+impl Proxy {
+    /// A fetch for the cache of `key`'s URL, by the rules of the request's
+    /// route: the headers it keys on are forwarded whatever they are, and
+    /// its `cookies` setting decides which cookies go.
+    pub(super) fn fetch_target(
+        &self,
+        key: RequestKey<'_>,
+        path_and_query: &str,
+        client_headers: &HeaderMap,
+        peer: Peer,
+        defaults: &Arc<Defaults>,
+        route: Option<&Route>,
+    ) -> FetchTarget {
+        let client_headers = route_headers(route, client_headers).into_owned();
+        let forwarding = upstream::Forwarding {
+            host: key.host,
+            client: peer.addr,
+            trusted: peer.trusted,
+            with_body: false,
+            keyed: route.map_or(&[][..], |r| &r.key_headers[..]),
+        };
+        let keyed_cookies = route.is_some_and(|r| matches!(r.cookies, Cookies::Key(_)));
+        FetchTarget {
+            url_text: key.to_text().into(),
+            url_hash: key.hash,
+            path_and_query: path_and_query.into(),
+            upstream_headers: fill_headers(&client_headers, &forwarding),
+            facts: facts_of(&client_headers, keyed_cookies),
+            client_headers,
+            keyed_cookies,
+            defaults: Arc::clone(defaults),
+        }
+    }
+
+    /// Fetches a response for the cache (always a GET). With a stored entry
+    /// that has validators, the request is conditional and a 304 renews the
+    /// entry. A storable answer is read whole and stored (under its variant
+    /// when it varies); one that may not be stored is handed back to stream.
+    pub(super) async fn fetch(
+        &self,
+        target: &FetchTarget,
+        stale: Option<&Entry>,
+        priority: Priority,
+    ) -> Fetched {
+        // Held until the body is read (or handed on to stream).
+        let _permit = match self.upstream.permit(priority).await {
+            Ok(permit) => permit,
+            // Counted as `busy`, not as a backend failure.
+            Err(err) => return Fetched::Failed(err),
+        };
+        let mut headers = target.upstream_headers.clone();
+        let mut conditional = false;
+        if let Some(stale) = stale {
+            if let Some(etag) = stale.etag() {
+                headers.insert(header::IF_NONE_MATCH, etag.clone());
+                conditional = true;
+            }
+            if let Some(modified) = stale.last_modified() {
+                headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+                conditional = true;
+            }
+        }
+        if conditional {
+            self.stats
+                .record_upstream_request(UpstreamCause::Revalidate);
+        }
+        let request_time = Instant::now();
+        let response = match self
+            .upstream
+            .send(Method::GET, &target.path_and_query, headers, None)
+            .await
+        {
+            Ok(response) => response,
+            Err(err) => {
+                self.stats.record_upstream_error(err.kind);
+                return Fetched::Failed(err);
+            }
+        };
+        let response_delay = request_time.elapsed();
+        self.stats.upstream_latency.observe(response_delay);
+        let status = response.status();
+        if policy::status_is_error(status) {
+            self.stats.record_upstream_error(UpstreamErrorKind::Status);
+        }
+        let facts = target.facts;
+
+        if status == StatusCode::NOT_MODIFIED {
+            let Some(stale) = stale.filter(|_| conditional) else {
+                return Fetched::Pass(self.passed(BypassReason::NotModified, response));
+            };
+            let merged = stale.renewed_headers(response.headers());
+            return match policy::storability(
+                stale.status(),
+                &merged,
+                facts,
+                response_delay,
+                SystemTime::now(),
+                &target.defaults,
+            ) {
+                Storability::Store(lifetimes) => {
+                    let entry = Entry::new(
+                        stale.key(),
+                        stale.status(),
+                        &self.stored_headers(&merged),
+                        &[stale.body()],
+                        Instant::now(),
+                        lifetimes,
+                    );
+                    let hash = self.keys.hash_text(stale.key());
+                    self.store.insert(hash, entry.clone());
+                    self.stats.revalidated.fetch_add(1, Relaxed);
+                    self.stats
+                        .revalidation_bytes_saved
+                        .fetch_add(stale.body_len() as u64, Relaxed);
+                    Fetched::Stored(entry)
+                }
+                Storability::Bypass(reason) => {
+                    // What the backend said of the stored answer ends it;
+                    // that this client's credentials made the 304 private
+                    // says nothing about the answer stored for everyone.
+                    if !matches!(reason, BypassReason::Authorization | BypassReason::Cookie) {
+                        self.store
+                            .remove(self.keys.hash_text(stale.key()), stale.key());
+                    }
+                    Fetched::Pass(Passed {
+                        reason,
+                        status: stale.status(),
+                        headers: self.client_headers(&merged),
+                        body: ProxyBody::full(stale.body()),
+                    })
+                }
+            };
+        }
+
+        let lifetimes = match policy::storability(
+            status,
+            response.headers(),
+            facts,
+            response_delay,
+            SystemTime::now(),
+            &target.defaults,
+        ) {
+            Storability::Store(lifetimes) => lifetimes,
+            Storability::Bypass(reason) => return Fetched::Pass(self.passed(reason, response)),
+        };
+        // Where it is stored: under the URL, or under the variant its Vary selects.
+        let (hash, text, vary) = match policy::vary_names(response.headers()) {
+            Ok(names) if !names.is_empty() => {
+                let text = format!(
+                    "{}{}",
+                    target.url_text,
+                    policy::vary_key(&names, &target.client_headers)
+                );
+                (self.keys.hash_text(&text), text, Some(names))
+            }
+            _ => (target.url_hash, target.url_text.to_string(), None),
+        };
+        let omitted = policy::omitted_fields(response.headers(), &self.targeted);
+        let mut headers = self.client_headers(response.headers());
+        match self
+            .upstream
+            .read_body(response, self.config.max_object_size_bytes)
+            .await
+        {
+            Ok(BodyRead::Complete(body)) => {
+                for name in omitted {
+                    headers.remove(name);
+                }
+                let entry = Entry::new(&text, status, &headers, &body, Instant::now(), lifetimes);
+                match vary {
+                    Some(names) => {
+                        self.store.record_variant(target.url_hash, &names, hash);
+                        // The URL's own entry (from before it varied) is stale knowledge.
+                        self.store.remove(target.url_hash, &target.url_text);
+                    }
+                    None => self.store.forget_vary(target.url_hash),
+                }
+                self.store.insert(hash, entry.clone());
+                Fetched::Stored(entry)
+            }
+            Ok(BodyRead::NoRoom { prefix, rest }) => Fetched::Pass(Passed {
+                reason: BypassReason::BufferFull,
+                status,
+                headers,
+                body: self.upstream.stream_body(prefix, rest),
+            }),
+            Ok(BodyRead::TooLarge { prefix, rest }) => Fetched::Pass(Passed {
+                reason: BypassReason::TooLarge,
+                status,
+                headers,
+                body: self.upstream.stream_body(prefix, rest),
+            }),
+            Err(err) => {
+                self.stats.record_upstream_error(err.kind);
+                Fetched::Failed(err)
+            }
+        }
+    }
+
+    /// A backend response to stream through without storing it.
+    pub(super) fn passed(&self, reason: BypassReason, response: reqwest::Response) -> Passed {
+        Passed {
+            reason,
+            status: response.status(),
+            headers: self.client_headers(response.headers()),
+            body: self.upstream.stream_body(Vec::new(), response),
+        }
+    }
+
+    /// A backend response's headers as clients get them: hop-by-hop headers
+    /// and the fields targeted at this proxy removed.
+    pub(super) fn client_headers(&self, upstream_headers: &HeaderMap) -> HeaderMap {
+        let mut headers = upstream::response_headers(upstream_headers);
+        headers.remove(&self.targeted);
+        headers.remove(policy::CDN_CACHE_CONTROL);
+        headers
+    }
+
+    /// A storable response's headers as stored: as clients get them, less
+    /// the fields `private="..."` / `no-cache="..."` name (RFC 9111
+    /// §5.2.2.4, §5.2.2.7), which a shared cache does not keep. (A fill
+    /// removes them itself once it knows the body is stored.)
+    pub(super) fn stored_headers(&self, upstream_headers: &HeaderMap) -> HeaderMap {
+        let omitted = policy::omitted_fields(upstream_headers, &self.targeted);
+        let mut headers = self.client_headers(upstream_headers);
+        for name in omitted {
+            headers.remove(name);
+        }
+        headers
+    }
+}

@@ -1,0 +1,300 @@
+//! The first step of every request: what the cache has for it, decided
+//! without waiting for anything. A fresh or stale entry is answered at
+//! once (a stale one queues its refresh); anything else becomes the
+//! backend work `fill.rs` or `pass.rs` does. [`Proxy::fast_hit`] is the
+//! same lookup for the fast path's plain GETs. Owns no state; answers go
+//! through `respond.rs`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+
+use crate::body::ProxyBody;
+use crate::cache::entry::Entry;
+use crate::cache::policy::{self, BypassReason, Defaults, RequestDirectives, Use};
+use crate::cache::status_field::StatusField;
+use crate::cache::CacheStatus;
+use crate::error::ProxyError;
+use crate::metrics::RouteStats;
+use crate::routes::Route;
+
+use super::fetch::FetchTarget;
+use super::respond::{hit_cache_status, small_number};
+use super::rules::{
+    lowercase, request_host, route_headers, shaped_key, variant_text, Peer, Rules, ShapedKey,
+};
+use super::Proxy;
+
+/// What the cache decided about a request before anything is awaited.
+pub(super) enum Next {
+    /// Answered from the cache (or a local error).
+    Answer(Response<ProxyBody>),
+    /// Needs the backend.
+    Backend(BackendWork),
+}
+
+/// What a request needs of the backend.
+pub(super) enum BackendWork {
+    /// Passed through, nothing stored.
+    Pass(BypassReason),
+    /// Fetched for the cache (a miss or an expired entry).
+    Fetch(Box<FetchPlan>),
+}
+
+/// A fetch for the cache, as decided on the request path.
+pub(super) struct FetchPlan {
+    pub(super) target: FetchTarget,
+    pub(super) fill_hash: u64,
+    /// The expired entry, kept for revalidation and stale-if-error.
+    pub(super) stale: Option<Entry>,
+    pub(super) fwd: &'static str,
+    pub(super) head: bool,
+    /// The key was recently uncacheable (hit-for-miss): fetch uncoalesced.
+    pub(super) alone: bool,
+}
+
+/// An answer for [`crate::fast_hits`] to write: the entry and the values
+/// of the headers an answer adds to the stored ones.
+pub struct FastHit {
+    pub entry: Entry,
+    /// `Hit` or `Stale`, for `X-Cache`.
+    pub status: CacheStatus,
+    pub age: HeaderValue,
+    pub cache_status: HeaderValue,
+}
+
+/// Whether an answer with this status carries the body (and stored
+/// `Content-Length`) as they are: not 1xx, 204 or 304.
+pub(super) fn has_body(status: StatusCode) -> bool {
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+}
+
+impl Proxy {
+    /// What the cache does with a request, without waiting for anything:
+    /// answer it (fresh or stale hit, or a local error), or say what to ask
+    /// the backend.
+    pub(super) fn from_cache(
+        self: &Arc<Self>,
+        parts: &Parts,
+        peer: Peer,
+        rules: &Rules,
+        route: Option<&(Route, Arc<Defaults>, Arc<RouteStats>)>,
+    ) -> Next {
+        if !policy::method_is_cacheable(&parts.method) {
+            return Next::Backend(BackendWork::Pass(BypassReason::Method));
+        }
+        if parts.headers.contains_key(header::RANGE) {
+            return Next::Backend(BackendWork::Pass(BypassReason::Range));
+        }
+        let host = match request_host(parts) {
+            Ok(host) => host,
+            Err(err) => return Next::Answer(self.refused(&err)),
+        };
+        let host = lowercase(host);
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        if !path_and_query.starts_with('/') {
+            // The key's host ends where its target's first `/` starts.
+            return Next::Answer(self.refused(&ProxyError::BadTarget));
+        }
+        let (route, defaults) = match route {
+            Some((route, defaults, _)) => (Some(route), defaults),
+            None => (None, &rules.defaults),
+        };
+        if route.is_some_and(|r| r.bypass) {
+            return Next::Backend(BackendWork::Pass(BypassReason::Route));
+        }
+        // A route's key options (query filtering and order, key headers) make
+        // the key differ from the URL.
+        let shaped = route
+            .filter(|r| r.shapes_key())
+            .map(|r| shaped_key(r, parts.uri.path(), parts.uri.query(), &parts.headers));
+        let key = self
+            .keys
+            .key(&host, shaped.as_ref().map_or(path_and_query, |s| &s.text));
+        // What the backend is asked for: the URL as the key has it.
+        let path_and_query = shaped.as_ref().map_or(path_and_query, ShapedKey::target);
+        let head = parts.method == Method::HEAD;
+        let directives = if rules.honor_client_cache_control {
+            Some(RequestDirectives::parse(&parts.headers)).filter(|d| !d.is_empty())
+        } else {
+            None
+        };
+        if directives.is_some_and(|d| d.no_store) {
+            return Next::Backend(BackendWork::Pass(BypassReason::Request));
+        }
+        let now = Instant::now();
+
+        // The URL's own entry; else, for a URL whose answers vary, the variant
+        // this request's headers select.
+        let mut variant: Option<(u64, String)> = None;
+        let found = match self.store.get(&key, now) {
+            Some(entry) => Some(entry),
+            None => match self.store.vary_names(key.hash) {
+                Some(names) => {
+                    let headers = route_headers(route, &parts.headers);
+                    let text = variant_text(key, &names, &headers);
+                    let hash = self.keys.hash_text(&text);
+                    let entry = self.store.get_exact(hash, text.as_bytes(), now);
+                    variant = Some((hash, text));
+                    entry
+                }
+                None => None,
+            },
+        };
+        let fill_hash = variant.as_ref().map_or(key.hash, |(hash, _)| *hash);
+
+        let stale = match found {
+            Some(entry) => match policy::decide(&entry, now, directives.as_ref()) {
+                decided @ (Use::Fresh | Use::Stale) => {
+                    let target = || {
+                        self.fetch_target(
+                            key,
+                            path_and_query,
+                            &parts.headers,
+                            peer,
+                            defaults,
+                            route,
+                        )
+                    };
+                    let (status, cache_status) =
+                        self.at_once(&entry, decided == Use::Stale, fill_hash, target, now);
+                    return Next::Answer(self.entry_response(
+                        &entry,
+                        status,
+                        cache_status,
+                        parts,
+                        now,
+                    ));
+                }
+                Use::Expired => Some((entry, "stale")),
+                Use::ClientRefused => Some((entry, "request")),
+            },
+            None => None,
+        };
+        if directives.is_some_and(|d| d.only_if_cached) {
+            let err = ProxyError::NotCached;
+            let field = StatusField {
+                fwd: Some("miss"),
+                detail: Some("only-if-cached"),
+                ..StatusField::default()
+            };
+            return Next::Answer(self.error_response(&err, CacheStatus::Miss, field));
+        }
+        let fwd = match (&stale, &variant) {
+            (Some((_, why)), _) => why,
+            (None, Some(_)) => "vary-miss",
+            (None, None) => "uri-miss",
+        };
+        // A client's own fetch carries its credentials: what it brings back
+        // is stored only if the backend says it may be shared.
+        let target = self.fetch_target(key, path_and_query, &parts.headers, peer, defaults, route);
+        let alone = self.remembered_uncacheable(fill_hash, now, target.facts);
+        if alone {
+            self.stats.hit_for_miss.fetch_add(1, Relaxed);
+        }
+        Next::Backend(BackendWork::Fetch(Box::new(FetchPlan {
+            target,
+            fill_hash,
+            stale: stale.map(|(e, _)| e),
+            fwd,
+            head,
+            alone,
+        })))
+    }
+
+    /// An answer from `entry` at once, counted: fresh, or `stale` with a
+    /// refresh of `fill_hash` queued (`target` builds it, only when queued).
+    /// Returns the cache status and the `Cache-Status` value to send.
+    pub(super) fn at_once(
+        &self,
+        entry: &Entry,
+        stale: bool,
+        fill_hash: u64,
+        target: impl FnOnce() -> FetchTarget,
+        now: Instant,
+    ) -> (CacheStatus, HeaderValue) {
+        let answer = if stale {
+            let queued = self.queue_refresh(fill_hash, entry, target, now);
+            let cache_status = StatusField {
+                hit: true,
+                ttl: Some(entry.ttl_secs(now)),
+                detail: Some(queued.as_str()),
+                ..StatusField::default()
+            }
+            .value();
+            (CacheStatus::Stale, cache_status)
+        } else {
+            (CacheStatus::Hit, hit_cache_status(entry.ttl_secs(now)))
+        };
+        self.stats.record_request(answer.0);
+        answer
+    }
+
+    /// The answer from the cache a plain HTTP/1.1 `GET` of `path_and_query`
+    /// on `host` gets, for [`crate::fast_hits`]: a fresh hit, or a stale one
+    /// with its refresh queued, recorded as [`Proxy::handle`] records them.
+    /// The caller has checked that the request asks nothing else of the
+    /// cache (no range, no conditional, no body); `directives` says whether
+    /// it carries Cache-Control or Pragma, and `headers` builds the client's
+    /// headers, which a queued refresh sends on.
+    ///
+    /// `None` for anything else (a route that bypasses or shapes the key, a
+    /// varying URL, a miss, an expired entry, directives that count, a
+    /// status without a body): `handle` answers it. The steps are
+    /// `from_cache`'s, in its order.
+    pub fn fast_hit(
+        &self,
+        host: &str,
+        path_and_query: &str,
+        directives: bool,
+        client: SocketAddr,
+        headers: impl FnOnce() -> HeaderMap,
+    ) -> Option<FastHit> {
+        let rules = self.rules.load();
+        if directives && rules.honor_client_cache_control {
+            return None;
+        }
+        let path = path_and_query
+            .split_once('?')
+            .map_or(path_and_query, |(path, _)| path);
+        let route = rules.route_for(path);
+        if route.is_some_and(|(route, _, _)| route.bypass || route.shapes_key()) {
+            return None;
+        }
+        let host = lowercase(host);
+        let key = self.keys.key(&host, path_and_query);
+        let now = Instant::now();
+        let entry = self.store.get(&key, now)?;
+        if !has_body(entry.status()) {
+            return None;
+        }
+        let decided = policy::decide(&entry, now, None);
+        if !matches!(decided, Use::Fresh | Use::Stale) {
+            return None;
+        }
+        let defaults = route.map_or(&rules.defaults, |(_, defaults, _)| defaults);
+        let peer = rules.peer(Some(client));
+        let route_rules = route.map(|(route, _, _)| route);
+        let target =
+            || self.fetch_target(key, path_and_query, &headers(), peer, defaults, route_rules);
+        let (status, cache_status) =
+            self.at_once(&entry, decided == Use::Stale, key.hash, target, now);
+        if let Some((_, _, stats)) = route {
+            stats.record(status);
+        }
+        let age = self.served(&entry, now);
+        Some(FastHit {
+            status,
+            age: small_number(age.as_secs()),
+            cache_status,
+            entry,
+        })
+    }
+}

@@ -1,0 +1,134 @@
+//! Requests passed through to the backend, streamed both ways and never
+//! stored, and the invalidation an unsafe method's success causes
+//! (RFC 9111 §4.4).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::request::Parts;
+use http::{Method, Response};
+use http_body_util::BodyDataStream;
+
+use crate::body::ProxyBody;
+use crate::cache::policy::{self, BypassReason};
+use crate::cache::status_field::StatusField;
+use crate::cache::CacheStatus;
+use crate::error::{ProxyError, UpstreamErrorKind};
+use crate::metrics::UpstreamCause;
+use crate::upstream::{self, BoxError, Priority};
+
+use super::rules::{lowercase, request_host, same_origin_path, Peer};
+use super::Proxy;
+
+impl Proxy {
+    /// Passes a request through to the backend, streaming both ways; nothing
+    /// is stored. A successful unsafe method invalidates what is stored for
+    /// its URI and the URIs in its `Location` and `Content-Location`.
+    pub(super) async fn pass<B>(
+        &self,
+        parts: &Parts,
+        body: Option<B>,
+        peer: Peer,
+        reason: BypassReason,
+    ) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        // `handle` answered a request without a valid host with a 400.
+        let host = lowercase(request_host(parts).unwrap_or_default());
+        let forwarding = upstream::Forwarding {
+            host: &host,
+            client: peer.addr,
+            trusted: peer.trusted,
+            with_body: body.is_some(),
+            keyed: &[],
+        };
+        let headers = upstream::forward_headers(&parts.headers, &forwarding);
+        // A request without a body (`Content-Length: 0`, or none framed) is
+        // sent without one, not as an empty chunked stream.
+        let body = body
+            .filter(|b| !b.is_end_stream())
+            .map(|b| reqwest::Body::wrap_stream(BodyDataStream::new(b)));
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        self.stats.record_upstream_request(UpstreamCause::Pass);
+        let head = parts.method == Method::HEAD;
+        let fwd = match reason {
+            BypassReason::Method => "method",
+            BypassReason::Request => "request",
+            _ => "bypass",
+        };
+        let started = Instant::now();
+        let sent = match self.upstream.permit(Priority::Client).await {
+            Ok(permit) => {
+                let sent = self
+                    .upstream
+                    .send(parts.method.clone(), path_and_query, headers, body)
+                    .await;
+                // Held to the response head: a streamed body does not keep its slot.
+                drop(permit);
+                sent
+            }
+            Err(err) => Err(err),
+        };
+        match sent {
+            Ok(response) => {
+                self.stats.upstream_latency.observe(started.elapsed());
+                let status = response.status();
+                if policy::status_is_error(status) {
+                    self.stats.record_upstream_error(UpstreamErrorKind::Status);
+                }
+                if policy::method_invalidates(&parts.method)
+                    && (status.is_success() || status.is_redirection())
+                {
+                    self.invalidate(parts, response.headers());
+                }
+                let passed = self.passed(reason, response);
+                self.passed_response(passed, fwd, head)
+            }
+            Err(err) => {
+                self.stats.record_upstream_error(err.kind);
+                self.stats.record_request(CacheStatus::Bypass);
+                self.stats.record_bypass(reason);
+                let field = StatusField {
+                    fwd: Some(fwd),
+                    detail: Some(err.kind.as_str()),
+                    ..StatusField::default()
+                };
+                self.error_response(&ProxyError::Upstream(err), CacheStatus::Bypass, field)
+            }
+        }
+    }
+
+    /// RFC 9111 §4.4: removes the stored answers for the request's URI and for
+    /// same-origin `Location` / `Content-Location` URIs in the response.
+    pub(super) fn invalidate(&self, parts: &Parts, response_headers: &HeaderMap) {
+        let Ok(host) = request_host(parts) else {
+            return;
+        };
+        let host = lowercase(host);
+        let mut targets: Vec<String> = vec![parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string()];
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(value) = response_headers.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            if let Some(path) = same_origin_path(value, &host) {
+                targets.push(path);
+            }
+        }
+        for path in targets {
+            let text = format!("{host}{path}");
+            let removed = self.store.remove_url(self.keys.hash_text(&text), &text);
+            if removed > 0 {
+                self.stats.invalidations.fetch_add(removed as u64, Relaxed);
+                tracing::debug!(key = %text, removed, method = %parts.method, "invalidated");
+            }
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The rules a request is cached by, as the running configuration has
+//! them: the defaults and the routes (swapped whole by a reload), who the
+//! peer is, and what of a request makes its key (host, shaped target,
+//! route cookies, variant text). Pure reading of the request: nothing
+//! here touches the store, the backend or the counters.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+
+use crate::cache::key::{keyed_cookies, valid_host, RequestKey};
+use crate::cache::policy::{self, Defaults};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::metrics::RouteStats;
+use crate::routes::{Cookies, Route};
+
+use super::lock;
+
+/// The rules requests are cached by: the defaults, and the routes (first
+/// match wins), each with its own defaults.
+pub struct Rules {
+    pub(super) defaults: Arc<Defaults>,
+    pub(super) routes: Vec<(Route, Arc<Defaults>, Arc<RouteStats>)>,
+    pub(super) honor_client_cache_control: bool,
+    /// Peers whose forwarding headers are kept (`--trust-forwarded`).
+    pub(super) trust_forwarded: Vec<ipnet::IpNet>,
+}
+
+impl Rules {
+    /// `stats` keeps each route's counters across reloads, by pattern.
+    pub(super) fn from_config(config: &Config, stats: &Mutex<Vec<Arc<RouteStats>>>) -> Rules {
+        let defaults = |ttl, heuristic: Option<u8>, swr, sie, mode| {
+            Arc::new(Defaults {
+                ttl,
+                stale_while_revalidate: swr,
+                stale_if_error: sie,
+                mode,
+                targeted: config.targeted_cache_control.clone(),
+                heuristic_percent: heuristic
+                    .or_else(|| Defaults::default_heuristic(ttl))
+                    .filter(|&p| p > 0),
+            })
+        };
+        Rules {
+            defaults: defaults(
+                config.ttl,
+                config.heuristic_freshness,
+                config.stale_while_revalidate,
+                config.stale_if_error,
+                config.cache_control,
+            ),
+            routes: config
+                .routes
+                .iter()
+                .map(|r| {
+                    let d = defaults(
+                        r.ttl,
+                        r.heuristic_freshness,
+                        r.stale_while_revalidate,
+                        r.stale_if_error,
+                        r.cache_control,
+                    );
+                    let mut known = lock(stats);
+                    let counters = match known.iter().find(|s| s.pattern == r.pattern) {
+                        Some(counters) => Arc::clone(counters),
+                        None => {
+                            let counters = Arc::new(RouteStats::new(&r.pattern));
+                            known.push(Arc::clone(&counters));
+                            counters
+                        }
+                    };
+                    (r.clone(), d, counters)
+                })
+                .collect(),
+            honor_client_cache_control: config.honor_client_cache_control,
+            trust_forwarded: config.trust_forwarded.clone(),
+        }
+    }
+
+    /// Who sent a request, and whether its forwarding headers are trusted.
+    pub(super) fn peer(&self, addr: Option<SocketAddr>) -> Peer {
+        let trusted = !self.trust_forwarded.is_empty()
+            && addr.is_some_and(|addr| {
+                let ip = addr.ip().to_canonical();
+                self.trust_forwarded.iter().any(|net| net.contains(&ip))
+            });
+        Peer { addr, trusted }
+    }
+
+    /// The route a request path takes (first match), if any.
+    pub(super) fn route_for(&self, path: &str) -> Option<&(Route, Arc<Defaults>, Arc<RouteStats>)> {
+        if self.routes.is_empty() {
+            return None;
+        }
+        self.routes.iter().find(|(route, _, _)| route.matches(path))
+    }
+}
+
+/// The client a request came from.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Peer {
+    pub(super) addr: Option<SocketAddr>,
+    /// A proxy in front of swr-proxy (`--trust-forwarded`): its
+    /// `X-Forwarded-*` and `Forwarded` headers are kept and appended to.
+    pub(super) trusted: bool,
+}
+
+/// A request's headers as its route's `cookies` setting leaves them: as
+/// sent (`private`), without `Cookie` (`ignore`), or with only the cookies
+/// the key names. What both the variant lookup and the fetch read.
+pub(super) fn route_headers<'a>(
+    route: Option<&Route>,
+    headers: &'a HeaderMap,
+) -> Cow<'a, HeaderMap> {
+    let Some(cookies) = route
+        .map(|r| &r.cookies)
+        .filter(|c| **c != Cookies::Private)
+    else {
+        return Cow::Borrowed(headers);
+    };
+    let mut headers = headers.clone();
+    match cookies {
+        Cookies::Key(names) => {
+            let kept = keyed_cookies(&headers, names);
+            match HeaderValue::from_str(&kept) {
+                Ok(value) if !kept.is_empty() => {
+                    headers.insert(header::COOKIE, value);
+                }
+                _ => {
+                    headers.remove(header::COOKIE);
+                }
+            }
+        }
+        Cookies::Ignore | Cookies::Private => {
+            headers.remove(header::COOKIE);
+        }
+    }
+    Cow::Owned(headers)
+}
+
+/// The key path of a route with key options: the path, the query with
+/// parameters dropped or kept and maybe sorted, then the key headers' values
+/// (after a newline, so purging the URL's key purges these too). The first
+/// `len` bytes (path and shaped query) are also what the backend is sent:
+/// a parameter the key leaves out must not reach the backend, or a client
+/// could change the answer stored for everyone who shares the key.
+pub(super) struct ShapedKey {
+    pub(super) text: String,
+    pub(super) len: usize,
+}
+
+impl ShapedKey {
+    /// The path and query sent to the backend.
+    pub(super) fn target(&self) -> &str {
+        &self.text[..self.len]
+    }
+}
+
+pub(super) fn shaped_key(
+    route: &Route,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> ShapedKey {
+    let mut params: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| route.keeps_param(p.split('=').next().unwrap_or("")))
+        .collect();
+    if route.sort_query {
+        params.sort_unstable();
+    }
+    let mut key = String::with_capacity(path.len() + query.map_or(0, str::len) + 16);
+    key.push_str(path);
+    if !params.is_empty() {
+        key.push('?');
+        key.push_str(&params.join("&"));
+    }
+    let len = key.len();
+    if !route.key_headers.is_empty() {
+        key.push_str(&policy::vary_key(&route.key_headers, headers));
+    }
+    if let Cookies::Key(names) = &route.cookies {
+        key.push_str("\ncookie=");
+        key.push_str(&keyed_cookies(headers, names));
+    }
+    ShapedKey { text: key, len }
+}
+
+/// The key text of the variant `names` select for these request headers.
+pub(super) fn variant_text(
+    key: RequestKey<'_>,
+    names: &[HeaderName],
+    headers: &HeaderMap,
+) -> String {
+    let mut text = key.to_text().into_string();
+    text.push_str(&policy::vary_key(names, headers));
+    text
+}
+
+/// The path and query of a `Location`-style value if it points at `host`
+/// (a path, or an absolute URL with the same authority).
+pub(super) fn same_origin_path(value: &str, host: &str) -> Option<String> {
+    if value.starts_with('/') && !value.starts_with("//") {
+        return Some(value.to_string());
+    }
+    let uri: http::Uri = value.parse().ok()?;
+    let authority = uri.authority()?;
+    if !authority.as_str().eq_ignore_ascii_case(host) {
+        return None;
+    }
+    Some(
+        uri.path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string(),
+    )
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute form),
+/// else the `Host` header, else empty (HTTP/1.0 without one). A request
+/// with two `Host` fields, an invalid one, an HTTP/1.1 request without one,
+/// or an HTTP/2 request whose `Host` differs from its authority is a bad
+/// request (RFC 9112 §3.2, RFC 9113 §8.3.1).
+pub(super) fn request_host(parts: &Parts) -> Result<&str, ProxyError> {
+    let mut fields = parts.headers.get_all(header::HOST).iter();
+    let field = fields.next();
+    if fields.next().is_some() {
+        return Err(ProxyError::BadHost("more than one Host header"));
+    }
+    let field = match field {
+        Some(value) if valid_host(value.as_bytes()) => value.to_str().ok(),
+        Some(_) => return Err(ProxyError::BadHost("the Host header is not a host[:port]")),
+        None => None,
+    };
+    if let Some(authority) = parts.uri.authority() {
+        let authority = authority.as_str();
+        if !valid_host(authority.as_bytes()) {
+            return Err(ProxyError::BadHost(
+                "the request target's authority is not a host[:port]",
+            ));
+        }
+        if parts.version == http::Version::HTTP_2
+            && field.is_some_and(|host| !host.eq_ignore_ascii_case(authority))
+        {
+            return Err(ProxyError::BadHost(
+                "the Host header differs from the request's authority",
+            ));
+        }
+        if parts.version == http::Version::HTTP_11 && field.is_none() {
+            return Err(ProxyError::BadHost(
+                "an HTTP/1.1 request needs a Host header",
+            ));
+        }
+        return Ok(authority);
+    }
+    match field {
+        Some(host) => Ok(host),
+        None if parts.version <= http::Version::HTTP_10 => Ok(""),
+        None => Err(ProxyError::BadHost(
+            "an HTTP/1.1 request needs a Host header",
+        )),
+    }
+}
+
+pub(super) fn lowercase(host: &str) -> std::borrow::Cow<'_, str> {
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
+}

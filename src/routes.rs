@@ -1,0 +1,162 @@
+//! Routes: per-path caching rules, first match wins. A route's patterns
+//! (its path and its query-parameter globs) are compiled once, when the
+//! configuration loads, so matching a request allocates nothing. Built and
+//! validated by `config.rs`; read by the proxy's rules.
+
+use std::time::Duration;
+
+use crate::cache::policy::CacheControlMode;
+
+/// A glob compiled once: `*` matches any run of characters (none
+/// included), everything else matches itself, and the glob must match the
+/// whole text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob {
+    /// The text between the stars: `a*b*c` is `[a, b, c]`, `*` is `["", ""]`,
+    /// a glob without a star is one part.
+    parts: Box<[Box<str>]>,
+}
+
+impl Glob {
+    pub fn new(pattern: &str) -> Glob {
+        Glob {
+            parts: pattern.split('*').map(Box::from).collect(),
+        }
+    }
+
+    pub fn matches(&self, text: &str) -> bool {
+        let (first, middles, last) = match &self.parts[..] {
+            [] => return text.is_empty(),
+            [only] => return **only == *text,
+            [first, middles @ .., last] => (&**first, middles, &**last),
+        };
+        if text.len() < first.len() + last.len()
+            || !text.starts_with(first)
+            || !text.ends_with(last)
+        {
+            return false;
+        }
+        let mut rest = &text[first.len()..text.len() - last.len()];
+        for middle in middles {
+            match rest.find(&**middle) {
+                Some(at) => rest = &rest[at + middle.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+/// What request paths a route takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatcher {
+    /// A path without `*`: every path that starts with it.
+    Prefix(String),
+    /// A path with `*`: every path the glob matches whole.
+    Glob(Glob),
+}
+
+impl PathMatcher {
+    pub fn new(pattern: &str) -> PathMatcher {
+        if pattern.contains('*') {
+            PathMatcher::Glob(Glob::new(pattern))
+        } else {
+            PathMatcher::Prefix(pattern.to_string())
+        }
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatcher::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatcher::Glob(glob) => glob.matches(path),
+        }
+    }
+}
+
+/// What a route does with a request's `Cookie`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Cookies {
+    /// Forwarded; the answer is stored only when the backend says it may be
+    /// shared (`public`, `s-maxage`, or a targeted field).
+    #[default]
+    Private,
+    /// Removed before forwarding; the answer is shared.
+    Ignore,
+    /// Only these cookies are forwarded, and their values are part of the key.
+    Key(Vec<String>),
+}
+
+/// One validated route: what requests it matches and how they are cached.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The pattern as written, for logs and metrics.
+    pub pattern: String,
+    /// The pattern, compiled.
+    pub matcher: PathMatcher,
+    pub ttl: Duration,
+    /// `heuristic_freshness` of the route, else of the top level.
+    pub heuristic_freshness: Option<u8>,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub cache_control: CacheControlMode,
+    pub bypass: bool,
+    pub ignore_query: Vec<Glob>,
+    pub keep_query: Vec<Glob>,
+    pub sort_query: bool,
+    pub key_headers: Vec<http::HeaderName>,
+    pub cookies: Cookies,
+}
+
+impl Route {
+    /// Whether the route matches a request path: a prefix, or a glob where
+    /// `*` matches any run of characters (and the glob must match it all).
+    pub fn matches(&self, path: &str) -> bool {
+        self.matcher.matches(path)
+    }
+
+    /// Whether the cache key of this route differs from the plain URL's.
+    pub fn shapes_key(&self) -> bool {
+        !self.ignore_query.is_empty()
+            || !self.keep_query.is_empty()
+            || self.sort_query
+            || !self.key_headers.is_empty()
+            || matches!(self.cookies, Cookies::Key(_))
+    }
+
+    /// Whether a query parameter name takes part in the key.
+    pub fn keeps_param(&self, name: &str) -> bool {
+        if !self.keep_query.is_empty() {
+            return self.keep_query.iter().any(|g| g.matches(name));
+        }
+        !self.ignore_query.iter().any(|g| g.matches(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        let glob = |pattern: &str, text: &str| Glob::new(pattern).matches(text);
+        assert!(glob("utm_*", "utm_source"));
+        assert!(!glob("utm_*", "xutm_source"));
+        assert!(glob("/users/*/similar", "/users/42/similar"));
+        assert!(!glob("/users/*/similar", "/users/42/similar/x"));
+        assert!(glob("*", "anything"));
+        assert!(glob("*", ""));
+        assert!(glob("a*b*c", "a-b-c"));
+        assert!(!glob("a*b*c", "a-c"));
+        assert!(!glob("ab*ba", "aba"), "the ends may not overlap");
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exactly"));
+    }
+
+    #[test]
+    fn paths_match_by_prefix_or_whole_glob() {
+        assert!(PathMatcher::new("/api").matches("/api/v1"));
+        assert!(!PathMatcher::new("/api").matches("/ap"));
+        assert!(PathMatcher::new("/u/*/x").matches("/u/1/x"));
+        assert!(!PathMatcher::new("/u/*/x").matches("/u/1/x/y"));
+    }
+}
