@@ -59,18 +59,6 @@ impl UpstreamError {
             detail: detail.into(),
         }
     }
-
-    /// Classifies a client error from the upstream HTTP client.
-    pub fn from_reqwest(err: &reqwest::Error) -> Self {
-        let kind = if err.is_timeout() {
-            UpstreamErrorKind::Timeout
-        } else if err.is_connect() {
-            UpstreamErrorKind::Connect
-        } else {
-            UpstreamErrorKind::Protocol
-        };
-        UpstreamError::new(kind, error_chain(err))
-    }
 }
 
 impl UpstreamError {

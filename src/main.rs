@@ -127,7 +127,7 @@ fn spawn_reload_on_sighup(proxy: Arc<Proxy>) {
 fn without_upstream(
     args: &swr_proxy::config::ProxyArgs,
 ) -> Result<Config, swr_proxy::config::ConfigError> {
-    let placeholder = reqwest::Url::parse("http://127.0.0.1:1").ok();
+    let placeholder = url::Url::parse("http://127.0.0.1:1").ok();
     Config::from_args(args, placeholder, Config::DEFAULT_TTL)
 }
 
@@ -305,7 +305,7 @@ async fn run_demo(args: swr_proxy::config::ProxyArgs) -> Result<(), Failure> {
     let backend_addr = backend
         .local_addr()
         .map_err(|e| Failure::Runtime(format!("cannot start the demo backend: {e}")))?;
-    let upstream = reqwest::Url::parse(&format!("http://{backend_addr}"))
+    let upstream = url::Url::parse(&format!("http://{backend_addr}"))
         .map_err(|e| Failure::Runtime(format!("demo backend address: {e}")))?;
     let config = Config::from_args(&args, Some(upstream), Duration::from_secs(3))
         .map_err(|e| Failure::Usage(e.to_string()))?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{stream, StreamExt, TryStreamExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::Method;
+use http::{Method, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -66,20 +66,20 @@ pub enum BodyRead {
     /// Over the limit: the chunks read so far, and the rest still unread.
     TooLarge {
         prefix: Vec<Bytes>,
-        rest: reqwest::Response,
+        rest: UpstreamResponse,
     },
     /// `--max-buffered` is taken by other reads: as `TooLarge`, but it says
     /// nothing of the object, which may be stored next time.
     NoRoom {
         prefix: Vec<Bytes>,
-        rest: reqwest::Response,
+        rest: UpstreamResponse,
     },
 }
 
 impl Upstream {
     /// The client for `url`; `concurrency` caps requests in flight (0: no cap).
     pub fn new(
-        url: &reqwest::Url,
+        url: &url::Url,
         timeout: Duration,
         concurrency: usize,
         max_buffered: u64,
@@ -163,20 +163,20 @@ impl Upstream {
         method: Method,
         path_and_query: &str,
         headers: HeaderMap,
-        body: Option<reqwest::Body>,
-    ) -> Result<reqwest::Response, UpstreamError> {
+        body: Option<RequestBody>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let mut request = self
             .client
             .request(method, self.url_for(path_and_query))
             .headers(headers);
         if let Some(body) = body {
-            request = request.body(body);
+            request = request.body(body.0);
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = crate::metrics::Decrement(Arc::clone(&self.in_flight));
         match tokio::time::timeout(self.timeout, request.send()).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) => Err(UpstreamError::from_reqwest(&err)),
+            Ok(Ok(response)) => Ok(UpstreamResponse(response)),
+            Ok(Err(err)) => Err(upstream_error(&err)),
             Err(_) => Err(timed_out(self.timeout)),
         }
     }
@@ -185,15 +185,16 @@ impl Upstream {
     /// timeout; otherwise hands back what was read and the rest to stream.
     pub async fn read_body(
         &self,
-        mut response: reqwest::Response,
+        response: UpstreamResponse,
         limit: u64,
     ) -> Result<BodyRead, UpstreamError> {
-        if response.content_length().is_some_and(|len| len > limit) {
+        if response.0.content_length().is_some_and(|len| len > limit) {
             return Ok(BodyRead::TooLarge {
                 prefix: Vec::new(),
                 rest: response,
             });
         }
+        let mut response = response;
         // Released when the read ends, whatever its outcome.
         let reserved = Reservation {
             bytes: Arc::clone(&self.buffered),
@@ -203,11 +204,7 @@ impl Upstream {
             let mut reserved = reserved;
             let mut chunks: Vec<Bytes> = Vec::new();
             let mut total: u64 = 0;
-            while let Some(chunk) = response
-                .chunk()
-                .await
-                .map_err(|e| UpstreamError::from_reqwest(&e))?
-            {
+            while let Some(chunk) = response.0.chunk().await.map_err(|e| upstream_error(&e))? {
                 total += chunk.len() as u64;
                 let fits = reserved.take(chunk.len() as u64, self.max_buffered);
                 chunks.push(chunk);
@@ -262,6 +259,47 @@ impl Drop for Reservation {
     }
 }
 
+/// A backend's response, its body not yet read: read it whole
+/// ([`Upstream::read_body`]) or stream it ([`Upstream::stream_body`]).
+pub struct UpstreamResponse(reqwest::Response);
+
+impl UpstreamResponse {
+    pub fn status(&self) -> StatusCode {
+        self.0.status()
+    }
+
+    pub fn headers(&self) -> &HeaderMap {
+        self.0.headers()
+    }
+}
+
+/// A request body to send to the backend: a client's body, streamed.
+pub struct RequestBody(reqwest::Body);
+
+impl RequestBody {
+    pub fn stream<B>(body: B) -> RequestBody
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        RequestBody(reqwest::Body::wrap_stream(
+            http_body_util::BodyDataStream::new(body),
+        ))
+    }
+}
+
+/// Classifies an error of the HTTP client.
+fn upstream_error(err: &reqwest::Error) -> UpstreamError {
+    let kind = if err.is_timeout() {
+        UpstreamErrorKind::Timeout
+    } else if err.is_connect() {
+        UpstreamErrorKind::Connect
+    } else {
+        UpstreamErrorKind::Protocol
+    };
+    UpstreamError::new(kind, crate::error::error_chain(err))
+}
+
 fn timed_out(after: Duration) -> UpstreamError {
     UpstreamError::new(
         UpstreamErrorKind::Timeout,
@@ -275,10 +313,10 @@ impl Upstream {
     /// `--upstream-timeout` ends the body with an error (the client's
     /// connection is closed, never left with a truncated answer that looks
     /// whole), so a stalled backend cannot hold a socket and a client forever.
-    pub fn stream_body(&self, prefix: Vec<Bytes>, response: reqwest::Response) -> ProxyBody {
+    pub fn stream_body(&self, prefix: Vec<Bytes>, response: UpstreamResponse) -> ProxyBody {
         let timeout = self.timeout;
         let rest = stream::unfold(
-            Some(Box::pin(response.bytes_stream())),
+            Some(Box::pin(response.0.bytes_stream())),
             move |state| async move {
                 let mut body = state?;
                 match tokio::time::timeout(timeout, body.next()).await {
@@ -604,7 +642,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_waits_for_a_slot_no_longer_than_the_timeout() {
-        let url = reqwest::Url::parse("http://127.0.0.1:1").unwrap();
+        let url = url::Url::parse("http://127.0.0.1:1").unwrap();
         let up = Upstream::new(&url, Duration::from_millis(100), 1, u64::MAX).unwrap();
         let held = up.permit(Priority::Client).await.unwrap();
         let waited = up.permit(Priority::Client).await;
@@ -614,7 +652,7 @@ mod tests {
 
     #[tokio::test]
     async fn refreshes_never_take_the_last_slot() {
-        let url = reqwest::Url::parse("http://127.0.0.1:1").unwrap();
+        let url = url::Url::parse("http://127.0.0.1:1").unwrap();
         let up = Upstream::new(&url, Duration::from_secs(1), 3, u64::MAX).unwrap();
         let mut refreshes = Vec::new();
         for _ in 0..2 {
@@ -632,7 +670,7 @@ mod tests {
     #[test]
     fn urls_join_base_path() {
         let up = Upstream::new(
-            &reqwest::Url::parse("http://127.0.0.1:1/api/").unwrap(),
+            &url::Url::parse("http://127.0.0.1:1/api/").unwrap(),
             Duration::from_secs(1),
             0,
             u64::MAX,

@@ -21,8 +21,9 @@ use bytes::Bytes;
 use http::{HeaderName, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use swr_proxy::cache::entry::Entry;
+use swr_proxy::cache::vary::vary_names;
 use swr_proxy::cache::policy::{
-    self, age_value, omitted_fields, storability, vary_names, CacheControl, CacheControlMode,
+    self, age_value, omitted_fields, storability, CacheControl, CacheControlMode,
     Defaults, EntryState, RequestDirectives, RequestFacts, Storability, KEEP_FOR_REVALIDATION,
     MAX_AGE, MAX_LIFETIME,
 };

@@ -24,7 +24,7 @@
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use swr_proxy::cache::key::{keyed_cookies, valid_host, valid_target, KeyHasher};
-use swr_proxy::cache::policy::vary_key;
+use swr_proxy::cache::vary::vary_key;
 use swr_proxy::routes::Glob;
 use swr_proxy_fuzz::{fields, header_map};
 

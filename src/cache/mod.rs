@@ -8,6 +8,7 @@ pub mod key;
 pub mod policy;
 pub mod status_field;
 pub mod store;
+pub mod vary;
 
 /// What the cache did for one answer. The same string goes into the
 /// `X-Cache` header, the metric label and the log field.

@@ -10,7 +10,6 @@
 //! expose (`stale-while-revalidate`, `stale-if-error`, `must-revalidate`)
 //! would have to be parsed here anyway.
 
-use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{header, HeaderMap, HeaderName, Method, StatusCode};
@@ -293,7 +292,7 @@ pub fn storability(
     {
         return Storability::Bypass(BypassReason::SetCookie);
     }
-    if vary_names(headers).is_err() {
+    if super::vary::vary_names(headers).is_err() {
         return Storability::Bypass(BypassReason::VaryStar);
     }
     // RFC 9111 §3.5: a shared cache stores an answer to an authenticated
@@ -499,91 +498,8 @@ pub fn age_value(headers: &HeaderMap) -> Duration {
     age.map_or(Duration::ZERO, Duration::from_secs).min(MAX_AGE)
 }
 
-/// The request header names a response varies on, lowercase and deduplicated;
-/// `Err(())` for `Vary: *`.
-#[allow(clippy::result_unit_err)]
-pub fn vary_names(headers: &HeaderMap) -> Result<Vec<HeaderName>, ()> {
-    let mut names: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::VARY) {
-        let Ok(text) = value.to_str() else { continue };
-        for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if name == "*" {
-                return Err(());
-            }
-            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                if !names.contains(&name) {
-                    names.push(name);
-                }
-            }
-        }
-    }
-    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    Ok(names)
-}
-
-/// The normalised values of the named request headers, as one text for the
-/// cache key: `name=value` pairs, each value its list members (across
-/// repeated fields) joined with `, `. Only what cannot change a value's
-/// meaning is normalised: white space around members (RFC 9110 §5.6.1),
-/// and the case of fields whose tokens are case-insensitive (`Accept*`).
-/// White space inside a member is kept, and a byte that is not printable
-/// ASCII is written as `%XX`, so that two values a backend may tell apart
-/// never share a key.
-pub fn vary_key(names: &[HeaderName], request: &HeaderMap) -> String {
-    let mut key = String::new();
-    for name in names {
-        key.push('\n');
-        key.push_str(name.as_str());
-        key.push('=');
-        let fold_case = CASE_INSENSITIVE_VALUES.contains(&name.as_str());
-        let mut first = true;
-        for value in request.get_all(name) {
-            for member in split_list_bytes(value.as_bytes()) {
-                let member = member.trim_ascii();
-                if member.is_empty() {
-                    continue;
-                }
-                if !first {
-                    key.push_str(", ");
-                }
-                first = false;
-                push_escaped(&mut key, member, fold_case);
-            }
-        }
-    }
-    key
-}
-
-/// Request fields whose values are case-insensitive tokens (content
-/// codings, media types, language tags, charsets: RFC 9110 §12.5).
-const CASE_INSENSITIVE_VALUES: [&str; 4] = [
-    "accept",
-    "accept-charset",
-    "accept-encoding",
-    "accept-language",
-];
-
-/// Appends `bytes`: printable ASCII as it is (lowercase with `fold_case`),
-/// `%` and anything else as `%XX`.
-fn push_escaped(key: &mut String, bytes: &[u8], fold_case: bool) {
-    for &b in bytes {
-        match b {
-            b' '..=b'~' if b != b'%' => {
-                key.push(char::from(if fold_case {
-                    b.to_ascii_lowercase()
-                } else {
-                    b
-                }));
-            }
-            _ => {
-                let _ = write!(key, "%{b:02X}");
-            }
-        }
-    }
-}
-
 /// [`split_list`] over bytes: a field value need not be UTF-8.
-fn split_list_bytes(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn split_list_bytes(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut quoted = false;
     let mut escaped = false;
     let mut start = 0;
@@ -1534,57 +1450,6 @@ mod tests {
             Storability::Store(l) => assert_eq!(l.fresh, S(60)),
             other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn vary_keys_are_normalised() {
-        let names = vary_names(&headers(&[
-            ("vary", "Accept-Encoding,  accept"),
-            ("vary", "X-Tenant"),
-        ]))
-        .unwrap();
-        let names_text: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
-        assert_eq!(names_text, ["accept", "accept-encoding", "x-tenant"]);
-        let a = vary_key(
-            &names,
-            &headers(&[("accept", "text/html"), ("accept-encoding", "gzip,   br")]),
-        );
-        let b = vary_key(
-            &names,
-            &headers(&[("Accept-Encoding", "gzip, br"), ("accept", " text/html ")]),
-        );
-        assert_eq!(a, b);
-        let c = vary_key(
-            &names,
-            &headers(&[("accept", "text/html"), ("accept-encoding", "br")]),
-        );
-        assert_ne!(a, c);
-        // Separators and the case of Accept* tokens are normalised...
-        for same in ["gzip,br", "GZIP , Br", "gzip,\tbr"] {
-            let d = vary_key(
-                &names,
-                &headers(&[("accept", "TEXT/HTML"), ("accept-encoding", same)]),
-            );
-            assert_eq!(a, d, "{same:?}");
-        }
-        // ...other fields' case and different values are not merged.
-        let tenant = |t: &'static str| vary_key(&names, &headers(&[("x-tenant", t)]));
-        assert_ne!(tenant("Acme"), tenant("acme"));
-        assert_ne!(tenant("a, b"), tenant("a b"));
-        assert_ne!(
-            tenant("a   b"),
-            tenant("a b"),
-            "white space inside a value is kept"
-        );
-        // Bytes that are not UTF-8 keep their identity.
-        let raw = |bytes: &'static [u8]| {
-            let mut h = HeaderMap::new();
-            h.insert("x-tenant", HeaderValue::from_bytes(bytes).unwrap());
-            vary_key(&names, &h)
-        };
-        assert_ne!(raw(b"acme\xe8"), raw(b"acme\xe9"));
-        assert_ne!(raw(b"acme%E8"), raw(b"acme\xe8"));
-        assert!(vary_names(&headers(&[("vary", "*")])).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! `HashTable` gives access by bucket index), so the clock costs no memory
 //! per entry.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -25,7 +25,8 @@ use http::HeaderName;
 use tokio::sync::watch;
 
 use super::entry::Entry;
-use super::key::{BuildPassThrough, RequestKey};
+use super::key::RequestKey;
+use super::vary::{VariantKey, VaryIndex};
 
 /// What a coalesced fill ended with, as its waiters see it.
 #[derive(Debug, Clone)]
@@ -67,38 +68,12 @@ pub struct Store {
     vary: RwLock<VaryIndex>,
 }
 
-/// The Vary index and the bytes its records are charged. Records count
-/// against the store's budget like entries, and together they may take at
-/// most [`VARY_SHARE`] of it: past that, records are dropped (their
-/// variants are then misses, fetched again), so `GET /?n=<counter>` against
-/// a backend that varies cannot grow memory past `--max-size`. The sweep
-/// drops records whose variants have all gone.
-#[derive(Default)]
-struct VaryIndex {
-    records: HashMap<u64, VaryRecord, BuildPassThrough>,
-    bytes: u64,
-}
-
-/// The part of the budget the Vary index may take: 1/16.
+/// The part of the budget the Vary index may take: 1/16. Records count
+/// against the store's budget like entries; past their share, records are
+/// dropped (their variants are then misses, fetched again), so
+/// `GET /?n=<counter>` against a backend that varies cannot grow memory
+/// past `--max-size`. The sweep drops records whose variants have all gone.
 const VARY_SHARE: u64 = 16;
-
-impl VaryRecord {
-    /// What a record is charged: the map slot, the names, the variant hashes.
-    fn weight(&self) -> u64 {
-        let names: usize = self.names.iter().map(|n| n.as_str().len() + 24).sum();
-        (96 + names + 8 * self.variants.capacity()) as u64
-    }
-}
-
-/// The variants of one URL.
-struct VaryRecord {
-    names: Arc<[HeaderName]>,
-    /// Hashes of the variants stored (the most recent `MAX_VARIANTS`).
-    variants: VecDeque<u64>,
-}
-
-/// Variants remembered per URL for invalidation; older ones age out normally.
-const MAX_VARIANTS: usize = 64;
 
 /// One shard. A std `RwLock`: readers (hits) share it; writers hold it for a
 /// map operation only.
@@ -185,70 +160,46 @@ impl Store {
 
     /// The header names the responses for the URL `url_hash` vary on, if they do.
     pub fn vary_names(&self, url_hash: u64) -> Option<Arc<[HeaderName]>> {
-        let vary = self.vary.read().unwrap_or_else(|e| e.into_inner());
-        vary.records.get(&url_hash).map(|r| Arc::clone(&r.names))
+        self.vary_index().names(url_hash)
     }
 
     /// Bytes the Vary index is charged (part of [`Store::weighted_size`]).
     pub fn vary_bytes(&self) -> u64 {
-        self.vary.read().unwrap_or_else(|e| e.into_inner()).bytes
+        self.vary_index().bytes()
     }
 
     /// URLs the Vary index holds records for.
     pub fn vary_records(&self) -> usize {
-        self.vary
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .records
-            .len()
+        self.vary_index().len()
     }
 
-    /// Charges (or refunds) the store's budget for a change in the index.
-    fn charge_vary(&self, index: &mut VaryIndex, before: u64, after: u64) {
-        index.bytes = index.bytes.saturating_add(after).saturating_sub(before);
+    fn vary_index(&self) -> std::sync::RwLockReadGuard<'_, VaryIndex> {
+        self.vary.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the Vary index with `change`, charging (or refunding) the
+    /// store's budget for the bytes its records gained or lost.
+    fn change_vary<T>(&self, change: impl FnOnce(&mut VaryIndex) -> T) -> T {
+        let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
+        let before = vary.bytes();
+        let result = change(&mut vary);
+        let after = vary.bytes();
         if after >= before {
             self.bytes.fetch_add(after - before, Relaxed);
         } else {
             self.bytes.fetch_sub(before - after, Relaxed);
         }
+        result
     }
 
     /// Records that the URL `url_hash` varies on `names`, with a variant
     /// stored under `variant_hash`.
     pub fn record_variant(&self, url_hash: u64, names: &[HeaderName], variant_hash: u64) {
-        let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
-        let before = vary.records.get(&url_hash).map_or(0, VaryRecord::weight);
-        let record = vary.records.entry(url_hash).or_insert_with(|| VaryRecord {
-            names: names.into(),
-            variants: VecDeque::new(),
-        });
-        if *record.names != *names {
-            record.names = names.into();
-        }
-        if !record.variants.contains(&variant_hash) {
-            if record.variants.len() == MAX_VARIANTS {
-                record.variants.pop_front();
-            }
-            record.variants.push_back(variant_hash);
-        }
-        let after = record.weight();
-        self.charge_vary(&mut vary, before, after);
-        // Back within its share: drop other records, and their variants
-        // with them (unreachable without the record, and an invalidation
-        // could no longer find them).
         let budget = self.max_bytes / VARY_SHARE;
-        let mut orphans = Vec::new();
-        while vary.bytes > budget {
-            let Some(other) = vary.records.keys().copied().find(|h| *h != url_hash) else {
-                break;
-            };
-            if let Some(record) = vary.records.remove(&other) {
-                let weight = record.weight();
-                self.charge_vary(&mut vary, weight, 0);
-                orphans.extend(record.variants);
-            }
-        }
-        drop(vary);
+        // Records dropped to stay within the share take their variants with
+        // them (unreachable without the record, and an invalidation could
+        // no longer find them).
+        let orphans = self.change_vary(|vary| vary.record(url_hash, names, variant_hash, budget));
         for hash in orphans {
             let mut inner = write(&self.shard(hash).inner);
             if let Some(old) = inner.remove_if(hash, |_| true) {
@@ -259,35 +210,18 @@ impl Store {
 
     /// Forgets that the URL varies (its responses no longer do).
     pub fn forget_vary(&self, url_hash: u64) {
-        let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(record) = vary.records.remove(&url_hash) {
-            let weight = record.weight();
-            self.charge_vary(&mut vary, weight, 0);
-        }
+        self.change_vary(|vary| vary.remove(url_hash));
     }
 
     /// Removes everything stored for a URL: its entry and every variant.
     /// Returns how many entries went.
     pub fn remove_url(&self, url_hash: u64, url_text: &str) -> usize {
         let mut removed = usize::from(self.remove(url_hash, url_text));
-        let record = {
-            let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
-            let record = vary.records.remove(&url_hash);
-            if let Some(record) = &record {
-                let weight = record.weight();
-                self.charge_vary(&mut vary, weight, 0);
-            }
-            record
-        };
-        if let Some(record) = record {
-            for hash in record.variants {
+        if let Some(record) = self.change_vary(|vary| vary.remove(url_hash)) {
+            for hash in record.variants() {
                 let mut inner = write(&self.shard(hash).inner);
-                let is_variant = |entry: &Entry| {
-                    let key = entry.key_bytes();
-                    key.len() > url_text.len()
-                        && key.starts_with(url_text.as_bytes())
-                        && key[url_text.len()] == b'\n'
-                };
+                let is_variant =
+                    |entry: &Entry| VariantKey::is_variant_of(entry.key_bytes(), url_text);
                 if let Some(old) = inner.remove_if(hash, is_variant) {
                     self.bytes.fetch_sub(u64::from(old.weight), Relaxed);
                     removed += 1;
@@ -426,22 +360,9 @@ impl Store {
     /// Drops from the Vary index the variants no longer stored, and the
     /// records left without any.
     fn prune_vary(&self) {
-        let mut vary = self.vary.write().unwrap_or_else(|e| e.into_inner());
-        let mut freed = 0;
-        vary.records.retain(|_, record| {
-            let before = record.weight();
-            record
-                .variants
-                .retain(|hash| read(&self.shard(*hash).inner).get(*hash).is_some());
-            record.variants.shrink_to_fit();
-            if record.variants.is_empty() {
-                freed += before;
-                return false;
-            }
-            freed += before - record.weight();
-            true
+        self.change_vary(|vary| {
+            vary.prune(|hash| read(&self.shard(hash).inner).get(hash).is_some())
         });
-        self.charge_vary(&mut vary, freed, 0);
     }
 
     /// Number of entries.

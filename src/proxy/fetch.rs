@@ -15,10 +15,11 @@ use crate::body::ProxyBody;
 use crate::cache::entry::Entry;
 use crate::cache::key::RequestKey;
 use crate::cache::policy::{self, BypassReason, Defaults, RequestFacts, Storability};
+use crate::cache::vary::{self, VariantKey};
 use crate::error::{UpstreamError, UpstreamErrorKind};
 use crate::metrics::UpstreamCause;
 use crate::routes::{Cookies, Route};
-use crate::upstream::{self, BodyRead, Priority};
+use crate::upstream::{self, BodyRead, Priority, UpstreamResponse};
 
 use super::rules::{route_headers, Peer};
 use super::Proxy;
@@ -282,13 +283,10 @@ impl Proxy {
             Storability::Bypass(reason) => return Fetched::Pass(self.passed(reason, response)),
         };
         // Where it is stored: under the URL, or under the variant its Vary selects.
-        let (hash, text, vary) = match policy::vary_names(response.headers()) {
+        let (hash, text, vary) = match vary::vary_names(response.headers()) {
             Ok(names) if !names.is_empty() => {
-                let text = format!(
-                    "{}{}",
-                    target.url_text,
-                    policy::vary_key(&names, &target.client_headers)
-                );
+                let text =
+                    VariantKey::new(&target.url_text, &names, &target.client_headers).into_string();
                 (self.keys.hash_text(&text), text, Some(names))
             }
             _ => (target.url_hash, target.url_text.to_string(), None),
@@ -336,7 +334,7 @@ impl Proxy {
     }
 
     /// A backend response to stream through without storing it.
-    pub(super) fn passed(&self, reason: BypassReason, response: reqwest::Response) -> Passed {
+    pub(super) fn passed(&self, reason: BypassReason, response: UpstreamResponse) -> Passed {
         Passed {
             reason,
             status: response.status(),

@@ -17,6 +17,7 @@ use crate::body::ProxyBody;
 use crate::cache::entry::Entry;
 use crate::cache::policy::{self, BypassReason, RequestFacts};
 use crate::cache::store::{self, Fill, FillOutcome};
+use crate::cache::vary::VariantKey;
 use crate::cache::CacheStatus;
 use crate::error::{UpstreamError, UpstreamErrorKind};
 use crate::metrics::UpstreamCause;
@@ -276,12 +277,8 @@ impl Proxy {
         }
         match self.store.vary_names(target.url_hash) {
             Some(names) => {
-                let text = format!(
-                    "{}{}",
-                    target.url_text,
-                    policy::vary_key(&names, &target.client_headers)
-                );
-                key == text.as_bytes()
+                let variant = VariantKey::new(&target.url_text, &names, &target.client_headers);
+                key == variant.as_str().as_bytes()
             }
             None => false,
         }

@@ -16,6 +16,7 @@ use http::{Method, Response, StatusCode};
 
 use crate::body::ProxyBody;
 use crate::cache::entry::Entry;
+use crate::cache::key::RequestKey;
 use crate::cache::policy::{self, BypassReason, Defaults, RequestDirectives, Use};
 use crate::cache::status_field::StatusField;
 use crate::cache::CacheStatus;
@@ -24,7 +25,7 @@ use crate::metrics::RouteStats;
 use crate::routes::Route;
 
 use super::fetch::FetchTarget;
-use super::respond::{hit_cache_status, small_number};
+use super::respond::small_number;
 use super::rules::{
     lowercase, request_host, route_headers, shaped_key, variant_text, Peer, Rules, ShapedKey,
 };
@@ -36,6 +37,28 @@ pub(super) enum Next {
     Answer(Response<ProxyBody>),
     /// Needs the backend.
     Backend(BackendWork),
+}
+
+/// What the store holds for a request, and whether it can be served now.
+/// `hash` is the key a fill or a refresh is for (the variant's, when the
+/// URL varies).
+pub(super) enum Looked {
+    /// Served at once: fresh, or `stale` (a refresh is queued).
+    Usable {
+        entry: Entry,
+        stale: bool,
+        hash: u64,
+    },
+    /// Stored, but the backend is asked first: the entry is past its
+    /// windows (`why` is `stale`), or the client's directives refuse it
+    /// (`request`). Kept for revalidation and stale-if-error.
+    Unusable {
+        entry: Entry,
+        why: &'static str,
+        hash: u64,
+    },
+    /// Nothing stored for the URL, or for the variant when it `varied`.
+    Missing { hash: u64, varied: bool },
 }
 
 /// What a request needs of the backend.
@@ -77,6 +100,59 @@ pub(super) fn has_body(status: StatusCode) -> bool {
 }
 
 impl Proxy {
+    /// The one lookup of both paths: the entry of `key`'s URL; else, for a
+    /// URL whose answers vary, the variant the request's headers select, as
+    /// its route leaves them (`variant_of`; the fast path gives none and
+    /// leaves varying URLs to hyper's path). Then whether the entry can be
+    /// served now, by its instants and the client's `directives`.
+    pub(super) fn look_up(
+        &self,
+        key: RequestKey<'_>,
+        variant_of: Option<(&HeaderMap, Option<&Route>)>,
+        directives: Option<&RequestDirectives>,
+        now: Instant,
+    ) -> Looked {
+        let mut varied = false;
+        let mut hash = key.hash;
+        let found = match self.store.get(&key, now) {
+            Some(entry) => Some(entry),
+            None => match (variant_of, self.store.vary_names(key.hash)) {
+                (Some((headers, route)), Some(names)) => {
+                    let text = variant_text(key, &names, &route_headers(route, headers));
+                    hash = self.keys.hash_text(&text);
+                    varied = true;
+                    self.store.get_exact(hash, text.as_bytes(), now)
+                }
+                _ => None,
+            },
+        };
+        let Some(entry) = found else {
+            return Looked::Missing { hash, varied };
+        };
+        match policy::decide(&entry, now, directives) {
+            Use::Fresh => Looked::Usable {
+                entry,
+                stale: false,
+                hash,
+            },
+            Use::Stale => Looked::Usable {
+                entry,
+                stale: true,
+                hash,
+            },
+            Use::Expired => Looked::Unusable {
+                entry,
+                why: "stale",
+                hash,
+            },
+            Use::ClientRefused => Looked::Unusable {
+                entry,
+                why: "request",
+                hash,
+            },
+        }
+    }
+
     /// What the cache does with a request, without waiting for anything:
     /// answer it (fresh or stale hit, or a local error), or say what to ask
     /// the backend.
@@ -131,28 +207,9 @@ impl Proxy {
         }
         let now = Instant::now();
 
-        // The URL's own entry; else, for a URL whose answers vary, the variant
-        // this request's headers select.
-        let mut variant: Option<(u64, String)> = None;
-        let found = match self.store.get(&key, now) {
-            Some(entry) => Some(entry),
-            None => match self.store.vary_names(key.hash) {
-                Some(names) => {
-                    let headers = route_headers(route, &parts.headers);
-                    let text = variant_text(key, &names, &headers);
-                    let hash = self.keys.hash_text(&text);
-                    let entry = self.store.get_exact(hash, text.as_bytes(), now);
-                    variant = Some((hash, text));
-                    entry
-                }
-                None => None,
-            },
-        };
-        let fill_hash = variant.as_ref().map_or(key.hash, |(hash, _)| *hash);
-
-        let stale = match found {
-            Some(entry) => match policy::decide(&entry, now, directives.as_ref()) {
-                decided @ (Use::Fresh | Use::Stale) => {
+        let (stale, fwd, fill_hash) =
+            match self.look_up(key, Some((&parts.headers, route)), directives.as_ref(), now) {
+                Looked::Usable { entry, stale, hash } => {
                     let target = || {
                         self.fetch_target(
                             key,
@@ -163,8 +220,7 @@ impl Proxy {
                             route,
                         )
                     };
-                    let (status, cache_status) =
-                        self.at_once(&entry, decided == Use::Stale, fill_hash, target, now);
+                    let (status, cache_status) = self.at_once(&entry, stale, hash, target, now);
                     return Next::Answer(self.entry_response(
                         &entry,
                         status,
@@ -173,11 +229,11 @@ impl Proxy {
                         now,
                     ));
                 }
-                Use::Expired => Some((entry, "stale")),
-                Use::ClientRefused => Some((entry, "request")),
-            },
-            None => None,
-        };
+                Looked::Unusable { entry, why, hash } => (Some(entry), why, hash),
+                Looked::Missing { hash, varied } => {
+                    (None, if varied { "vary-miss" } else { "uri-miss" }, hash)
+                }
+            };
         if directives.is_some_and(|d| d.only_if_cached) {
             let err = ProxyError::NotCached;
             let field = StatusField {
@@ -187,11 +243,6 @@ impl Proxy {
             };
             return Next::Answer(self.error_response(&err, CacheStatus::Miss, field));
         }
-        let fwd = match (&stale, &variant) {
-            (Some((_, why)), _) => why,
-            (None, Some(_)) => "vary-miss",
-            (None, None) => "uri-miss",
-        };
         // A client's own fetch carries its credentials: what it brings back
         // is stored only if the backend says it may be shared.
         let target = self.fetch_target(key, path_and_query, &parts.headers, peer, defaults, route);
@@ -202,39 +253,11 @@ impl Proxy {
         Next::Backend(BackendWork::Fetch(Box::new(FetchPlan {
             target,
             fill_hash,
-            stale: stale.map(|(e, _)| e),
+            stale,
             fwd,
             head,
             alone,
         })))
-    }
-
-    /// An answer from `entry` at once, counted: fresh, or `stale` with a
-    /// refresh of `fill_hash` queued (`target` builds it, only when queued).
-    /// Returns the cache status and the `Cache-Status` value to send.
-    pub(super) fn at_once(
-        &self,
-        entry: &Entry,
-        stale: bool,
-        fill_hash: u64,
-        target: impl FnOnce() -> FetchTarget,
-        now: Instant,
-    ) -> (CacheStatus, HeaderValue) {
-        let answer = if stale {
-            let queued = self.queue_refresh(fill_hash, entry, target, now);
-            let cache_status = StatusField {
-                hit: true,
-                ttl: Some(entry.ttl_secs(now)),
-                detail: Some(queued.as_str()),
-                ..StatusField::default()
-            }
-            .value();
-            (CacheStatus::Stale, cache_status)
-        } else {
-            (CacheStatus::Hit, hit_cache_status(entry.ttl_secs(now)))
-        };
-        self.stats.record_request(answer.0);
-        answer
     }
 
     /// The answer from the cache a plain HTTP/1.1 `GET` of `path_and_query`
@@ -271,12 +294,10 @@ impl Proxy {
         let host = lowercase(host);
         let key = self.keys.key(&host, path_and_query);
         let now = Instant::now();
-        let entry = self.store.get(&key, now)?;
-        if !has_body(entry.status()) {
+        let Looked::Usable { entry, stale, .. } = self.look_up(key, None, None, now) else {
             return None;
-        }
-        let decided = policy::decide(&entry, now, None);
-        if !matches!(decided, Use::Fresh | Use::Stale) {
+        };
+        if !has_body(entry.status()) {
             return None;
         }
         let defaults = route.map_or(&rules.defaults, |(_, defaults, _)| defaults);
@@ -284,8 +305,7 @@ impl Proxy {
         let route_rules = route.map(|(route, _, _)| route);
         let target =
             || self.fetch_target(key, path_and_query, &headers(), peer, defaults, route_rules);
-        let (status, cache_status) =
-            self.at_once(&entry, decided == Use::Stale, key.hash, target, now);
+        let (status, cache_status) = self.at_once(&entry, stale, key.hash, target, now);
         if let Some((_, _, stats)) = route {
             stats.record(status);
         }

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::{Method, Response};
-use http_body_util::BodyDataStream;
 
 use crate::body::ProxyBody;
 use crate::cache::policy::{self, BypassReason};
@@ -17,7 +16,7 @@ use crate::cache::status_field::StatusField;
 use crate::cache::CacheStatus;
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::metrics::UpstreamCause;
-use crate::upstream::{self, BoxError, Priority};
+use crate::upstream::{self, BoxError, Priority, RequestBody};
 
 use super::rules::{lowercase, request_host, same_origin_path, Peer};
 use super::Proxy;
@@ -49,9 +48,7 @@ impl Proxy {
         let headers = upstream::forward_headers(&parts.headers, &forwarding);
         // A request without a body (`Content-Length: 0`, or none framed) is
         // sent without one, not as an empty chunked stream.
-        let body = body
-            .filter(|b| !b.is_end_stream())
-            .map(|b| reqwest::Body::wrap_stream(BodyDataStream::new(b)));
+        let body = body.filter(|b| !b.is_end_stream()).map(RequestBody::stream);
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         self.stats.record_upstream_request(UpstreamCause::Pass);
         let head = parts.method == Method::HEAD;
@@ -90,7 +87,6 @@ impl Proxy {
             }
             Err(err) => {
                 self.stats.record_upstream_error(err.kind);
-                self.stats.record_request(CacheStatus::Bypass);
                 self.stats.record_bypass(reason);
                 let field = StatusField {
                     fwd: Some(fwd),

@@ -20,7 +20,7 @@ use crate::cache::CacheStatus;
 use crate::error::{ProxyError, UpstreamError};
 use crate::metrics::RouteStats;
 
-use super::fetch::Passed;
+use super::fetch::{FetchTarget, Passed};
 use super::Proxy;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -107,10 +107,37 @@ pub(super) fn static_value(text: String) -> HeaderValue {
 }
 
 impl Proxy {
+    /// An answer from `entry` at once, counted: fresh, or `stale` with a
+    /// refresh of `fill_hash` queued (`target` builds it, only when queued).
+    /// Returns the cache status and the `Cache-Status` value to send.
+    pub(super) fn at_once(
+        &self,
+        entry: &Entry,
+        stale: bool,
+        fill_hash: u64,
+        target: impl FnOnce() -> FetchTarget,
+        now: Instant,
+    ) -> (CacheStatus, HeaderValue) {
+        let answer = if stale {
+            let queued = self.queue_refresh(fill_hash, entry, target, now);
+            let cache_status = StatusField {
+                hit: true,
+                ttl: Some(entry.ttl_secs(now)),
+                detail: Some(queued.as_str()),
+                ..StatusField::default()
+            }
+            .value();
+            (CacheStatus::Stale, cache_status)
+        } else {
+            (CacheStatus::Hit, hit_cache_status(entry.ttl_secs(now)))
+        };
+        self.stats.record_request(answer.0);
+        answer
+    }
+
     /// The answer to a refused request, counted by its reason.
     pub(super) fn refused(&self, err: &ProxyError) -> Response<ProxyBody> {
         self.stats.record_refused(err.detail());
-        self.stats.record_request(CacheStatus::Bypass);
         let field = StatusField {
             detail: Some(err.detail()),
             ..StatusField::default()
@@ -250,7 +277,6 @@ impl Proxy {
             .value();
             return self.entry_response(entry, CacheStatus::Stale, cache_status, parts, now);
         }
-        self.stats.record_request(status);
         let field = StatusField {
             fwd: Some(fwd),
             detail: Some(err.kind.as_str()),
@@ -259,13 +285,15 @@ impl Proxy {
         self.error_response(&ProxyError::Upstream(err), status, field)
     }
 
-    /// An error answer: the status for the error, a one-line body naming the cause.
+    /// An error answer, counted: the status for the error, a one-line body
+    /// naming the cause.
     pub(super) fn error_response(
         &self,
         err: &ProxyError,
         status: CacheStatus,
         field: StatusField<'_>,
     ) -> Response<ProxyBody> {
+        self.stats.record_request(status);
         if err.status().is_client_error() {
             // Counted in swr_refused_total; a client cannot fill the log.
             tracing::debug!(error = %err, cache = status.as_str(), "refusing a bad request");

@@ -12,7 +12,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 
 use crate::cache::key::{keyed_cookies, valid_host, RequestKey};
-use crate::cache::policy::{self, Defaults};
+use crate::cache::policy::Defaults;
+use crate::cache::vary::{self, VariantKey};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::RouteStats;
@@ -183,7 +184,7 @@ pub(super) fn shaped_key(
     }
     let len = key.len();
     if !route.key_headers.is_empty() {
-        key.push_str(&policy::vary_key(&route.key_headers, headers));
+        key.push_str(&vary::vary_key(&route.key_headers, headers));
     }
     if let Cookies::Key(names) = &route.cookies {
         key.push_str("\ncookie=");
@@ -198,9 +199,7 @@ pub(super) fn variant_text(
     names: &[HeaderName],
     headers: &HeaderMap,
 ) -> String {
-    let mut text = key.to_text().into_string();
-    text.push_str(&policy::vary_key(names, headers));
-    text
+    VariantKey::new(&key.to_text(), names, headers).into_string()
 }
 
 /// The path and query of a `Location`-style value if it points at `host`
