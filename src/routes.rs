@@ -5,7 +5,11 @@
 
 use std::time::Duration;
 
+use http::HeaderMap;
+
+use crate::cache::key::keyed_cookies;
 use crate::cache::policy::CacheControlMode;
+use crate::cache::vary::vary_key;
 
 /// A glob compiled once: `*` matches any run of characters (none
 /// included), everything else matches itself, and the glob must match the
@@ -123,12 +127,65 @@ impl Route {
             || matches!(self.cookies, Cookies::Key(_))
     }
 
+    /// The key path of a request on this route (`path`, `query`,
+    /// `headers`), when the route has key options: see [`ShapedKey`].
+    pub fn shaped_key(&self, path: &str, query: Option<&str>, headers: &HeaderMap) -> ShapedKey {
+        let mut params: Vec<&str> = query
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .filter(|p| self.keeps_param(p.split('=').next().unwrap_or("")))
+            .collect();
+        if self.sort_query {
+            params.sort_unstable();
+        }
+        let mut key = String::with_capacity(path.len() + query.map_or(0, str::len) + 16);
+        key.push_str(path);
+        if !params.is_empty() {
+            key.push('?');
+            key.push_str(&params.join("&"));
+        }
+        let len = key.len();
+        if !self.key_headers.is_empty() {
+            key.push_str(&vary_key(&self.key_headers, headers));
+        }
+        if let Cookies::Key(names) = &self.cookies {
+            key.push_str("\ncookie=");
+            key.push_str(&keyed_cookies(headers, names));
+        }
+        ShapedKey { text: key, len }
+    }
+
     /// Whether a query parameter name takes part in the key.
     pub fn keeps_param(&self, name: &str) -> bool {
         if !self.keep_query.is_empty() {
             return self.keep_query.iter().any(|g| g.matches(name));
         }
         !self.ignore_query.iter().any(|g| g.matches(name))
+    }
+}
+
+/// The key path of a route with key options: the path, the query with
+/// parameters dropped or kept and maybe sorted, then the key headers' values
+/// (after a newline, so purging the URL's key purges these too). The first
+/// `len` bytes (path and shaped query) are also what the backend is sent:
+/// a parameter the key leaves out must not reach the backend, or a client
+/// could change the answer stored for everyone who shares the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapedKey {
+    text: String,
+    len: usize,
+}
+
+impl ShapedKey {
+    /// The key path: what follows the host in the key text.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The path and query sent to the backend.
+    pub fn target(&self) -> &str {
+        &self.text[..self.len]
     }
 }
 

@@ -2,13 +2,10 @@
 
 mod support;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use support::{eventually, Gate, Origin, Route, TestProxy, WAIT};
-use swr_proxy::cache::policy::BypassReason;
-use swr_proxy::cache::CacheStatus;
 
 #[tokio::test]
 async fn fresh_hits_are_served_from_memory() {
@@ -41,7 +38,7 @@ async fn fresh_hits_are_served_from_memory() {
     // Another query is another key.
     assert_eq!(proxy.get("/rank?user=2").await.x_cache(), "MISS");
     assert_eq!(origin.hits("/rank?user=2"), 1);
-    assert_eq!(proxy.proxy.stats().requests(CacheStatus::Hit), 20);
+    assert_eq!(proxy.counter("swr_requests_total{cache=\"HIT\"}").await, 20);
 }
 
 #[tokio::test]
@@ -123,7 +120,12 @@ async fn stale_is_served_at_once_while_the_refresh_runs() {
     })
     .await;
     assert_eq!(origin.hits("/feed"), 2);
-    assert_eq!(proxy.proxy.stats().refresh_succeeded.load(Relaxed), 1);
+    assert_eq!(
+        proxy
+            .counter("swr_refresh_events_total{event=\"succeeded\"}")
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -166,11 +168,19 @@ async fn fifty_concurrent_stale_requests_cause_one_refresh() {
     }
     gate.open();
     eventually(WAIT, "the refresh completes", || async {
-        proxy.proxy.stats().refresh_succeeded.load(Relaxed) == 1
+        proxy
+            .counter("swr_refresh_events_total{event=\"succeeded\"}")
+            .await
+            == 1
     })
     .await;
     assert_eq!(origin.hits("/hot"), 2, "one fill and exactly one refresh");
-    assert_eq!(proxy.proxy.stats().refresh_queued.load(Relaxed), 1);
+    assert_eq!(
+        proxy
+            .counter("swr_refresh_events_total{event=\"queued\"}")
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -184,7 +194,7 @@ async fn a_hundred_concurrent_misses_make_one_origin_request() {
     let opener = async {
         // Let every client arrive before the origin answers.
         eventually(WAIT, "99 clients wait on the fill", || async {
-            proxy.proxy.stats().coalesced_waiters.load(Relaxed) == 99
+            proxy.counter("swr_coalesced_waiters_total").await == 99
         })
         .await;
         gate.open();
@@ -210,7 +220,10 @@ async fn a_failed_refresh_keeps_the_old_entry() {
     origin.route("/r", Route::default().status(500));
     until_stale(&proxy, "/r").await;
     eventually(WAIT, "the refresh fails", || async {
-        proxy.proxy.stats().refresh_failed.load(Relaxed) == 1
+        proxy
+            .counter("swr_refresh_events_total{event=\"failed\"}")
+            .await
+            == 1
     })
     .await;
     let answer = proxy.get("/r").await;
@@ -221,7 +234,10 @@ async fn a_failed_refresh_keeps_the_old_entry() {
     origin.route("/r", Route::default());
     eventually(WAIT, "a later refresh succeeds", || async {
         proxy.get("/r").await.text().starts_with("/r #")
-            && proxy.proxy.stats().refresh_succeeded.load(Relaxed) == 1
+            && proxy
+                .counter("swr_refresh_events_total{event=\"succeeded\"}")
+                .await
+                == 1
     })
     .await;
     let refreshed = proxy.get("/r").await;
@@ -258,12 +274,11 @@ async fn stale_if_error_serves_stale_when_the_origin_is_down() {
         "{}",
         answer.cache_status()
     );
-    assert_eq!(proxy.proxy.stats().stale_if_error_served.load(Relaxed), 1);
+    assert_eq!(proxy.counter("swr_stale_if_error_total").await, 1);
     assert!(
         proxy
-            .proxy
-            .stats()
-            .upstream_errors(swr_proxy::error::UpstreamErrorKind::Connect)
+            .counter("swr_upstream_errors_total{kind=\"connect\"}")
+            .await
             >= 1
     );
 }
@@ -406,7 +421,10 @@ async fn post_is_passed_through_and_never_cached() {
     assert_eq!(seen[0].method, "POST");
     assert_eq!(&seen[1].body[..], b"order 2");
     assert_eq!(seen[1].headers["x-custom"], "kept");
-    assert_eq!(proxy.proxy.stats().bypasses(BypassReason::Method), 2);
+    assert_eq!(
+        proxy.counter("swr_bypass_total{reason=\"method\"}").await,
+        2
+    );
     // A GET for the same URL was not answered from the POSTs.
     assert_eq!(proxy.get("/orders?x=1").await.x_cache(), "MISS");
 }
@@ -452,7 +470,12 @@ async fn responses_that_may_not_be_shared_are_not_stored() {
         proxy.get("/cookie").await.header("set-cookie"),
         "session=abc"
     );
-    assert_eq!(proxy.proxy.stats().bypasses(BypassReason::SetCookie), 3);
+    assert_eq!(
+        proxy
+            .counter("swr_bypass_total{reason=\"set-cookie\"}")
+            .await,
+        3
+    );
 }
 
 #[tokio::test]
@@ -469,7 +492,7 @@ async fn concurrent_waiters_never_share_a_private_answer() {
     let requests = join_all((0..5).map(|_| proxy.get("/me")));
     let opener = async {
         eventually(WAIT, "4 clients wait on the fill", || async {
-            proxy.proxy.stats().coalesced_waiters.load(Relaxed) == 4
+            proxy.counter("swr_coalesced_waiters_total").await == 4
         })
         .await;
         gate.open();
@@ -538,7 +561,7 @@ async fn a_full_refresh_queue_still_serves_stale_and_counts_the_drop() {
     // The first stale key's refresh occupies the only worker.
     assert_eq!(proxy.get(&keys[0]).await.x_cache(), "STALE");
     eventually(WAIT, "the worker is busy", || async {
-        proxy.proxy.stats().refresh_in_flight.load(Relaxed) == 1
+        proxy.counter("swr_refresh_in_flight").await == 1
     })
     .await;
     // The second fills the queue; the rest are dropped, and still served at once.
@@ -552,8 +575,13 @@ async fn a_full_refresh_queue_still_serves_stale_and_counts_the_drop() {
         }
     }
     assert_eq!(dropped, 4);
-    assert_eq!(proxy.proxy.stats().refresh_dropped.load(Relaxed), 4);
-    assert_eq!(proxy.proxy.refresh_queue_depth(), 1);
+    assert_eq!(
+        proxy
+            .counter("swr_refresh_events_total{event=\"dropped\"}")
+            .await,
+        4
+    );
+    assert_eq!(proxy.counter("swr_refresh_queue_depth").await, 1);
     gate.open();
     // A dropped key can be queued again later.
     eventually(
@@ -583,16 +611,11 @@ async fn the_cache_is_bounded_in_bytes() {
     for i in 0..100 {
         proxy.get(&format!("/obj?i={i}")).await;
     }
-    let store = proxy.proxy.store();
-    assert!(
-        store.weighted_size() <= 64 * 1024,
-        "{} bytes held",
-        store.weighted_size()
+    let (bytes, entries) = (
+        proxy.counter("swr_cache_bytes").await,
+        proxy.counter("swr_cache_entries").await,
     );
-    assert!(
-        store.entry_count() < 20,
-        "{} entries held",
-        store.entry_count()
-    );
-    assert!(store.entry_count() > 0);
+    assert!(bytes <= 64 * 1024, "{bytes} bytes held");
+    assert!(entries < 20, "{entries} entries held");
+    assert!(entries > 0);
 }

@@ -433,7 +433,7 @@ async fn prefixes_and_corruptions_of_a_head_are_waited_on_declined_or_answered()
             }
         }
     }
-    assert_eq!(proxy.proxy.stats().fast_hits.get(), answered);
+    assert_eq!(proxy.counter("swr_fast_hits_total").await, answered);
     assert!(
         answered > 1,
         "some corruptions (a header's value) still ask for the same entry"

@@ -4,8 +4,10 @@
 //! installed, wrk and its script, the table), not speed: speed is measured
 //! by `cargo bench --bench load`, in BENCHMARKS.md.
 //!
-//! Needs wrk (`apt-get install -y wrk`); `.ci/run` installs it, with nginx
-//! and Varnish.
+//! Needs wrk (`apt-get install -y wrk`). Without it the test says what to
+//! install and passes, so that `cargo test` passes on a machine with only
+//! Rust; `.ci/run` installs wrk (with nginx and Varnish) and sets
+//! `SWR_REQUIRE_WRK=1`, under which a missing wrk fails the test.
 
 use std::time::Duration;
 
@@ -31,10 +33,18 @@ fn number(cell: &str) -> f64 {
 
 #[test]
 fn the_load_harness_runs_every_scenario_against_every_installed_target() {
-    assert!(
-        installed("wrk"),
-        "wrk is not installed: apt-get install -y wrk (.ci/run installs it)"
-    );
+    if !installed("wrk") {
+        let required = std::env::var_os("SWR_REQUIRE_WRK").is_some_and(|v| v == "1");
+        assert!(
+            !required,
+            "wrk is not installed: apt-get install -y wrk (.ci/run installs it)"
+        );
+        eprintln!(
+            "SKIPPED: the load harness needs wrk: apt-get install -y wrk \
+             (and nginx-light, varnish for their rows); .ci/run installs them"
+        );
+        return;
+    }
     let options = load::Options {
         rounds: 1,
         duration: Duration::from_secs(2),

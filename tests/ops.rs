@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -227,7 +226,12 @@ async fn a_failing_backend_gets_sparser_refreshes() {
     let attempts = origin.hits("/fail") - 1;
     assert!(answers > 50, "{answers} answers");
     assert!((2..=4).contains(&attempts), "{attempts} refresh attempts");
-    assert!(proxy.proxy.stats().refresh_backoff.load(Relaxed) > 40);
+    assert!(
+        proxy
+            .counter("swr_refresh_events_total{event=\"backoff\"}")
+            .await
+            > 40
+    );
 }
 
 #[tokio::test]
@@ -254,8 +258,8 @@ async fn uncacheable_keys_skip_coalescing() {
     };
     let (answers, ()) = tokio::join!(requests, opener);
     assert!(answers.iter().all(|a| a.x_cache() == "BYPASS"));
-    assert_eq!(proxy.proxy.stats().hit_for_miss.load(Relaxed), 5);
-    assert_eq!(proxy.proxy.stats().coalesced_waiters.load(Relaxed), 0);
+    assert_eq!(proxy.counter("swr_hit_for_miss_total").await, 5);
+    assert_eq!(proxy.counter("swr_coalesced_waiters_total").await, 0);
 }
 
 /// A connection to `addr` on which `bytes` have been sent.

@@ -402,13 +402,7 @@ async fn anonymous_followers_of_a_credentialed_fill_share_one_fetch() {
             WAIT,
             "the leader's fetch and three followers wait",
             || async {
-                origin.hits("/slow") == 1
-                    && proxy
-                        .proxy
-                        .stats()
-                        .coalesced_waiters
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        >= 3
+                origin.hits("/slow") == 1 && proxy.counter("swr_coalesced_waiters_total").await >= 3
             },
         )
         .await;

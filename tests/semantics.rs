@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use reqwest::Method;
@@ -361,7 +360,7 @@ async fn followers_of_an_unshareable_fill_carry_its_reason() {
     let requests = futures_util::future::join_all((0..4).map(|_| proxy.get("/mine")));
     let opener = async {
         eventually(WAIT, "the fill and its followers wait", || async {
-            proxy.proxy.stats().coalesced_waiters.load(Relaxed) >= 3
+            proxy.counter("swr_coalesced_waiters_total").await >= 3
         })
         .await;
         gate.open();
@@ -394,7 +393,7 @@ async fn the_uncoalesced_fetch_serves_stale_on_a_backend_error() {
     assert_eq!(proxy.get("/sie").await.x_cache(), "BYPASS");
     origin.route("/sie", Route::default().status(500));
     let answer = proxy.get("/sie").await;
-    assert_eq!(proxy.proxy.stats().hit_for_miss.load(Relaxed), 1);
+    assert_eq!(proxy.counter("swr_hit_for_miss_total").await, 1);
     assert_eq!(answer.status, 200, "{}", answer.cache_status());
     assert_eq!(answer.x_cache(), "STALE");
     assert!(answer.cache_status().contains("stale-if-error-status"));
@@ -508,7 +507,7 @@ async fn no_cache_is_stored_but_revalidated_before_every_use() {
     }
     let seen = origin.seen("/nc");
     assert_eq!(seen[1].headers["if-none-match"], "\"v1\"");
-    assert_eq!(proxy.proxy.stats().revalidated.load(Relaxed), 2);
+    assert_eq!(proxy.counter("swr_revalidated_total").await, 2);
 }
 
 // 3. The policy switch.
@@ -655,12 +654,12 @@ async fn a_background_refresh_revalidates_with_the_etag() {
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(proxy.get("/etag").await.x_cache(), "STALE");
     eventually(WAIT, "the 304 renews the entry", || async {
-        proxy.proxy.stats().revalidated.load(Relaxed) == 1
+        proxy.counter("swr_revalidated_total").await == 1
     })
     .await;
     assert_eq!(origin.seen("/etag")[1].headers["if-none-match"], "\"r1\"");
     assert_eq!(
-        proxy.proxy.stats().revalidation_bytes_saved.load(Relaxed),
+        proxy.counter("swr_revalidation_saved_bytes_total").await,
         5000
     );
     let renewed = proxy.get("/etag").await;
@@ -703,7 +702,7 @@ async fn client_conditionals_get_304_from_the_cache() {
     let head = proxy.send(Method::HEAD, "/c", &[]).await;
     assert_eq!((head.status, head.body.len()), (200, 0));
     assert_eq!(origin.hits("/c"), 1, "all answered from the cache");
-    assert_eq!(proxy.proxy.stats().not_modified_served.load(Relaxed), 2);
+    assert_eq!(proxy.counter("swr_not_modified_total").await, 2);
 }
 
 // 8. Request directives.
@@ -839,7 +838,7 @@ async fn unsafe_methods_invalidate_the_uri_and_its_locations() {
     for path in ["/item", "/list", "/other"] {
         assert_eq!(proxy.get(path).await.x_cache(), "MISS", "{path}");
     }
-    assert_eq!(proxy.proxy.stats().invalidations.load(Relaxed), 3);
+    assert_eq!(proxy.counter("swr_invalidations_total").await, 3);
 }
 
 // 10. Status codes.

@@ -17,7 +17,13 @@
 //!   name by name (the names' parts cannot run into each other); repeated
 //!   fields are keyed as their comma-joined value;
 //! - `keyed_cookies`: only listed names, and two single cookies of one
-//!   listed name with different (visible ASCII) values give different keys.
+//!   listed name with different (visible ASCII) values give different keys;
+//! - a route's key shaping (`Route::shaped_key`, the route built from field
+//!   10: `k` keeps the comma-separated globs that follow, `s` ignores them
+//!   and sorts, anything else ignores them; it keys `x-tenant` and the
+//!   cookies of field 7): the target sent to the backend is the key path's
+//!   own prefix, followed in it by nothing or a newline; it holds exactly
+//!   the query parameters the route keeps, each as the client sent it.
 
 #![no_main]
 
@@ -25,7 +31,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use swr_proxy::cache::key::{keyed_cookies, valid_host, valid_target, KeyHasher};
 use swr_proxy::cache::vary::vary_key;
-use swr_proxy::routes::Glob;
+use swr_proxy::cache::policy::CacheControlMode;
+use swr_proxy::routes::{Cookies, Glob, PathMatcher, Route};
 use swr_proxy_fuzz::{fields, header_map};
 
 fn field<'a>(parts: &[&'a [u8]], i: usize) -> &'a [u8] {
@@ -78,6 +85,38 @@ fn cookie_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+/// A route with key options, from `spec` (see the module doc).
+fn route_of(spec: &str, cookies: Vec<String>) -> Route {
+    let mut chars = spec.chars();
+    let mode = chars.next().unwrap_or('i');
+    let globs: Vec<Glob> = chars
+        .as_str()
+        .split(',')
+        .filter(|g| !g.is_empty())
+        .map(Glob::new)
+        .collect();
+    let (keep_query, ignore_query) = if mode == 'k' {
+        (globs, Vec::new())
+    } else {
+        (Vec::new(), globs)
+    };
+    Route {
+        pattern: "/".into(),
+        matcher: PathMatcher::new("/"),
+        ttl: std::time::Duration::ZERO,
+        heuristic_freshness: None,
+        stale_while_revalidate: std::time::Duration::ZERO,
+        stale_if_error: std::time::Duration::ZERO,
+        cache_control: CacheControlMode::default(),
+        bypass: false,
+        ignore_query,
+        keep_query,
+        sort_query: mode == 's',
+        key_headers: vec![HeaderName::from_static("x-tenant")],
+        cookies: Cookies::Key(cookies),
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -203,6 +242,38 @@ fuzz_target!(|data: &[u8]| {
         if Glob::new(pattern).matches(t1) {
             let literal: String = pattern.split('*').collect();
             assert!(t1.len() >= literal.len());
+        }
+    }
+
+    // A route's key shaping: the backend is sent the key's own prefix.
+    if let (Ok(spec), Ok(t1)) = (std::str::from_utf8(field(&parts, 10)), targets.0) {
+        if t1.starts_with('/') && t1.bytes().all(|b| b.is_ascii_graphic()) {
+            let route = route_of(spec, names.clone());
+            let (path, query) = match t1.split_once('?') {
+                Some((path, query)) => (path, Some(query)),
+                None => (t1, None),
+            };
+            let shaped = route.shaped_key(path, query, &header_map(field(&parts, 8)));
+            let target = shaped.target();
+            assert!(shaped.text().starts_with(target));
+            let rest = &shaped.text()[target.len()..];
+            assert!(rest.is_empty() || rest.starts_with('\n'), "{rest:?}");
+            assert!(!target.contains('\n'));
+            let (sent_path, sent_query) = match target.split_once('?') {
+                Some((p, q)) => (p, q),
+                None => (target, ""),
+            };
+            assert_eq!(sent_path, path);
+            let mut sent: Vec<&str> = sent_query.split('&').filter(|p| !p.is_empty()).collect();
+            let mut kept: Vec<&str> = query
+                .unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .filter(|p| route.keeps_param(p.split('=').next().unwrap_or("")))
+                .collect();
+            sent.sort_unstable();
+            kept.sort_unstable();
+            assert_eq!(sent, kept, "{t1:?} shaped as {target:?}");
         }
     }
 });

@@ -3,6 +3,7 @@
 //! backing off a key whose refresh failed. The queue and its workers are
 //! `crate::refresh`'s; this file says what a job does.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,10 +72,48 @@ impl crate::refresh::Weigh for RefreshRequest {
     }
 }
 
+/// Keys whose last refresh failed: their next refresh waits until `until`,
+/// twice as long per failure in a row (from [`BACKOFF_BASE`] up to
+/// [`BACKOFF_CAP`]). Bounded like every table of marks; instants are passed
+/// in, so the rules are tested without a clock.
+#[derive(Debug, Default)]
+pub(super) struct Backoffs(HashMap<u64, Backoff>);
+
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Backoff {
-    pub(super) failures: u32,
-    pub(super) until: Instant,
+struct Backoff {
+    failures: u32,
+    until: Instant,
+}
+
+impl Backoffs {
+    /// Whether a refresh of `hash` waits at `now`.
+    pub(super) fn holds(&self, hash: u64, now: Instant) -> bool {
+        self.0.get(&hash).is_some_and(|b| now < b.until)
+    }
+
+    /// A refresh of `hash` failed at `now`.
+    pub(super) fn failed(&mut self, hash: u64, now: Instant) {
+        let failures = self.0.get(&hash).map_or(0, |b| b.failures) + 1;
+        let delay = BACKOFF_BASE
+            .saturating_mul(1u32 << (failures - 1).min(16))
+            .min(BACKOFF_CAP);
+        let mark = Backoff {
+            failures,
+            until: now + delay,
+        };
+        insert_bounded(&mut self.0, hash, mark, |b| now >= b.until + BACKOFF_CAP);
+    }
+
+    /// A refresh of `hash` succeeded: the next failure starts over.
+    pub(super) fn succeeded(&mut self, hash: u64) {
+        self.0.remove(&hash);
+    }
+
+    /// Forgets keys whose backoff ran out more than [`BACKOFF_CAP`] ago (a
+    /// failure after that starts over).
+    pub(super) fn forget_expired(&mut self, now: Instant) {
+        self.0.retain(|_, b| now < b.until + BACKOFF_CAP);
+    }
 }
 
 impl Proxy {
@@ -87,10 +126,7 @@ impl Proxy {
         target: impl FnOnce() -> FetchTarget,
         now: Instant,
     ) -> RefreshDecision {
-        if lock(&self.backoff)
-            .get(&hash)
-            .is_some_and(|b| now < b.until)
-        {
+        if lock(&self.backoff).holds(hash, now) {
             self.stats.refresh_backoff.fetch_add(1, Relaxed);
             return RefreshDecision::Backoff;
         }
@@ -112,22 +148,6 @@ impl Proxy {
         }
     }
 
-    /// Records a failed refresh of `hash`: the next one waits twice as long
-    /// as the last (from `BACKOFF_BASE` up to `BACKOFF_CAP`).
-    pub(super) fn back_off(&self, hash: u64) {
-        let now = Instant::now();
-        let mut backoff = lock(&self.backoff);
-        let failures = backoff.get(&hash).map_or(0, |b| b.failures) + 1;
-        let delay = BACKOFF_BASE
-            .saturating_mul(1u32 << (failures - 1).min(16))
-            .min(BACKOFF_CAP);
-        let mark = Backoff {
-            failures,
-            until: now + delay,
-        };
-        insert_bounded(&mut backoff, hash, mark, |b| now >= b.until + BACKOFF_CAP);
-    }
-
     /// A background refresh: re-fetches (or revalidates) and replaces the
     /// entry, or keeps the old one when the backend fails.
     pub(super) async fn run_refresh(self: Arc<Self>, job: Job<RefreshRequest>) {
@@ -141,12 +161,12 @@ impl Proxy {
         let key = stale.key();
         match &fetched {
             Fetched::Stored(_) => {
-                lock(&self.backoff).remove(&job.hash);
+                lock(&self.backoff).succeeded(job.hash);
             }
             Fetched::Pass(passed) if !policy::status_is_error(passed.status) => {}
             // The backend was never asked.
             Fetched::Failed(err) if err.kind == UpstreamErrorKind::Busy => {}
-            _ => self.back_off(job.hash),
+            _ => lock(&self.backoff).failed(job.hash, Instant::now()),
         }
         match fetched {
             Fetched::Stored(_) => {
@@ -192,5 +212,35 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_per_failure_up_to_the_cap_and_a_success_clears_it() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let mut backoffs = Backoffs::default();
+        assert!(!backoffs.holds(1, t0));
+        let mut at = t0;
+        for expected in [1, 2, 4, 8, 16, 32, 60, 60] {
+            backoffs.failed(1, at);
+            assert!(backoffs.holds(1, at + secs(expected) - Duration::from_millis(1)));
+            assert!(!backoffs.holds(1, at + secs(expected)), "{expected} s");
+            assert!(!backoffs.holds(2, at), "another key is not held");
+            at += secs(expected);
+        }
+        backoffs.succeeded(1);
+        assert!(!backoffs.holds(1, at));
+        backoffs.failed(1, at);
+        assert!(!backoffs.holds(1, at + secs(1)), "started over at 1 s");
+        // Forgotten a cap after it ran out: the next failure starts over.
+        backoffs.failed(1, at + secs(1));
+        backoffs.forget_expired(at + secs(1) + secs(2) + BACKOFF_CAP);
+        backoffs.failed(1, at + secs(100));
+        assert!(!backoffs.holds(1, at + secs(101)));
     }
 }

@@ -22,13 +22,11 @@ use crate::cache::status_field::StatusField;
 use crate::cache::CacheStatus;
 use crate::error::ProxyError;
 use crate::metrics::RouteStats;
-use crate::routes::Route;
+use crate::routes::{Route, ShapedKey};
 
 use super::fetch::FetchTarget;
 use super::respond::small_number;
-use super::rules::{
-    lowercase, request_host, route_headers, shaped_key, variant_text, Peer, Rules, ShapedKey,
-};
+use super::rules::{lowercase, request_host, route_headers, variant_text, Peer, Rules};
 use super::Proxy;
 
 /// What the cache decided about a request before anything is awaited.
@@ -190,10 +188,11 @@ impl Proxy {
         // the key differ from the URL.
         let shaped = route
             .filter(|r| r.shapes_key())
-            .map(|r| shaped_key(r, parts.uri.path(), parts.uri.query(), &parts.headers));
-        let key = self
-            .keys
-            .key(&host, shaped.as_ref().map_or(path_and_query, |s| &s.text));
+            .map(|r| r.shaped_key(parts.uri.path(), parts.uri.query(), &parts.headers));
+        let key = self.keys.key(
+            &host,
+            shaped.as_ref().map_or(path_and_query, ShapedKey::text),
+        );
         // What the backend is asked for: the URL as the key has it.
         let path_and_query = shaped.as_ref().map_or(path_and_query, ShapedKey::target);
         let head = parts.method == Method::HEAD;

@@ -43,7 +43,7 @@ mod pass;
 mod respond;
 mod rules;
 
-use self::background::{Backoff, RefreshRequest, BACKOFF_CAP, REFRESH_QUEUE_BYTES};
+use self::background::{Backoffs, RefreshRequest, REFRESH_QUEUE_BYTES};
 use self::fill::Uncacheable;
 pub use self::lookup::FastHit;
 use self::lookup::Next;
@@ -84,7 +84,7 @@ pub struct Proxy {
     stats: Stats,
     /// Keys whose last refresh failed: no new refresh before `until`. A std
     /// `Mutex`: touched on stale answers and refresh results only.
-    backoff: Mutex<HashMap<u64, Backoff>>,
+    backoff: Mutex<Backoffs>,
     /// Keys whose answer could not be stored, until when: their requests go
     /// to the backend at once instead of queueing behind one another's fetch
     /// (Varnish's hit-for-miss).
@@ -170,7 +170,7 @@ impl Proxy {
             refresh,
             upstream,
             stats: Stats::default(),
-            backoff: Mutex::new(HashMap::new()),
+            backoff: Mutex::new(Backoffs::default()),
             uncacheable: Mutex::new(HashMap::new()),
             failure_lines: RateLimit::new(FAILURE_LINE_EVERY),
             config,
@@ -316,7 +316,7 @@ impl Proxy {
 
     /// Drops backoff and hit-for-miss marks that have run out.
     fn forget_expired_marks(&self, now: Instant) {
-        lock(&self.backoff).retain(|_, b| now < b.until + BACKOFF_CAP);
+        lock(&self.backoff).forget_expired(now);
         lock(&self.uncacheable).retain(|_, mark| now < mark.until);
     }
 

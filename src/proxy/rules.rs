@@ -13,7 +13,7 @@ use http::request::Parts;
 
 use crate::cache::key::{keyed_cookies, valid_host, RequestKey};
 use crate::cache::policy::Defaults;
-use crate::cache::vary::{self, VariantKey};
+use crate::cache::vary::VariantKey;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::RouteStats;
@@ -141,56 +141,6 @@ pub(super) fn route_headers<'a>(
         }
     }
     Cow::Owned(headers)
-}
-
-/// The key path of a route with key options: the path, the query with
-/// parameters dropped or kept and maybe sorted, then the key headers' values
-/// (after a newline, so purging the URL's key purges these too). The first
-/// `len` bytes (path and shaped query) are also what the backend is sent:
-/// a parameter the key leaves out must not reach the backend, or a client
-/// could change the answer stored for everyone who shares the key.
-pub(super) struct ShapedKey {
-    pub(super) text: String,
-    pub(super) len: usize,
-}
-
-impl ShapedKey {
-    /// The path and query sent to the backend.
-    pub(super) fn target(&self) -> &str {
-        &self.text[..self.len]
-    }
-}
-
-pub(super) fn shaped_key(
-    route: &Route,
-    path: &str,
-    query: Option<&str>,
-    headers: &HeaderMap,
-) -> ShapedKey {
-    let mut params: Vec<&str> = query
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .filter(|p| route.keeps_param(p.split('=').next().unwrap_or("")))
-        .collect();
-    if route.sort_query {
-        params.sort_unstable();
-    }
-    let mut key = String::with_capacity(path.len() + query.map_or(0, str::len) + 16);
-    key.push_str(path);
-    if !params.is_empty() {
-        key.push('?');
-        key.push_str(&params.join("&"));
-    }
-    let len = key.len();
-    if !route.key_headers.is_empty() {
-        key.push_str(&vary::vary_key(&route.key_headers, headers));
-    }
-    if let Cookies::Key(names) = &route.cookies {
-        key.push_str("\ncookie=");
-        key.push_str(&keyed_cookies(headers, names));
-    }
-    ShapedKey { text: key, len }
 }
 
 /// The key text of the variant `names` select for these request headers.

@@ -457,6 +457,12 @@ impl TestProxy {
         scrape_metrics(&self.client, &self.admin_url("/metrics")).await
     }
 
+    /// One series of `/metrics` as the admin API serves it, e.g.
+    /// `swr_requests_total{cache="HIT"}`; 0 when it is not there.
+    pub async fn counter(&self, series: &str) -> u64 {
+        self.metrics().await.get(series).copied().unwrap_or(0.0) as u64
+    }
+
     pub async fn get(&self, path_and_query: &str) -> Answer {
         self.send(reqwest::Method::GET, path_and_query, &[]).await
     }
