@@ -84,20 +84,10 @@ impl Proxy {
             BackendWork::Pass(reason) => self.pass(&parts, Some(body), peer, reason).await,
             BackendWork::Fetch(plan) => {
                 drop(body);
-                let FetchPlan {
-                    target,
-                    fill_hash,
-                    stale,
-                    fwd,
-                    head,
-                    alone,
-                } = *plan;
-                if alone {
-                    self.fetch_alone(&parts, target, fill_hash, stale, fwd, head)
-                        .await
+                if plan.alone {
+                    self.fetch_alone(&parts, *plan).await
                 } else {
-                    self.fill(&parts, target, fill_hash, stale, fwd, head, peer)
-                        .await
+                    self.fill(&parts, *plan, peer).await
                 }
             }
         }
@@ -117,15 +107,15 @@ impl Proxy {
 
     /// A request for a key remembered as uncacheable: fetched for this client
     /// alone, without waiting on anyone; stored after all if it now may be.
-    pub(super) async fn fetch_alone(
-        &self,
-        parts: &Parts,
-        target: FetchTarget,
-        hash: u64,
-        stale: Option<Entry>,
-        fwd: &'static str,
-        head: bool,
-    ) -> Response<ProxyBody> {
+    pub(super) async fn fetch_alone(&self, parts: &Parts, plan: FetchPlan) -> Response<ProxyBody> {
+        let FetchPlan {
+            target,
+            fill_hash: hash,
+            stale,
+            fwd,
+            head,
+            ..
+        } = plan;
         let status = if stale.is_some() {
             CacheStatus::Expired
         } else {
@@ -145,17 +135,20 @@ impl Proxy {
 
     /// A miss or an expired entry: one backend fetch per key, however many
     /// clients wait for it.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn fill(
         self: &Arc<Self>,
         parts: &Parts,
-        target: FetchTarget,
-        fill_hash: u64,
-        stale: Option<Entry>,
-        fwd: &'static str,
-        head: bool,
+        plan: FetchPlan,
         peer: Peer,
     ) -> Response<ProxyBody> {
+        let FetchPlan {
+            target,
+            fill_hash,
+            stale,
+            fwd,
+            head,
+            ..
+        } = plan;
         let status = if stale.is_some() {
             CacheStatus::Expired
         } else {
