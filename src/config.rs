@@ -160,8 +160,8 @@ pub struct ProxyArgs {
     pub upstream_concurrency: Option<usize>,
 
     /// Log format: text or json [default: text].
-    #[arg(long, env = "SWR_LOG_FORMAT", value_name = "FORMAT", value_parser = ["text", "json"])]
-    pub log_format: Option<String>,
+    #[arg(long, env = "SWR_LOG_FORMAT", value_name = "FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 
     /// Log one line per request at info level (cache status, age, time taken).
     #[arg(long, env = "SWR_ACCESS_LOG")]
@@ -223,35 +223,52 @@ pub struct ProxyArgs {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
-    pub upstream: Option<String>,
-    pub ttl: Option<String>,
+    #[serde(default, deserialize_with = "file_upstream")]
+    pub upstream: Option<url::Url>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub ttl: Option<Duration>,
     pub heuristic_freshness: Option<u8>,
-    pub stale_while_revalidate: Option<String>,
-    pub stale_if_error: Option<String>,
-    pub max_size: Option<String>,
-    pub max_object_size: Option<String>,
-    pub max_buffered: Option<String>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub stale_while_revalidate: Option<Duration>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub stale_if_error: Option<Duration>,
+    #[serde(default, deserialize_with = "file_size")]
+    pub max_size: Option<u64>,
+    #[serde(default, deserialize_with = "file_size")]
+    pub max_object_size: Option<u64>,
+    #[serde(default, deserialize_with = "file_size")]
+    pub max_buffered: Option<u64>,
     pub refresh_concurrency: Option<usize>,
     pub refresh_queue: Option<usize>,
-    pub upstream_timeout: Option<String>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub upstream_timeout: Option<Duration>,
     pub cache_control: Option<CacheControlMode>,
     pub honor_client_cache_control: Option<bool>,
-    pub targeted_cache_control: Option<String>,
-    pub admin_listen: Option<String>,
+    #[serde(default, deserialize_with = "file_header_name")]
+    pub targeted_cache_control: Option<http::HeaderName>,
+    #[serde(default, deserialize_with = "file_listen")]
+    pub admin_listen: Option<Listen>,
     pub admin_token: Option<String>,
     pub admin_token_file: Option<PathBuf>,
     pub upstream_concurrency: Option<usize>,
-    pub log_format: Option<String>,
+    pub log_format: Option<LogFormat>,
     pub access_log: Option<bool>,
-    pub log_summary_interval: Option<String>,
-    pub shutdown_timeout: Option<String>,
-    pub client_header_timeout: Option<String>,
-    pub client_write_timeout: Option<String>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub log_summary_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub shutdown_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub client_header_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub client_write_timeout: Option<Duration>,
     pub threads: Option<usize>,
     pub fast_hits: Option<bool>,
-    pub trust_forwarded: Option<Vec<String>>,
-    pub max_request_line: Option<String>,
-    pub max_request_headers: Option<String>,
+    #[serde(default, deserialize_with = "file_cidrs")]
+    pub trust_forwarded: Option<Vec<ipnet::IpNet>>,
+    #[serde(default, deserialize_with = "file_size")]
+    pub max_request_line: Option<u64>,
+    #[serde(default, deserialize_with = "file_size")]
+    pub max_request_headers: Option<u64>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteFile>,
 }
@@ -262,10 +279,13 @@ pub struct FileConfig {
 pub struct RouteFile {
     /// A path prefix (`/ranking`), or a glob with `*` (`/users/*/similar`).
     pub path: String,
-    pub ttl: Option<String>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub ttl: Option<Duration>,
     pub heuristic_freshness: Option<u8>,
-    pub stale_while_revalidate: Option<String>,
-    pub stale_if_error: Option<String>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub stale_while_revalidate: Option<Duration>,
+    #[serde(default, deserialize_with = "file_duration")]
+    pub stale_if_error: Option<Duration>,
     pub cache_control: Option<CacheControlMode>,
     /// Pass every request through, never store.
     #[serde(default)]
@@ -328,7 +348,7 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<String>,
     pub upstream_concurrency: usize,
-    pub log_format: String,
+    pub log_format: LogFormat,
     pub access_log: bool,
     /// How often the summary line is logged; zero: never. Read at start.
     pub log_summary_interval: Duration,
@@ -389,11 +409,83 @@ pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
             .and_then(|l| l.split_once('='))
             .map(|(key, _)| key.trim())
             .filter(|key| !key.is_empty() && !message.contains(key));
+        // Inside the n-th `[[route]]` table: `route[n-1].key`.
+        let routes_above = text
+            .lines()
+            .take(line)
+            .filter(|l| l.trim_start().starts_with("[[route]]"))
+            .count();
+        let key = key.map(|key| match routes_above {
+            0 => key.to_string(),
+            n => format!("route[{}].{key}", n - 1),
+        });
         match key {
             Some(key) => ConfigError(format!("{}: line {line}: {key}: {message}", path.display())),
             None => ConfigError(format!("{}: line {line}: {message}", path.display())),
         }
     })
+}
+
+/// A file value written as its flag is, read by the flag's own parser: one
+/// parser per setting, whichever way the value comes in. A bad value fails
+/// the file's parse, and [`parse_file`] names its line and field.
+fn file_value<'de, D, T>(
+    deserializer: D,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    match Option::<String>::deserialize(deserializer)? {
+        Some(text) => parse(&text).map(Some).map_err(serde::de::Error::custom),
+        None => Ok(None),
+    }
+}
+
+fn file_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    file_value(d, parse_duration)
+}
+
+fn file_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    file_value(d, parse_size)
+}
+
+fn file_upstream<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<url::Url>, D::Error> {
+    file_value(d, parse_upstream)
+}
+
+fn file_header_name<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<http::HeaderName>, D::Error> {
+    file_value(d, parse_header_name)
+}
+
+fn file_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Listen>, D::Error> {
+    file_value(d, parse_listen)
+}
+
+fn file_cidrs<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<ipnet::IpNet>>, D::Error> {
+    match Option::<Vec<String>>::deserialize(d)? {
+        Some(texts) => texts
+            .iter()
+            .map(|text| parse_cidr(text).map_err(serde::de::Error::custom))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        None => Ok(None),
+    }
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Config {
@@ -422,68 +514,28 @@ impl Config {
         upstream: Option<url::Url>,
         default_ttl: Duration,
     ) -> Result<Config, ConfigError> {
-        let duration = |flag: Option<Duration>,
-                        field: &Option<String>,
-                        name: &str,
-                        default: Duration| match (flag, field) {
-            (Some(value), _) => Ok(value),
-            (None, Some(text)) => parse_duration(text)
-                .map_err(|e| ConfigError(format!("{name} = {text:?} in the config file: {e}"))),
-            (None, None) => Ok(default),
-        };
-        let size = |flag: Option<u64>, field: &Option<String>, name: &str, default: u64| match (
-            flag, field,
-        ) {
-            (Some(value), _) => Ok(value),
-            (None, Some(text)) => parse_size(text)
-                .map_err(|e| ConfigError(format!("{name} = {text:?} in the config file: {e}"))),
-            (None, None) => Ok(default),
-        };
-        let file_upstream = match &file.upstream {
-            Some(text) => Some(parse_upstream(text).map_err(|e| {
-                ConfigError(format!("upstream = {text:?} in the config file: {e}"))
-            })?),
-            None => None,
-        };
-        let upstream = match args.upstream.clone().or(file_upstream).or(upstream) {
+        let upstream = match args.upstream.clone().or(file.upstream.clone()).or(upstream) {
             Some(url) => url,
             None => return Err(ConfigError(
                 "--upstream is required: the backend's URL, e.g. --upstream http://127.0.0.1:3000"
                     .into(),
             )),
         };
-        let targeted = match (&args.targeted_cache_control, &file.targeted_cache_control) {
-            (Some(name), _) => name.clone(),
-            (None, Some(text)) => parse_header_name(text).map_err(|e| {
-                ConfigError(format!(
-                    "targeted_cache_control = {text:?} in the config file: {e}"
-                ))
-            })?,
-            (None, None) => http::HeaderName::from_static("swr-cache-control"),
-        };
-        let log_format = args
-            .log_format
+        let targeted = args
+            .targeted_cache_control
             .clone()
-            .or_else(|| file.log_format.clone())
-            .unwrap_or_else(|| "text".into());
-        if log_format != "text" && log_format != "json" {
-            return Err(ConfigError(format!(
-                "log_format = {log_format:?} in the config file: expected text or json"
-            )));
-        }
-        let ttl = duration(args.ttl, &file.ttl, "ttl", default_ttl)?;
-        let stale_while_revalidate = duration(
-            args.stale_while_revalidate,
-            &file.stale_while_revalidate,
-            "stale_while_revalidate",
-            Duration::from_secs(60),
-        )?;
-        let stale_if_error = duration(
-            args.stale_if_error,
-            &file.stale_if_error,
-            "stale_if_error",
-            Duration::from_secs(300),
-        )?;
+            .or_else(|| file.targeted_cache_control.clone())
+            .unwrap_or_else(|| http::HeaderName::from_static("swr-cache-control"));
+        let log_format = args.log_format.or(file.log_format).unwrap_or_default();
+        let ttl = args.ttl.or(file.ttl).unwrap_or(default_ttl);
+        let stale_while_revalidate = args
+            .stale_while_revalidate
+            .or(file.stale_while_revalidate)
+            .unwrap_or(Duration::from_secs(60));
+        let stale_if_error = args
+            .stale_if_error
+            .or(file.stale_if_error)
+            .unwrap_or(Duration::from_secs(300));
         let heuristic_freshness = args.heuristic_freshness.or(file.heuristic_freshness);
         let percent = |value: Option<u8>, name: &str| match value {
             Some(p) if p > 100 => Err(ConfigError(format!(
@@ -521,20 +573,11 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<Route>, ConfigError>>()?;
-        let trust_forwarded = match (&args.trust_forwarded, &file.trust_forwarded) {
-            (Some(nets), _) => nets.clone(),
-            (None, Some(texts)) => texts
-                .iter()
-                .map(|text| {
-                    parse_cidr(text).map_err(|e| {
-                        ConfigError(format!(
-                            "trust_forwarded = {text:?} in the config file: {e}"
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            (None, None) => Vec::new(),
-        };
+        let trust_forwarded = args
+            .trust_forwarded
+            .clone()
+            .or_else(|| file.trust_forwarded.clone())
+            .unwrap_or_default();
         let count = |value: Option<usize>, name: &str| match value {
             Some(0) => Err(ConfigError(format!(
                 "{name} = 0 in the config file: expected a whole number of at least 1"
@@ -551,19 +594,12 @@ impl Config {
             heuristic_freshness,
             stale_while_revalidate,
             stale_if_error,
-            max_size_bytes: size(args.max_size, &file.max_size, "max_size", 256 << 20)?,
-            max_object_size_bytes: size(
-                args.max_object_size,
-                &file.max_object_size,
-                "max_object_size",
-                8 << 20,
-            )?,
-            max_buffered_bytes: size(
-                args.max_buffered,
-                &file.max_buffered,
-                "max_buffered",
-                64 << 20,
-            )?,
+            max_size_bytes: args.max_size.or(file.max_size).unwrap_or(256 << 20),
+            max_object_size_bytes: args
+                .max_object_size
+                .or(file.max_object_size)
+                .unwrap_or(8 << 20),
+            max_buffered_bytes: args.max_buffered.or(file.max_buffered).unwrap_or(64 << 20),
             refresh_concurrency: args
                 .refresh_concurrency
                 .or(count(file.refresh_concurrency, "refresh_concurrency")?)
@@ -572,30 +608,22 @@ impl Config {
                 .refresh_queue
                 .or(count(file.refresh_queue, "refresh_queue")?)
                 .unwrap_or(10_000),
-            upstream_timeout: duration(
-                args.upstream_timeout,
-                &file.upstream_timeout,
-                "upstream_timeout",
-                Duration::from_secs(30),
-            )?,
-            shutdown_timeout: duration(
-                args.shutdown_timeout,
-                &file.shutdown_timeout,
-                "shutdown_timeout",
-                Duration::from_secs(30),
-            )?,
-            client_header_timeout: duration(
-                args.client_header_timeout,
-                &file.client_header_timeout,
-                "client_header_timeout",
-                Duration::from_secs(60),
-            )?,
-            client_write_timeout: duration(
-                args.client_write_timeout,
-                &file.client_write_timeout,
-                "client_write_timeout",
-                Duration::from_secs(60),
-            )?,
+            upstream_timeout: args
+                .upstream_timeout
+                .or(file.upstream_timeout)
+                .unwrap_or(Duration::from_secs(30)),
+            shutdown_timeout: args
+                .shutdown_timeout
+                .or(file.shutdown_timeout)
+                .unwrap_or(Duration::from_secs(30)),
+            client_header_timeout: args
+                .client_header_timeout
+                .or(file.client_header_timeout)
+                .unwrap_or(Duration::from_secs(60)),
+            client_write_timeout: args
+                .client_write_timeout
+                .or(file.client_write_timeout)
+                .unwrap_or(Duration::from_secs(60)),
             threads: args
                 .threads
                 .or(count(file.threads, "threads")?)
@@ -604,14 +632,11 @@ impl Config {
             honor_client_cache_control: args.honor_client_cache_control
                 || file.honor_client_cache_control.unwrap_or(false),
             targeted_cache_control: targeted,
-            admin_listen: match (args.admin_listen, &file.admin_listen) {
-                (Some(listen), _) => listen,
-                (None, Some(text)) => parse_listen(text).map_err(|e| {
-                    ConfigError(format!("admin_listen = {text:?} in the config file: {e}"))
-                })?,
-                (None, None) => Listen::At(DEFAULT_ADMIN_LISTEN),
-            }
-            .address(),
+            admin_listen: args
+                .admin_listen
+                .or(file.admin_listen)
+                .unwrap_or(Listen::At(DEFAULT_ADMIN_LISTEN))
+                .address(),
             admin_token: admin_token(args, file)?,
             upstream_concurrency: args
                 .upstream_concurrency
@@ -619,33 +644,26 @@ impl Config {
                 .unwrap_or(256),
             log_format,
             access_log: args.access_log || file.access_log.unwrap_or(false),
-            log_summary_interval: duration(
-                args.log_summary_interval,
-                &file.log_summary_interval,
-                "log_summary_interval",
-                Duration::from_secs(60),
-            )?,
+            log_summary_interval: args
+                .log_summary_interval
+                .or(file.log_summary_interval)
+                .unwrap_or(Duration::from_secs(60)),
             fast_hits: !args.no_fast_hits && file.fast_hits.unwrap_or(true),
             trust_forwarded,
-            max_request_line: size(
-                args.max_request_line,
-                &file.max_request_line,
-                "max_request_line",
-                8 << 10,
-            )?,
-            max_request_headers: size(
-                args.max_request_headers,
-                &file.max_request_headers,
-                "max_request_headers",
-                // At least one line's worth when only the line limit is raised.
-                size(
-                    args.max_request_line,
-                    &file.max_request_line,
-                    "max_request_line",
-                    0,
-                )?
-                .max(32 << 10),
-            )?,
+            max_request_line: args
+                .max_request_line
+                .or(file.max_request_line)
+                .unwrap_or(8 << 10),
+            max_request_headers: args
+                .max_request_headers
+                .or(file.max_request_headers)
+                .unwrap_or(
+                    // At least one line's worth when only the line limit is raised.
+                    args.max_request_line
+                        .or(file.max_request_line)
+                        .unwrap_or(0)
+                        .max(32 << 10),
+                ),
             routes,
             config_file: args.config.clone(),
             source: args.clone(),
@@ -837,11 +855,6 @@ fn validate_route(
             at("keep_query")
         )));
     }
-    let duration = |value: &Option<String>, field: &str, default: Duration| match value {
-        Some(text) => parse_duration(text)
-            .map_err(|e| ConfigError(format!("{} = {text:?} in the config file: {e}", at(field)))),
-        None => Ok(default),
-    };
     let key_headers = route
         .key_headers
         .iter()
@@ -886,13 +899,11 @@ fn validate_route(
         heuristic_freshness: route.heuristic_freshness,
         pattern: route.path.clone(),
         matcher: PathMatcher::new(&route.path),
-        ttl: duration(&route.ttl, "ttl", ttl)?,
-        stale_while_revalidate: duration(
-            &route.stale_while_revalidate,
-            "stale_while_revalidate",
-            stale_while_revalidate,
-        )?,
-        stale_if_error: duration(&route.stale_if_error, "stale_if_error", stale_if_error)?,
+        ttl: route.ttl.unwrap_or(ttl),
+        stale_while_revalidate: route
+            .stale_while_revalidate
+            .unwrap_or(stale_while_revalidate),
+        stale_if_error: route.stale_if_error.unwrap_or(stale_if_error),
         cache_control: route.cache_control.unwrap_or(cache_control),
         bypass: route.bypass,
         ignore_query: route.ignore_query.iter().map(|p| Glob::new(p)).collect(),
@@ -1236,14 +1247,28 @@ mod tests {
     #[test]
     fn file_errors_name_the_field() {
         assert!(file("ttll = \"1s\"").unwrap_err().contains("ttll"));
+        // A value is checked by its flag's parser as the file is read, and
+        // `parse_file` names the line and the field.
+        let unreadable = |text: &str| {
+            parse_file(text, Path::new("swr.toml"))
+                .map(|_| ())
+                .unwrap_err()
+                .0
+        };
+        let ttl = unreadable("upstream = \"http://x\"\nttl = \"soon\"");
+        assert!(ttl.contains("line 2: ttl: expected a duration"), "{ttl}");
+        let upstream = unreadable("upstream = \"ftp://x\"");
+        assert!(upstream.contains("line 1: upstream: "), "{upstream}");
+        let size = unreadable("max_size = \"lots\"");
+        assert!(size.contains("line 1: max_size: expected a size"), "{size}");
+        let route = unreadable("[[route]]\npath = \"/\"\nstale_if_error = \"-1s\"");
+        assert!(route.contains("line 3: route[0].stale_if_error: "), "{route}");
         let bad = |text: &str| {
             let f = file(text).unwrap();
             Config::merge(&ProxyArgs::default(), &f, None, Config::DEFAULT_TTL)
                 .unwrap_err()
                 .0
         };
-        assert!(bad("upstream = \"http://x\"\nttl = \"soon\"").contains("ttl"));
-        assert!(bad("upstream = \"ftp://x\"").contains("upstream"));
         let route = bad("upstream = \"http://x\"\n[[route]]\npath = \"x\"");
         assert!(route.contains("route[0].path"), "{route}");
         let both = bad(

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 
-use swr_proxy::config::{Cli, Command, Config};
+use swr_proxy::config::{Cli, Command, Config, LogFormat};
 use swr_proxy::logs::{self, LogGuard};
 use swr_proxy::proxy::Proxy;
 use swr_proxy::{admin, demo, server};
@@ -51,12 +51,12 @@ fn main() -> ExitCode {
         },
     };
     let log_format = match (&config, &demo_args) {
-        (Some(config), _) => config.log_format.clone(),
-        (None, Some(args)) => args.log_format.clone().unwrap_or_default(),
-        (None, None) => String::new(),
+        (Some(config), _) => config.log_format,
+        (None, Some(args)) => args.log_format.unwrap_or_default(),
+        (None, None) => LogFormat::Text,
     };
     // Held to the end of `main`: dropping it flushes the log, a bounded time.
-    let log_guard = match init_logs(&log_format) {
+    let log_guard = match init_logs(log_format) {
         Ok(guard) => guard,
         Err(err) => {
             eprintln!("swr-proxy: cannot start the log writer: {err}");
@@ -158,14 +158,14 @@ fn check(path: &std::path::Path) -> ExitCode {
 /// serves, refreshes or shuts down ever waits on a log write. Panics are
 /// logged the same way (the default hook writes to stderr directly, and
 /// would block a serving thread on a stalled sink).
-fn init_logs(format: &str) -> std::io::Result<LogGuard> {
+fn init_logs(format: LogFormat) -> std::io::Result<LogGuard> {
     let (writer, guard) = logs::start(std::io::stderr(), logs::QUEUE_LINES, logs::QUEUE_BYTES)?;
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(writer);
-    if format == "json" {
+    if format == LogFormat::Json {
         subscriber.json().init();
     } else {
         subscriber
