@@ -1262,7 +1262,10 @@ mod tests {
         let size = unreadable("max_size = \"lots\"");
         assert!(size.contains("line 1: max_size: expected a size"), "{size}");
         let route = unreadable("[[route]]\npath = \"/\"\nstale_if_error = \"-1s\"");
-        assert!(route.contains("line 3: route[0].stale_if_error: "), "{route}");
+        assert!(
+            route.contains("line 3: route[0].stale_if_error: "),
+            "{route}"
+        );
         let bad = |text: &str| {
             let f = file(text).unwrap();
             Config::merge(&ProxyArgs::default(), &f, None, Config::DEFAULT_TTL)

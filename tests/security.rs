@@ -722,3 +722,186 @@ mod differential {
         }
     }
 }
+
+// ---------------------------------------------------------------------
+// Review of d1e073b (attack worktree): findings, each a failing test.
+// ---------------------------------------------------------------------
+
+/// One request from a client bound to `local` (any 127.0.0.0/8 address).
+async fn exchange_from(
+    local: &str,
+    addr: std::net::SocketAddr,
+    request: &[u8],
+) -> support::raw::RawAnswer {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{local}:0").parse().unwrap())
+        .expect("bind local address");
+    let mut stream = socket.connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    support::raw::read_answer(&mut stream, false).await
+}
+
+/// The backend is sent `X-Forwarded-For` as swr-proxy sets it (the peer's
+/// address), and says its answer varies on it. A key could only hold what
+/// the client sent (dropped), not what the backend saw: keyed that way,
+/// the answer made for one client's address was served to every client
+/// that sends no X-Forwarded-For (found by the attack review). Such an
+/// answer is not stored (`vary-client`).
+#[tokio::test]
+async fn a_vary_on_the_client_address_is_never_shared() {
+    let backend = RawBackend::start().await;
+    backend.answer_with(&["cache-control: public, max-age=60", "vary: x-forwarded-for"]);
+    for proxy in both_paths(&backend, &[]).await {
+        let path = format!("/geo{}", proxy.addr.port());
+        let first = exchange_from("127.0.0.2", proxy.addr, &get(&path, "h", "")).await;
+        assert_eq!(first.header("x-cache").as_deref(), Some("BYPASS"));
+        let status = first.header("cache-status").unwrap_or_default();
+        assert!(status.contains("detail=vary-client"), "{status}");
+        assert_eq!(
+            backend.seen_for(&path)[0].headers("x-forwarded-for"),
+            ["127.0.0.2"]
+        );
+        // Another client, another address: the backend said the answer
+        // depends on it, so this one must not get 127.0.0.2's answer.
+        let other = exchange_from("127.0.0.1", proxy.addr, &get(&path, "h", "")).await;
+        assert_ne!(
+            other.header("x-cache").as_deref(),
+            Some("HIT"),
+            "127.0.0.1 was served the answer made for X-Forwarded-For: 127.0.0.2 ({})",
+            other.text()
+        );
+    }
+}
+
+/// A route that keys on `Authorization` (key_headers): a stale entry's
+/// background refresh drops Authorization (it is not in the entry's Vary)
+/// and stores the backend's answer to an anonymous request under the key
+/// of alice's token, where alice is then served it.
+#[tokio::test]
+async fn a_refresh_keeps_the_credentials_a_route_keys_on() {
+    let backend = RawBackend::start().await;
+    backend.answer_with(&["cache-control: public, max-age=0, stale-while-revalidate=60"]);
+    let file = TempFile::new("[[route]]\npath = \"/me\"\nkey_headers = [\"authorization\"]\n");
+    let proxy = TestProxy::start_for(&backend.url(), &["--config", file.path()]).await;
+    let alice = "authorization: Bearer alice\r\n";
+    let first = exchange(proxy.addr, &get("/me", "h", alice)).await;
+    assert_eq!(first.header("x-cache").as_deref(), Some("MISS"));
+    assert_eq!(
+        backend.seen_for("/me")[0]
+            .header("authorization")
+            .as_deref(),
+        Some("Bearer alice")
+    );
+    let stale = exchange(proxy.addr, &get("/me", "h", alice)).await;
+    assert_eq!(stale.header("x-cache").as_deref(), Some("STALE"));
+    eventually(WAIT, "the refresh reaches the backend", || async {
+        backend.seen_for("/me").len() == 2
+    })
+    .await;
+    // Wait until the refresh is stored (the next answer is its body).
+    eventually(WAIT, "the refresh is stored", || async {
+        exchange(proxy.addr, &get("/me", "h", alice)).await.text() == "/me #2"
+    })
+    .await;
+    // What is now stored under alice's key was fetched as...
+    assert_eq!(
+        backend.seen_for("/me")[1]
+            .header("authorization")
+            .as_deref(),
+        Some("Bearer alice"),
+        "alice's entry was replaced by the answer to a request without her Authorization"
+    );
+}
+
+/// POST/PUT/DELETE invalidate what is stored for their URI (RFC 9111
+/// §4.4). On a route that shapes its key (key_headers, sort_query) the
+/// stored key is not the raw target, and nothing is invalidated.
+#[tokio::test]
+async fn unsafe_methods_invalidate_the_key_their_route_makes() {
+    let backend = RawBackend::start().await;
+    let file = TempFile::new(
+        "[[route]]\npath = \"/t\"\nkey_headers = [\"x-tenant\"]\n\n\
+         [[route]]\npath = \"/s\"\nsort_query = true\n\n",
+    );
+    let proxy = TestProxy::start_for(&backend.url(), &["--config", file.path()]).await;
+    // Control: an unshaped URL is invalidated.
+    exchange(proxy.addr, &get("/plain", "h", "")).await;
+    let post = |path: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: h\r\ncontent-length: 0\r\n\r\n").into_bytes()
+    };
+    assert_eq!(exchange(proxy.addr, &post("/plain")).await.status, 200);
+    let again = exchange(proxy.addr, &get("/plain", "h", "")).await;
+    assert_eq!(again.header("x-cache").as_deref(), Some("MISS"), "control");
+
+    let tenant = "x-tenant: a\r\n";
+    assert_eq!(
+        exchange(proxy.addr, &get("/t", "h", tenant))
+            .await
+            .header("x-cache")
+            .as_deref(),
+        Some("MISS")
+    );
+    // Another tenant's write leaves tenant a's entry (its key holds
+    // `x-tenant=a`); tenant a's own write removes it.
+    let post_as = |path: &str, extra: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: h\r\n{extra}content-length: 0\r\n\r\n").into_bytes()
+    };
+    assert_eq!(
+        exchange(proxy.addr, &post_as("/t", "x-tenant: b\r\n"))
+            .await
+            .status,
+        200
+    );
+    let kept = exchange(proxy.addr, &get("/t", "h", tenant)).await;
+    assert_eq!(kept.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(
+        exchange(proxy.addr, &post_as("/t", tenant)).await.status,
+        200
+    );
+    let after = exchange(proxy.addr, &get("/t", "h", tenant)).await;
+    assert_eq!(
+        after.header("x-cache").as_deref(),
+        Some("MISS"),
+        "POST /t did not invalidate the key_headers entry ({})",
+        after.text()
+    );
+
+    exchange(proxy.addr, &get("/s?b=2&a=1", "h", "")).await;
+    assert_eq!(exchange(proxy.addr, &post("/s?b=2&a=1")).await.status, 200);
+    let after = exchange(proxy.addr, &get("/s?b=2&a=1", "h", "")).await;
+    assert_eq!(
+        after.header("x-cache").as_deref(),
+        Some("MISS"),
+        "POST /s?b=2&a=1 did not invalidate the sorted key"
+    );
+}
+
+/// A response that varies on Cookie in a second `Vary` line: the refresh
+/// of alice's variant must keep her cookie (the entry varies on it), as it
+/// does for `Vary: accept-encoding, cookie` in one line.
+#[tokio::test]
+async fn a_refresh_keeps_a_field_named_in_any_vary_line() {
+    let backend = RawBackend::start().await;
+    backend.answer_with(&[
+        "cache-control: public, max-age=0, stale-while-revalidate=60",
+        "vary: accept-encoding",
+        "vary: cookie",
+    ]);
+    let proxy = TestProxy::start_for(&backend.url(), &[]).await;
+    let alice = "cookie: s=alice\r\n";
+    let first = exchange(proxy.addr, &get("/v", "h", alice)).await;
+    assert_eq!(first.header("x-cache").as_deref(), Some("MISS"));
+    let stale = exchange(proxy.addr, &get("/v", "h", alice)).await;
+    assert_eq!(stale.header("x-cache").as_deref(), Some("STALE"));
+    eventually(WAIT, "the refresh reaches the backend", || async {
+        backend.seen_for("/v").len() == 2
+    })
+    .await;
+    assert_eq!(
+        backend.seen_for("/v")[1].header("cookie").as_deref(),
+        Some("s=alice"),
+        "the refresh of alice's variant went without her cookie: it refreshes another variant"
+    );
+}

@@ -150,6 +150,11 @@ pub enum BypassReason {
     Status,
     /// `Vary: *`: no later request can be known to match.
     VaryStar,
+    /// `Vary` names a field swr-proxy writes per client (its address:
+    /// `X-Forwarded-For`, `Forwarded`, `X-Real-IP`): the answer was made for
+    /// the backend's view of one client, which the client's own value of
+    /// that field (the only thing a key could hold) does not show.
+    VaryClient,
     /// The body is larger than `--max-object-size`.
     TooLarge,
     /// The request carried `Authorization` and the response did not say
@@ -171,14 +176,20 @@ pub enum BypassReason {
     BufferFull,
 }
 
+/// Fields swr-proxy sends with each client's own address (it drops what the
+/// client sent, or appends to it for a trusted peer): see
+/// [`BypassReason::VaryClient`].
+const PER_CLIENT_FIELDS: [&str; 3] = ["forwarded", "x-forwarded-for", "x-real-ip"];
+
 impl BypassReason {
-    pub const ALL: [BypassReason; 14] = [
+    pub const ALL: [BypassReason; 15] = [
         BypassReason::Method,
         BypassReason::NoStore,
         BypassReason::Private,
         BypassReason::SetCookie,
         BypassReason::Status,
         BypassReason::VaryStar,
+        BypassReason::VaryClient,
         BypassReason::TooLarge,
         BypassReason::Authorization,
         BypassReason::Cookie,
@@ -197,6 +208,7 @@ impl BypassReason {
             BypassReason::SetCookie => "set-cookie",
             BypassReason::Status => "status",
             BypassReason::VaryStar => "vary-star",
+            BypassReason::VaryClient => "vary-client",
             BypassReason::TooLarge => "too-large",
             BypassReason::Authorization => "authorization",
             BypassReason::Cookie => "cookie",
@@ -292,8 +304,16 @@ pub fn storability(
     {
         return Storability::Bypass(BypassReason::SetCookie);
     }
-    if super::vary::vary_names(headers).is_err() {
-        return Storability::Bypass(BypassReason::VaryStar);
+    match super::vary::vary_names(headers) {
+        Err(()) => return Storability::Bypass(BypassReason::VaryStar),
+        Ok(names)
+            if names
+                .iter()
+                .any(|n| PER_CLIENT_FIELDS.contains(&n.as_str())) =>
+        {
+            return Storability::Bypass(BypassReason::VaryClient);
+        }
+        Ok(_) => {}
     }
     // RFC 9111 §3.5: a shared cache stores an answer to an authenticated
     // request only when the response says it may be shared.

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
 use crate::body::ProxyBody;
@@ -41,6 +41,10 @@ pub(super) struct FetchTarget {
     pub(super) facts: RequestFacts,
     /// The cookies left are part of the key (a route's `cookies = [...]`).
     pub(super) keyed_cookies: bool,
+    /// The route's `key_headers` name these credentials: their values are
+    /// in the key, so a refresh keeps them.
+    pub(super) keyed_authorization: bool,
+    pub(super) keyed_cookie_header: bool,
     /// The caching rules of the request's route.
     pub(super) defaults: Arc<Defaults>,
 }
@@ -49,17 +53,19 @@ impl FetchTarget {
     /// The fetch without the client's `Authorization` and `Cookie`, for a
     /// background refresh of `stale`, an entry stored for everyone: one
     /// client's credentials never shape what others are served. Kept: the
-    /// cookies the route's key names, and a field the entry varies on
-    /// (its key holds that value, so every client of the entry sent it).
+    /// cookies the route's key names, and a field the key holds (a route's
+    /// `key_headers`, or any `Vary` line of the entry): every client of the
+    /// entry sent that value.
     pub(super) fn without_credentials(mut self, stale: &Entry) -> FetchTarget {
         let varies_on = |name: &str| {
             stale
-                .header(&header::VARY)
-                .and_then(|v| v.to_str().ok().map(str::to_ascii_lowercase))
-                .is_some_and(|v| v.split(',').any(|n| n.trim() == name))
+                .wire_headers()
+                .filter(|(field, _)| *field == b"vary")
+                .flat_map(|(_, value)| value.split(|&b| b == b','))
+                .any(|n| n.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
         };
-        let keep_cookie = self.keyed_cookies || varies_on("cookie");
-        let keep_authorization = varies_on("authorization");
+        let keep_cookie = self.keyed_cookies || self.keyed_cookie_header || varies_on("cookie");
+        let keep_authorization = self.keyed_authorization || varies_on("authorization");
         for headers in [&mut self.client_headers, &mut self.upstream_headers] {
             if !keep_authorization {
                 headers.remove(header::AUTHORIZATION);
@@ -159,6 +165,7 @@ impl Proxy {
             keyed: route.map_or(&[][..], |r| &r.key_headers[..]),
         };
         let keyed_cookies = route.is_some_and(|r| matches!(r.cookies, Cookies::Key(_)));
+        let keys = |name: &HeaderName| route.is_some_and(|r| r.key_headers.contains(name));
         FetchTarget {
             url_text: key.to_text().into(),
             url_hash: key.hash,
@@ -167,6 +174,8 @@ impl Proxy {
             facts: facts_of(&client_headers, keyed_cookies),
             client_headers,
             keyed_cookies,
+            keyed_authorization: keys(&header::AUTHORIZATION),
+            keyed_cookie_header: keys(&header::COOKIE),
             defaults: Arc::clone(defaults),
         }
     }

@@ -99,7 +99,8 @@ impl Proxy {
     }
 
     /// RFC 9111 §4.4: removes the stored answers for the request's URI and for
-    /// same-origin `Location` / `Content-Location` URIs in the response.
+    /// same-origin `Location` / `Content-Location` URIs in the response, each
+    /// under the key its route makes (with this request's key headers).
     pub(super) fn invalidate(&self, parts: &Parts, response_headers: &HeaderMap) {
         let Ok(host) = request_host(parts) else {
             return;
@@ -118,8 +119,21 @@ impl Proxy {
                 targets.push(path);
             }
         }
+        let rules = self.rules.load();
         for path in targets {
-            let text = format!("{host}{path}");
+            // Stored under the key its route makes of it (sorted or filtered
+            // query, key headers), as the request's own GET would be.
+            let (only_path, query) = match path.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (path.as_str(), None),
+            };
+            let text = match rules.route_for(only_path).filter(|r| r.0.shapes_key()) {
+                Some((route, _, _)) => {
+                    let shaped = route.shaped_key(only_path, query, &parts.headers);
+                    format!("{host}{}", shaped.text())
+                }
+                None => format!("{host}{path}"),
+            };
             let removed = self.store.remove_url(self.keys.hash_text(&text), &text);
             if removed > 0 {
                 self.stats.invalidations.fetch_add(removed as u64, Relaxed);
