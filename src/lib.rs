@@ -18,8 +18,9 @@
 //! - [`cache::key`]: the cache key of a request (host, path, query).
 //! - [`cache::policy`]: pure rules: storable? lifetimes; state of an entry at `now`.
 //! - [`cache::entry`]: the stored response and its instants.
-//! - [`cache::store`]: the byte-bounded sharded map (CLOCK eviction), the
-//!   Vary index within its budget, and coalesced fills.
+//! - [`cache::store`]: the byte-bounded sharded map (CLOCK eviction) and
+//!   coalesced fills; it charges the Vary index to its budget.
+//! - [`cache::vary`]: variant keys and the Vary index.
 //! - [`cache::status_field`]: the `Cache-Status` value, built in one place.
 //! - [`refresh`]: bounded refresh queue, fixed workers, per-key claim.
 //! - [`upstream`]: the one upstream client, header shaping, body reading.

@@ -412,12 +412,17 @@ mod tests {
         }
         assert!(insert_bounded(&mut marks, u64::MAX, 0, |v| *v < 10));
         assert_eq!(marks.len(), MAX_MARKS - 10 + 1);
-        // All live: the table is emptied, not scanned again and again.
-        assert!(
-            !insert_bounded(&mut marks, u64::MAX - 1, 0, |_| false) || marks.len() <= MAX_MARKS
-        );
+        let mut next = MAX_MARKS as u64;
+        while marks.len() < MAX_MARKS {
+            assert!(insert_bounded(&mut marks, next, 0, |_| false));
+            next += 1;
+        }
         // A key already held is updated, full or not.
         assert!(insert_bounded(&mut marks, 500, 7, |_| false));
-        assert_eq!(marks[&500], 7);
+        assert_eq!((marks[&500], marks.len()), (7, MAX_MARKS));
+        // Full and every mark live: the new mark is not kept and the table
+        // is emptied, not scanned again on every insert.
+        assert!(!insert_bounded(&mut marks, u64::MAX - 1, 0, |_| false));
+        assert!(marks.is_empty());
     }
 }
