@@ -219,7 +219,8 @@ impl Proxy {
                             route,
                         )
                     };
-                    let (status, cache_status) = self.at_once(&entry, stale, hash, target, now);
+                    let refresh = stale.then(|| self.queue_refresh(hash, &entry, target, now));
+                    let (status, cache_status) = self.at_once(&entry, refresh, now);
                     return Next::Answer(self.entry_response(
                         &entry,
                         status,
@@ -304,7 +305,8 @@ impl Proxy {
         let route_rules = route.map(|(route, _, _)| route);
         let target =
             || self.fetch_target(key, path_and_query, &headers(), peer, defaults, route_rules);
-        let (status, cache_status) = self.at_once(&entry, stale, key.hash, target, now);
+        let refresh = stale.then(|| self.queue_refresh(key.hash, &entry, target, now));
+        let (status, cache_status) = self.at_once(&entry, refresh, now);
         if let Some((_, _, stats)) = route {
             stats.record(status);
         }

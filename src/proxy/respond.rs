@@ -20,7 +20,8 @@ use crate::cache::CacheStatus;
 use crate::error::{ProxyError, UpstreamError};
 use crate::metrics::RouteStats;
 
-use super::fetch::{FetchTarget, Passed};
+use super::background::RefreshDecision;
+use super::fetch::Passed;
 use super::Proxy;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -107,29 +108,27 @@ pub(super) fn static_value(text: String) -> HeaderValue {
 }
 
 impl Proxy {
-    /// An answer from `entry` at once, counted: fresh, or `stale` with a
-    /// refresh of `fill_hash` queued (`target` builds it, only when queued).
-    /// Returns the cache status and the `Cache-Status` value to send.
+    /// An answer from `entry` at once, counted: fresh (`refresh` is
+    /// `None`), or stale, with what was done about its refresh. Returns the
+    /// cache status and the `Cache-Status` value to send.
     pub(super) fn at_once(
         &self,
         entry: &Entry,
-        stale: bool,
-        fill_hash: u64,
-        target: impl FnOnce() -> FetchTarget,
+        refresh: Option<RefreshDecision>,
         now: Instant,
     ) -> (CacheStatus, HeaderValue) {
-        let answer = if stale {
-            let queued = self.queue_refresh(fill_hash, entry, target, now);
-            let cache_status = StatusField {
-                hit: true,
-                ttl: Some(entry.ttl_secs(now)),
-                detail: Some(queued.as_str()),
-                ..StatusField::default()
+        let answer = match refresh {
+            Some(decision) => {
+                let cache_status = StatusField {
+                    hit: true,
+                    ttl: Some(entry.ttl_secs(now)),
+                    detail: Some(decision.as_str()),
+                    ..StatusField::default()
+                }
+                .value();
+                (CacheStatus::Stale, cache_status)
             }
-            .value();
-            (CacheStatus::Stale, cache_status)
-        } else {
-            (CacheStatus::Hit, hit_cache_status(entry.ttl_secs(now)))
+            None => (CacheStatus::Hit, hit_cache_status(entry.ttl_secs(now))),
         };
         self.stats.record_request(answer.0);
         answer
