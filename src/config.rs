@@ -918,8 +918,17 @@ fn validate_route(
 /// forms: whole numbers, each with a unit).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     const FORM: &str = "expected a duration like 250ms, 10s, 5m or 1h";
-    humantime::parse_duration(text.trim()).map_err(|e| format!("{FORM} ({e})"))
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| format!("{FORM} ({e})"))?;
+    if duration > MAX_DURATION {
+        return Err(format!("{FORM} (at most 100 years)"));
+    }
+    Ok(duration)
 }
+
+/// The longest duration a setting takes: past it, a value is a typo, and
+/// one near `u64::MAX` milliseconds would overflow what is derived from it.
+/// 100 years of humantime's 365.25 days.
+pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000);
 
 /// Parses `512`, `64KiB`, `256MiB`, `1GiB` (also `KB`/`MB`/`GB`, powers of 1000).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -1155,6 +1164,10 @@ mod tests {
         assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration(" 1h 30m "), Ok(Duration::from_secs(5_400)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1_500)));
+        assert_eq!(parse_duration("100y"), Ok(MAX_DURATION));
+        assert!(parse_duration("101y")
+            .unwrap_err()
+            .contains("at most 100 years"));
         for bad in ["", "10", "ten", "10x", "s", "-1s", "99999999999999999999s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
