@@ -463,6 +463,7 @@ fn client_headers(headers: &[httparse::Header<'_>]) -> HeaderMap {
     map
 }
 
+#[inline]
 fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");

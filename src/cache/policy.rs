@@ -824,6 +824,7 @@ pub enum Use {
 
 /// Decides how an entry serves a request at `now`, given the client's
 /// directives (only passed with `--honor-client-cache-control`).
+#[inline]
 pub fn decide(entry: &Entry, now: Instant, client: Option<&RequestDirectives>) -> Use {
     let state = entry_state(entry, now);
     let Some(rd) = client else {

@@ -103,6 +103,7 @@ impl Proxy {
     /// its route leaves them (`variant_of`; the fast path gives none and
     /// leaves varying URLs to hyper's path). Then whether the entry can be
     /// served now, by its instants and the client's `directives`.
+    #[inline]
     pub(super) fn look_up(
         &self,
         key: RequestKey<'_>,

@@ -111,6 +111,7 @@ impl Proxy {
     /// An answer from `entry` at once, counted: fresh (`refresh` is
     /// `None`), or stale, with what was done about its refresh. Returns the
     /// cache status and the `Cache-Status` value to send.
+    #[inline]
     pub(super) fn at_once(
         &self,
         entry: &Entry,
