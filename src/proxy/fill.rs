@@ -18,7 +18,6 @@ use crate::cache::entry::Entry;
 use crate::cache::policy::{self, BypassReason, RequestFacts};
 use crate::cache::store::{self, Fill, FillOutcome};
 use crate::cache::vary::VariantKey;
-use crate::cache::CacheStatus;
 use crate::error::{UpstreamError, UpstreamErrorKind};
 use crate::metrics::UpstreamCause;
 use crate::upstream::{BoxError, Priority};
@@ -108,6 +107,7 @@ impl Proxy {
     /// A request for a key remembered as uncacheable: fetched for this client
     /// alone, without waiting on anyone; stored after all if it now may be.
     pub(super) async fn fetch_alone(&self, parts: &Parts, plan: FetchPlan) -> Response<ProxyBody> {
+        let status = plan.cache_status();
         let FetchPlan {
             target,
             fill_hash: hash,
@@ -116,11 +116,6 @@ impl Proxy {
             head,
             ..
         } = plan;
-        let status = if stale.is_some() {
-            CacheStatus::Expired
-        } else {
-            CacheStatus::Miss
-        };
         self.stats.record_upstream_request(UpstreamCause::Miss);
         let fetched = self.fetch(&target, stale.as_ref(), Priority::Client).await;
         match failed_over(fetched, stale.as_ref()) {
@@ -141,6 +136,7 @@ impl Proxy {
         plan: FetchPlan,
         peer: Peer,
     ) -> Response<ProxyBody> {
+        let status = plan.cache_status();
         let FetchPlan {
             target,
             fill_hash,
@@ -149,11 +145,6 @@ impl Proxy {
             head,
             ..
         } = plan;
-        let status = if stale.is_some() {
-            CacheStatus::Expired
-        } else {
-            CacheStatus::Miss
-        };
         // A leader that vanished (its task panicked), or an answer stored for
         // another variant, sends a waiter round again.
         for _attempt in 0..3 {

@@ -37,6 +37,18 @@ pub(super) enum Next {
     Backend(BackendWork),
 }
 
+impl FetchPlan {
+    /// The cache status of the answer: `Expired` when a stored entry was
+    /// past its windows, else `Miss`.
+    pub(super) fn cache_status(&self) -> CacheStatus {
+        if self.stale.is_some() {
+            CacheStatus::Expired
+        } else {
+            CacheStatus::Miss
+        }
+    }
+}
+
 /// What the store holds for a request, and whether it can be served now.
 /// `hash` is the key a fill or a refresh is for (the variant's, when the
 /// URL varies).
