@@ -290,6 +290,17 @@ impl Child {
         assert_eq!(send_signal(pid, signal), 0);
     }
 
+    /// Sends SIGTERM and waits up to `limit` for the exit: its code, and
+    /// how long it took.
+    async fn terminate(mut self, limit: Duration) -> (Option<i32>, Duration) {
+        self.signal(15);
+        let signalled = Instant::now();
+        let code = tokio::task::spawn_blocking(move || self.wait_exit(limit))
+            .await
+            .expect("join");
+        (code, signalled.elapsed())
+    }
+
     fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let deadline = Instant::now() + limit;
         loop {
@@ -431,7 +442,7 @@ async fn load(
             let next = Arc::clone(&next);
             let addr = addr.to_string();
             tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                use tokio::io::AsyncWriteExt;
                 let mut stream = tokio::net::TcpStream::connect(&addr)
                     .await
                     .map_err(|e| format!("connect: {e}"))?;
@@ -449,20 +460,10 @@ async fn load(
                         .write_all(request.as_bytes())
                         .await
                         .map_err(|e| format!("{path}: write: {e}"))?;
-                    let status = loop {
-                        if let Some(answer) = take_answer(&mut buf) {
-                            break answer.status;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        let read =
-                            tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk));
-                        match read.await {
-                            Ok(Ok(0)) => return Err(format!("{path}: connection closed")),
-                            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-                            Ok(Err(e)) => return Err(format!("{path}: read: {e}")),
-                            Err(_) => return Err(format!("{path}: no answer in 5 s")),
-                        }
-                    };
+                    let status = next_answer(&mut stream, &mut buf, &path)
+                        .await?
+                        .ok_or_else(|| format!("{path}: connection closed"))?
+                        .status;
                     if status != 200 {
                         return Err(format!("{path}: status {status}"));
                     }
@@ -497,7 +498,7 @@ async fn a_log_sink_nobody_reads_never_stalls_serving_or_shutdown() {
     // An access line per request (about 200 bytes each) fills the pipe and
     // then the log queue within the first 10,000 requests. Refresh lines are
     // debug, and off here as in production.
-    let mut child = Child::start_with(
+    let child = Child::start_with(
         &origin.url(),
         &[
             "--ttl",
@@ -537,12 +538,7 @@ async fn a_log_sink_nobody_reads_never_stalls_serving_or_shutdown() {
     assert!(refreshed >= KEYS as f64, "refreshed {refreshed}");
     let dropped = metric("swr_log_lines_dropped_total");
     assert!(dropped > 0.0, "no log line dropped: was the pipe read?");
-    child.signal(15);
-    let signalled = Instant::now();
-    let code = tokio::task::spawn_blocking(move || child.wait_exit(SHUTDOWN + WAIT))
-        .await
-        .expect("join");
-    let took = signalled.elapsed();
+    let (code, took) = child.terminate(SHUTDOWN + WAIT).await;
     eprintln!(
         "{answered} answers, slowest {slowest:?}; {refreshed} refreshes; \
          {dropped} log lines dropped; exit {took:?} after SIGTERM"
@@ -552,6 +548,30 @@ async fn a_log_sink_nobody_reads_never_stalls_serving_or_shutdown() {
         took < SHUTDOWN + Duration::from_secs(5),
         "SIGTERM took {took:?} to end the process"
     );
+}
+
+/// The next whole answer on `stream` (read into `buf`) to the request for
+/// `path`, within 5 s; `None` when the server closed the connection before
+/// any byte of it. A partial answer or a wait of 5 s is the error.
+async fn next_answer(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    path: &str,
+) -> Result<Option<support::Wire>, String> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(answer) = take_answer(buf) {
+            return Ok(Some(answer));
+        }
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk));
+        match read.await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) if buf.is_empty() => return Ok(None),
+            Ok(_) => return Err(format!("{path}: partial answer {buf:?}")),
+            Err(_) => return Err(format!("{path}: no answer in 5 s")),
+        }
+    }
 }
 
 /// How one client connection of [`until_closed`] ended.
@@ -579,7 +599,7 @@ async fn until_closed(
     seed: usize,
     slow: Option<Arc<AtomicUsize>>,
 ) -> Result<Ended, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut ended = Ended::default();
     let mut i = seed;
     loop {
@@ -598,20 +618,7 @@ async fn until_closed(
                 ended.closed_unanswered += 1;
                 break;
             }
-            let answer = loop {
-                if let Some(answer) = take_answer(&mut buf) {
-                    break Some(answer);
-                }
-                let mut chunk = [0u8; 4096];
-                let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk));
-                match read.await {
-                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                    Ok(_) if buf.is_empty() => break None,
-                    Ok(_) => return Err(format!("{path}: partial answer {buf:?}")),
-                    Err(_) => return Err(format!("{path}: no answer in 5 s")),
-                }
-            };
-            let Some(answer) = answer else {
+            let Some(answer) = next_answer(&mut stream, &mut buf, &path).await? else {
                 ended.closed_unanswered += 1;
                 break;
             };
@@ -662,7 +669,7 @@ async fn reload_and_shutdown_under_load_lose_no_request() {
     }
     let slow_next = Arc::new(AtomicUsize::new(0));
     let file = support::TempFile::new("ttl = \"1s\"\nstale_while_revalidate = \"30s\"\n");
-    let mut child = Child::start(
+    let child = Child::start(
         &origin.url(),
         &["--config", file.path(), "--shutdown-timeout", "5s"],
     );
@@ -691,12 +698,7 @@ async fn reload_and_shutdown_under_load_lose_no_request() {
         origin.total_hits() >= fetched_at_reload + KEYS as u64 / 2
     })
     .await;
-    child.signal(15);
-    let signalled = Instant::now();
-    let code = tokio::task::spawn_blocking(move || child.wait_exit(SHUTDOWN + WAIT))
-        .await
-        .expect("join");
-    let took = signalled.elapsed();
+    let (code, took) = child.terminate(SHUTDOWN + WAIT).await;
     let mut answered = 0;
     let mut answered_paths = std::collections::HashSet::new();
     for client in clients {
