@@ -20,7 +20,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::future::Either;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Empty, Full};
-use swr_proxy::config::{Config, ProxyArgs};
+use swr_proxy::config::{Config, Settings};
 use swr_proxy::fast_hits;
 use swr_proxy::proxy::Proxy;
 use tokio::net::TcpListener;
@@ -73,7 +73,7 @@ fn hit(c: &mut Criterion) {
         tokio::spawn(load::serve(listener, stopped, |_| origin_answer()));
         let upstream = format!("http://{addr}").parse().expect("url");
         let config = Config::from_args(
-            &ProxyArgs::default(),
+            &Settings::default(),
             Some(upstream),
             Duration::from_secs(3600),
         )

@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //! In request-flow order:
-//! - [`config`]: flags, defaults and `validate()`, before anything binds.
+//! - [`config`]: every setting declared once, read from flags and the file,
+//!   layered, and `validate()`d before anything binds.
 //! - [`routes`]: per-path rules, their patterns compiled at load.
 //! - [`server`]: the accept loop and graceful shutdown.
 //! - [`connections`]: open connections: closing idle ones and clients that

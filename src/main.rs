@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         },
     };
     let log_format = match (&config, &demo_args) {
-        (Some(config), _) => config.log_format,
+        (Some(config), _) => config.start.log_format,
         (None, Some(args)) => args.log_format.unwrap_or_default(),
         (None, None) => LogFormat::Text,
     };
@@ -64,9 +64,9 @@ fn main() -> ExitCode {
         }
     };
     let threads = match (&config, &demo_args) {
-        (Some(config), _) => config.threads,
+        (Some(config), _) => config.start.threads,
         // The demo's configuration is checked again, with its backend, in run_demo.
-        (None, Some(args)) => without_upstream(args).map_or(1, |config| config.threads),
+        (None, Some(args)) => without_upstream(args).map_or(1, |config| config.start.threads),
         (None, None) => 1,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -125,7 +125,7 @@ fn spawn_reload_on_sighup(proxy: Arc<Proxy>) {
 /// The configuration of `args` before the upstream is known (a file checked
 /// on its own, the demo before its backend starts): a placeholder stands in.
 fn without_upstream(
-    args: &swr_proxy::config::ProxyArgs,
+    args: &swr_proxy::config::Settings,
 ) -> Result<Config, swr_proxy::config::ConfigError> {
     let placeholder = url::Url::parse("http://127.0.0.1:1").ok();
     Config::from_args(args, placeholder, Config::DEFAULT_TTL)
@@ -133,7 +133,7 @@ fn without_upstream(
 
 /// `swr-proxy check --config F`: exit 0, or 2 with one line naming the problem.
 fn check(path: &std::path::Path) -> ExitCode {
-    let args = swr_proxy::config::ProxyArgs {
+    let args = swr_proxy::config::Settings {
         config: Some(path.to_path_buf()),
         ..Default::default()
     };
@@ -217,14 +217,14 @@ fn clap_error(err: &clap::Error) -> ExitCode {
 /// and about 4.5 s more (the connections left at the deadline, refreshes
 /// still running, the runtime, the log's flush), whatever the log sink does.
 async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+    let listener = TcpListener::bind(config.start.listen).await.map_err(|e| {
         Failure::Runtime(format!(
             "cannot listen on {} (--listen): {e}",
-            config.listen
+            config.start.listen
         ))
     })?;
-    let listen = listener.local_addr().unwrap_or(config.listen);
-    let admin_listener = match config.admin_listen {
+    let listen = listener.local_addr().unwrap_or(config.start.listen);
+    let admin_listener = match config.start.admin_listen.address() {
         Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
             Failure::Runtime(format!(
                 "cannot listen on {addr} (--admin-listen): {e}; another swr-proxy or \
@@ -248,11 +248,11 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
         signal.cancel();
     });
     spawn_reload_on_sighup(Arc::clone(&proxy));
-    let token: Option<Arc<str>> = config.admin_token.as_deref().map(Arc::from);
+    let token: Option<Arc<str>> = config.start.admin_token.as_deref().map(Arc::from);
     let admin_proxy = Arc::clone(&proxy);
     let admin_shutdown = shutdown.clone();
     let admin_timeouts = server::Timeouts {
-        grace: config.shutdown_timeout.min(Duration::from_secs(5)),
+        grace: config.start.shutdown_timeout.min(Duration::from_secs(5)),
         ..server::Timeouts::from_config(&config)
     };
     let admin_task = admin_listener.map(|admin_listener| {
@@ -266,11 +266,11 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     tracing::info!(
         %listen,
         %admin,
-        upstream = %config.upstream,
-        threads = config.threads,
-        ttl_ms = config.ttl.as_millis() as u64,
-        stale_while_revalidate_ms = config.stale_while_revalidate.as_millis() as u64,
-        stale_if_error_ms = config.stale_if_error.as_millis() as u64,
+        upstream = %config.start.upstream,
+        threads = config.start.threads,
+        ttl_ms = config.live.ttl.as_millis() as u64,
+        stale_while_revalidate_ms = config.live.stale_while_revalidate.as_millis() as u64,
+        stale_if_error_ms = config.live.stale_if_error.as_millis() as u64,
         "swr-proxy listening"
     );
     if let Some(text) = on_ready {
@@ -298,7 +298,7 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn run_demo(args: swr_proxy::config::ProxyArgs) -> Result<(), Failure> {
+async fn run_demo(args: swr_proxy::config::Settings) -> Result<(), Failure> {
     let backend = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| Failure::Runtime(format!("cannot start the demo backend: {e}")))?;
@@ -311,8 +311,8 @@ async fn run_demo(args: swr_proxy::config::ProxyArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Usage(e.to_string()))?;
     let cancel = CancellationToken::new();
     tokio::spawn(demo::serve(backend, cancel.clone()));
-    let url = format!("http://{}/ranking?user=42", config.listen);
-    let ttl = config.ttl.as_secs_f64();
+    let url = format!("http://{}/ranking?user=42", config.start.listen);
+    let ttl = config.live.ttl.as_secs_f64();
     let text = format!(
         "\nswr-proxy demo\n\
          backend: http://{backend_addr} (takes {} ms per answer)\n\
@@ -326,9 +326,9 @@ async fn run_demo(args: swr_proxy::config::ProxyArgs) -> Result<(), Failure> {
          \x20 curl -si '{url}'   # X-Cache: HIT, at once, the next generation\n\n\
          Ctrl-C stops it.",
         demo::COMPUTE_TIME.as_millis(),
-        config.listen,
-        config.stale_while_revalidate.as_secs_f64(),
-        config.admin_listen.map_or_else(
+        config.start.listen,
+        config.live.stale_while_revalidate.as_secs_f64(),
+        config.start.admin_listen.address().map_or_else(
             || "off (--admin-listen off)".to_string(),
             |addr| format!("http://{addr}/stats, /metrics, POST /purge")
         ),

@@ -43,9 +43,9 @@ pub struct Timeouts {
 impl Timeouts {
     pub fn from_config(config: &Config) -> Timeouts {
         Timeouts {
-            client_header: config.client_header_timeout,
-            client_write: config.client_write_timeout,
-            grace: config.shutdown_timeout,
+            client_header: config.start.client_header_timeout,
+            client_write: config.start.client_write_timeout,
+            grace: config.start.shutdown_timeout,
         }
     }
 }
@@ -69,7 +69,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     timeouts: Timeouts,
 ) {
-    let fast = proxy.config().fast_hits && !proxy.config().access_log;
+    let fast = proxy.config().start.fast_hits && !proxy.config().start.access_log;
     let handler = {
         let proxy = Arc::clone(&proxy);
         move |request, peer| proxy.handle(request, Some(peer))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use reqwest::Method;
 use support::{eventually, Origin, TempFile, TestProxy, WAIT};
 use swr_proxy::config::{
-    parse_file, Config, ProxyArgs, MAX_QUEUED_REFRESHES, MAX_REFRESH_CONCURRENCY,
+    parse_file, Config, Settings, MAX_QUEUED_REFRESHES, MAX_REFRESH_CONCURRENCY,
     MAX_UPSTREAM_CONCURRENCY,
 };
 use swr_proxy::proxy::Proxy;
@@ -94,7 +94,7 @@ async fn counts_that_size_what_start_builds_are_bounded() {
         let file = parse_file(text, Path::new("fuzz.toml")).expect("toml");
         let upstream = "http://127.0.0.1:9".parse().expect("url");
         Config::merge(
-            &ProxyArgs::default(),
+            &Settings::default(),
             &file,
             Some(upstream),
             Duration::from_secs(10),

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use swr_proxy::config::{parse_file, Config, HeadLimits, ProxyArgs};
+use swr_proxy::config::{parse_file, Config, HeadLimits, Settings};
 use swr_proxy::proxy::Proxy;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let upstream = "http://127.0.0.1:9".parse().expect("url");
     let Ok(config) = Config::merge(
-        &ProxyArgs::default(),
+        &Settings::default(),
         &file,
         Some(upstream),
         Duration::from_secs(10),

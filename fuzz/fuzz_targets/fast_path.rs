@@ -31,7 +31,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use libfuzzer_sys::fuzz_target;
 use swr_proxy::cache::key::{valid_host, valid_target};
-use swr_proxy::config::{Config, ProxyArgs};
+use swr_proxy::config::{Config, Settings};
 use swr_proxy::fast_hits::{self, Answer};
 use swr_proxy::proxy::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -82,7 +82,7 @@ fn fixture() -> &'static Fixture {
         let proxy = runtime.block_on(async {
             let upstream = origin().await;
             let config = Config::from_args(
-                &ProxyArgs::default(),
+                &Settings::default(),
                 Some(upstream.parse().expect("url")),
                 Duration::from_secs(10),
             )

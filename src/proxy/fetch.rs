@@ -304,7 +304,7 @@ impl Proxy {
         let mut headers = self.client_headers(response.headers());
         match self
             .upstream
-            .read_body(response, self.config.max_object_size_bytes)
+            .read_body(response, self.config.start.max_object_size)
             .await
         {
             Ok(BodyRead::Complete(body)) => {

@@ -156,7 +156,7 @@ impl Proxy {
                     let fallback = stale.clone();
                     // The fetch runs in its own task: a client that goes away
                     // does not cancel the fill the waiters depend on.
-                    tokio::spawn(async move {
+                    self.tasks.spawn(async move {
                         proxy.stats.record_upstream_request(UpstreamCause::Miss);
                         let fetched = proxy
                             .fetch(&target, fallback.as_ref(), Priority::Client)

@@ -92,6 +92,9 @@ pub struct Proxy {
     /// Failure lines (refresh failed, error answers, stale-if-error) that
     /// may be written now, per cause.
     failure_lines: RateLimit,
+    /// The tasks shutdown waits for: fills run in their own task (so that a
+    /// client going away does not cancel its waiters'), tracked here.
+    tasks: TaskTracker,
 }
 
 /// The answer to one request: ready at once (from the cache), or a future
@@ -146,33 +149,34 @@ impl Proxy {
         tracker: &TaskTracker,
     ) -> Result<Arc<Proxy>, String> {
         let upstream = Upstream::new(
-            &config.upstream,
-            config.upstream_timeout,
-            config.upstream_concurrency,
-            config.max_buffered_bytes,
+            &config.start.upstream,
+            config.start.upstream_timeout,
+            config.start.upstream_concurrency,
+            config.start.max_buffered,
         )?;
         // A claim that outlives two upstream timeouts belongs to a stuck fetch.
         let (refresh, workers) = RefreshQueue::new(
-            config.refresh_queue,
+            config.start.refresh_queue,
             REFRESH_QUEUE_BYTES,
             // A refresh can wait for a slot, a head and a body, each up
             // to the upstream timeout.
-            config.upstream_timeout * 3,
+            config.start.upstream_timeout * 3,
         );
         let route_stats = Mutex::new(Vec::new());
         let proxy = Arc::new(Proxy {
             rules: ArcSwap::from_pointee(Rules::from_config(&config, &route_stats)),
             route_stats,
             limits: HeadLimits::of(&config),
-            targeted: config.targeted_cache_control.clone(),
+            targeted: config.start.targeted_cache_control.clone(),
             keys: KeyHasher::new(),
-            store: Store::new(config.max_size_bytes),
+            store: Store::new(config.start.max_size),
             refresh,
             upstream,
             stats: Stats::default(),
             backoff: Mutex::new(Backoffs::default()),
             uncacheable: Mutex::new(HashMap::new()),
             failure_lines: RateLimit::new(FAILURE_LINE_EVERY),
+            tasks: tracker.clone(),
             config,
         });
         // Entries past every window are dropped lazily by reads and eviction;
@@ -195,7 +199,7 @@ impl Proxy {
                 }
             }
         });
-        let every = proxy.config.log_summary_interval;
+        let every = proxy.config.start.log_summary_interval;
         if !every.is_zero() {
             let summary_proxy = Arc::clone(&proxy);
             let summary_cancel = cancel.clone();
@@ -214,7 +218,7 @@ impl Proxy {
         }
         let worker_proxy = Arc::clone(&proxy);
         workers.spawn(
-            proxy.config.refresh_concurrency,
+            proxy.config.start.refresh_concurrency,
             move |job| Arc::clone(&worker_proxy).run_refresh(job),
             cancel,
             tracker,
@@ -248,21 +252,16 @@ impl Proxy {
     /// rules; the cache, the connections, the listeners and the threads
     /// stay. A bad file is rejected and the running configuration kept.
     pub fn reload(&self) -> Result<Reloaded, ConfigError> {
-        let Some(path) = &self.config.config_file else {
-            return Err(ConfigError("no --config file to reload".into()));
-        };
-        let file = crate::config::read_file(path)?;
-        let config = Config::merge(
-            &self.config.source,
-            &file,
-            Some(self.config.upstream.clone()),
-            self.config.default_ttl,
-        )?;
+        let config = self.config.reread()?;
+        let path = config
+            .file()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         let routes = config.routes.len();
         let at_next_start = self.config.start_only_changes(&config);
         self.rules
             .store(Arc::new(Rules::from_config(&config, &self.route_stats)));
-        tracing::info!(file = %path.display(), routes, "configuration reloaded");
+        tracing::info!(file = %path, routes, "configuration reloaded");
         if !at_next_start.is_empty() {
             tracing::warn!(
                 settings = %at_next_start.join(", "),
@@ -334,7 +333,7 @@ impl Proxy {
     {
         let rules = self.rules.load();
         let route = rules.route_for(request.uri().path());
-        let access = self.config.access_log.then(|| AccessLine {
+        let access = self.config.start.access_log.then(|| AccessLine {
             started: Instant::now(),
             method: request.method().clone(),
             uri: request.uri().clone(),

@@ -40,7 +40,7 @@ impl Rules {
                 stale_while_revalidate: swr,
                 stale_if_error: sie,
                 mode,
-                targeted: config.targeted_cache_control.clone(),
+                targeted: config.start.targeted_cache_control.clone(),
                 heuristic_percent: heuristic
                     .or_else(|| Defaults::default_heuristic(ttl))
                     .filter(|&p| p > 0),
@@ -48,11 +48,11 @@ impl Rules {
         };
         Rules {
             defaults: defaults(
-                config.ttl,
-                config.heuristic_freshness,
-                config.stale_while_revalidate,
-                config.stale_if_error,
-                config.cache_control,
+                config.live.ttl,
+                config.live.heuristic_freshness,
+                config.live.stale_while_revalidate,
+                config.live.stale_if_error,
+                config.live.cache_control,
             ),
             routes: config
                 .routes
@@ -77,8 +77,8 @@ impl Rules {
                     (r.clone(), d, counters)
                 })
                 .collect(),
-            honor_client_cache_control: config.honor_client_cache_control,
-            trust_forwarded: config.trust_forwarded.clone(),
+            honor_client_cache_control: config.live.honor_client_cache_control,
+            trust_forwarded: config.live.trust_forwarded.clone(),
         }
     }
 

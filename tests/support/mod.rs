@@ -390,14 +390,16 @@ impl TestProxy {
         let cli = <Cli as clap::Parser>::try_parse_from(args).expect("test flags parse");
         let config =
             Config::from_args(&cli.proxy, None, Config::DEFAULT_TTL).expect("valid config");
-        let listener = TcpListener::bind(config.listen).await.expect("bind proxy");
+        let listener = TcpListener::bind(config.start.listen)
+            .await
+            .expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let admin_addr = admin_listener.local_addr().expect("admin address");
-        let token: Option<Arc<str>> = config.admin_token.as_deref().map(Arc::from);
+        let token: Option<Arc<str>> = config.start.admin_token.as_deref().map(Arc::from);
         // Shutdown's grace period: 5 s at most, shorter when a test asks.
         let timeouts = swr_proxy::server::Timeouts {
-            grace: config.shutdown_timeout.min(Duration::from_secs(5)),
+            grace: config.start.shutdown_timeout.min(Duration::from_secs(5)),
             ..swr_proxy::server::Timeouts::from_config(&config)
         };
         let cancel = CancellationToken::new();
