@@ -182,6 +182,13 @@ pub enum BypassReason {
 const PER_CLIENT_FIELDS: [&str; 3] = ["forwarded", "x-forwarded-for", "x-real-ip"];
 
 impl BypassReason {
+    /// The answer was not shared only because of the client's credentials
+    /// (`Authorization` or `Cookie`): it says nothing of the answer others
+    /// would get.
+    pub fn is_credentials(self) -> bool {
+        matches!(self, BypassReason::Authorization | BypassReason::Cookie)
+    }
+
     pub const ALL: [BypassReason; 15] = [
         BypassReason::Method,
         BypassReason::NoStore,

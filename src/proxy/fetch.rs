@@ -266,7 +266,7 @@ impl Proxy {
                     // What the backend said of the stored answer ends it;
                     // that this client's credentials made the 304 private
                     // says nothing about the answer stored for everyone.
-                    if !matches!(reason, BypassReason::Authorization | BypassReason::Cookie) {
+                    if !reason.is_credentials() {
                         self.store
                             .remove(self.keys.hash_text(stale.key()), stale.key());
                     }

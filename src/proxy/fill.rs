@@ -172,10 +172,7 @@ impl Proxy {
                                 // because of this client's credentials, only
                                 // requests with credentials do, or one client
                                 // could turn coalescing off for everyone.
-                                let credentials_only = matches!(
-                                    passed.reason,
-                                    BypassReason::Authorization | BypassReason::Cookie
-                                );
+                                let credentials_only = passed.reason.is_credentials();
                                 // Short of memory says nothing of the key.
                                 let remember = passed.reason != BypassReason::BufferFull;
                                 let mark = Uncacheable {
@@ -224,10 +221,8 @@ impl Proxy {
                             continue;
                         }
                         Some(FillOutcome::NotShared(reason))
-                            if matches!(
-                                reason,
-                                BypassReason::Authorization | BypassReason::Cookie
-                            ) && !target.facts.authorization
+                            if reason.is_credentials()
+                                && !target.facts.authorization
                                 && !target.facts.cookie =>
                         {
                             // The leader's answer was private to its own
