@@ -10,10 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::Response;
 use http_body_util::Full;
 
-use crate::body::ProxyBody;
 use crate::cache::entry::Entry;
 use crate::cache::policy::{self, BypassReason, RequestFacts};
 use crate::cache::store::{self, Fill, FillOutcome};
@@ -24,6 +22,7 @@ use crate::upstream::{BoxError, Priority};
 
 use super::fetch::{FetchTarget, Fetched, Passed};
 use super::lookup::{BackendWork, FetchPlan};
+use super::respond::Answered;
 use super::rules::Peer;
 use super::{insert_bounded, lock, Proxy};
 
@@ -74,7 +73,7 @@ impl Proxy {
         body: B,
         peer: Peer,
         work: BackendWork,
-    ) -> Response<ProxyBody>
+    ) -> Answered
     where
         B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
@@ -106,7 +105,7 @@ impl Proxy {
 
     /// A request for a key remembered as uncacheable: fetched for this client
     /// alone, without waiting on anyone; stored after all if it now may be.
-    pub(super) async fn fetch_alone(&self, parts: &Parts, plan: FetchPlan) -> Response<ProxyBody> {
+    pub(super) async fn fetch_alone(&self, parts: &Parts, plan: FetchPlan) -> Answered {
         let status = plan.cache_status();
         let FetchPlan {
             target,
@@ -135,7 +134,7 @@ impl Proxy {
         parts: &Parts,
         plan: FetchPlan,
         peer: Peer,
-    ) -> Response<ProxyBody> {
+    ) -> Answered {
         let status = plan.cache_status();
         let FetchPlan {
             target,

@@ -12,9 +12,8 @@ use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
-use http::{Method, Response, StatusCode};
+use http::{Method, StatusCode};
 
-use crate::body::ProxyBody;
 use crate::cache::entry::Entry;
 use crate::cache::key::RequestKey;
 use crate::cache::policy::{self, BypassReason, Defaults, RequestDirectives, Use};
@@ -26,13 +25,14 @@ use crate::routes::{Route, ShapedKey};
 
 use super::fetch::FetchTarget;
 use super::respond::small_number;
+use super::respond::Answered;
 use super::rules::{lowercase, request_host, route_headers, variant_text, Peer, Rules};
 use super::Proxy;
 
 /// What the cache decided about a request before anything is awaited.
 pub(super) enum Next {
     /// Answered from the cache (or a local error).
-    Answer(Response<ProxyBody>),
+    Answer(Answered),
     /// Needs the backend.
     Backend(BackendWork),
 }

@@ -352,22 +352,15 @@ impl Proxy {
         };
         drop(rules);
         match next {
-            Next::Answer(response) => {
-                let response = match log {
-                    Some(log) => self.log_answer(log, response, client),
-                    None => response,
-                };
-                Answer::Left(std::future::ready(response))
+            Next::Answer(answered) => {
+                Answer::Left(std::future::ready(self.log_answer(log, answered, client)))
             }
             Next::Backend(work) => {
                 let proxy = Arc::clone(self);
                 Answer::Right(Box::pin(async move {
-                    let response =
+                    let answered =
                         upstream_timed(proxy.from_backend(parts, body, peer, work)).await;
-                    match log {
-                        Some(log) => proxy.log_answer(log, response, client),
-                        None => response,
-                    }
+                    proxy.log_answer(log, answered, client)
                 }))
             }
         }

@@ -8,9 +8,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::request::Parts;
-use http::{Method, Response};
+use http::Method;
 
-use crate::body::ProxyBody;
 use crate::cache::policy::{self, BypassReason};
 use crate::cache::status_field::StatusField;
 use crate::cache::CacheStatus;
@@ -18,6 +17,7 @@ use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::metrics::UpstreamCause;
 use crate::upstream::{self, BoxError, Priority, RequestBody};
 
+use super::respond::Answered;
 use super::rules::{lowercase, request_host, same_origin_path, Peer};
 use super::Proxy;
 
@@ -31,7 +31,7 @@ impl Proxy {
         body: Option<B>,
         peer: Peer,
         reason: BypassReason,
-    ) -> Response<ProxyBody>
+    ) -> Answered
     where
         B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,

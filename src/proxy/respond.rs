@@ -27,6 +27,14 @@ use super::Proxy;
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
+/// An answer as this module made it: the response, and the cache status it
+/// was counted under and sent as `X-Cache`. The per-route counters take the
+/// status from here, never back from the headers.
+pub(super) struct Answered {
+    pub(super) response: Response<ProxyBody>,
+    pub(super) status: CacheStatus,
+}
+
 /// What the per-route counters and the access log need of a request.
 pub(super) struct AnswerLog {
     pub(super) route: Option<Arc<RouteStats>>,
@@ -47,14 +55,15 @@ pub(super) struct AccessLine {
 pub struct UpstreamTime(pub Duration);
 
 pub(super) async fn upstream_timed(
-    answer: impl std::future::Future<Output = Response<ProxyBody>>,
-) -> Response<ProxyBody> {
+    answer: impl std::future::Future<Output = Answered>,
+) -> Answered {
     let started = Instant::now();
-    let mut response = answer.await;
-    response
+    let mut answered = answer.await;
+    answered
+        .response
         .extensions_mut()
         .insert(UpstreamTime(started.elapsed()));
-    response
+    answered
 }
 
 /// Values up to this are served from a table built once, not formatted per answer.
@@ -136,7 +145,7 @@ impl Proxy {
     }
 
     /// The answer to a refused request, counted by its reason.
-    pub(super) fn refused(&self, err: &ProxyError) -> Response<ProxyBody> {
+    pub(super) fn refused(&self, err: &ProxyError) -> Answered {
         self.stats.record_refused(err.detail());
         let field = StatusField {
             detail: Some(err.detail()),
@@ -145,19 +154,19 @@ impl Proxy {
         self.error_response(err, CacheStatus::Bypass, field)
     }
 
-    /// Counts an answer for its route and writes its access-log line.
+    /// Counts an answer for its route and writes its access-log line, when
+    /// there is a route or an access log (`log`).
     pub(super) fn log_answer(
         &self,
-        log: AnswerLog,
-        response: Response<ProxyBody>,
+        log: Option<AnswerLog>,
+        answered: Answered,
         client: Option<SocketAddr>,
     ) -> Response<ProxyBody> {
-        let status = response.headers().get(&X_CACHE).and_then(|v| {
-            CacheStatus::ALL
-                .into_iter()
-                .find(|s| s.as_str().as_bytes() == v.as_bytes())
-        });
-        if let (Some(route), Some(status)) = (&log.route, status) {
+        let Answered { response, status } = answered;
+        let Some(log) = log else {
+            return response;
+        };
+        if let Some(route) = &log.route {
             route.record(status);
         }
         let Some(access) = log.access else {
@@ -176,7 +185,7 @@ impl Proxy {
             method = %access.method,
             uri = %access.uri,
             status = response.status().as_u16(),
-            cache = header(&X_CACHE),
+            cache = status.as_str(),
             route = log.route.as_ref().map_or("-", |r| r.pattern.as_str()),
             age = header(&header::AGE),
             took_us = access.started.elapsed().as_micros() as u64,
@@ -196,7 +205,7 @@ impl Proxy {
         fwd: &str,
         collapsed: bool,
         parts: &Parts,
-    ) -> Response<ProxyBody> {
+    ) -> Answered {
         self.stats.record_request(status);
         let now = Instant::now();
         let cache_status = StatusField {
@@ -211,12 +220,7 @@ impl Proxy {
         self.entry_response(entry, status, cache_status, parts, now)
     }
 
-    pub(super) fn passed_response(
-        &self,
-        passed: Passed,
-        fwd: &str,
-        head: bool,
-    ) -> Response<ProxyBody> {
+    pub(super) fn passed_response(&self, passed: Passed, fwd: &str, head: bool) -> Answered {
         self.stats.record_request(CacheStatus::Bypass);
         self.stats.record_bypass(passed.reason);
         tracing::debug!(
@@ -247,7 +251,10 @@ impl Proxy {
             }
             .value(),
         );
-        response
+        Answered {
+            response,
+            status: CacheStatus::Bypass,
+        }
     }
 
     /// The backend failed: a stale copy within stale-if-error, or 502/504.
@@ -258,7 +265,7 @@ impl Proxy {
         status: CacheStatus,
         fwd: &str,
         parts: &Parts,
-    ) -> Response<ProxyBody> {
+    ) -> Answered {
         let now = Instant::now();
         if let Some(entry) = stale.filter(|e| policy::usable_on_error(e, now)) {
             self.stats.record_request(CacheStatus::Stale);
@@ -292,7 +299,7 @@ impl Proxy {
         err: &ProxyError,
         status: CacheStatus,
         field: StatusField<'_>,
-    ) -> Response<ProxyBody> {
+    ) -> Answered {
         self.stats.record_request(status);
         if err.status().is_client_error() {
             // Counted in swr_refused_total; a client cannot fill the log.
@@ -311,7 +318,7 @@ impl Proxy {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
         headers.insert(CACHE_STATUS, field.value());
-        response
+        Answered { response, status }
     }
 
     /// Records an answer from `entry` (its age, its key among the top keys)
@@ -333,7 +340,7 @@ impl Proxy {
         cache_status: HeaderValue,
         parts: &Parts,
         now: Instant,
-    ) -> Response<ProxyBody> {
+    ) -> Answered {
         let conditional = parts.headers.contains_key(header::IF_NONE_MATCH)
             || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
         let not_modified = conditional && policy::client_not_modified(entry, &parts.headers);
@@ -358,6 +365,6 @@ impl Proxy {
             entry.status()
         };
         *response.headers_mut() = headers;
-        response
+        Answered { response, status }
     }
 }
