@@ -17,7 +17,6 @@ use http::{Method, StatusCode};
 use crate::cache::entry::Entry;
 use crate::cache::key::RequestKey;
 use crate::cache::policy::{self, BypassReason, Defaults, RequestDirectives, Use};
-use crate::cache::status_field::StatusField;
 use crate::cache::CacheStatus;
 use crate::error::ProxyError;
 use crate::metrics::RouteStats;
@@ -248,13 +247,7 @@ impl Proxy {
                 }
             };
         if directives.is_some_and(|d| d.only_if_cached) {
-            let err = ProxyError::NotCached;
-            let field = StatusField {
-                fwd: Some("miss"),
-                detail: Some("only-if-cached"),
-                ..StatusField::default()
-            };
-            return Next::Answer(self.error_response(&err, CacheStatus::Miss, field));
+            return Next::Answer(self.not_cached());
         }
         // A client's own fetch carries its credentials: what it brings back
         // is stored only if the backend says it may be shared.

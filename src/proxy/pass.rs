@@ -11,9 +11,7 @@ use http::request::Parts;
 use http::Method;
 
 use crate::cache::policy::{self, BypassReason};
-use crate::cache::status_field::StatusField;
-use crate::cache::CacheStatus;
-use crate::error::{ProxyError, UpstreamErrorKind};
+use crate::error::UpstreamErrorKind;
 use crate::metrics::UpstreamCause;
 use crate::upstream::{self, BoxError, Priority, RequestBody};
 
@@ -87,13 +85,7 @@ impl Proxy {
             }
             Err(err) => {
                 self.stats.record_upstream_error(err.kind);
-                self.stats.record_bypass(reason);
-                let field = StatusField {
-                    fwd: Some(fwd),
-                    detail: Some(err.kind.as_str()),
-                    ..StatusField::default()
-                };
-                self.error_response(&ProxyError::Upstream(err), CacheStatus::Bypass, field)
+                self.pass_failed(err, reason, fwd, parts)
             }
         }
     }

@@ -14,7 +14,7 @@ use http::{Method, Response, StatusCode};
 
 use crate::body::ProxyBody;
 use crate::cache::entry::Entry;
-use crate::cache::policy::{self};
+use crate::cache::policy::{self, BypassReason};
 use crate::cache::status_field::StatusField;
 use crate::cache::CacheStatus;
 use crate::error::{ProxyError, UpstreamError};
@@ -25,7 +25,6 @@ use super::fetch::Passed;
 use super::Proxy;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// An answer as this module made it: the response, and the cache status it
 /// was counted under and sent as `X-Cache`. The per-route counters take the
@@ -242,7 +241,7 @@ impl Proxy {
             HeaderValue::from_static(CacheStatus::Bypass.as_str()),
         );
         headers.insert(
-            CACHE_STATUS,
+            header::CACHE_STATUS,
             StatusField {
                 fwd: Some(fwd),
                 fwd_status: Some(passed.status.as_u16()),
@@ -292,6 +291,30 @@ impl Proxy {
         self.error_response(&ProxyError::Upstream(err), status, field)
     }
 
+    /// A pass-through the backend did not answer: 502/504, counted as a
+    /// bypass for its `reason`.
+    pub(super) fn pass_failed(
+        &self,
+        err: UpstreamError,
+        reason: BypassReason,
+        fwd: &str,
+        parts: &Parts,
+    ) -> Answered {
+        self.stats.record_bypass(reason);
+        self.failed(err, None, CacheStatus::Bypass, fwd, parts)
+    }
+
+    /// `504` to `Cache-Control: only-if-cached` when nothing stored may
+    /// answer (RFC 9111 section 5.2.1.7).
+    pub(super) fn not_cached(&self) -> Answered {
+        let field = StatusField {
+            fwd: Some("miss"),
+            detail: Some("only-if-cached"),
+            ..StatusField::default()
+        };
+        self.error_response(&ProxyError::NotCached, CacheStatus::Miss, field)
+    }
+
     /// An error answer, counted: the status for the error, a one-line body
     /// naming the cause.
     pub(super) fn error_response(
@@ -317,7 +340,7 @@ impl Proxy {
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
-        headers.insert(CACHE_STATUS, field.value());
+        headers.insert(header::CACHE_STATUS, field.value());
         Answered { response, status }
     }
 
@@ -357,7 +380,7 @@ impl Proxy {
         let age = self.served(entry, now);
         headers.insert(header::AGE, small_number(age.as_secs()));
         headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
-        headers.insert(CACHE_STATUS, cache_status);
+        headers.insert(header::CACHE_STATUS, cache_status);
         let mut response = Response::new(body);
         *response.status_mut() = if not_modified {
             StatusCode::NOT_MODIFIED
