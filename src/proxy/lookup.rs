@@ -16,16 +16,17 @@ use http::{Method, StatusCode};
 
 use crate::cache::entry::Entry;
 use crate::cache::key::RequestKey;
-use crate::cache::policy::{self, BypassReason, Defaults, RequestDirectives, Use};
+use crate::cache::policy::{self, BypassReason, RequestDirectives, Use};
 use crate::cache::CacheStatus;
 use crate::error::ProxyError;
-use crate::metrics::RouteStats;
 use crate::routes::{Route, ShapedKey};
 
 use super::fetch::FetchTarget;
 use super::respond::small_number;
 use super::respond::Answered;
-use super::rules::{lowercase, request_host, route_headers, variant_text, Peer, Rules};
+use super::rules::{
+    lowercase, request_host, route_headers, variant_text, Peer, RouteInForce, Rules,
+};
 use super::Proxy;
 
 /// What the cache decided about a request before anything is awaited.
@@ -171,7 +172,7 @@ impl Proxy {
         parts: &Parts,
         peer: Peer,
         rules: &Rules,
-        route: Option<&(Route, Arc<Defaults>, Arc<RouteStats>)>,
+        route: Option<&RouteInForce>,
     ) -> Next {
         if !policy::method_is_cacheable(&parts.method) {
             return Next::Backend(BackendWork::Pass(BypassReason::Method));
@@ -190,7 +191,7 @@ impl Proxy {
             return Next::Answer(self.refused(&ProxyError::BadTarget));
         }
         let (route, defaults) = match route {
-            Some((route, defaults, _)) => (Some(route), defaults),
+            Some(r) => (Some(&r.route), &r.defaults),
             None => (None, &rules.defaults),
         };
         if route.is_some_and(|r| r.bypass) {
@@ -294,7 +295,7 @@ impl Proxy {
             .split_once('?')
             .map_or(path_and_query, |(path, _)| path);
         let route = rules.route_for(path);
-        if route.is_some_and(|(route, _, _)| route.bypass || route.shapes_key()) {
+        if route.is_some_and(|r| r.route.bypass || r.route.shapes_key()) {
             return None;
         }
         let host = lowercase(host);
@@ -306,15 +307,15 @@ impl Proxy {
         if !has_body(entry.status()) {
             return None;
         }
-        let defaults = route.map_or(&rules.defaults, |(_, defaults, _)| defaults);
+        let defaults = route.map_or(&rules.defaults, |r| &r.defaults);
         let peer = rules.peer(Some(client));
-        let route_rules = route.map(|(route, _, _)| route);
+        let route_rules = route.map(|r| &r.route);
         let target =
             || self.fetch_target(key, path_and_query, &headers(), peer, defaults, route_rules);
         let refresh = stale.then(|| self.queue_refresh(key.hash, &entry, target, now));
         let (status, cache_status) = self.at_once(&entry, refresh, now);
-        if let Some((_, _, stats)) = route {
-            stats.record(status);
+        if let Some(r) = route {
+            r.stats.record(status);
         }
         let age = self.served(&entry, now);
         Some(FastHit {

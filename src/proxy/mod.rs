@@ -339,7 +339,7 @@ impl Proxy {
             uri: request.uri().clone(),
         });
         let log = (access.is_some() || route.is_some()).then(|| AnswerLog {
-            route: route.map(|(_, _, stats)| Arc::clone(stats)),
+            route: route.map(|r| Arc::clone(&r.stats)),
             access,
         });
         let (parts, body) = request.into_parts();

@@ -119,9 +119,9 @@ impl Proxy {
                 Some((p, q)) => (p, Some(q)),
                 None => (path.as_str(), None),
             };
-            let text = match rules.route_for(only_path).filter(|r| r.0.shapes_key()) {
-                Some((route, _, _)) => {
-                    let shaped = route.shaped_key(only_path, query, &parts.headers);
+            let text = match rules.route_for(only_path).filter(|r| r.route.shapes_key()) {
+                Some(r) => {
+                    let shaped = r.route.shaped_key(only_path, query, &parts.headers);
                     format!("{host}{}", shaped.text())
                 }
                 None => format!("{host}{path}"),

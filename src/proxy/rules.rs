@@ -1,8 +1,10 @@
 //! The rules a request is cached by, as the running configuration has
 //! them: the defaults and the routes (swapped whole by a reload), who the
 //! peer is, and what of a request makes its key (host, shaped target,
-//! route cookies, variant text). Pure reading of the request: nothing
-//! here touches the store, the backend or the counters.
+//! route cookies, variant text). Reads requests only: nothing here touches
+//! the store or the backend. Building the rules finds (or creates) each
+//! route's counters, so that they survive a reload; counting is done by
+//! `respond.rs` and the fast path.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -25,10 +27,18 @@ use super::lock;
 /// match wins), each with its own defaults.
 pub struct Rules {
     pub(super) defaults: Arc<Defaults>,
-    pub(super) routes: Vec<(Route, Arc<Defaults>, Arc<RouteStats>)>,
+    pub(super) routes: Vec<RouteInForce>,
     pub(super) honor_client_cache_control: bool,
     /// Peers whose forwarding headers are kept (`--trust-forwarded`).
     pub(super) trust_forwarded: Vec<ipnet::IpNet>,
+}
+
+/// A route as the running rules hold it: its options, the lifetimes it
+/// gives answers, and its counters (kept across reloads by pattern).
+pub(super) struct RouteInForce {
+    pub(super) route: Route,
+    pub(super) defaults: Arc<Defaults>,
+    pub(super) stats: Arc<RouteStats>,
 }
 
 impl Rules {
@@ -58,7 +68,7 @@ impl Rules {
                 .routes
                 .iter()
                 .map(|r| {
-                    let d = defaults(
+                    let lifetimes = defaults(
                         r.ttl,
                         r.heuristic_freshness,
                         r.stale_while_revalidate,
@@ -74,7 +84,11 @@ impl Rules {
                             counters
                         }
                     };
-                    (r.clone(), d, counters)
+                    RouteInForce {
+                        route: r.clone(),
+                        defaults: lifetimes,
+                        stats: counters,
+                    }
                 })
                 .collect(),
             honor_client_cache_control: config.live.honor_client_cache_control,
@@ -93,11 +107,11 @@ impl Rules {
     }
 
     /// The route a request path takes (first match), if any.
-    pub(super) fn route_for(&self, path: &str) -> Option<&(Route, Arc<Defaults>, Arc<RouteStats>)> {
+    pub(super) fn route_for(&self, path: &str) -> Option<&RouteInForce> {
         if self.routes.is_empty() {
             return None;
         }
-        self.routes.iter().find(|(route, _, _)| route.matches(path))
+        self.routes.iter().find(|r| r.route.matches(path))
     }
 }
 
