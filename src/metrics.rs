@@ -738,7 +738,7 @@ mod tests {
             UpstreamCause::ALL.len() - 1
         );
         assert_eq!(
-            BypassReason::BufferFull.index(),
+            BypassReason::Unsettled.index(),
             BypassReason::ALL.len() - 1
         );
     }

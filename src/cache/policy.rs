@@ -174,6 +174,10 @@ pub enum BypassReason {
     Route,
     /// `--max-buffered` was taken by other reads: streamed this time.
     BufferFull,
+    /// Coalesced fills ended three times in a row without an answer this
+    /// request could take (their leaders vanished, or stored other
+    /// variants): fetched for this client alone.
+    Unsettled,
 }
 
 /// Fields swr-proxy sends with each client's own address (it drops what the
@@ -189,7 +193,7 @@ impl BypassReason {
         matches!(self, BypassReason::Authorization | BypassReason::Cookie)
     }
 
-    pub const ALL: [BypassReason; 15] = [
+    pub const ALL: [BypassReason; 16] = [
         BypassReason::Method,
         BypassReason::NoStore,
         BypassReason::Private,
@@ -205,6 +209,7 @@ impl BypassReason {
         BypassReason::NotModified,
         BypassReason::Route,
         BypassReason::BufferFull,
+        BypassReason::Unsettled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -224,6 +229,7 @@ impl BypassReason {
             BypassReason::NotModified => "not-modified",
             BypassReason::Route => "route",
             BypassReason::BufferFull => "buffer-full",
+            BypassReason::Unsettled => "fill-unsettled",
         }
     }
 

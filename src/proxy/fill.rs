@@ -242,7 +242,7 @@ impl Proxy {
                 }
             }
         }
-        self.pass::<Full<Bytes>>(parts, None, peer, BypassReason::Status)
+        self.pass::<Full<Bytes>>(parts, None, peer, BypassReason::Unsettled)
             .await
     }
 
