@@ -737,9 +737,6 @@ mod tests {
             UpstreamCause::Revalidate as usize,
             UpstreamCause::ALL.len() - 1
         );
-        assert_eq!(
-            BypassReason::Unsettled.index(),
-            BypassReason::ALL.len() - 1
-        );
+        assert_eq!(BypassReason::Unsettled.index(), BypassReason::ALL.len() - 1);
     }
 }

@@ -145,13 +145,14 @@ async fn the_refresh_queue_is_bounded_in_bytes() {
     .await;
 }
 
-/// With every slot to the backend held, a client waits for one no longer
-/// than `--upstream-timeout`: a 503 naming the cause, not a request that
-/// hangs.
-#[tokio::test]
-async fn waiting_for_a_backend_slot_has_a_deadline() {
-    // A backend that answers `/hold` after 1.5 s and then never sends its
-    // body: the fill holds the only slot for 1.5 s + the 2 s body timeout.
+/// A backend that answers `/hold` after 1.5 s and then never sends its
+/// body (a fill of it holds its slot for 1.5 s + the body timeout), and
+/// every other path at once (`200`, 5 bytes). Returns its address and the
+/// request lines it has read.
+async fn slot_holding_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -167,7 +168,12 @@ async fn waiting_for_a_backend_slot_has_a_deadline() {
                 let n = stream.read(&mut buf).await.unwrap_or(0);
                 let head = String::from_utf8_lossy(&buf[..n]).to_string();
                 let line = head.lines().next().unwrap_or("").to_string();
-                seen.lock().unwrap().push(line);
+                seen.lock().unwrap().push(line.clone());
+                if !line.starts_with("GET /hold ") {
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+                    let _ = stream.write_all(answer).await;
+                    return;
+                }
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n";
                 let _ = stream.write_all(head).await;
@@ -175,6 +181,15 @@ async fn waiting_for_a_backend_slot_has_a_deadline() {
             });
         }
     });
+    (addr, seen)
+}
+
+/// With every slot to the backend held, a client waits for one no longer
+/// than `--upstream-timeout`: a 503 naming the cause, not a request that
+/// hangs.
+#[tokio::test]
+async fn waiting_for_a_backend_slot_has_a_deadline() {
+    let (addr, seen) = slot_holding_backend().await;
     let proxy = TestProxy::start_for(
         &format!("http://{addr}"),
         &["--upstream-concurrency", "1", "--upstream-timeout", "2s"],
@@ -202,6 +217,61 @@ async fn waiting_for_a_backend_slot_has_a_deadline() {
         1,
         "/other never reached the backend"
     );
+    let _ = holder.await;
+}
+
+/// A refresh that finds no slot to the backend within `--upstream-timeout`
+/// never asked the backend: it is counted as dropped (as one that found
+/// the queue full), not as a failed refresh, and says nothing of the key.
+#[tokio::test]
+async fn a_refresh_that_gets_no_backend_slot_is_dropped_not_failed() {
+    let (addr, seen) = slot_holding_backend().await;
+    let proxy = TestProxy::start_for(
+        &format!("http://{addr}"),
+        &[
+            "--upstream-concurrency",
+            "1",
+            "--upstream-timeout",
+            "2s",
+            "--ttl",
+            "300ms",
+        ],
+    )
+    .await;
+    assert_eq!(proxy.get("/b").await.x_cache(), "MISS");
+    let proxy_addr = proxy.addr;
+    let holder = tokio::spawn(async move {
+        exchange(proxy_addr, b"GET /hold HTTP/1.1\r\nHost: h\r\n\r\n").await
+    });
+    eventually(WAIT, "the slot is held", || async {
+        seen.lock().unwrap().len() == 2
+    })
+    .await;
+    // The slot stays held for 1.5 s + 2 s; the refresh waits 2 s at most.
+    eventually(WAIT, "/b turns stale", || async {
+        proxy.get("/b").await.x_cache() == "STALE"
+    })
+    .await;
+    eventually(WAIT, "the refresh gives up waiting for a slot", || async {
+        proxy
+            .counter("swr_refresh_events_total{event=\"dropped\"}")
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        proxy
+            .counter("swr_refresh_events_total{event=\"failed\"}")
+            .await,
+        0
+    );
+    let asked_for_b = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.starts_with("GET /b "))
+        .count();
+    assert_eq!(asked_for_b, 1, "only the fill reached the backend");
     let _ = holder.await;
 }
 

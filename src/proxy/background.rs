@@ -204,6 +204,14 @@ impl Proxy {
                     );
                 }
             }
+            Fetched::Failed(err) if err.kind == UpstreamErrorKind::Busy => {
+                // No slot to the backend in time: the backend was never
+                // asked, so this says nothing of it. Dropped, like a refresh
+                // that found the queue full; the next stale answer queues
+                // another.
+                self.stats.refresh_dropped.fetch_add(1, Relaxed);
+                tracing::debug!(key, took_ms, reason = "busy", "refresh dropped");
+            }
             Fetched::Failed(err) => {
                 self.stats.refresh_failed.fetch_add(1, Relaxed);
                 if let Some(suppressed) = self.failure_line(("refresh failed", err.kind.as_str())) {
