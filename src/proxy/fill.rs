@@ -4,8 +4,9 @@
 //! ([`failed_over`]). Owns the hit-for-miss marks; the fetch itself is
 //! `fetch.rs`'s.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -55,13 +56,61 @@ pub(super) fn failed_over(fetched: Fetched, stale: Option<&Entry>) -> Fetched {
     }
 }
 
+/// Keys whose answer could not be stored, until when (Varnish's
+/// hit-for-miss): their requests go to the backend at once instead of
+/// queueing behind one another's fetch. Bounded like every mark table.
+#[derive(Debug, Default)]
+pub(super) struct HitForMiss(Mutex<HashMap<u64, Uncacheable>>);
+
 /// A key whose answer could not be stored, until when, and for whom.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Uncacheable {
-    pub(super) until: Instant,
+struct Uncacheable {
+    until: Instant,
     /// Only answers to requests with credentials were private (`Cookie`,
     /// `Authorization`): requests without them still coalesce.
-    pub(super) credentials_only: bool,
+    credentials_only: bool,
+}
+
+impl HitForMiss {
+    /// Whether a request with `facts` for `hash` skips coalescing at `now`.
+    pub(super) fn holds(&self, hash: u64, now: Instant, facts: RequestFacts) -> bool {
+        let credentials = facts.authorization || facts.cookie;
+        lock(&self.0)
+            .get(&hash)
+            .is_some_and(|mark| now < mark.until && (credentials || !mark.credentials_only))
+    }
+
+    /// The answer for `hash` could not be stored, for `reason`: later
+    /// requests for it go straight to the backend. For an answer that was
+    /// private only because of its client's credentials, only requests
+    /// with credentials do, or one client could turn coalescing off for
+    /// everyone.
+    pub(super) fn remember(&self, hash: u64, reason: BypassReason, now: Instant) {
+        // Short of memory says nothing of the key.
+        if reason == BypassReason::BufferFull {
+            return;
+        }
+        let credentials_only = reason.is_credentials();
+        let mark = Uncacheable {
+            until: now + HIT_FOR_MISS,
+            credentials_only,
+        };
+        let mut marks = lock(&self.0);
+        let kept = marks.get(&hash).filter(|m| !m.credentials_only);
+        if kept.is_none() || !credentials_only {
+            insert_bounded(&mut marks, hash, mark, |m| now >= m.until);
+        }
+    }
+
+    /// The answer for `hash` was stored after all.
+    pub(super) fn forget(&self, hash: u64) {
+        lock(&self.0).remove(&hash);
+    }
+
+    /// Drops the marks that have run out.
+    pub(super) fn forget_expired(&self, now: Instant) {
+        lock(&self.0).retain(|_, mark| now < mark.until);
+    }
 }
 
 impl Proxy {
@@ -91,18 +140,6 @@ impl Proxy {
         }
     }
 
-    pub(super) fn remembered_uncacheable(
-        &self,
-        hash: u64,
-        now: Instant,
-        facts: RequestFacts,
-    ) -> bool {
-        let credentials = facts.authorization || facts.cookie;
-        lock(&self.uncacheable)
-            .get(&hash)
-            .is_some_and(|mark| now < mark.until && (credentials || !mark.credentials_only))
-    }
-
     /// A request for a key remembered as uncacheable: fetched for this client
     /// alone, without waiting on anyone; stored after all if it now may be.
     pub(super) async fn fetch_alone(&self, parts: &Parts, plan: FetchPlan) -> Answered {
@@ -119,7 +156,7 @@ impl Proxy {
         let fetched = self.fetch(&target, stale.as_ref(), Priority::Client).await;
         match failed_over(fetched, stale.as_ref()) {
             Fetched::Stored(entry) => {
-                lock(&self.uncacheable).remove(&hash);
+                self.hit_for_miss.forget(hash);
                 self.stored_response(&entry, status, fwd, false, parts)
             }
             Fetched::Pass(passed) => self.passed_response(passed, "bypass", head),
@@ -166,24 +203,11 @@ impl Proxy {
                                 LeaderAnswer::Stored(entry),
                             ),
                             Fetched::Pass(passed) => {
-                                // Later requests for this key go straight to the
-                                // backend; for an answer that was private only
-                                // because of this client's credentials, only
-                                // requests with credentials do, or one client
-                                // could turn coalescing off for everyone.
-                                let credentials_only = passed.reason.is_credentials();
-                                // Short of memory says nothing of the key.
-                                let remember = passed.reason != BypassReason::BufferFull;
-                                let mark = Uncacheable {
-                                    until: Instant::now() + HIT_FOR_MISS,
-                                    credentials_only,
-                                };
-                                let mut marks = lock(&proxy.uncacheable);
-                                let kept = marks.get(&fill_hash).filter(|m| !m.credentials_only);
-                                if remember && (kept.is_none() || !credentials_only) {
-                                    let now = Instant::now();
-                                    insert_bounded(&mut marks, fill_hash, mark, |m| now >= m.until);
-                                }
+                                proxy.hit_for_miss.remember(
+                                    fill_hash,
+                                    passed.reason,
+                                    Instant::now(),
+                                );
                                 (
                                     FillOutcome::NotShared(passed.reason),
                                     LeaderAnswer::Pass(passed),
@@ -260,5 +284,39 @@ impl Proxy {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_for_miss_marks_by_reason_and_for_whom() {
+        let marks = HitForMiss::default();
+        let t0 = Instant::now();
+        let anonymous = RequestFacts::default();
+        let with_cookie = RequestFacts {
+            cookie: true,
+            ..RequestFacts::default()
+        };
+        // Short of memory says nothing of the key.
+        marks.remember(1, BypassReason::BufferFull, t0);
+        assert!(!marks.holds(1, t0, with_cookie));
+        // Private to one client's credentials: only credentialed requests skip coalescing.
+        marks.remember(2, BypassReason::Cookie, t0);
+        assert!(marks.holds(2, t0, with_cookie));
+        assert!(!marks.holds(2, t0, anonymous));
+        // Not storable for anyone: everyone skips it, until it runs out.
+        marks.remember(3, BypassReason::NoStore, t0);
+        assert!(marks.holds(3, t0, anonymous));
+        assert!(!marks.holds(3, t0 + HIT_FOR_MISS, anonymous));
+        // A credentials-only mark does not weaken one for everyone.
+        marks.remember(3, BypassReason::Authorization, t0);
+        assert!(marks.holds(3, t0, anonymous));
+        marks.forget(3);
+        assert!(!marks.holds(3, t0, anonymous));
+        marks.forget_expired(t0 + HIT_FOR_MISS);
+        assert!(!marks.holds(2, t0, with_cookie));
     }
 }

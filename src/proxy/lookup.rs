@@ -253,7 +253,7 @@ impl Proxy {
         // A client's own fetch carries its credentials: what it brings back
         // is stored only if the backend says it may be shared.
         let target = self.fetch_target(key, path_and_query, &parts.headers, peer, defaults, route);
-        let alone = self.remembered_uncacheable(fill_hash, now, target.facts);
+        let alone = self.hit_for_miss.holds(fill_hash, now, target.facts);
         if alone {
             self.stats.hit_for_miss.fetch_add(1, Relaxed);
         }

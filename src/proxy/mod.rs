@@ -44,7 +44,7 @@ mod respond;
 mod rules;
 
 use self::background::{Backoffs, RefreshRequest, REFRESH_QUEUE_BYTES};
-use self::fill::Uncacheable;
+use self::fill::HitForMiss;
 pub use self::lookup::FastHit;
 use self::lookup::Next;
 use self::respond::{upstream_timed, AccessLine, AnswerLog};
@@ -88,7 +88,7 @@ pub struct Proxy {
     /// Keys whose answer could not be stored, until when: their requests go
     /// to the backend at once instead of queueing behind one another's fetch
     /// (Varnish's hit-for-miss).
-    uncacheable: Mutex<HashMap<u64, Uncacheable>>,
+    hit_for_miss: HitForMiss,
     /// Failure lines (refresh failed, error answers, stale-if-error) that
     /// may be written now, per cause.
     failure_lines: RateLimit,
@@ -174,7 +174,7 @@ impl Proxy {
             upstream,
             stats: Stats::default(),
             backoff: Mutex::new(Backoffs::default()),
-            uncacheable: Mutex::new(HashMap::new()),
+            hit_for_miss: HitForMiss::default(),
             failure_lines: RateLimit::new(FAILURE_LINE_EVERY),
             tasks: tracker.clone(),
             config,
@@ -316,7 +316,7 @@ impl Proxy {
     /// Drops backoff and hit-for-miss marks that have run out.
     fn forget_expired_marks(&self, now: Instant) {
         lock(&self.backoff).forget_expired(now);
-        lock(&self.uncacheable).retain(|_, mark| now < mark.until);
+        self.hit_for_miss.forget_expired(now);
     }
 
     /// Answers one request, and logs it when `--access-log` is on.
