@@ -19,10 +19,10 @@ use crate::cache::store::{self, Fill, FillOutcome};
 use crate::cache::vary::VariantKey;
 use crate::error::{UpstreamError, UpstreamErrorKind};
 use crate::metrics::UpstreamCause;
-use crate::upstream::{BoxError, Priority};
+use crate::upstream::Priority;
 
 use super::fetch::{FetchTarget, Fetched, Passed};
-use super::lookup::{BackendWork, FetchPlan};
+use super::lookup::FetchPlan;
 use super::respond::Answered;
 use super::rules::Peer;
 use super::{insert_bounded, lock, Proxy};
@@ -114,32 +114,6 @@ impl HitForMiss {
 }
 
 impl Proxy {
-    /// Answers a request the cache could not: passes it through, or fetches
-    /// (coalesced) what the cache needs.
-    pub(super) async fn from_backend<B>(
-        self: &Arc<Self>,
-        parts: Parts,
-        body: B,
-        peer: Peer,
-        work: BackendWork,
-    ) -> Answered
-    where
-        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
-        B::Error: Into<BoxError>,
-    {
-        match work {
-            BackendWork::Pass(reason) => self.pass(&parts, Some(body), peer, reason).await,
-            BackendWork::Fetch(plan) => {
-                drop(body);
-                if plan.alone {
-                    self.fetch_alone(&parts, *plan).await
-                } else {
-                    self.fill(&parts, *plan, peer).await
-                }
-            }
-        }
-    }
-
     /// A request for a key remembered as uncacheable: fetched for this client
     /// alone, without waiting on anyone; stored after all if it now may be.
     pub(super) async fn fetch_alone(&self, parts: &Parts, plan: FetchPlan) -> Answered {

@@ -46,9 +46,9 @@ mod rules;
 use self::background::{Backoffs, RefreshRequest, REFRESH_QUEUE_BYTES};
 use self::fill::HitForMiss;
 pub use self::lookup::FastHit;
-use self::lookup::Next;
-use self::respond::{upstream_timed, AccessLine, AnswerLog};
-use self::rules::{request_host, Rules};
+use self::lookup::{BackendWork, Next};
+use self::respond::{upstream_timed, AccessLine, AnswerLog, Answered};
+use self::rules::{request_host, Peer, Rules};
 
 /// How often entries that can no longer be served are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -362,6 +362,32 @@ impl Proxy {
                         upstream_timed(proxy.from_backend(parts, body, peer, work)).await;
                     proxy.log_answer(log, answered, client)
                 }))
+            }
+        }
+    }
+
+    /// Answers a request the cache could not: passes it through, or fetches
+    /// (coalesced) what the cache needs.
+    async fn from_backend<B>(
+        self: &Arc<Self>,
+        parts: Parts,
+        body: B,
+        peer: Peer,
+        work: BackendWork,
+    ) -> Answered
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match work {
+            BackendWork::Pass(reason) => self.pass(&parts, Some(body), peer, reason).await,
+            BackendWork::Fetch(plan) => {
+                drop(body);
+                if plan.alone {
+                    self.fetch_alone(&parts, *plan).await
+                } else {
+                    self.fill(&parts, *plan, peer).await
+                }
             }
         }
     }
