@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{header, HeaderMap, HeaderName, Method, StatusCode};
 
 use super::entry::Entry;
+use super::vary::Vary;
 
 /// The state of an entry at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,15 +319,15 @@ pub fn storability(
         return Storability::Bypass(BypassReason::SetCookie);
     }
     match super::vary::vary_names(headers) {
-        Err(()) => return Storability::Bypass(BypassReason::VaryStar),
-        Ok(names)
+        Vary::Star => return Storability::Bypass(BypassReason::VaryStar),
+        Vary::Names(names)
             if names
                 .iter()
                 .any(|n| PER_CLIENT_FIELDS.contains(&n.as_str())) =>
         {
             return Storability::Bypass(BypassReason::VaryClient);
         }
-        Ok(_) => {}
+        Vary::Names(_) => {}
     }
     // RFC 9111 §3.5: a shared cache stores an answer to an authenticated
     // request only when the response says it may be shared.

@@ -48,16 +48,43 @@ impl VariantKey {
     }
 }
 
-/// The request header names a response varies on, lowercase and deduplicated;
-/// `Err(())` for `Vary: *`.
-#[allow(clippy::result_unit_err)]
-pub fn vary_names(headers: &HeaderMap) -> Result<Vec<HeaderName>, ()> {
+/// Whether a stored entry under `key` answers a request for `url_text`
+/// with `request`'s headers: it is the URL's own entry, or the variant
+/// those headers select among `names` (what the URL is known to vary on).
+pub fn answers(
+    key: &[u8],
+    url_text: &str,
+    names: Option<&[HeaderName]>,
+    request: &HeaderMap,
+) -> bool {
+    if key == url_text.as_bytes() {
+        return true;
+    }
+    names.is_some_and(|names| {
+        key == VariantKey::new(url_text, names, request)
+            .as_str()
+            .as_bytes()
+    })
+}
+
+/// What a response's `Vary` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vary {
+    /// `Vary: *`: no later request can be known to match.
+    Star,
+    /// The request header names it varies on, lowercase, deduplicated and
+    /// sorted; empty when it does not vary.
+    Names(Vec<HeaderName>),
+}
+
+/// What a response's `Vary` fields (all of them) say.
+pub fn vary_names(headers: &HeaderMap) -> Vary {
     let mut names: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::VARY) {
         let Ok(text) = value.to_str() else { continue };
         for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if name == "*" {
-                return Err(());
+                return Vary::Star;
             }
             if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
                 if !names.contains(&name) {
@@ -67,7 +94,7 @@ pub fn vary_names(headers: &HeaderMap) -> Result<Vec<HeaderName>, ()> {
         }
     }
     names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    Ok(names)
+    Vary::Names(names)
 }
 
 /// The normalised values of the named request headers, as one text for the
@@ -265,11 +292,12 @@ mod tests {
 
     #[test]
     fn vary_keys_are_normalised() {
-        let names = vary_names(&headers(&[
+        let Vary::Names(names) = vary_names(&headers(&[
             ("vary", "Accept-Encoding,  accept"),
             ("vary", "X-Tenant"),
-        ]))
-        .unwrap();
+        ])) else {
+            panic!("names")
+        };
         let names_text: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
         assert_eq!(names_text, ["accept", "accept-encoding", "x-tenant"]);
         let a = vary_key(
@@ -311,12 +339,14 @@ mod tests {
         };
         assert_ne!(raw(b"acme\xe8"), raw(b"acme\xe9"));
         assert_ne!(raw(b"acme%E8"), raw(b"acme\xe8"));
-        assert!(vary_names(&headers(&[("vary", "*")])).is_err());
+        assert_eq!(vary_names(&headers(&[("vary", "*")])), Vary::Star);
     }
 
     #[test]
     fn a_variant_key_starts_with_its_url_and_a_newline() {
-        let names = vary_names(&headers(&[("vary", "accept")])).unwrap();
+        let Vary::Names(names) = vary_names(&headers(&[("vary", "accept")])) else {
+            panic!("names")
+        };
         let key = VariantKey::new("h/p", &names, &headers(&[("accept", "a")]));
         assert_eq!(key.as_str(), "h/p\naccept=a");
         assert!(VariantKey::is_variant_of(key.as_str().as_bytes(), "h/p"));

@@ -293,7 +293,7 @@ impl Proxy {
         };
         // Where it is stored: under the URL, or under the variant its Vary selects.
         let (hash, text, vary) = match vary::vary_names(response.headers()) {
-            Ok(names) if !names.is_empty() => {
+            vary::Vary::Names(names) if !names.is_empty() => {
                 let text =
                     VariantKey::new(&target.url_text, &names, &target.client_headers).into_string();
                 (self.keys.hash_text(&text), text, Some(names))

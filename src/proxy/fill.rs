@@ -16,7 +16,7 @@ use http_body_util::Full;
 use crate::cache::entry::Entry;
 use crate::cache::policy::{self, BypassReason, RequestFacts};
 use crate::cache::store::{self, Fill, FillOutcome};
-use crate::cache::vary::VariantKey;
+use crate::cache::vary;
 use crate::error::{UpstreamError, UpstreamErrorKind};
 use crate::metrics::UpstreamCause;
 use crate::upstream::Priority;
@@ -247,17 +247,13 @@ impl Proxy {
     /// Whether `entry` answers the request `target` describes: the URL's own
     /// entry, or the variant the request's headers select.
     pub(super) fn serves_variant(&self, entry: &Entry, target: &FetchTarget) -> bool {
-        let key = entry.key_bytes();
-        if key == target.url_text.as_bytes() {
-            return true;
-        }
-        match self.store.vary_names(target.url_hash) {
-            Some(names) => {
-                let variant = VariantKey::new(&target.url_text, &names, &target.client_headers);
-                key == variant.as_str().as_bytes()
-            }
-            None => false,
-        }
+        let names = self.store.vary_names(target.url_hash);
+        vary::answers(
+            entry.key_bytes(),
+            &target.url_text,
+            names.as_deref(),
+            &target.client_headers,
+        )
     }
 }
 
