@@ -265,6 +265,13 @@ async fn a_refresh_that_gets_no_backend_slot_is_dropped_not_failed() {
             .await,
         0
     );
+    // Seen as what it was: no slot, whichever path asked.
+    assert_eq!(
+        proxy
+            .counter("swr_upstream_errors_total{kind=\"busy\"}")
+            .await,
+        1
+    );
     let asked_for_b = seen
         .lock()
         .unwrap()

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
@@ -19,7 +19,7 @@ use crate::cache::vary::{self, VariantKey};
 use crate::error::{UpstreamError, UpstreamErrorKind};
 use crate::metrics::UpstreamCause;
 use crate::routes::{Cookies, Route};
-use crate::upstream::{self, BodyRead, Priority, UpstreamResponse};
+use crate::upstream::{self, BodyRead, Permit, Priority, RequestBody, UpstreamResponse};
 
 use super::rules::{route_headers, Peer};
 use super::Proxy;
@@ -143,7 +143,62 @@ pub(super) fn fill_headers(
     headers
 }
 
+/// A request the backend answered ([`Proxy::ask_backend`]).
+pub(super) struct Sent {
+    /// Its response head; the body is still to be read.
+    pub(super) response: UpstreamResponse,
+    /// The slot to the backend (`None` without a cap): held while the
+    /// body is read for the cache, dropped to stream it.
+    pub(super) slot: Option<Permit>,
+    /// From the send to the response head (the request's response delay).
+    pub(super) took: Duration,
+}
+
 impl Proxy {
+    /// Sends one request to the backend in a slot of `priority` (waited for
+    /// `--upstream-timeout` at most) and returns the response head with the
+    /// slot: a caller reading the body for the cache keeps it, one that
+    /// streams drops it. Counts the backend's latency (from the send, not the
+    /// wait for a slot), a 5xx, and a request that failed (`busy` when no
+    /// slot came). The one way both the cache's fetches and pass-through ask
+    /// the backend.
+    pub(super) async fn ask_backend(
+        &self,
+        priority: Priority,
+        method: Method,
+        path_and_query: &str,
+        headers: HeaderMap,
+        body: Option<RequestBody>,
+    ) -> Result<Sent, UpstreamError> {
+        let sent = async {
+            let slot = self.upstream.permit(priority).await?;
+            let started = Instant::now();
+            let response = self
+                .upstream
+                .send(method, path_and_query, headers, body)
+                .await?;
+            let took = started.elapsed();
+            self.stats.upstream_latency.observe(took);
+            Ok::<_, UpstreamError>(Sent {
+                response,
+                slot,
+                took,
+            })
+        };
+        match sent.await {
+            Ok(sent) => {
+                if policy::status_is_error(sent.response.status()) {
+                    self.stats.record_upstream_error(UpstreamErrorKind::Status);
+                }
+                Ok(sent)
+            }
+            Err(err) => {
+                self.stats.record_upstream_error(err.kind);
+                Err(err)
+            }
+        }
+    }
+
     /// A fetch for the cache of `key`'s URL, by the rules of the request's
     /// route: the headers it keys on are forwarded whatever they are, and
     /// its `cookies` setting decides which cookies go.
@@ -190,12 +245,6 @@ impl Proxy {
         stale: Option<&Entry>,
         priority: Priority,
     ) -> Fetched {
-        // Held until the body is read (or handed on to stream).
-        let _permit = match self.upstream.permit(priority).await {
-            Ok(permit) => permit,
-            // Counted as `busy`, not as a backend failure.
-            Err(err) => return Fetched::Failed(err),
-        };
         let mut headers = target.upstream_headers.clone();
         let mut conditional = false;
         if let Some(stale) = stale {
@@ -212,24 +261,19 @@ impl Proxy {
             self.stats
                 .record_upstream_request(UpstreamCause::Revalidate);
         }
-        let request_time = Instant::now();
-        let response = match self
-            .upstream
-            .send(Method::GET, &target.path_and_query, headers, None)
+        // The slot is held until the body is read (or handed on to stream).
+        let Sent {
+            response,
+            slot: _slot,
+            took: response_delay,
+        } = match self
+            .ask_backend(priority, Method::GET, &target.path_and_query, headers, None)
             .await
         {
-            Ok(response) => response,
-            Err(err) => {
-                self.stats.record_upstream_error(err.kind);
-                return Fetched::Failed(err);
-            }
+            Ok(sent) => sent,
+            Err(err) => return Fetched::Failed(err),
         };
-        let response_delay = request_time.elapsed();
-        self.stats.upstream_latency.observe(response_delay);
         let status = response.status();
-        if policy::status_is_error(status) {
-            self.stats.record_upstream_error(UpstreamErrorKind::Status);
-        }
         let facts = target.facts;
 
         if status == StatusCode::NOT_MODIFIED {

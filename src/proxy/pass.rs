@@ -3,7 +3,6 @@
 //! (RFC 9111 §4.4).
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
@@ -11,10 +10,10 @@ use http::request::Parts;
 use http::Method;
 
 use crate::cache::policy::{self, BypassReason};
-use crate::error::UpstreamErrorKind;
 use crate::metrics::UpstreamCause;
 use crate::upstream::{self, BoxError, Priority, RequestBody};
 
+use super::fetch::Sent;
 use super::respond::Answered;
 use super::rules::{lowercase, request_host, same_origin_path, Peer};
 use super::Proxy;
@@ -55,26 +54,20 @@ impl Proxy {
             BypassReason::Request => "request",
             _ => "bypass",
         };
-        let started = Instant::now();
-        let sent = match self.upstream.permit(Priority::Client).await {
-            Ok(permit) => {
-                let sent = self
-                    .upstream
-                    .send(parts.method.clone(), path_and_query, headers, body)
-                    .await;
-                // Held to the response head: a streamed body does not keep its slot.
-                drop(permit);
-                sent
-            }
-            Err(err) => Err(err),
-        };
+        let sent = self
+            .ask_backend(
+                Priority::Client,
+                parts.method.clone(),
+                path_and_query,
+                headers,
+                body,
+            )
+            .await;
         match sent {
-            Ok(response) => {
-                self.stats.upstream_latency.observe(started.elapsed());
+            Ok(Sent { response, slot, .. }) => {
+                // Held to the response head: a streamed body does not keep its slot.
+                drop(slot);
                 let status = response.status();
-                if policy::status_is_error(status) {
-                    self.stats.record_upstream_error(UpstreamErrorKind::Status);
-                }
                 if policy::method_invalidates(&parts.method)
                     && (status.is_success() || status.is_redirection())
                 {
@@ -83,10 +76,7 @@ impl Proxy {
                 let passed = self.passed(reason, response);
                 self.passed_response(passed, fwd, head)
             }
-            Err(err) => {
-                self.stats.record_upstream_error(err.kind);
-                self.pass_failed(err, reason, fwd, parts)
-            }
+            Err(err) => self.pass_failed(err, reason, fwd, parts),
         }
     }
 
