@@ -4,7 +4,6 @@
 //! ([`failed_over`]). Owns the hit-for-miss marks; the fetch itself is
 //! `fetch.rs`'s.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -213,7 +212,7 @@ impl Proxy {
                     };
                 }
                 Fill::Follower(slot) => {
-                    self.stats.coalesced_waiters.fetch_add(1, Relaxed);
+                    self.stats.coalesced_waiters.inc();
                     match store::wait_fill(slot).await {
                         Some(FillOutcome::Stored(entry)) => {
                             if self.serves_variant(&entry, &target) {
