@@ -992,4 +992,89 @@ mod tests {
             BypassReason::ALL.len() - 1
         );
     }
+
+    fn render(stats: &Stats, gauges: Gauges) -> String {
+        stats.render_prometheus(gauges).expect("the metrics encode")
+    }
+
+    /// The families `/metrics` declares are exactly [`METRIC_NAMES`]:
+    /// counters keep their `_total` names, and nothing is added or lost.
+    #[test]
+    fn the_text_declares_every_metric_name() {
+        let text = render(&Stats::default(), Gauges::default());
+        let declared: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split(' ').next())
+            .collect();
+        let names: std::collections::BTreeSet<&str> = METRIC_NAMES.iter().copied().collect();
+        assert_eq!(declared, names);
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+                assert_eq!(name.ends_with("_total"), kind == "counter", "{line}");
+            }
+            if line.starts_with("# HELP ") {
+                assert!(line.ends_with('.') && !line.ends_with(".."), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn recorded_values_come_out_in_the_text() {
+        let stats = Stats::default();
+        stats.record_request(CacheStatus::Hit);
+        stats.record_request(CacheStatus::Hit);
+        stats.fast_hits.add(1);
+        stats.refresh_queued.inc();
+        stats.record_refused("bad-host");
+        stats.record_upstream_error(UpstreamErrorKind::Timeout);
+        stats.route("/a\"b").record(CacheStatus::Stale);
+        stats.served_age.observe(Duration::from_millis(1500));
+        stats.served_age.observe(Duration::from_secs(7200));
+        let text = render(
+            &stats,
+            Gauges {
+                entries: 3,
+                evictions: 4,
+                ..Gauges::default()
+            },
+        );
+        for series in [
+            "swr_requests_total{cache=\"HIT\"} 2",
+            "swr_requests_total{cache=\"MISS\"} 0",
+            "swr_fast_hits_total 1",
+            "swr_refresh_events_total{event=\"queued\"} 1",
+            "swr_refresh_events_total{event=\"not_storable\"} 0",
+            "swr_refused_total{reason=\"bad-host\"} 1",
+            "swr_upstream_errors_total{kind=\"timeout\"} 1",
+            "swr_route_requests_total{route=\"/a\\\"b\",cache=\"STALE\"} 1",
+            "swr_route_requests_total{route=\"/a\\\"b\",cache=\"HIT\"} 0",
+            "swr_served_age_seconds_bucket{le=\"1\"} 0",
+            "swr_served_age_seconds_bucket{le=\"5\"} 1",
+            "swr_served_age_seconds_bucket{le=\"86400\"} 2",
+            "swr_served_age_seconds_bucket{le=\"+Inf\"} 2",
+            "swr_served_age_seconds_count 2",
+            "swr_upstream_latency_seconds_bucket{le=\"0.001\"} 0",
+            "swr_cache_entries 3",
+            "swr_cache_evictions_total 4",
+        ] {
+            assert!(
+                text.lines().any(|line| line == series),
+                "{series} missing from\n{text}"
+            );
+        }
+    }
+
+    /// A route's counters outlive a reload: the same pattern finds them.
+    #[test]
+    fn a_route_keeps_its_counters() {
+        let stats = Stats::default();
+        let before = stats.route("/rank");
+        before.record(CacheStatus::Hit);
+        let after = stats.route("/rank");
+        assert!(Arc::ptr_eq(&before, &after));
+        assert_eq!(after.requests(CacheStatus::Hit), 1);
+        assert!(!Arc::ptr_eq(&before, &stats.route("/other")));
+    }
 }
