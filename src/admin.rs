@@ -2,7 +2,6 @@
 //! summary, configuration reload, and purge (hard, or soft: marked stale and refreshed by the next
 //! request, so a purge after a model release never stampedes the backend).
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +13,7 @@ use serde::Deserialize;
 
 use crate::body::ProxyBody;
 use crate::cache::CacheStatus;
-use crate::metrics::{Stats, UpstreamCause};
+use crate::metrics::{self, Stats, UpstreamCause};
 use crate::proxy::Proxy;
 
 /// Largest admin request body read.
@@ -65,14 +64,23 @@ pub async fn handle(
         (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         // Ready once the proxy listens, which happens before the admin API starts.
         (Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
-        (Method::GET, "/metrics") => {
-            let mut response = text(StatusCode::OK, &proxy.render_metrics());
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        }
+        (Method::GET, "/metrics") => match proxy.render_metrics() {
+            Ok(metrics) => {
+                let mut response = text(StatusCode::OK, &metrics);
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(metrics::CONTENT_TYPE),
+                );
+                response
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "a metric failed to encode");
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "admin: the metrics could not be encoded\n",
+                )
+            }
+        },
         (Method::GET, "/stats") => json(StatusCode::OK, &stats(&proxy)),
         (Method::POST, "/purge") => purge(&proxy, request).await,
         (Method::POST, "/reload") => match proxy.reload() {
@@ -189,7 +197,7 @@ async fn purge(proxy: &Proxy, request: Request<Incoming>) -> Response<ProxyBody>
             )
         }
     };
-    proxy.stats().purged.fetch_add(affected as u64, Relaxed);
+    proxy.stats().purged.inc_by(affected as u64);
     tracing::info!(affected, soft, "purge");
     json(
         StatusCode::OK,
@@ -244,17 +252,17 @@ fn stats(proxy: &Proxy) -> serde_json::Value {
         "evictions": store.evictions(),
         "refresh": {
             "queue_depth": proxy.refresh_queue_depth(),
-            "in_flight": s.refresh_in_flight.load(Relaxed),
-            "queued": s.refresh_queued.load(Relaxed),
-            "dropped": s.refresh_dropped.load(Relaxed),
-            "succeeded": s.refresh_succeeded.load(Relaxed),
-            "failed": s.refresh_failed.load(Relaxed),
-            "backoff": s.refresh_backoff.load(Relaxed),
+            "in_flight": s.refresh_in_flight.get(),
+            "queued": s.refresh_queued.get(),
+            "dropped": s.refresh_dropped.get(),
+            "succeeded": s.refresh_succeeded.get(),
+            "failed": s.refresh_failed.get(),
+            "backoff": s.refresh_backoff.get(),
         },
         "upstream_requests": upstream,
-        "coalesced_waiters": s.coalesced_waiters.load(Relaxed),
-        "stale_if_error": s.stale_if_error_served.load(Relaxed),
-        "purged": s.purged.load(Relaxed),
+        "coalesced_waiters": s.coalesced_waiters.get(),
+        "stale_if_error": s.stale_if_error_served.get(),
+        "purged": s.purged.get(),
         "top_keys": s
             .top_keys
             .top(10)

@@ -6,7 +6,7 @@ use std::fmt;
 use http::StatusCode;
 
 /// How the backend failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UpstreamErrorKind {
     /// Could not connect (refused, unreachable, DNS, TLS).
     Connect,

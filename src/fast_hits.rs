@@ -30,7 +30,6 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::SystemTime;
@@ -282,7 +281,7 @@ impl Direct {
 
     /// The stream for hyper, with the bytes read and not yet answered.
     fn into_prefixed(self) -> Prefixed {
-        self.proxy.stats().fast_handoffs.fetch_add(1, Relaxed);
+        self.proxy.stats().fast_handoffs.inc();
         let Direct {
             stream,
             buf,

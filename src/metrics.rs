@@ -2,20 +2,59 @@
 //! Every bypass, drop and failure is counted here under the same name its log
 //! line uses.
 //!
-//! Plain atomics rendered by hand rather than the `metrics` crate: the hit
-//! path records with one relaxed increment on a field it already knows, with
-//! no registry lookup, and the exposition format is a few lines of text.
+//! The exposition is `prometheus-client`'s: [`Stats`] registers every family
+//! once in a [`Registry`], and `/metrics` is that registry written by
+//! [`prometheus_text::encode`], the Prometheus text format 0.0.4 (counters
+//! are registered without `_total`; the encoder appends it, to the HELP and
+//! TYPE lines as well). Label sets derive `EncodeLabelSet`; label values are
+//! the enums' `as_str()`, the strings of `X-Cache`, `Cache-Status` and the
+//! logs, through `EncodeLabelValue` impls written here (the derive would
+//! write the Rust variant name, `Hit` instead of `HIT`).
+//!
+//! What is prometheus-client's own, and what is a custom metric, and why:
+//! - Counters off the hit path (bypass reasons, refusals, backend requests
+//!   and errors, refresh events, the single counters) are its `Counter`: one
+//!   relaxed `fetch_add`. A labelled one is a `Family` whose series are all
+//!   created here, once, and kept as `Counter` handles in [`Stats`], so that
+//!   recording is never a label hash and a map lookup, and every series is
+//!   exported from the start, at 0.
+//! - Gauges are its `Gauge`. Those whose values live elsewhere (the store,
+//!   the refresh queue, the backend client, the log sink: [`Gauges`]) are set
+//!   from a snapshot when `/metrics` is scraped.
+//! - What the hit path records stays [`Striped`]: answers by cache status and
+//!   by route, fast hits and the served-age histogram. Two cores answering
+//!   hits would otherwise write the same cache line on every answer; a stripe
+//!   per thread keeps them apart. These are custom metrics implementing
+//!   `EncodeMetric`, written by the same encoder. prometheus-client's own
+//!   `Histogram` is not used for the others either: its `observe` takes a
+//!   write lock.
+//! - Per-route counters are a custom metric over every route configured since
+//!   start, in first-seen order, kept across reloads: a routed hit records on
+//!   counters its rules already hold (no lookup), and the family is declared
+//!   even before a route exists, where an empty `Family` is left out.
 
 use std::fmt::Write as _;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+use prometheus_client::encoding::{
+    prometheus_text, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::cache::policy::BypassReason;
 use crate::cache::CacheStatus;
 use crate::error::{ProxyError, UpstreamErrorKind};
 
 /// Why the proxy contacted the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UpstreamCause {
     /// A miss or an expired entry (the coalesced fill).
     Miss,
@@ -45,8 +84,97 @@ impl UpstreamCause {
     }
 }
 
-/// A counter recorded on every hit, striped over cache-line-padded cells
-/// picked per thread: two cores answering hits never write the same line.
+/// What became of a background refresh (`swr_refresh_events_total{event}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum RefreshEvent {
+    Queued,
+    Dropped,
+    Succeeded,
+    Failed,
+    NotStorable,
+    Backoff,
+}
+
+impl RefreshEvent {
+    const ALL: [RefreshEvent; 6] = [
+        RefreshEvent::Queued,
+        RefreshEvent::Dropped,
+        RefreshEvent::Succeeded,
+        RefreshEvent::Failed,
+        RefreshEvent::NotStorable,
+        RefreshEvent::Backoff,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            RefreshEvent::Queued => "queued",
+            RefreshEvent::Dropped => "dropped",
+            RefreshEvent::Succeeded => "succeeded",
+            RefreshEvent::Failed => "failed",
+            RefreshEvent::NotStorable => "not_storable",
+            RefreshEvent::Backoff => "backoff",
+        }
+    }
+}
+
+/// A label value is the name `as_str()` gives, the one headers and logs use.
+macro_rules! label_value_is_as_str {
+    ($($label:ty),+) => {$(
+        impl EncodeLabelValue for $label {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+                encoder.write_str(self.as_str())
+            }
+        }
+    )+};
+}
+
+label_value_is_as_str!(
+    CacheStatus,
+    BypassReason,
+    UpstreamCause,
+    UpstreamErrorKind,
+    RefreshEvent
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CacheLabel {
+    cache: CacheStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    route: Arc<str>,
+    cache: CacheStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BypassLabel {
+    reason: BypassReason,
+}
+
+/// A [`ProxyError::REFUSALS`] detail.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CauseLabel {
+    cause: UpstreamCause,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabel {
+    kind: UpstreamErrorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EventLabel {
+    event: RefreshEvent,
+}
+
+/// Cells of a counter recorded on every hit, cache-line-padded and picked
+/// per thread: two cores answering hits never write the same line.
 #[derive(Debug, Default)]
 pub struct Striped([Padded; STRIPES]);
 
@@ -75,12 +203,75 @@ fn stripe() -> usize {
     STRIPE.with(|s| *s)
 }
 
-/// A histogram with fixed bucket bounds (seconds), Prometheus-style.
+/// An unlabelled counter on the hit path: [`Striped`] cells, shared with
+/// the registry like prometheus-client's `Counter`.
+#[derive(Debug, Clone, Default)]
+pub struct StripedCounter(Arc<Striped>);
+
+impl StripedCounter {
+    pub fn add(&self, n: u64) {
+        self.0.add(n);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+impl EncodeMetric for StripedCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// Answers by cache status: striped cells per [`CacheStatus`].
+#[derive(Debug, Default)]
+pub struct ByStatus([Striped; CacheStatus::ALL.len()]);
+
+impl ByStatus {
+    pub fn record(&self, status: CacheStatus) {
+        self.0[status.index()].add(1);
+    }
+
+    pub fn get(&self, status: CacheStatus) -> u64 {
+        self.0[status.index()].get()
+    }
+}
+
+/// `swr_requests_total`: one series per cache status, from the cells
+/// [`Stats`] records on.
 #[derive(Debug)]
-pub struct Histogram {
+struct RequestsMetric(Arc<ByStatus>);
+
+impl EncodeMetric for RequestsMetric {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        for cache in CacheStatus::ALL {
+            encoder
+                .encode_family(&CacheLabel { cache })?
+                .encode_counter::<NoLabelSet, _, u64>(&self.0.get(cache), None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// A histogram with fixed bucket bounds (seconds), its buckets striped.
+/// Cloning shares it (a handle, like prometheus-client's metrics).
+#[derive(Debug, Clone)]
+pub struct Histogram(Arc<Buckets>);
+
+#[derive(Debug)]
+struct Buckets {
     bounds: &'static [f64],
     /// Counts per bucket (not cumulative); the last is `+Inf`.
-    buckets: Box<[Striped]>,
+    counts: Box<[Striped]>,
     sum_micros: Striped,
 }
 
@@ -95,175 +286,447 @@ pub const AGE_BOUNDS: &[f64] = &[
 
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
+        Histogram(Arc::new(Buckets {
             bounds,
-            buckets: (0..=bounds.len()).map(|_| Striped::default()).collect(),
+            counts: (0..=bounds.len()).map(|_| Striped::default()).collect(),
             sum_micros: Striped::default(),
-        }
+        }))
     }
 
     pub fn observe(&self, value: Duration) {
         let secs = value.as_secs_f64();
         let index = self
+            .0
             .bounds
             .iter()
             .position(|bound| secs <= *bound)
-            .unwrap_or(self.bounds.len());
-        if let Some(bucket) = self.buckets.get(index) {
+            .unwrap_or(self.0.bounds.len());
+        if let Some(bucket) = self.0.counts.get(index) {
             bucket.add(1);
         }
-        self.sum_micros
+        self.0
+            .sum_micros
             .add(u64::try_from(value.as_micros()).unwrap_or(u64::MAX));
     }
 
     pub fn count(&self) -> u64 {
-        self.buckets.iter().map(Striped::get).sum()
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, bucket) in self.buckets.iter().enumerate() {
-            cumulative += bucket.get();
-            match self.bounds.get(i) {
-                Some(bound) => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-                }
-                None => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-                }
-            }
-        }
-        let sum = self.sum_micros.get() as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", self.count());
+        self.0.counts.iter().map(Striped::get).sum()
     }
 }
 
-/// The proxy's counters. Relaxed atomics: each is read on its own.
-#[derive(Debug)]
-pub struct Stats {
-    requests: [Striped; CacheStatus::ALL.len()],
-    bypasses: [AtomicU64; BypassReason::ALL.len()],
-    /// Requests refused before the cache looked at them, by
-    /// [`ProxyError::REFUSALS`] detail.
-    refused: [AtomicU64; ProxyError::REFUSALS.len()],
-    upstream_requests: [AtomicU64; UpstreamCause::ALL.len()],
-    upstream_errors: [AtomicU64; UpstreamErrorKind::ALL.len()],
-    pub refresh_queued: AtomicU64,
-    pub refresh_dropped: AtomicU64,
-    pub refresh_succeeded: AtomicU64,
-    pub refresh_failed: AtomicU64,
-    /// Refreshes whose backend answer may not be stored: the entry is removed.
-    pub refresh_not_storable: AtomicU64,
-    /// Refreshes running now (a gauge).
-    pub refresh_in_flight: AtomicU64,
-    /// Most refreshes ever running at once.
-    pub refresh_in_flight_max: AtomicU64,
-    /// Requests that waited on another request's fill instead of fetching.
-    pub coalesced_waiters: AtomicU64,
-    /// Answers served from a stale entry because the backend failed.
-    pub stale_if_error_served: AtomicU64,
-    /// Entries renewed by a 304 from the backend.
-    pub revalidated: AtomicU64,
-    /// Body bytes the backend did not have to send thanks to a 304.
-    pub revalidation_bytes_saved: AtomicU64,
-    /// Entries removed after a successful POST/PUT/DELETE/PATCH.
-    pub invalidations: AtomicU64,
-    /// 304 answers the cache gave to clients' conditional requests.
-    pub not_modified_served: AtomicU64,
-    /// Refreshes not queued because the key's last refresh failed recently.
-    pub refresh_backoff: AtomicU64,
-    /// Entries removed or marked stale by the admin API.
-    pub purged: AtomicU64,
-    /// Requests for keys remembered as uncacheable, sent without coalescing.
-    pub hit_for_miss: AtomicU64,
-    /// Hits answered without hyper (see [`crate::fast_hits`]).
-    pub fast_hits: Striped,
-    /// Connections the fast hit path handed to hyper.
-    pub fast_handoffs: AtomicU64,
-    /// Time from sending a request upstream to its response head.
-    pub upstream_latency: Histogram,
-    /// How long background refreshes took.
-    pub refresh_duration: Histogram,
-    /// The age of answers served from the cache.
-    pub served_age: Histogram,
-    /// The most requested keys (sampled).
-    pub top_keys: TopKeys,
-}
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        // (upper bound, count in that bucket alone); the encoder accumulates.
+        let buckets: Vec<(f64, u64)> = self
+            .0
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, count)| {
+                let bound = self.0.bounds.get(i).copied().unwrap_or(f64::INFINITY);
+                (bound, count.get())
+            })
+            .collect();
+        // The count from the same reads as the buckets, so `+Inf` and
+        // `_count` agree even while hits are recorded.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.0.sum_micros.get() as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
 
-impl Default for Stats {
-    fn default() -> Self {
-        Stats {
-            requests: Default::default(),
-            bypasses: Default::default(),
-            refused: Default::default(),
-            upstream_requests: Default::default(),
-            upstream_errors: Default::default(),
-            refresh_queued: AtomicU64::new(0),
-            refresh_dropped: AtomicU64::new(0),
-            refresh_succeeded: AtomicU64::new(0),
-            refresh_failed: AtomicU64::new(0),
-            refresh_not_storable: AtomicU64::new(0),
-            refresh_in_flight: AtomicU64::new(0),
-            refresh_in_flight_max: AtomicU64::new(0),
-            coalesced_waiters: AtomicU64::new(0),
-            stale_if_error_served: AtomicU64::new(0),
-            revalidated: AtomicU64::new(0),
-            revalidation_bytes_saved: AtomicU64::new(0),
-            invalidations: AtomicU64::new(0),
-            not_modified_served: AtomicU64::new(0),
-            refresh_backoff: AtomicU64::new(0),
-            purged: AtomicU64::new(0),
-            hit_for_miss: AtomicU64::new(0),
-            fast_hits: Striped::default(),
-            fast_handoffs: AtomicU64::new(0),
-            upstream_latency: Histogram::new(LATENCY_BOUNDS),
-            refresh_duration: Histogram::new(LATENCY_BOUNDS),
-            served_age: Histogram::new(AGE_BOUNDS),
-            top_keys: TopKeys::default(),
-        }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
 /// Answers by cache status for one route.
 #[derive(Debug)]
 pub struct RouteStats {
-    pub pattern: String,
-    requests: [Striped; CacheStatus::ALL.len()],
+    pub pattern: Arc<str>,
+    requests: ByStatus,
 }
 
 impl RouteStats {
-    pub fn new(pattern: &str) -> RouteStats {
-        RouteStats {
-            pattern: pattern.to_string(),
-            requests: Default::default(),
-        }
-    }
-
     pub fn record(&self, status: CacheStatus) {
-        self.requests[status.index()].add(1);
+        self.requests.record(status);
     }
 
     pub fn requests(&self, status: CacheStatus) -> u64 {
-        self.requests[status.index()].get()
+        self.requests.get(status)
     }
 }
 
-/// Renders `swr_route_requests_total` for these routes.
-pub fn render_routes(out: &mut String, routes: &[std::sync::Arc<RouteStats>]) {
-    let _ = writeln!(
-        out,
-        "# HELP swr_route_requests_total Answers by route and cache status.\n# TYPE swr_route_requests_total counter"
-    );
-    for route in routes {
-        let label = route.pattern.replace('\\', "\\\\").replace('"', "\\\"");
-        for status in CacheStatus::ALL {
-            let _ = writeln!(
-                out,
-                "swr_route_requests_total{{route=\"{label}\",cache=\"{}\"}} {}",
-                status.as_str(),
-                route.requests(status)
+/// `swr_route_requests_total`: every route configured since start, in the
+/// order first seen. A std `Mutex`: taken when rules are built and at a
+/// scrape, never when an answer is counted.
+#[derive(Debug, Clone, Default)]
+struct Routes(Arc<Mutex<Vec<Arc<RouteStats>>>>);
+
+impl Routes {
+    fn lock(&self) -> MutexGuard<'_, Vec<Arc<RouteStats>>> {
+        // A poisoned list is still a list: every use is one push or a read.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get_or_create(&self, pattern: &str) -> Arc<RouteStats> {
+        let mut routes = self.lock();
+        if let Some(route) = routes.iter().find(|r| &*r.pattern == pattern) {
+            return Arc::clone(route);
+        }
+        let route = Arc::new(RouteStats {
+            pattern: pattern.into(),
+            requests: ByStatus::default(),
+        });
+        routes.push(Arc::clone(&route));
+        route
+    }
+}
+
+impl EncodeMetric for Routes {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        for route in self.lock().iter() {
+            for cache in CacheStatus::ALL {
+                let labels = RouteLabels {
+                    route: Arc::clone(&route.pattern),
+                    cache,
+                };
+                encoder
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&route.requests(cache), None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// A gauge of a count (prometheus-client's default gauge is signed).
+pub type CountGauge = Gauge<u64, AtomicU64>;
+
+/// The proxy's metrics: the registry that writes them, and a handle on each
+/// series to record with (the registry holds the other handle).
+#[derive(Debug)]
+pub struct Stats {
+    /// Every family below, registered once, in the order `/metrics` lists them.
+    registry: Registry,
+    requests: Arc<ByStatus>,
+    routes: Routes,
+    bypasses: [Counter; BypassReason::ALL.len()],
+    /// Requests refused before the cache looked at them, by
+    /// [`ProxyError::REFUSALS`] detail.
+    refused: [Counter; ProxyError::REFUSALS.len()],
+    upstream_requests: [Counter; UpstreamCause::ALL.len()],
+    upstream_errors: [Counter; UpstreamErrorKind::ALL.len()],
+    pub refresh_queued: Counter,
+    pub refresh_dropped: Counter,
+    pub refresh_succeeded: Counter,
+    pub refresh_failed: Counter,
+    /// Refreshes whose backend answer may not be stored: the entry is removed.
+    pub refresh_not_storable: Counter,
+    /// Refreshes not queued because the key's last refresh failed recently.
+    pub refresh_backoff: Counter,
+    /// Refreshes running now.
+    pub refresh_in_flight: CountGauge,
+    /// Most refreshes ever running at once.
+    pub refresh_in_flight_max: CountGauge,
+    /// Requests that waited on another request's fill instead of fetching.
+    pub coalesced_waiters: Counter,
+    /// Answers served from a stale entry because the backend failed.
+    pub stale_if_error_served: Counter,
+    /// Entries renewed by a 304 from the backend.
+    pub revalidated: Counter,
+    /// Body bytes the backend did not have to send thanks to a 304.
+    pub revalidation_bytes_saved: Counter,
+    /// Entries removed after a successful POST/PUT/DELETE/PATCH.
+    pub invalidations: Counter,
+    /// 304 answers the cache gave to clients' conditional requests.
+    pub not_modified_served: Counter,
+    /// Entries removed or marked stale by the admin API.
+    pub purged: Counter,
+    /// Requests for keys remembered as uncacheable, sent without coalescing.
+    pub hit_for_miss: Counter,
+    /// Hits answered without hyper (see [`crate::fast_hits`]).
+    pub fast_hits: StripedCounter,
+    /// Connections the fast hit path handed to hyper.
+    pub fast_handoffs: Counter,
+    /// Time from sending a request upstream to its response head.
+    pub upstream_latency: Histogram,
+    /// How long background refreshes took.
+    pub refresh_duration: Histogram,
+    /// The age of answers served from the cache.
+    pub served_age: Histogram,
+    /// The most requested keys (sampled; in `/stats`, not in `/metrics`).
+    pub top_keys: TopKeys,
+    /// The [`Gauges`], as registered series, set at each scrape.
+    scraped: Scraped,
+}
+
+/// Series whose values are kept elsewhere ([`Gauges`]): copied in when
+/// `/metrics` is scraped, never recorded here.
+#[derive(Debug)]
+struct Scraped {
+    refresh_queue_depth: CountGauge,
+    entries: CountGauge,
+    bytes: CountGauge,
+    max_bytes: CountGauge,
+    /// The store's own count, so a counter set rather than incremented.
+    evictions: Counter,
+    upstream_in_flight: CountGauge,
+    vary_index_bytes: CountGauge,
+    refresh_queue_bytes: CountGauge,
+    upstream_buffered_bytes: CountGauge,
+    /// The log sink's own count, like `evictions`.
+    log_lines_dropped: Counter,
+}
+
+impl Scraped {
+    fn set(&self, gauges: Gauges) {
+        self.refresh_queue_depth.set(gauges.refresh_queue_depth);
+        self.entries.set(gauges.entries);
+        self.bytes.set(gauges.bytes);
+        self.max_bytes.set(gauges.max_bytes);
+        self.evictions.inner().store(gauges.evictions, Relaxed);
+        self.upstream_in_flight.set(gauges.upstream_in_flight);
+        self.vary_index_bytes.set(gauges.vary_index_bytes);
+        self.refresh_queue_bytes.set(gauges.refresh_queue_bytes);
+        self.upstream_buffered_bytes
+            .set(gauges.upstream_buffered_bytes);
+        self.log_lines_dropped
+            .inner()
+            .store(gauges.log_lines_dropped, Relaxed);
+    }
+}
+
+/// Registers `metric` and hands back the caller's handle on it.
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// Registers a counter family and creates each of its series once; the
+/// handles come back in the order of `labels`.
+fn family<L, const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    labels: [L; N],
+) -> [Counter; N]
+where
+    L: EncodeLabelSet + Clone + Eq + Hash + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::<L, Counter>::default();
+    let handles = labels.map(|label| family.get_or_create_owned(&label));
+    registry.register(name, help, family);
+    handles
+}
+
+// HELP texts are given without their final period: the registry adds it.
+// Counter names are given without `_total`: the encoder adds it.
+impl Default for Stats {
+    fn default() -> Self {
+        let mut r = Registry::default();
+        let requests = Arc::new(ByStatus::default());
+        r.register(
+            "swr_requests",
+            "Answers by cache status",
+            RequestsMetric(Arc::clone(&requests)),
+        );
+        let bypasses = family(
+            &mut r,
+            "swr_bypass",
+            "Answers passed through and not stored, by reason",
+            BypassReason::ALL.map(|reason| BypassLabel { reason }),
+        );
+        let refused = family(
+            &mut r,
+            "swr_refused",
+            "Requests refused before the cache looked at them (400, 414, 431), by reason",
+            ProxyError::REFUSALS.map(|reason| RefusedLabel { reason }),
+        );
+        let upstream_requests = family(
+            &mut r,
+            "swr_upstream_requests",
+            "Requests sent to the backend, by cause",
+            UpstreamCause::ALL.map(|cause| CauseLabel { cause }),
+        );
+        let upstream_errors = family(
+            &mut r,
+            "swr_upstream_errors",
+            "Backend failures, by kind",
+            UpstreamErrorKind::ALL.map(|kind| KindLabel { kind }),
+        );
+        let [refresh_queued, refresh_dropped, refresh_succeeded, refresh_failed, refresh_not_storable, refresh_backoff] =
+            family(
+                &mut r,
+                "swr_refresh_events",
+                "Background refreshes, by what happened",
+                RefreshEvent::ALL.map(|event| EventLabel { event }),
             );
+        let refresh_in_flight = register(
+            &mut r,
+            "swr_refresh_in_flight",
+            "Background refreshes running now",
+            CountGauge::default(),
+        );
+        let refresh_queue_depth = register(
+            &mut r,
+            "swr_refresh_queue_depth",
+            "Refreshes waiting for a worker",
+            CountGauge::default(),
+        );
+        let mut counter = |name: &str, help: &str| register(&mut r, name, help, Counter::default());
+        let coalesced_waiters = counter(
+            "swr_coalesced_waiters",
+            "Requests that waited on another request's fetch",
+        );
+        let stale_if_error_served = counter(
+            "swr_stale_if_error",
+            "Stale answers served because the backend failed",
+        );
+        let revalidated = counter(
+            "swr_revalidated",
+            "Entries renewed by a 304 from the backend",
+        );
+        let revalidation_bytes_saved = counter(
+            "swr_revalidation_saved_bytes",
+            "Body bytes the backend did not send thanks to a 304",
+        );
+        let invalidations = counter(
+            "swr_invalidations",
+            "Entries removed after a successful unsafe method",
+        );
+        let not_modified_served = counter(
+            "swr_not_modified",
+            "304 answers given to clients' conditional requests",
+        );
+        let purged = counter(
+            "swr_purged",
+            "Entries removed or marked stale by the admin API",
+        );
+        let hit_for_miss = counter(
+            "swr_hit_for_miss",
+            "Requests for keys remembered as uncacheable",
+        );
+        let fast_hits = register(
+            &mut r,
+            "swr_fast_hits",
+            "Hits answered without hyper (plain HTTP/1.1 GET); also counted in swr_requests_total",
+            StripedCounter::default(),
+        );
+        let fast_handoffs = register(
+            &mut r,
+            "swr_fast_hit_handoffs",
+            "Connections the fast hit path handed to hyper, at their first request it does not answer",
+            Counter::default(),
+        );
+        let mut gauge =
+            |name: &str, help: &str| register(&mut r, name, help, CountGauge::default());
+        let entries = gauge("swr_cache_entries", "Entries stored");
+        let bytes = gauge("swr_cache_bytes", "Bytes charged against --max-size");
+        let max_bytes = gauge("swr_cache_max_bytes", "The --max-size budget");
+        let evictions = register(
+            &mut r,
+            "swr_cache_evictions",
+            "Entries evicted to stay within --max-size",
+            Counter::default(),
+        );
+        let mut gauge =
+            |name: &str, help: &str| register(&mut r, name, help, CountGauge::default());
+        let upstream_in_flight = gauge(
+            "swr_upstream_in_flight",
+            "Requests to the backend in flight",
+        );
+        let refresh_in_flight_max = gauge(
+            "swr_refresh_in_flight_max",
+            "Most background refreshes ever running at once",
+        );
+        let vary_index_bytes = gauge(
+            "swr_vary_index_bytes",
+            "Bytes the Vary index is charged, within swr_cache_bytes (at most 1/16 of --max-size)",
+        );
+        let refresh_queue_bytes = gauge(
+            "swr_refresh_queue_bytes",
+            "Bytes held by refresh jobs queued or running (at most 32 MiB)",
+        );
+        let upstream_buffered_bytes = gauge(
+            "swr_upstream_buffered_bytes",
+            "Body bytes being read from the backend to store (at most --max-buffered)",
+        );
+        let log_lines_dropped = register(
+            &mut r,
+            "swr_log_lines_dropped",
+            "Log lines dropped, never waited for, because the log sink fell behind",
+            Counter::default(),
+        );
+        let upstream_latency = register(
+            &mut r,
+            "swr_upstream_latency_seconds",
+            "Time from sending a request to the backend to its response head",
+            Histogram::new(LATENCY_BOUNDS),
+        );
+        let refresh_duration = register(
+            &mut r,
+            "swr_refresh_duration_seconds",
+            "How long background refreshes took",
+            Histogram::new(LATENCY_BOUNDS),
+        );
+        let served_age = register(
+            &mut r,
+            "swr_served_age_seconds",
+            "The age of answers served from the cache",
+            Histogram::new(AGE_BOUNDS),
+        );
+        let routes = register(
+            &mut r,
+            "swr_route_requests",
+            "Answers by route and cache status",
+            Routes::default(),
+        );
+        Stats {
+            registry: r,
+            requests,
+            routes,
+            bypasses,
+            refused,
+            upstream_requests,
+            upstream_errors,
+            refresh_queued,
+            refresh_dropped,
+            refresh_succeeded,
+            refresh_failed,
+            refresh_not_storable,
+            refresh_backoff,
+            refresh_in_flight,
+            refresh_in_flight_max,
+            coalesced_waiters,
+            stale_if_error_served,
+            revalidated,
+            revalidation_bytes_saved,
+            invalidations,
+            not_modified_served,
+            purged,
+            hit_for_miss,
+            fast_hits,
+            fast_handoffs,
+            upstream_latency,
+            refresh_duration,
+            served_age,
+            top_keys: TopKeys::default(),
+            scraped: Scraped {
+                refresh_queue_depth,
+                entries,
+                bytes,
+                max_bytes,
+                evictions,
+                upstream_in_flight,
+                vary_index_bytes,
+                refresh_queue_bytes,
+                upstream_buffered_bytes,
+                log_lines_dropped,
+            },
         }
     }
 }
@@ -385,17 +848,23 @@ pub const METRIC_NAMES: &[&str] = &[
 
 impl Stats {
     pub fn record_request(&self, status: CacheStatus) {
-        self.requests[status.index()].add(1);
+        self.requests.record(status);
     }
 
     pub fn requests(&self, status: CacheStatus) -> u64 {
-        self.requests[status.index()].get()
+        self.requests.get(status)
+    }
+
+    /// The counters of the route with this pattern: the same ones for as
+    /// long as the process runs, so they survive reloads.
+    pub fn route(&self, pattern: &str) -> Arc<RouteStats> {
+        self.routes.get_or_create(pattern)
     }
 
     /// Counts a request refused with this [`ProxyError::detail`].
     pub fn record_refused(&self, detail: &str) {
         if let Some(i) = ProxyError::REFUSALS.iter().position(|d| *d == detail) {
-            self.refused[i].fetch_add(1, Relaxed);
+            self.refused[i].inc();
         }
     }
 
@@ -403,272 +872,53 @@ impl Stats {
         ProxyError::REFUSALS
             .iter()
             .position(|d| *d == detail)
-            .map_or(0, |i| self.refused[i].load(Relaxed))
+            .map_or(0, |i| self.refused[i].get())
     }
 
     pub fn record_bypass(&self, reason: BypassReason) {
-        self.bypasses[reason.index()].fetch_add(1, Relaxed);
+        self.bypasses[reason.index()].inc();
     }
 
     pub fn bypasses(&self, reason: BypassReason) -> u64 {
-        self.bypasses[reason.index()].load(Relaxed)
+        self.bypasses[reason.index()].get()
     }
 
     pub fn record_upstream_request(&self, cause: UpstreamCause) {
-        self.upstream_requests[cause as usize].fetch_add(1, Relaxed);
+        self.upstream_requests[cause as usize].inc();
     }
 
     pub fn upstream_requests(&self, cause: UpstreamCause) -> u64 {
-        self.upstream_requests[cause as usize].load(Relaxed)
+        self.upstream_requests[cause as usize].get()
     }
 
     pub fn record_upstream_error(&self, kind: UpstreamErrorKind) {
-        self.upstream_errors[kind.index()].fetch_add(1, Relaxed);
+        self.upstream_errors[kind.index()].inc();
     }
 
     pub fn upstream_errors(&self, kind: UpstreamErrorKind) -> u64 {
-        self.upstream_errors[kind.index()].load(Relaxed)
+        self.upstream_errors[kind.index()].get()
     }
 
     /// Marks a refresh as started; returns a token that marks it ended on drop.
     pub fn refresh_started(&self) -> InFlight<'_> {
-        let now = self.refresh_in_flight.fetch_add(1, Relaxed) + 1;
-        self.refresh_in_flight_max.fetch_max(now, Relaxed);
+        let now = self.refresh_in_flight.inc() + 1;
+        self.refresh_in_flight_max.inner().fetch_max(now, Relaxed);
         InFlight(&self.refresh_in_flight)
     }
 
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Relaxed)
-    }
-}
-
-impl Stats {
-    /// The Prometheus text exposition of every metric.
-    pub fn render_prometheus(&self, gauges: Gauges) -> String {
+    /// The Prometheus text (format 0.0.4) of every metric, with `gauges`
+    /// read just now. An error is a metric that failed to encode itself
+    /// (writing to a `String` cannot fail).
+    pub fn render_prometheus(&self, gauges: Gauges) -> Result<String, std::fmt::Error> {
+        self.scraped.set(gauges);
         let mut out = String::with_capacity(8192);
-        labelled_counter(
-            &mut out,
-            "swr_requests_total",
-            "Answers by cache status.",
-            "cache",
-            CacheStatus::ALL.map(|s| (s.as_str(), self.requests(s))),
-        );
-        labelled_counter(
-            &mut out,
-            "swr_bypass_total",
-            "Answers passed through and not stored, by reason.",
-            "reason",
-            BypassReason::ALL.map(|r| (r.as_str(), self.bypasses(r))),
-        );
-        labelled_counter(
-            &mut out,
-            "swr_refused_total",
-            "Requests refused before the cache looked at them (400, 414, 431), by reason.",
-            "reason",
-            ProxyError::REFUSALS.map(|d| (d, self.refused(d))),
-        );
-        labelled_counter(
-            &mut out,
-            "swr_upstream_requests_total",
-            "Requests sent to the backend, by cause.",
-            "cause",
-            UpstreamCause::ALL.map(|c| (c.as_str(), self.upstream_requests(c))),
-        );
-        labelled_counter(
-            &mut out,
-            "swr_upstream_errors_total",
-            "Backend failures, by kind.",
-            "kind",
-            UpstreamErrorKind::ALL.map(|k| (k.as_str(), self.upstream_errors(k))),
-        );
-        labelled_counter(
-            &mut out,
-            "swr_refresh_events_total",
-            "Background refreshes, by what happened.",
-            "event",
-            [
-                ("queued", &self.refresh_queued),
-                ("dropped", &self.refresh_dropped),
-                ("succeeded", &self.refresh_succeeded),
-                ("failed", &self.refresh_failed),
-                ("not_storable", &self.refresh_not_storable),
-                ("backoff", &self.refresh_backoff),
-            ]
-            .map(|(event, counter)| (event, counter.load(Relaxed))),
-        );
-        let simple: [(&str, &str, &str, u64); 22] = [
-            (
-                "swr_refresh_in_flight",
-                "gauge",
-                "Background refreshes running now.",
-                self.refresh_in_flight.load(Relaxed),
-            ),
-            (
-                "swr_refresh_queue_depth",
-                "gauge",
-                "Refreshes waiting for a worker.",
-                gauges.refresh_queue_depth,
-            ),
-            (
-                "swr_coalesced_waiters_total",
-                "counter",
-                "Requests that waited on another request's fetch.",
-                self.coalesced_waiters.load(Relaxed),
-            ),
-            (
-                "swr_stale_if_error_total",
-                "counter",
-                "Stale answers served because the backend failed.",
-                self.stale_if_error_served.load(Relaxed),
-            ),
-            (
-                "swr_revalidated_total",
-                "counter",
-                "Entries renewed by a 304 from the backend.",
-                self.revalidated.load(Relaxed),
-            ),
-            (
-                "swr_revalidation_saved_bytes_total",
-                "counter",
-                "Body bytes the backend did not send thanks to a 304.",
-                self.revalidation_bytes_saved.load(Relaxed),
-            ),
-            (
-                "swr_invalidations_total",
-                "counter",
-                "Entries removed after a successful unsafe method.",
-                self.invalidations.load(Relaxed),
-            ),
-            (
-                "swr_not_modified_total",
-                "counter",
-                "304 answers given to clients' conditional requests.",
-                self.not_modified_served.load(Relaxed),
-            ),
-            (
-                "swr_purged_total",
-                "counter",
-                "Entries removed or marked stale by the admin API.",
-                self.purged.load(Relaxed),
-            ),
-            (
-                "swr_hit_for_miss_total",
-                "counter",
-                "Requests for keys remembered as uncacheable.",
-                self.hit_for_miss.load(Relaxed),
-            ),
-            (
-                "swr_fast_hits_total",
-                "counter",
-                "Hits answered without hyper (plain HTTP/1.1 GET); also counted in swr_requests_total.",
-                self.fast_hits.get(),
-            ),
-            (
-                "swr_fast_hit_handoffs_total",
-                "counter",
-                "Connections the fast hit path handed to hyper, at their first request it does not answer.",
-                self.fast_handoffs.load(Relaxed),
-            ),
-            (
-                "swr_cache_entries",
-                "gauge",
-                "Entries stored.",
-                gauges.entries,
-            ),
-            (
-                "swr_cache_bytes",
-                "gauge",
-                "Bytes charged against --max-size.",
-                gauges.bytes,
-            ),
-            (
-                "swr_cache_max_bytes",
-                "gauge",
-                "The --max-size budget.",
-                gauges.max_bytes,
-            ),
-            (
-                "swr_cache_evictions_total",
-                "counter",
-                "Entries evicted to stay within --max-size.",
-                gauges.evictions,
-            ),
-            (
-                "swr_upstream_in_flight",
-                "gauge",
-                "Requests to the backend in flight.",
-                gauges.upstream_in_flight,
-            ),
-            (
-                "swr_refresh_in_flight_max",
-                "gauge",
-                "Most background refreshes ever running at once.",
-                self.refresh_in_flight_max.load(Relaxed),
-            ),
-            (
-                "swr_vary_index_bytes",
-                "gauge",
-                "Bytes the Vary index is charged, within swr_cache_bytes (at most 1/16 of --max-size).",
-                gauges.vary_index_bytes,
-            ),
-            (
-                "swr_refresh_queue_bytes",
-                "gauge",
-                "Bytes held by refresh jobs queued or running (at most 32 MiB).",
-                gauges.refresh_queue_bytes,
-            ),
-            (
-                "swr_upstream_buffered_bytes",
-                "gauge",
-                "Body bytes being read from the backend to store (at most --max-buffered).",
-                gauges.upstream_buffered_bytes,
-            ),
-            (
-                "swr_log_lines_dropped_total",
-                "counter",
-                "Log lines dropped, never waited for, because the log sink fell behind.",
-                gauges.log_lines_dropped,
-            ),
-        ];
-        for (name, kind, help, value) in simple {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-        self.upstream_latency.render(
-            &mut out,
-            "swr_upstream_latency_seconds",
-            "Time from sending a request to the backend to its response head.",
-        );
-        self.refresh_duration.render(
-            &mut out,
-            "swr_refresh_duration_seconds",
-            "How long background refreshes took.",
-        );
-        self.served_age.render(
-            &mut out,
-            "swr_served_age_seconds",
-            "The age of answers served from the cache.",
-        );
-        out
+        prometheus_text::encode(&mut out, &self.registry)?;
+        Ok(out)
     }
 }
 
-/// One counter family with one label: its HELP and TYPE lines, then a
-/// sample per label value.
-fn labelled_counter<const N: usize>(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    label: &str,
-    samples: [(&str, u64); N],
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (value, count) in samples {
-        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
-    }
-}
+/// The `Content-Type` of [`Stats::render_prometheus`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Decrements a shared counter when dropped.
 pub struct Decrement(pub std::sync::Arc<AtomicU64>);
@@ -680,11 +930,11 @@ impl Drop for Decrement {
 }
 
 /// Decrements a gauge when dropped.
-pub struct InFlight<'a>(&'a AtomicU64);
+pub struct InFlight<'a>(&'a CountGauge);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.0.dec();
     }
 }
 
@@ -738,5 +988,90 @@ mod tests {
             UpstreamCause::ALL.len() - 1
         );
         assert_eq!(BypassReason::Unsettled.index(), BypassReason::ALL.len() - 1);
+    }
+
+    fn render(stats: &Stats, gauges: Gauges) -> String {
+        stats.render_prometheus(gauges).expect("the metrics encode")
+    }
+
+    /// The families `/metrics` declares are exactly [`METRIC_NAMES`]:
+    /// counters keep their `_total` names, and nothing is added or lost.
+    #[test]
+    fn the_text_declares_every_metric_name() {
+        let text = render(&Stats::default(), Gauges::default());
+        let declared: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split(' ').next())
+            .collect();
+        let names: std::collections::BTreeSet<&str> = METRIC_NAMES.iter().copied().collect();
+        assert_eq!(declared, names);
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+                assert_eq!(name.ends_with("_total"), kind == "counter", "{line}");
+            }
+            if line.starts_with("# HELP ") {
+                assert!(line.ends_with('.') && !line.ends_with(".."), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn recorded_values_come_out_in_the_text() {
+        let stats = Stats::default();
+        stats.record_request(CacheStatus::Hit);
+        stats.record_request(CacheStatus::Hit);
+        stats.fast_hits.add(1);
+        stats.refresh_queued.inc();
+        stats.record_refused("bad-host");
+        stats.record_upstream_error(UpstreamErrorKind::Timeout);
+        stats.route("/a\"b").record(CacheStatus::Stale);
+        stats.served_age.observe(Duration::from_millis(1500));
+        stats.served_age.observe(Duration::from_secs(7200));
+        let text = render(
+            &stats,
+            Gauges {
+                entries: 3,
+                evictions: 4,
+                ..Gauges::default()
+            },
+        );
+        for series in [
+            "swr_requests_total{cache=\"HIT\"} 2",
+            "swr_requests_total{cache=\"MISS\"} 0",
+            "swr_fast_hits_total 1",
+            "swr_refresh_events_total{event=\"queued\"} 1",
+            "swr_refresh_events_total{event=\"not_storable\"} 0",
+            "swr_refused_total{reason=\"bad-host\"} 1",
+            "swr_upstream_errors_total{kind=\"timeout\"} 1",
+            "swr_route_requests_total{route=\"/a\\\"b\",cache=\"STALE\"} 1",
+            "swr_route_requests_total{route=\"/a\\\"b\",cache=\"HIT\"} 0",
+            "swr_served_age_seconds_bucket{le=\"1\"} 0",
+            "swr_served_age_seconds_bucket{le=\"5\"} 1",
+            "swr_served_age_seconds_bucket{le=\"86400\"} 2",
+            "swr_served_age_seconds_bucket{le=\"+Inf\"} 2",
+            "swr_served_age_seconds_count 2",
+            "swr_upstream_latency_seconds_bucket{le=\"0.001\"} 0",
+            "swr_cache_entries 3",
+            "swr_cache_evictions_total 4",
+        ] {
+            assert!(
+                text.lines().any(|line| line == series),
+                "{series} missing from\n{text}"
+            );
+        }
+    }
+
+    /// A route's counters outlive a reload: the same pattern finds them.
+    #[test]
+    fn a_route_keeps_its_counters() {
+        let stats = Stats::default();
+        let before = stats.route("/rank");
+        before.record(CacheStatus::Hit);
+        let after = stats.route("/rank");
+        assert!(Arc::ptr_eq(&before, &after));
+        assert_eq!(after.requests(CacheStatus::Hit), 1);
+        assert!(!Arc::ptr_eq(&before, &stats.route("/other")));
     }
 }

@@ -4,7 +4,6 @@
 //! `crate::refresh`'s; this file says what a job does.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,7 +126,7 @@ impl Proxy {
         now: Instant,
     ) -> RefreshDecision {
         if lock(&self.backoff).holds(hash, now) {
-            self.stats.refresh_backoff.fetch_add(1, Relaxed);
+            self.stats.refresh_backoff.inc();
             return RefreshDecision::Backoff;
         }
         let result = self.refresh.try_enqueue(hash, || RefreshRequest {
@@ -136,11 +135,11 @@ impl Proxy {
         });
         match result {
             Enqueue::Queued => {
-                self.stats.refresh_queued.fetch_add(1, Relaxed);
+                self.stats.refresh_queued.inc();
                 RefreshDecision::Queued
             }
             Enqueue::Dropped => {
-                self.stats.refresh_dropped.fetch_add(1, Relaxed);
+                self.stats.refresh_dropped.inc();
                 tracing::debug!(key = entry.key(), reason = "queue-full", "refresh dropped");
                 RefreshDecision::Dropped
             }
@@ -170,11 +169,11 @@ impl Proxy {
         }
         match fetched {
             Fetched::Stored(_) => {
-                self.stats.refresh_succeeded.fetch_add(1, Relaxed);
+                self.stats.refresh_succeeded.inc();
                 tracing::debug!(key, took_ms, "refreshed");
             }
             Fetched::Pass(passed) if policy::status_is_error(passed.status) => {
-                self.stats.refresh_failed.fetch_add(1, Relaxed);
+                self.stats.refresh_failed.inc();
                 let cause = ("refresh failed", UpstreamErrorKind::Status.as_str());
                 if let Some(suppressed) = self.failure_line(cause) {
                     tracing::warn!(
@@ -188,11 +187,11 @@ impl Proxy {
             }
             Fetched::Pass(passed) if passed.reason == BypassReason::BufferFull => {
                 // Memory was short, not the answer storable: keep the entry.
-                self.stats.refresh_failed.fetch_add(1, Relaxed);
+                self.stats.refresh_failed.inc();
             }
             Fetched::Pass(passed) => {
                 self.store.remove(job.hash, key);
-                self.stats.refresh_not_storable.fetch_add(1, Relaxed);
+                self.stats.refresh_not_storable.inc();
                 let reason = passed.reason.as_str();
                 if let Some(suppressed) = self.failure_line(("refresh not storable", reason)) {
                     tracing::info!(
@@ -209,11 +208,11 @@ impl Proxy {
                 // asked, so this says nothing of it. Dropped, like a refresh
                 // that found the queue full; the next stale answer queues
                 // another.
-                self.stats.refresh_dropped.fetch_add(1, Relaxed);
+                self.stats.refresh_dropped.inc();
                 tracing::debug!(key, took_ms, reason = "busy", "refresh dropped");
             }
             Fetched::Failed(err) => {
-                self.stats.refresh_failed.fetch_add(1, Relaxed);
+                self.stats.refresh_failed.inc();
                 if let Some(suppressed) = self.failure_line(("refresh failed", err.kind.as_str())) {
                     tracing::warn!(key, took_ms, error = %err, suppressed,
                         "refresh failed; keeping the stale entry");

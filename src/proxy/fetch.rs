@@ -4,7 +4,6 @@
 //! and storing the answer under its URL or its variant. The only place
 //! that stores a backend answer.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -300,10 +299,10 @@ impl Proxy {
                     );
                     let hash = self.keys.hash_text(stale.key());
                     self.store.insert(hash, entry.clone());
-                    self.stats.revalidated.fetch_add(1, Relaxed);
+                    self.stats.revalidated.inc();
                     self.stats
                         .revalidation_bytes_saved
-                        .fetch_add(stale.body_len() as u64, Relaxed);
+                        .inc_by(stale.body_len() as u64);
                     Fetched::Stored(entry)
                 }
                 Storability::Bypass(reason) => {

@@ -5,7 +5,6 @@
 //! `fetch.rs`'s.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -207,7 +206,7 @@ impl Proxy {
                     };
                 }
                 Fill::Follower(slot) => {
-                    self.stats.coalesced_waiters.fetch_add(1, Relaxed);
+                    self.stats.coalesced_waiters.inc();
                     match store::wait_fill(slot).await {
                         Some(FillOutcome::Stored(entry)) => {
                             if self.serves_variant(&entry, &target) {

@@ -6,7 +6,6 @@
 //! through `respond.rs`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -255,7 +254,7 @@ impl Proxy {
         let target = self.fetch_target(key, path_and_query, &parts.headers, peer, defaults, route);
         let alone = self.hit_for_miss.holds(fill_hash, now, target.facts);
         if alone {
-            self.stats.hit_for_miss.fetch_add(1, Relaxed);
+            self.stats.hit_for_miss.inc();
         }
         Next::Backend(BackendWork::Fetch(Box::new(FetchPlan {
             target,

@@ -31,7 +31,7 @@ use crate::cache::CacheStatus;
 use crate::config::{Config, ConfigError, HeadLimits};
 use crate::error::ProxyError;
 use crate::logs::{self, Cause, RateLimit, Summary, Totals};
-use crate::metrics::{Gauges, RouteStats, Stats};
+use crate::metrics::{Gauges, Stats};
 use crate::refresh::RefreshQueue;
 use crate::upstream::{BoxError, Upstream};
 
@@ -69,9 +69,6 @@ pub struct Proxy {
     config: Config,
     /// `--max-request-line` and `--max-request-headers` (fixed at start).
     limits: HeadLimits,
-    /// Per-route counters, kept across reloads (a route's counters survive
-    /// as long as its pattern does).
-    route_stats: Mutex<Vec<Arc<RouteStats>>>,
     /// What a reload can change: the routes and the caching rules. Swapped
     /// whole; the hit path reads it without a lock or a reference count.
     rules: ArcSwap<Rules>,
@@ -162,17 +159,16 @@ impl Proxy {
             // to the upstream timeout.
             config.start.upstream_timeout * 3,
         );
-        let route_stats = Mutex::new(Vec::new());
+        let stats = Stats::default();
         let proxy = Arc::new(Proxy {
-            rules: ArcSwap::from_pointee(Rules::from_config(&config, &route_stats)),
-            route_stats,
+            rules: ArcSwap::from_pointee(Rules::from_config(&config, &stats)),
             limits: HeadLimits::of(&config),
             targeted: config.start.targeted_cache_control.clone(),
             keys: KeyHasher::new(),
             store: Store::new(config.start.max_size),
             refresh,
             upstream,
-            stats: Stats::default(),
+            stats,
             backoff: Mutex::new(Backoffs::default()),
             hit_for_miss: HitForMiss::default(),
             failure_lines: RateLimit::new(FAILURE_LINE_EVERY),
@@ -260,7 +256,7 @@ impl Proxy {
         let routes = config.routes.len();
         let at_next_start = self.config.start_only_changes(&config);
         self.rules
-            .store(Arc::new(Rules::from_config(&config, &self.route_stats)));
+            .store(Arc::new(Rules::from_config(&config, &self.stats)));
         tracing::info!(file = %path, routes, "configuration reloaded");
         if !at_next_start.is_empty() {
             tracing::warn!(
@@ -274,9 +270,9 @@ impl Proxy {
         })
     }
 
-    /// The Prometheus text of every metric.
-    pub fn render_metrics(&self) -> String {
-        let mut text = self.stats.render_prometheus(Gauges {
+    /// The Prometheus text of every metric (see [`Stats::render_prometheus`]).
+    pub fn render_metrics(&self) -> Result<String, std::fmt::Error> {
+        self.stats.render_prometheus(Gauges {
             entries: self.store.entry_count(),
             bytes: self.store.weighted_size(),
             max_bytes: self.store.max_bytes(),
@@ -287,9 +283,7 @@ impl Proxy {
             vary_index_bytes: self.store.vary_bytes(),
             refresh_queue_bytes: self.refresh.bytes(),
             upstream_buffered_bytes: self.upstream.buffered(),
-        });
-        crate::metrics::render_routes(&mut text, &lock(&self.route_stats));
-        text
+        })
     }
 
     /// What the periodic summary line reports the change of.
@@ -299,9 +293,9 @@ impl Proxy {
                 .into_iter()
                 .map(|s| self.stats.requests(s))
                 .sum(),
-            refreshed: Stats::get(&self.stats.refresh_succeeded),
-            refresh_failed: Stats::get(&self.stats.refresh_failed),
-            refresh_dropped: Stats::get(&self.stats.refresh_dropped),
+            refreshed: self.stats.refresh_succeeded.get(),
+            refresh_failed: self.stats.refresh_failed.get(),
+            refresh_dropped: self.stats.refresh_dropped.get(),
             log_lines_dropped: logs::lines_dropped(),
             failure_lines_suppressed: self.failure_lines.suppressed(),
         }

@@ -2,8 +2,6 @@
 //! stored, and the invalidation an unsafe method's success causes
 //! (RFC 9111 §4.4).
 
-use std::sync::atomic::Ordering::Relaxed;
-
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::request::Parts;
@@ -118,7 +116,7 @@ impl Proxy {
             };
             let removed = self.store.remove_url(self.keys.hash_text(&text), &text);
             if removed > 0 {
-                self.stats.invalidations.fetch_add(removed as u64, Relaxed);
+                self.stats.invalidations.inc_by(removed as u64);
                 tracing::debug!(key = %text, removed, method = %parts.method, "invalidated");
             }
         }

@@ -3,7 +3,6 @@
 //! line. Every path (lookup, fill, pass, errors) ends here.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -185,7 +184,7 @@ impl Proxy {
             uri = %access.uri,
             status = response.status().as_u16(),
             cache = status.as_str(),
-            route = log.route.as_ref().map_or("-", |r| r.pattern.as_str()),
+            route = log.route.as_ref().map_or("-", |r| &*r.pattern),
             age = header(&header::AGE),
             took_us = access.started.elapsed().as_micros() as u64,
             upstream_us = response
@@ -268,7 +267,7 @@ impl Proxy {
         let now = Instant::now();
         if let Some(entry) = stale.filter(|e| policy::usable_on_error(e, now)) {
             self.stats.record_request(CacheStatus::Stale);
-            self.stats.stale_if_error_served.fetch_add(1, Relaxed);
+            self.stats.stale_if_error_served.inc();
             if let Some(suppressed) = self.failure_line(("stale-if-error", err.kind.as_str())) {
                 tracing::warn!(key = entry.key(), error = %err, suppressed,
                     "backend failed; serving stale (stale-if-error)");
@@ -369,7 +368,7 @@ impl Proxy {
         let not_modified = conditional && policy::client_not_modified(entry, &parts.headers);
         let (mut headers, body) = entry.answer(3);
         let body = if not_modified {
-            self.stats.not_modified_served.fetch_add(1, Relaxed);
+            self.stats.not_modified_served.inc();
             headers.remove(header::CONTENT_LENGTH);
             ProxyBody::empty()
         } else if parts.method == Method::HEAD {

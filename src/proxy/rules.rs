@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -18,10 +18,8 @@ use crate::cache::policy::Defaults;
 use crate::cache::vary::VariantKey;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::metrics::RouteStats;
+use crate::metrics::{RouteStats, Stats};
 use crate::routes::{Cookies, Route};
-
-use super::lock;
 
 /// The rules requests are cached by: the defaults, and the routes (first
 /// match wins), each with its own defaults.
@@ -43,7 +41,7 @@ pub(super) struct RouteInForce {
 
 impl Rules {
     /// `stats` keeps each route's counters across reloads, by pattern.
-    pub(super) fn from_config(config: &Config, stats: &Mutex<Vec<Arc<RouteStats>>>) -> Rules {
+    pub(super) fn from_config(config: &Config, stats: &Stats) -> Rules {
         let defaults = |ttl, heuristic: Option<u8>, swr, sie, mode| {
             Arc::new(Defaults {
                 ttl,
@@ -75,19 +73,10 @@ impl Rules {
                         r.stale_if_error,
                         r.cache_control,
                     );
-                    let mut known = lock(stats);
-                    let counters = match known.iter().find(|s| s.pattern == r.pattern) {
-                        Some(counters) => Arc::clone(counters),
-                        None => {
-                            let counters = Arc::new(RouteStats::new(&r.pattern));
-                            known.push(Arc::clone(&counters));
-                            counters
-                        }
-                    };
                     RouteInForce {
                         route: r.clone(),
                         defaults: lifetimes,
-                        stats: counters,
+                        stats: stats.route(&r.pattern),
                     }
                 })
                 .collect(),
