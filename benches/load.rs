@@ -892,6 +892,21 @@ fn run_wrk(addr: SocketAddr, keys: usize, duration: Duration) -> Option<WrkResul
     })
 }
 
+/// The targets in the order a round runs them: each round starts one
+/// further along, so that no target always runs first (right after the
+/// previous round's last, on a machine still settling) and an A/B pair is
+/// not always measured in the same order. An A/A run (the same binary as
+/// `swr-proxy` and `--compare`) showed the first slot of a round up to 7%
+/// behind on hits-1k with a fixed order.
+fn in_turn(kinds: &[Kind], round: usize) -> Vec<Kind> {
+    let mut order = kinds.to_vec();
+    if !order.is_empty() {
+        let by = round % order.len();
+        order.rotate_left(by);
+    }
+    order
+}
+
 /// What `wrk -t1 -c64` with the Lua `script` (and `env`) prints to stdout
 /// after `duration` against `addr`.
 pub fn wrk_output(
@@ -981,7 +996,7 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
     let mut results: HashMap<&'static str, Vec<(WrkResult, f64)>> = HashMap::new();
     let mut by_round: HashMap<(usize, &'static str), f64> = HashMap::new();
     for round in 0..options.rounds {
-        for &kind in &kinds {
+        for kind in in_turn(&kinds, round) {
             let Some(target) = start_target(kind, &origin, setup, keys, body_size).await else {
                 report.problem(format!("{name}: {} did not start", kind.name()));
                 continue;
