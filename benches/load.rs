@@ -6,11 +6,18 @@
 //! cargo bench --bench load                     # every scenario, 3 interleaved rounds of 10 s
 //! cargo bench --bench load -- --quick          # 1 round of 3 s, for a smoke run
 //! cargo bench --bench load -- --only hits-1k,herd --rounds 5
+//! cargo bench --bench load -- --only mix-1pct,mix-5pct   # keep-alive hits that meet misses
 //! cargo bench --bench load -- --only hot-1k --compare /tmp/old/swr-proxy   # A/B two builds
 //! cargo bench --bench load -- --only hot-1k --compare target/release/swr-proxy --compare-args "--threads 1"
 //! cargo bench --bench load -- --only hot-1k --wire-limit   # also the limit with swr-proxy's headers
 //! cargo bench --bench load -- --only hot-1k --raw-limit    # also the limit without hyper
 //! ```
+//!
+//! The origin answers like a real backend: every answer has an `ETag` and a
+//! `Last-Modified`. The mixes (`mix-1pct`, `mix-5pct`) send 1% or 5% of
+//! their requests, on the same keep-alive connections as the hits, to URLs
+//! never asked before; the limit answers those from memory too (a perfect
+//! cache, paying no miss).
 //!
 //! The origin and the limit server run inside this process; swr-proxy, nginx,
 //! Varnish and wrk are child processes, each stopped by PID when its run ends.
@@ -182,11 +189,15 @@ impl Origin {
         let max_in_flight = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let counters = (requests.clone(), in_flight.clone(), max_in_flight.clone());
+        let last_modified =
+            http::HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
+                .expect("an HTTP date is a header value");
         tokio::spawn(serve(
             listener,
             stopped,
             move |request: Request<Incoming>| {
                 let (requests, in_flight, max_in_flight) = counters.clone();
+                let last_modified = last_modified.clone();
                 async move {
                     requests.fetch_add(1, Ordering::Relaxed);
                     let now = in_flight.fetch_add(1, Ordering::Relaxed) + 1;
@@ -200,10 +211,16 @@ impl Origin {
                     drop(in_flight_guard);
                     let i = key_index(request.uri().path()).unwrap_or(0);
                     let mut response = Response::new(Full::new(body_for(i, body_size)));
-                    response.headers_mut().insert(
+                    let headers = response.headers_mut();
+                    headers.insert(
                         "content-type",
                         http::HeaderValue::from_static("application/octet-stream"),
                     );
+                    // Validators, as real backends send them.
+                    if let Ok(etag) = http::HeaderValue::from_str(&format!("\"k{i}\"")) {
+                        headers.insert("etag", etag);
+                    }
+                    headers.insert("last-modified", last_modified.clone());
                     if let Some(cc) = cache_control {
                         response
                             .headers_mut()
@@ -251,6 +268,14 @@ pub fn limit_map(keys: usize, body_size: usize) -> HashMap<String, Bytes> {
         .collect()
 }
 
+/// The limit's body for `path`: its key's, or for a URL never asked before
+/// (`/n/...`, the mixes) key 0's, as if a perfect cache already held every
+/// answer: the limit pays no miss.
+fn limit_body<'a>(map: &'a HashMap<String, Bytes>, path: &str) -> Option<&'a Bytes> {
+    map.get(path)
+        .or_else(|| path.starts_with("/n/").then(|| map.get("/k/0")).flatten())
+}
+
 /// What the limit answers for `path`: the body as is; with `wire`, with the
 /// headers a swr-proxy hit adds. `benches/hit.rs` measures this too.
 pub fn limit_response(
@@ -258,7 +283,7 @@ pub fn limit_response(
     path: &str,
     wire: bool,
 ) -> Response<Full<Bytes>> {
-    let Some(body) = map.get(path) else {
+    let Some(body) = limit_body(map, path) else {
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = http::StatusCode::NOT_FOUND;
         return response;
@@ -344,7 +369,7 @@ async fn raw_connection(stream: tokio::net::TcpStream, map: Arc<HashMap<String, 
             if secs != date.0 {
                 date = (secs, httpdate::fmt_http_date(now));
             }
-            let body = path.and_then(|p| map.get(p));
+            let body = path.and_then(|p| limit_body(&map, p));
             let answer = match body {
                 Some(body) => format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\ndate: {}\r\n\r\n",
@@ -868,13 +893,13 @@ struct WrkResult {
     errors: u64,
 }
 
-fn run_wrk(addr: SocketAddr, keys: usize, duration: Duration) -> Option<WrkResult> {
+fn run_wrk(addr: SocketAddr, keys: usize, new_share: f64, duration: Duration) -> Option<WrkResult> {
     let text = wrk_output(
         WRK_SCRIPT,
         addr,
         duration,
         "5s",
-        &[("KEYS", keys.to_string())],
+        &[("KEYS", keys.to_string()), ("NEW", new_share.to_string())],
     )?;
     let line = text.lines().find(|l| l.starts_with("RESULT "))?;
     let field = |name: &str| -> f64 { result_field(line, name).unwrap_or(0.0) };
@@ -978,7 +1003,16 @@ fn kinds_available() -> Vec<Kind> {
 }
 
 /// Hit throughput: every key warmed, then wrk over all keys; rounds interleaved.
-async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, body_size: usize) {
+/// Warm keep-alive traffic over `keys` keys, a `new_share` of it (0 to 1)
+/// on URLs never asked before (a miss each: the mixes).
+async fn hits(
+    report: &mut Report,
+    options: &Options,
+    name: &str,
+    keys: usize,
+    body_size: usize,
+    new_share: f64,
+) {
     let origin = Origin::start(body_size, Duration::ZERO, None).await;
     let setup = CacheSetup {
         ttl_secs: 3600,
@@ -1005,10 +1039,11 @@ async fn hits(report: &mut Report, options: &Options, name: &str, keys: usize, b
             let addr = target.addr;
             let duration = options.duration;
             let cpu_before = cpu_time(&target.pids);
-            let result = tokio::task::spawn_blocking(move || run_wrk(addr, keys, duration))
-                .await
-                .ok()
-                .flatten();
+            let result =
+                tokio::task::spawn_blocking(move || run_wrk(addr, keys, new_share, duration))
+                    .await
+                    .ok()
+                    .flatten();
             let cpu = cpu_time(&target.pids).saturating_sub(cpu_before);
             drop(target);
             check_wrk(report, name, kind.name(), result.as_ref());
@@ -1136,7 +1171,7 @@ async fn stale_storm(report: &mut Report, options: &Options) {
             origin.reset_counters();
             let addr = target.addr;
             let duration = options.duration;
-            let result = tokio::task::spawn_blocking(move || run_wrk(addr, KEYS, duration))
+            let result = tokio::task::spawn_blocking(move || run_wrk(addr, KEYS, 0.0, duration))
                 .await
                 .ok()
                 .flatten();
@@ -1391,7 +1426,7 @@ pub fn run(options: &Options) -> Report {
     let mut report = Report::default();
     runtime.block_on(async {
         if options.wants("hits-1k") {
-            hits(&mut report, options, "hits-1k", options.hit_keys, 1024).await;
+            hits(&mut report, options, "hits-1k", options.hit_keys, 1024, 0.0).await;
         }
         if options.wants("hits-64k") {
             hits(
@@ -1400,11 +1435,27 @@ pub fn run(options: &Options) -> Report {
                 "hits-64k",
                 options.hit_keys,
                 64 * 1024,
+                0.0,
             )
             .await;
         }
         if options.wants("hot-1k") {
-            hits(&mut report, options, "hot-1k", 1, 1024).await;
+            hits(&mut report, options, "hot-1k", 1, 1024, 0.0).await;
+        }
+        // Keep-alive connections that meet misses, as a load balancer's
+        // or an application's pool does: 1% and 5% of requests on new URLs.
+        for (scenario, share) in [("mix-1pct", 0.01), ("mix-5pct", 0.05)] {
+            if options.wants(scenario) {
+                hits(
+                    &mut report,
+                    options,
+                    scenario,
+                    options.hit_keys,
+                    1024,
+                    share,
+                )
+                .await;
+            }
         }
         if options.wants("stale-storm") {
             stale_storm(&mut report, options).await;

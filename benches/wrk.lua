@@ -1,6 +1,9 @@
 -- wrk script for benches/load.rs: spreads requests over KEYS keys
--- (/k/0 .. /k/KEYS-1) and prints one machine-readable RESULT line.
+-- (/k/0 .. /k/KEYS-1), a NEW share of them (0 to 1) on URLs never asked
+-- before (/n/<thread>-<n>), and prints one machine-readable RESULT line.
 local keys = tonumber(os.getenv("KEYS") or "1")
+local new_share = tonumber(os.getenv("NEW") or "0")
+local new_urls = 0
 
 function setup(thread)
   thread:set("seed", math.random(1, 1000000))
@@ -11,6 +14,10 @@ function init(args)
 end
 
 function request()
+  if new_share > 0 and math.random() < new_share then
+    new_urls = new_urls + 1
+    return wrk.format("GET", "/n/" .. seed .. "-" .. new_urls)
+  end
   return wrk.format("GET", "/k/" .. math.random(0, keys - 1))
 end
 
