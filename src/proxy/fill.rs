@@ -67,7 +67,7 @@ struct Uncacheable {
 impl HitForMiss {
     /// Whether a request with `facts` for `hash` skips coalescing at `now`.
     pub(super) fn holds(&self, hash: u64, now: Instant, facts: RequestFacts) -> bool {
-        let credentials = facts.authorization || facts.cookie;
+        let credentials = facts.has_credentials();
         lock(&self.0)
             .get(&hash)
             .is_some_and(|mark| now < mark.until && (credentials || !mark.credentials_only))
@@ -211,9 +211,7 @@ impl Proxy {
                             continue;
                         }
                         Some(FillOutcome::NotShared(reason))
-                            if reason.is_credentials()
-                                && !target.facts.authorization
-                                && !target.facts.cookie =>
+                            if reason.is_credentials() && !target.facts.has_credentials() =>
                         {
                             // The leader's answer was private to its own
                             // credentials, which this request has none of:
