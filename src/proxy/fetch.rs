@@ -56,13 +56,7 @@ impl FetchTarget {
     /// `key_headers`, or any `Vary` line of the entry): every client of the
     /// entry sent that value.
     pub(super) fn without_credentials(mut self, stale: &Entry) -> FetchTarget {
-        let varies_on = |name: &str| {
-            stale
-                .wire_headers()
-                .filter(|(field, _)| *field == b"vary")
-                .flat_map(|(_, value)| value.split(|&b| b == b','))
-                .any(|n| n.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
-        };
+        let varies_on = |name: &str| vary::stored_varies_on(stale, name);
         let keep_cookie = self.keyed_cookies || self.keyed_cookie_header || varies_on("cookie");
         let keep_authorization = self.keyed_authorization || varies_on("authorization");
         for headers in [&mut self.client_headers, &mut self.upstream_headers] {
