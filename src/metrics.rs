@@ -21,7 +21,7 @@
 //! - Gauges are its `Gauge`. Those whose values live elsewhere (the store,
 //!   the refresh queue, the backend client, the log sink: [`Gauges`]) are set
 //!   from a snapshot when `/metrics` is scraped.
-//! - What the hit path records stays [`Striped`]: answers by cache status and
+//! - What the hit path records stays `Striped`: answers by cache status and
 //!   by route, fast hits and the served-age histogram. Two cores answering
 //!   hits would otherwise write the same cache line on every answer; a stripe
 //!   per thread keeps them apart. These are custom metrics implementing
@@ -176,7 +176,7 @@ struct EventLabel {
 /// Cells of a counter recorded on every hit, cache-line-padded and picked
 /// per thread: two cores answering hits never write the same line.
 #[derive(Debug, Default)]
-pub struct Striped([Padded; STRIPES]);
+struct Striped([Padded; STRIPES]);
 
 const STRIPES: usize = 8;
 
@@ -203,7 +203,7 @@ fn stripe() -> usize {
     STRIPE.with(|s| *s)
 }
 
-/// An unlabelled counter on the hit path: [`Striped`] cells, shared with
+/// An unlabelled counter on the hit path: `Striped` cells, shared with
 /// the registry like prometheus-client's `Counter`.
 #[derive(Debug, Clone, Default)]
 pub struct StripedCounter(Arc<Striped>);
@@ -230,7 +230,7 @@ impl EncodeMetric for StripedCounter {
 
 /// Answers by cache status: striped cells per [`CacheStatus`].
 #[derive(Debug, Default)]
-pub struct ByStatus([Striped; CacheStatus::ALL.len()]);
+struct ByStatus([Striped; CacheStatus::ALL.len()]);
 
 impl ByStatus {
     pub fn record(&self, status: CacheStatus) {
@@ -276,11 +276,11 @@ struct Buckets {
 }
 
 /// Latency buckets: 1 ms to 30 s.
-pub const LATENCY_BOUNDS: &[f64] = &[
+const LATENCY_BOUNDS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 /// Served-age buckets: 1 s to 1 day.
-pub const AGE_BOUNDS: &[f64] = &[
+const AGE_BOUNDS: &[f64] = &[
     1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 86400.0,
 ];
 
