@@ -172,7 +172,7 @@ fn push_escaped(key: &mut String, bytes: &[u8], fold_case: bool) {
 
 /// The URLs whose answers vary, by the hash of the URL's key: the names
 /// they vary on and the variants stored. Records are charged like entries
-/// (see [`VaryRecord::weight`]); [`VaryIndex::bytes`] is their sum, which
+/// (see `VaryRecord::weight`); [`VaryIndex::bytes`] is their sum, which
 /// the store keeps within its share of the budget.
 #[derive(Default)]
 pub struct VaryIndex {
