@@ -1063,6 +1063,33 @@ mod tests {
         }
     }
 
+    /// Each refresh counter is the series of its own event: the handles are
+    /// taken from `RefreshEvent::ALL` by position, which a reordering would
+    /// silently swap.
+    #[test]
+    fn each_refresh_counter_is_its_own_event() {
+        let stats = Stats::default();
+        let counters = [
+            (&stats.refresh_queued, "queued"),
+            (&stats.refresh_dropped, "dropped"),
+            (&stats.refresh_succeeded, "succeeded"),
+            (&stats.refresh_failed, "failed"),
+            (&stats.refresh_not_storable, "not_storable"),
+            (&stats.refresh_backoff, "backoff"),
+        ];
+        for (n, (counter, _)) in (1..).zip(counters) {
+            counter.inc_by(n);
+        }
+        let text = render(&stats, Gauges::default());
+        for (n, (_, event)) in (1..).zip(counters) {
+            let series = format!("swr_refresh_events_total{{event=\"{event}\"}} {n}");
+            assert!(
+                text.lines().any(|line| line == series),
+                "{series} missing from\n{text}"
+            );
+        }
+    }
+
     /// A route's counters outlive a reload: the same pattern finds them.
     #[test]
     fn a_route_keeps_its_counters() {
