@@ -33,7 +33,17 @@ pub const HOST: &str = "127.0.0.1:8080";
 
 /// The path of key `i`.
 pub fn path(i: usize) -> String {
-    format!("/rank?user={i}")
+    let mut path = String::new();
+    write_path(&mut path, i);
+    path
+}
+
+/// Writes the path of key `i` into `out` (cleared first), without
+/// allocating when `out` has room.
+pub fn write_path(out: &mut String, i: usize) {
+    use std::fmt::Write as _;
+    out.clear();
+    let _ = write!(out, "/rank?user={i}");
 }
 
 /// The response every entry stores: 1 KiB and the headers a
