@@ -28,7 +28,11 @@ use super::rules::Peer;
 use super::{insert_bounded, lock, Proxy};
 
 /// How long a key whose answer could not be stored skips coalescing.
-pub(super) const HIT_FOR_MISS: Duration = Duration::from_secs(60);
+const HIT_FOR_MISS: Duration = Duration::from_secs(60);
+
+/// Coalesced fills a request takes part in before it is fetched alone
+/// ([`BypassReason::Unsettled`]).
+const FILL_ROUNDS: usize = 3;
 
 /// A fetch's result as a client's answer sees it: a backend 5xx is a
 /// failure (stale-if-error) when the stale entry may stand in for it, and
@@ -165,7 +169,7 @@ impl Proxy {
         } = plan;
         // A leader that vanished (its task panicked), or an answer stored for
         // another variant, sends a waiter round again.
-        for _attempt in 0..3 {
+        for _round in 0..FILL_ROUNDS {
             match self.store.begin_fill(fill_hash) {
                 Fill::Leader(guard) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
