@@ -994,6 +994,14 @@ mod tests {
         stats.render_prometheus(gauges).expect("the metrics encode")
     }
 
+    /// `series` (name, labels and value) is a line of `text`.
+    fn assert_series(text: &str, series: &str) {
+        assert!(
+            text.lines().any(|line| line == series),
+            "{series} missing from\n{text}"
+        );
+    }
+
     /// The families `/metrics` declares are exactly [`METRIC_NAMES`]:
     /// counters keep their `_total` names, and nothing is added or lost.
     #[test]
@@ -1056,10 +1064,7 @@ mod tests {
             "swr_cache_entries 3",
             "swr_cache_evictions_total 4",
         ] {
-            assert!(
-                text.lines().any(|line| line == series),
-                "{series} missing from\n{text}"
-            );
+            assert_series(&text, series);
         }
     }
 
@@ -1082,10 +1087,9 @@ mod tests {
         }
         let text = render(&stats, Gauges::default());
         for (n, (_, event)) in (1..).zip(counters) {
-            let series = format!("swr_refresh_events_total{{event=\"{event}\"}} {n}");
-            assert!(
-                text.lines().any(|line| line == series),
-                "{series} missing from\n{text}"
+            assert_series(
+                &text,
+                &format!("swr_refresh_events_total{{event=\"{event}\"}} {n}"),
             );
         }
     }
