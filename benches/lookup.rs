@@ -7,70 +7,26 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, HeaderValue, StatusCode};
-use swr_proxy::cache::entry::Entry;
+use http::StatusCode;
 use swr_proxy::cache::key::KeyHasher;
-use swr_proxy::cache::policy::{self, CacheControlMode, Defaults, RequestFacts, Storability};
+use swr_proxy::cache::policy::{self, RequestFacts};
 use swr_proxy::cache::store::Store;
+
+#[path = "support/stores.rs"]
+#[allow(dead_code)]
+mod stores;
 
 const KEYS: usize = 10_000;
 
-fn defaults() -> Defaults {
-    Defaults {
-        ttl: Duration::from_secs(3600),
-        stale_while_revalidate: Duration::from_secs(60),
-        stale_if_error: Duration::from_secs(300),
-        mode: CacheControlMode::Honor,
-        targeted: http::HeaderName::from_static("swr-cache-control"),
-        heuristic_percent: None,
-    }
-}
-
-/// A backend response's headers, as a recommendations backend sends them.
-fn response_headers() -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert("content-type", HeaderValue::from_static("application/json"));
-    headers.insert(
-        "cache-control",
-        HeaderValue::from_static("public, max-age=60, stale-while-revalidate=300"),
-    );
-    headers.insert("etag", HeaderValue::from_static("\"r-8f2a91\""));
-    headers.insert(
-        "date",
-        HeaderValue::from_static("Sat, 28 Nov 2026 12:00:00 GMT"),
-    );
-    headers
-}
-
 fn filled_store(keys: &KeyHasher) -> Store {
-    let store = Store::new(256 << 20);
-    let defaults = defaults();
-    let headers = response_headers();
-    let Storability::Store(lifetimes) = policy::storability(
-        StatusCode::OK,
-        &headers,
-        RequestFacts::default(),
-        Duration::ZERO,
-        std::time::SystemTime::now(),
-        &defaults,
-    ) else {
-        unreachable!("a plain 200 is storable")
-    };
+    let store = Store::new(stores::MAX_BYTES);
+    let response = stores::Response::new();
     let now = Instant::now();
     for i in 0..KEYS {
-        let path = format!("/rank?user={i}");
-        let key = keys.key("127.0.0.1:8080", &path);
-        let entry = Entry::new(
-            &key.to_text(),
-            StatusCode::OK,
-            &headers,
-            &[Bytes::from(vec![b'x'; 1024])],
-            now,
-            lifetimes,
-        );
-        store.insert(key.hash, entry);
+        let path = stores::path(i);
+        let key = keys.key(stores::HOST, &path);
+        store.insert(key.hash, response.entry(&key, now));
     }
     store
 }
@@ -78,13 +34,13 @@ fn filled_store(keys: &KeyHasher) -> Store {
 fn lookup(c: &mut Criterion) {
     let keys = KeyHasher::new();
     let store = filled_store(&keys);
-    let paths: Vec<String> = (0..KEYS).map(|i| format!("/rank?user={i}")).collect();
+    let paths: Vec<String> = (0..KEYS).map(stores::path).collect();
 
     c.bench_function("key_hash", |b| {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % KEYS;
-            black_box(keys.key(black_box("127.0.0.1:8080"), &paths[i]).hash)
+            black_box(keys.key(black_box(stores::HOST), &paths[i]).hash)
         })
     });
 
@@ -92,7 +48,7 @@ fn lookup(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 7919) % KEYS;
-            let key = keys.key("127.0.0.1:8080", &paths[i]);
+            let key = keys.key(stores::HOST, &paths[i]);
             let now = Instant::now();
             let entry = store.get(&key, now).expect("stored");
             black_box(policy::entry_state(&entry, now))
@@ -100,7 +56,7 @@ fn lookup(c: &mut Criterion) {
     });
 
     c.bench_function("hit_answer_headers", |b| {
-        let key = keys.key("127.0.0.1:8080", &paths[42]);
+        let key = keys.key(stores::HOST, &paths[42]);
         let entry = store.get(&key, Instant::now()).expect("stored");
         b.iter(|| {
             let (headers, body) = black_box(&entry).answer(3);
@@ -109,8 +65,8 @@ fn lookup(c: &mut Criterion) {
     });
 
     c.bench_function("storability", |b| {
-        let defaults = defaults();
-        let headers = response_headers();
+        let defaults = stores::defaults();
+        let headers = stores::response_headers();
         let arrival = std::time::SystemTime::now();
         b.iter(|| {
             black_box(policy::storability(
@@ -126,7 +82,7 @@ fn lookup(c: &mut Criterion) {
 
     c.bench_function("lookup_miss", |b| {
         b.iter(|| {
-            let key = keys.key("127.0.0.1:8080", black_box("/absent"));
+            let key = keys.key(stores::HOST, black_box("/absent"));
             black_box(store.get(&key, Instant::now()).is_none())
         })
     });

@@ -52,9 +52,7 @@ fn main() {
     };
     let now = Instant::now();
     for i in 0..objects {
-        use std::fmt::Write;
-        path.clear();
-        let _ = write!(path, "/rank?user={i}");
+        stores::write_path(&mut path, i);
         let key = keys.key(stores::HOST, &path);
         store.insert(&key, response.entry(&key, now));
     }

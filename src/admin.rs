@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use crate::body::ProxyBody;
+use crate::cache::vary::VariantKey;
 use crate::cache::CacheStatus;
 use crate::metrics::{self, Stats, UpstreamCause};
 use crate::proxy::Proxy;
@@ -212,12 +213,9 @@ fn strip_scheme(text: &str) -> &str {
         .unwrap_or(text)
 }
 
-/// The key itself, or one of its Vary variants (key text, newline, values).
+/// The key itself, or one of its Vary variants.
 fn is_key_or_variant(stored: &[u8], key: &str) -> bool {
-    stored == key.as_bytes()
-        || (stored.len() > key.len()
-            && stored.starts_with(key.as_bytes())
-            && stored[key.len()] == b'\n')
+    stored == key.as_bytes() || VariantKey::is_variant_of(stored, key)
 }
 
 fn stats(proxy: &Proxy) -> serde_json::Value {

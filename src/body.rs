@@ -11,7 +11,7 @@ use http_body_util::combinators::BoxBody;
 /// A response body. An enum rather than a boxed body, so a cache hit (the
 /// `Full` case) costs no allocation.
 pub enum ProxyBody {
-    /// Stored (or error) bytes, handed out at most [`FRAME`] at a time.
+    /// Stored (or error) bytes, handed out at most `FRAME` bytes at a time.
     Full(Bytes),
     Stream(BoxBody<Bytes, crate::upstream::BoxError>),
 }

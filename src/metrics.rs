@@ -21,7 +21,7 @@
 //! - Gauges are its `Gauge`. Those whose values live elsewhere (the store,
 //!   the refresh queue, the backend client, the log sink: [`Gauges`]) are set
 //!   from a snapshot when `/metrics` is scraped.
-//! - What the hit path records stays [`Striped`]: answers by cache status and
+//! - What the hit path records stays `Striped`: answers by cache status and
 //!   by route, fast hits and the served-age histogram. Two cores answering
 //!   hits would otherwise write the same cache line on every answer; a stripe
 //!   per thread keeps them apart. These are custom metrics implementing
@@ -176,7 +176,7 @@ struct EventLabel {
 /// Cells of a counter recorded on every hit, cache-line-padded and picked
 /// per thread: two cores answering hits never write the same line.
 #[derive(Debug, Default)]
-pub struct Striped([Padded; STRIPES]);
+struct Striped([Padded; STRIPES]);
 
 const STRIPES: usize = 8;
 
@@ -203,7 +203,7 @@ fn stripe() -> usize {
     STRIPE.with(|s| *s)
 }
 
-/// An unlabelled counter on the hit path: [`Striped`] cells, shared with
+/// An unlabelled counter on the hit path: `Striped` cells, shared with
 /// the registry like prometheus-client's `Counter`.
 #[derive(Debug, Clone, Default)]
 pub struct StripedCounter(Arc<Striped>);
@@ -230,7 +230,7 @@ impl EncodeMetric for StripedCounter {
 
 /// Answers by cache status: striped cells per [`CacheStatus`].
 #[derive(Debug, Default)]
-pub struct ByStatus([Striped; CacheStatus::ALL.len()]);
+struct ByStatus([Striped; CacheStatus::ALL.len()]);
 
 impl ByStatus {
     pub fn record(&self, status: CacheStatus) {
@@ -276,11 +276,11 @@ struct Buckets {
 }
 
 /// Latency buckets: 1 ms to 30 s.
-pub const LATENCY_BOUNDS: &[f64] = &[
+const LATENCY_BOUNDS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 /// Served-age buckets: 1 s to 1 day.
-pub const AGE_BOUNDS: &[f64] = &[
+const AGE_BOUNDS: &[f64] = &[
     1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 86400.0,
 ];
 
@@ -994,6 +994,14 @@ mod tests {
         stats.render_prometheus(gauges).expect("the metrics encode")
     }
 
+    /// `series` (name, labels and value) is a line of `text`.
+    fn assert_series(text: &str, series: &str) {
+        assert!(
+            text.lines().any(|line| line == series),
+            "{series} missing from\n{text}"
+        );
+    }
+
     /// The families `/metrics` declares are exactly [`METRIC_NAMES`]:
     /// counters keep their `_total` names, and nothing is added or lost.
     #[test]
@@ -1056,9 +1064,32 @@ mod tests {
             "swr_cache_entries 3",
             "swr_cache_evictions_total 4",
         ] {
-            assert!(
-                text.lines().any(|line| line == series),
-                "{series} missing from\n{text}"
+            assert_series(&text, series);
+        }
+    }
+
+    /// Each refresh counter is the series of its own event: the handles are
+    /// taken from `RefreshEvent::ALL` by position, which a reordering would
+    /// silently swap.
+    #[test]
+    fn each_refresh_counter_is_its_own_event() {
+        let stats = Stats::default();
+        let counters = [
+            (&stats.refresh_queued, "queued"),
+            (&stats.refresh_dropped, "dropped"),
+            (&stats.refresh_succeeded, "succeeded"),
+            (&stats.refresh_failed, "failed"),
+            (&stats.refresh_not_storable, "not_storable"),
+            (&stats.refresh_backoff, "backoff"),
+        ];
+        for (n, (counter, _)) in (1..).zip(counters) {
+            counter.inc_by(n);
+        }
+        let text = render(&stats, Gauges::default());
+        for (n, (_, event)) in (1..).zip(counters) {
+            assert_series(
+                &text,
+                &format!("swr_refresh_events_total{{event=\"{event}\"}} {n}"),
             );
         }
     }

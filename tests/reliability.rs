@@ -279,6 +279,14 @@ async fn a_refresh_that_gets_no_backend_slot_is_dropped_not_failed() {
         .filter(|line| line.starts_with("GET /b "))
         .count();
     assert_eq!(asked_for_b, 1, "only the fill reached the backend");
+    // Nor does it back the key off: the next stale answer is not held back.
+    assert_eq!(proxy.get("/b").await.x_cache(), "STALE");
+    assert_eq!(
+        proxy
+            .counter("swr_refresh_events_total{event=\"backoff\"}")
+            .await,
+        0
+    );
     let _ = holder.await;
 }
 

@@ -1,6 +1,7 @@
-//! What `benches/store_compare.rs` and `examples/store_memory.rs` share:
-//! the entries they store (built as the proxy builds them) and `quick_cache`
-//! set up as our [`Store`] would be replaced by it (issue 17, item 6).
+//! What `benches/store_compare.rs`, `benches/lookup.rs` and
+//! `examples/store_memory.rs` share: the entries they store (built as the
+//! proxy builds them), and `quick_cache` set up as our [`Store`] would be
+//! replaced by it (issue 17, item 6).
 //!
 //! Two ways of keying `quick_cache` are measured:
 //! - [`QcByHash`]: keyed by the request key's hash (the proxy computes it
@@ -25,7 +26,7 @@ use swr_proxy::cache::key::{KeyHasher, RequestKey};
 use swr_proxy::cache::policy::{self, CacheControlMode, Defaults, RequestFacts, Storability};
 use swr_proxy::cache::store::Store;
 
-/// The budget of every store here, as in `benches/lookup.rs`.
+/// The budget of every store here.
 pub const MAX_BYTES: u64 = 256 << 20;
 
 /// The host of every key.
@@ -33,11 +34,48 @@ pub const HOST: &str = "127.0.0.1:8080";
 
 /// The path of key `i`.
 pub fn path(i: usize) -> String {
-    format!("/rank?user={i}")
+    let mut path = String::new();
+    write_path(&mut path, i);
+    path
 }
 
-/// The response every entry stores: 1 KiB and the headers a
-/// recommendations backend sends (as in `benches/lookup.rs`).
+/// Writes the path of key `i` into `out` (cleared first), without
+/// allocating when `out` has room.
+pub fn write_path(out: &mut String, i: usize) {
+    use std::fmt::Write as _;
+    out.clear();
+    let _ = write!(out, "/rank?user={i}");
+}
+
+/// The caching rules every entry is stored by.
+pub fn defaults() -> Defaults {
+    Defaults {
+        ttl: Duration::from_secs(3600),
+        stale_while_revalidate: Duration::from_secs(60),
+        stale_if_error: Duration::from_secs(300),
+        mode: CacheControlMode::Honor,
+        targeted: http::HeaderName::from_static("swr-cache-control"),
+        heuristic_percent: None,
+    }
+}
+
+/// A backend response's headers, as a recommendations backend sends them.
+pub fn response_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.insert(
+        "cache-control",
+        HeaderValue::from_static("public, max-age=60, stale-while-revalidate=300"),
+    );
+    headers.insert("etag", HeaderValue::from_static("\"r-8f2a91\""));
+    headers.insert(
+        "date",
+        HeaderValue::from_static("Sat, 28 Nov 2026 12:00:00 GMT"),
+    );
+    headers
+}
+
+/// The response every entry stores: 1 KiB and [`response_headers`].
 pub struct Response {
     headers: HeaderMap,
     lifetimes: policy::Lifetimes,
@@ -46,25 +84,8 @@ pub struct Response {
 
 impl Response {
     pub fn new() -> Response {
-        let mut headers = HeaderMap::new();
-        headers.insert("content-type", HeaderValue::from_static("application/json"));
-        headers.insert(
-            "cache-control",
-            HeaderValue::from_static("public, max-age=60, stale-while-revalidate=300"),
-        );
-        headers.insert("etag", HeaderValue::from_static("\"r-8f2a91\""));
-        headers.insert(
-            "date",
-            HeaderValue::from_static("Sat, 28 Nov 2026 12:00:00 GMT"),
-        );
-        let defaults = Defaults {
-            ttl: Duration::from_secs(3600),
-            stale_while_revalidate: Duration::from_secs(60),
-            stale_if_error: Duration::from_secs(300),
-            mode: CacheControlMode::Honor,
-            targeted: http::HeaderName::from_static("swr-cache-control"),
-            heuristic_percent: None,
-        };
+        let headers = response_headers();
+        let defaults = defaults();
         let Storability::Store(lifetimes) = policy::storability(
             StatusCode::OK,
             &headers,

@@ -292,6 +292,12 @@ impl RequestFacts {
             cookie: headers.contains_key(header::COOKIE),
         }
     }
+
+    /// The request carried credentials (`Authorization` or a `Cookie`
+    /// that counts): what it is answered may be private to it.
+    pub fn has_credentials(self) -> bool {
+        self.authorization || self.cookie
+    }
 }
 
 /// Decides whether a response to a GET may be stored, and for how long.

@@ -1,8 +1,9 @@
-//! Vary: the key of one variant of a URL, and the index of the URLs whose
-//! answers vary. The variant key's encoding is known here only: the URL's
-//! key text, then `\nname=value` for each field the answers vary on
-//! (`value` normalised by [`vary_key`]), so that every variant of a URL
-//! starts with the URL's key and a newline, which no URL contains.
+//! Vary: what a response's (or a stored entry's) `Vary` names, the key of
+//! one variant of a URL, and the index of the URLs whose answers vary.
+//! The variant key's encoding is known here only: the URL's key text, then
+//! `\nname=value` for each field the answers vary on (`value` normalised by
+//! [`vary_key`]), so that every variant of a URL starts with the URL's key
+//! and a newline, which no URL contains.
 //!
 //! The index is the store's (it is charged to the store's byte budget and
 //! pruned against its entries); this file says what a record holds and
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use http::{header, HeaderMap, HeaderName};
 
+use super::entry::Entry;
 use super::key::BuildPassThrough;
 use super::policy::split_list_bytes;
 
@@ -97,6 +99,16 @@ pub fn vary_names(headers: &HeaderMap) -> Vary {
     Vary::Names(names)
 }
 
+/// Whether a stored entry's `Vary` fields name the request field `name`
+/// (lowercase): every client the entry answers sent the same value of it.
+pub fn stored_varies_on(entry: &Entry, name: &str) -> bool {
+    entry
+        .wire_headers()
+        .filter(|(field, _)| *field == b"vary")
+        .flat_map(|(_, value)| value.split(|&b| b == b','))
+        .any(|n| n.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+}
+
 /// The normalised values of the named request headers, as one text for the
 /// cache key: `name=value` pairs, each value its list members (across
 /// repeated fields) joined with `, `. Only what cannot change a value's
@@ -160,7 +172,7 @@ fn push_escaped(key: &mut String, bytes: &[u8], fold_case: bool) {
 
 /// The URLs whose answers vary, by the hash of the URL's key: the names
 /// they vary on and the variants stored. Records are charged like entries
-/// (see [`VaryRecord::weight`]); [`VaryIndex::bytes`] is their sum, which
+/// (see `VaryRecord::weight`); [`VaryIndex::bytes`] is their sum, which
 /// the store keeps within its share of the budget.
 #[derive(Default)]
 pub struct VaryIndex {

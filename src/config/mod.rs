@@ -1,6 +1,6 @@
-//! Configuration: every setting declared once ([`settings`]), read from
+//! Configuration: every setting declared once (`settings.rs`), read from
 //! flags (each also from `SWR_<FLAG>`) and an optional TOML file
-//! (`--config`, [`file`]) by the same parsers ([`values`]), layered flags >
+//! (`--config`, `file.rs`) by the same parsers (`values.rs`), layered flags >
 //! environment > file > defaults in [`Config::merge`], then checked by
 //! [`Config::validate`] before anything binds.
 
@@ -16,12 +16,13 @@ use serde::Deserialize;
 
 use crate::routes::Route;
 
-pub use file::{parse_file, read_file, CookiesFile, RouteFile};
+use file::read_file;
+pub use file::{parse_file, CookiesFile, RouteFile};
 pub use settings::{LiveSettings, Settings, StartSettings};
 use values::MAX_THREADS;
 pub use values::{
-    parse_cidr, parse_duration, parse_size, Listen, DEFAULT_ADMIN_LISTEN, MAX_DURATION,
-    MAX_QUEUED_REFRESHES, MAX_REFRESH_CONCURRENCY, MAX_UPSTREAM_CONCURRENCY,
+    parse_duration, parse_size, Listen, MAX_DURATION, MAX_QUEUED_REFRESHES,
+    MAX_REFRESH_CONCURRENCY, MAX_UPSTREAM_CONCURRENCY,
 };
 
 /// The command line. Without a subcommand it runs the proxy.

@@ -49,7 +49,6 @@ macro_rules! settings {
         start { $( $(#[$sm:meta])* $sname:ident : $sty:ty $(= $sdefault:expr)? ),* $(,)? }
         $(#[$live_doc:meta])*
         live { $( $(#[$lm:meta])* $lname:ident : $lty:ty $(= $ldefault:expr)? ),* $(,)? }
-        $(#[$other_doc:meta])*
         other { $( $(#[$om:meta])* $oname:ident : $oty:ty ),* $(,)? }
     ) => {
         /// The proxy's settings as one layer gives them: the command line
@@ -294,7 +293,8 @@ settings! {
         trust_forwarded: Vec<ipnet::IpNet> = Vec::new(),
     }
 
-    /// Not settings of the proxy's behaviour: where they come from.
+    // Not settings of the proxy's behaviour: where they come from. In
+    // `Settings` only, neither resolved nor compared on reload.
     other {
         /// A TOML configuration file (every flag has a file equivalent; flags win).
         #[arg(long, env = "SWR_CONFIG", value_name = "FILE")]

@@ -1,9 +1,12 @@
 //! How one setting's value is read, the same from a flag, the environment
 //! and the configuration file: durations, sizes, counts, addresses, the
-//! backend's URL. Each parser names what it expects; the file's readers
-//! (`de_*`) call the flag's parser, so a value means one thing wherever it
-//! is written. Owns no defaults and no relations between settings (those
-//! are in [`super::Config::validate`]).
+//! backend's URL. Each parser names what it expects. In the file, a value
+//! written as a string (a duration, a size, an address, a header name, the
+//! URL, a CIDR) is read by its flag's parser (`de_*`), so it means one
+//! thing wherever it is written; a count or a percentage is a TOML integer,
+//! held to its flag's bounds (`de_count`, `de_percent`). Owns no defaults
+//! and no relations between settings (those are in
+//! [`super::Config::validate`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;

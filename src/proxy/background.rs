@@ -158,21 +158,16 @@ impl Proxy {
         self.stats.refresh_duration.observe(started.elapsed());
         let took_ms = started.elapsed().as_millis() as u64;
         let key = stale.key();
-        match &fetched {
-            Fetched::Stored(_) => {
-                lock(&self.backoff).succeeded(job.hash);
-            }
-            Fetched::Pass(passed) if !policy::status_is_error(passed.status) => {}
-            // The backend was never asked.
-            Fetched::Failed(err) if err.kind == UpstreamErrorKind::Busy => {}
-            _ => lock(&self.backoff).failed(job.hash, Instant::now()),
-        }
+        // Each arm: the key's backoff (a failure of the backend backs it
+        // off, a success clears it), then the counter and the log line.
         match fetched {
             Fetched::Stored(_) => {
+                lock(&self.backoff).succeeded(job.hash);
                 self.stats.refresh_succeeded.inc();
                 tracing::debug!(key, took_ms, "refreshed");
             }
             Fetched::Pass(passed) if policy::status_is_error(passed.status) => {
+                lock(&self.backoff).failed(job.hash, Instant::now());
                 self.stats.refresh_failed.inc();
                 let cause = ("refresh failed", UpstreamErrorKind::Status.as_str());
                 if let Some(suppressed) = self.failure_line(cause) {
@@ -205,13 +200,14 @@ impl Proxy {
             }
             Fetched::Failed(err) if err.kind == UpstreamErrorKind::Busy => {
                 // No slot to the backend in time: the backend was never
-                // asked, so this says nothing of it. Dropped, like a refresh
-                // that found the queue full; the next stale answer queues
-                // another.
+                // asked, so this says nothing of it (no backoff). Dropped,
+                // like a refresh that found the queue full; the next stale
+                // answer queues another.
                 self.stats.refresh_dropped.inc();
                 tracing::debug!(key, took_ms, reason = "busy", "refresh dropped");
             }
             Fetched::Failed(err) => {
+                lock(&self.backoff).failed(job.hash, Instant::now());
                 self.stats.refresh_failed.inc();
                 if let Some(suppressed) = self.failure_line(("refresh failed", err.kind.as_str())) {
                     tracing::warn!(key, took_ms, error = %err, suppressed,

@@ -56,13 +56,7 @@ impl FetchTarget {
     /// `key_headers`, or any `Vary` line of the entry): every client of the
     /// entry sent that value.
     pub(super) fn without_credentials(mut self, stale: &Entry) -> FetchTarget {
-        let varies_on = |name: &str| {
-            stale
-                .wire_headers()
-                .filter(|(field, _)| *field == b"vary")
-                .flat_map(|(_, value)| value.split(|&b| b == b','))
-                .any(|n| n.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
-        };
+        let varies_on = |name: &str| vary::stored_varies_on(stale, name);
         let keep_cookie = self.keyed_cookies || self.keyed_cookie_header || varies_on("cookie");
         let keep_authorization = self.keyed_authorization || varies_on("authorization");
         for headers in [&mut self.client_headers, &mut self.upstream_headers] {
@@ -236,8 +230,9 @@ impl Proxy {
 
     /// Fetches a response for the cache (always a GET). With a stored entry
     /// that has validators, the request is conditional and a 304 renews the
-    /// entry. A storable answer is read whole and stored (under its variant
-    /// when it varies); one that may not be stored is handed back to stream.
+    /// entry ([`Proxy::renewed`]). A storable answer is read whole and
+    /// stored (under its variant when it varies); one that may not be stored
+    /// is handed back to stream.
     pub(super) async fn fetch(
         &self,
         target: &FetchTarget,
@@ -273,60 +268,18 @@ impl Proxy {
             Err(err) => return Fetched::Failed(err),
         };
         let status = response.status();
-        let facts = target.facts;
 
         if status == StatusCode::NOT_MODIFIED {
             let Some(stale) = stale.filter(|_| conditional) else {
                 return Fetched::Pass(self.passed(BypassReason::NotModified, response));
             };
-            let merged = stale.renewed_headers(response.headers());
-            return match policy::storability(
-                stale.status(),
-                &merged,
-                facts,
-                response_delay,
-                SystemTime::now(),
-                &target.defaults,
-            ) {
-                Storability::Store(lifetimes) => {
-                    let entry = Entry::new(
-                        stale.key(),
-                        stale.status(),
-                        &self.stored_headers(&merged),
-                        &[stale.body()],
-                        Instant::now(),
-                        lifetimes,
-                    );
-                    let hash = self.keys.hash_text(stale.key());
-                    self.store.insert(hash, entry.clone());
-                    self.stats.revalidated.inc();
-                    self.stats
-                        .revalidation_bytes_saved
-                        .inc_by(stale.body_len() as u64);
-                    Fetched::Stored(entry)
-                }
-                Storability::Bypass(reason) => {
-                    // What the backend said of the stored answer ends it;
-                    // that this client's credentials made the 304 private
-                    // says nothing about the answer stored for everyone.
-                    if !reason.is_credentials() {
-                        self.store
-                            .remove(self.keys.hash_text(stale.key()), stale.key());
-                    }
-                    Fetched::Pass(Passed {
-                        reason,
-                        status: stale.status(),
-                        headers: self.client_headers(&merged),
-                        body: ProxyBody::full(stale.body()),
-                    })
-                }
-            };
+            return self.renewed(stale, response.headers(), target, response_delay);
         }
 
         let lifetimes = match policy::storability(
             status,
             response.headers(),
-            facts,
+            target.facts,
             response_delay,
             SystemTime::now(),
             &target.defaults,
@@ -381,6 +334,61 @@ impl Proxy {
             Err(err) => {
                 self.stats.record_upstream_error(err.kind);
                 Fetched::Failed(err)
+            }
+        }
+    }
+
+    /// A 304 to the conditional fetch of `stale`: the entry renewed with
+    /// the 304's headers and stored; or, when the renewed answer may not be
+    /// stored, passed on from the stored body, and the stored entry removed
+    /// unless only this client's credentials made it private.
+    fn renewed(
+        &self,
+        stale: &Entry,
+        not_modified: &HeaderMap,
+        target: &FetchTarget,
+        response_delay: Duration,
+    ) -> Fetched {
+        let merged = stale.renewed_headers(not_modified);
+        match policy::storability(
+            stale.status(),
+            &merged,
+            target.facts,
+            response_delay,
+            SystemTime::now(),
+            &target.defaults,
+        ) {
+            Storability::Store(lifetimes) => {
+                let entry = Entry::new(
+                    stale.key(),
+                    stale.status(),
+                    &self.stored_headers(&merged),
+                    &[stale.body()],
+                    Instant::now(),
+                    lifetimes,
+                );
+                let hash = self.keys.hash_text(stale.key());
+                self.store.insert(hash, entry.clone());
+                self.stats.revalidated.inc();
+                self.stats
+                    .revalidation_bytes_saved
+                    .inc_by(stale.body_len() as u64);
+                Fetched::Stored(entry)
+            }
+            Storability::Bypass(reason) => {
+                // What the backend said of the stored answer ends it;
+                // that this client's credentials made the 304 private
+                // says nothing about the answer stored for everyone.
+                if !reason.is_credentials() {
+                    self.store
+                        .remove(self.keys.hash_text(stale.key()), stale.key());
+                }
+                Fetched::Pass(Passed {
+                    reason,
+                    status: stale.status(),
+                    headers: self.client_headers(&merged),
+                    body: ProxyBody::full(stale.body()),
+                })
             }
         }
     }

@@ -16,25 +16,23 @@ use crate::cache::entry::Entry;
 use crate::cache::policy::{self, BypassReason, RequestFacts};
 use crate::cache::store::{self, Fill, FillOutcome};
 use crate::cache::vary;
+use crate::cache::CacheStatus;
 use crate::error::{UpstreamError, UpstreamErrorKind};
 use crate::metrics::UpstreamCause;
 use crate::upstream::Priority;
 
-use super::fetch::{FetchTarget, Fetched, Passed};
+use super::fetch::{FetchTarget, Fetched};
 use super::lookup::FetchPlan;
 use super::respond::Answered;
 use super::rules::Peer;
 use super::{insert_bounded, lock, Proxy};
 
 /// How long a key whose answer could not be stored skips coalescing.
-pub(super) const HIT_FOR_MISS: Duration = Duration::from_secs(60);
+const HIT_FOR_MISS: Duration = Duration::from_secs(60);
 
-/// What the leader of a fill answers its own client with.
-pub(super) enum LeaderAnswer {
-    Stored(Entry),
-    Pass(Passed),
-    Failed(UpstreamError),
-}
+/// Coalesced fills a request takes part in before it is fetched alone
+/// ([`BypassReason::Unsettled`]).
+const FILL_ROUNDS: usize = 3;
 
 /// A fetch's result as a client's answer sees it: a backend 5xx is a
 /// failure (stale-if-error) when the stale entry may stand in for it, and
@@ -73,7 +71,7 @@ struct Uncacheable {
 impl HitForMiss {
     /// Whether a request with `facts` for `hash` skips coalescing at `now`.
     pub(super) fn holds(&self, hash: u64, now: Instant, facts: RequestFacts) -> bool {
-        let credentials = facts.authorization || facts.cookie;
+        let credentials = facts.has_credentials();
         lock(&self.0)
             .get(&hash)
             .is_some_and(|mark| now < mark.until && (credentials || !mark.credentials_only))
@@ -127,13 +125,28 @@ impl Proxy {
         } = plan;
         self.stats.record_upstream_request(UpstreamCause::Miss);
         let fetched = self.fetch(&target, stale.as_ref(), Priority::Client).await;
-        match failed_over(fetched, stale.as_ref()) {
-            Fetched::Stored(entry) => {
-                self.hit_for_miss.forget(hash);
-                self.stored_response(&entry, status, fwd, false, parts)
-            }
+        let fetched = failed_over(fetched, stale.as_ref());
+        if matches!(fetched, Fetched::Stored(_)) {
+            self.hit_for_miss.forget(hash);
+        }
+        self.own_answer(fetched, status, fwd, stale.as_ref(), head, parts)
+    }
+
+    /// The answer a client gets from a fetch made for it (its own, or the
+    /// fill it led), once [`failed_over`] has mapped the result.
+    fn own_answer(
+        &self,
+        fetched: Fetched,
+        status: CacheStatus,
+        fwd: &str,
+        stale: Option<&Entry>,
+        head: bool,
+        parts: &Parts,
+    ) -> Answered {
+        match fetched {
+            Fetched::Stored(entry) => self.stored_response(&entry, status, fwd, false, parts),
             Fetched::Pass(passed) => self.passed_response(passed, "bypass", head),
-            Fetched::Failed(err) => self.failed(err, stale.as_ref(), status, fwd, parts),
+            Fetched::Failed(err) => self.failed(err, stale, status, fwd, parts),
         }
     }
 
@@ -156,7 +169,7 @@ impl Proxy {
         } = plan;
         // A leader that vanished (its task panicked), or an answer stored for
         // another variant, sends a waiter round again.
-        for _attempt in 0..3 {
+        for _round in 0..FILL_ROUNDS {
             match self.store.begin_fill(fill_hash) {
                 Fill::Leader(guard) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -170,40 +183,25 @@ impl Proxy {
                         let fetched = proxy
                             .fetch(&target, fallback.as_ref(), Priority::Client)
                             .await;
-                        let (outcome, answer) = match failed_over(fetched, fallback.as_ref()) {
-                            Fetched::Stored(entry) => (
-                                FillOutcome::Stored(entry.clone()),
-                                LeaderAnswer::Stored(entry),
-                            ),
+                        let fetched = failed_over(fetched, fallback.as_ref());
+                        let outcome = match &fetched {
+                            Fetched::Stored(entry) => FillOutcome::Stored(entry.clone()),
                             Fetched::Pass(passed) => {
                                 proxy.hit_for_miss.remember(
                                     fill_hash,
                                     passed.reason,
                                     Instant::now(),
                                 );
-                                (
-                                    FillOutcome::NotShared(passed.reason),
-                                    LeaderAnswer::Pass(passed),
-                                )
+                                FillOutcome::NotShared(passed.reason)
                             }
-                            Fetched::Failed(err) => {
-                                (FillOutcome::Failed(err.clone()), LeaderAnswer::Failed(err))
-                            }
+                            Fetched::Failed(err) => FillOutcome::Failed(err.clone()),
                         };
                         guard.complete(outcome);
                         // The leader's client may have gone away; nothing to do then.
-                        let _ = tx.send(answer);
+                        let _ = tx.send(fetched);
                     });
-                    let Ok(answer) = rx.await else { continue };
-                    return match answer {
-                        LeaderAnswer::Stored(entry) => {
-                            self.stored_response(&entry, status, fwd, false, parts)
-                        }
-                        LeaderAnswer::Pass(passed) => self.passed_response(passed, "bypass", head),
-                        LeaderAnswer::Failed(err) => {
-                            self.failed(err, stale.as_ref(), status, fwd, parts)
-                        }
-                    };
+                    let Ok(fetched) = rx.await else { continue };
+                    return self.own_answer(fetched, status, fwd, stale.as_ref(), head, parts);
                 }
                 Fill::Follower(slot) => {
                     self.stats.coalesced_waiters.inc();
@@ -217,9 +215,7 @@ impl Proxy {
                             continue;
                         }
                         Some(FillOutcome::NotShared(reason))
-                            if reason.is_credentials()
-                                && !target.facts.authorization
-                                && !target.facts.cookie =>
+                            if reason.is_credentials() && !target.facts.has_credentials() =>
                         {
                             // The leader's answer was private to its own
                             // credentials, which this request has none of:

@@ -21,7 +21,6 @@ use crate::error::ProxyError;
 use crate::routes::{Route, ShapedKey};
 
 use super::fetch::FetchTarget;
-use super::respond::small_number;
 use super::respond::Answered;
 use super::rules::{
     lowercase, request_host, route_headers, variant_text, Peer, RouteInForce, Rules,
@@ -312,16 +311,6 @@ impl Proxy {
         let target =
             || self.fetch_target(key, path_and_query, &headers(), peer, defaults, route_rules);
         let refresh = stale.then(|| self.queue_refresh(key.hash, &entry, target, now));
-        let (status, cache_status) = self.at_once(&entry, refresh, now);
-        if let Some(r) = route {
-            r.stats.record(status);
-        }
-        let age = self.served(&entry, now);
-        Some(FastHit {
-            status,
-            age: small_number(age.as_secs()),
-            cache_status,
-            entry,
-        })
+        Some(self.fast_answer(entry, refresh, route.map(|r| &*r.stats), now))
     }
 }

@@ -151,12 +151,12 @@ impl Proxy {
             config.start.upstream_concurrency,
             config.start.max_buffered,
         )?;
-        // A claim that outlives two upstream timeouts belongs to a stuck fetch.
         let (refresh, workers) = RefreshQueue::new(
             config.start.refresh_queue,
             REFRESH_QUEUE_BYTES,
-            // A refresh can wait for a slot, a head and a body, each up
-            // to the upstream timeout.
+            // A claim's age limit: a refresh can wait for a slot, a head and
+            // a body, each up to the upstream timeout; one older than that
+            // belongs to a stuck fetch.
             config.start.upstream_timeout * 3,
         );
         let stats = Stats::default();

@@ -21,9 +21,10 @@ use crate::metrics::RouteStats;
 
 use super::background::RefreshDecision;
 use super::fetch::Passed;
+use super::lookup::FastHit;
 use super::Proxy;
 
-pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// An answer as this module made it: the response, and the cache status it
 /// was counted under and sent as `X-Cache`. The per-route counters take the
@@ -50,7 +51,7 @@ pub(super) struct AccessLine {
 /// How long an answer waited on the backend (a fetch, a pass, or another
 /// client's fetch it was coalesced with), for the access log.
 #[derive(Debug, Clone, Copy)]
-pub struct UpstreamTime(pub Duration);
+struct UpstreamTime(Duration);
 
 pub(super) async fn upstream_timed(
     answer: impl std::future::Future<Output = Answered>,
@@ -65,10 +66,10 @@ pub(super) async fn upstream_timed(
 }
 
 /// Values up to this are served from a table built once, not formatted per answer.
-pub(super) const TABLE_SIZE: u64 = 4096;
+const TABLE_SIZE: u64 = 4096;
 
 /// A header value for a small number (`Age`), from a table when it can.
-pub(super) fn small_number(n: u64) -> HeaderValue {
+fn small_number(n: u64) -> HeaderValue {
     static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
     let table = TABLE.get_or_init(|| {
         (0..TABLE_SIZE)
@@ -82,7 +83,7 @@ pub(super) fn small_number(n: u64) -> HeaderValue {
 }
 
 /// The `Cache-Status` parameters of a fresh hit with `ttl` seconds left.
-pub(super) fn hit_field(ttl: i64) -> StatusField<'static> {
+fn hit_field(ttl: i64) -> StatusField<'static> {
     StatusField {
         hit: true,
         ttl: Some(ttl),
@@ -91,7 +92,7 @@ pub(super) fn hit_field(ttl: i64) -> StatusField<'static> {
 }
 
 /// `Cache-Status` of a fresh hit with `ttl` seconds left.
-pub(super) fn hit_cache_status(ttl: i64) -> HeaderValue {
+fn hit_cache_status(ttl: i64) -> HeaderValue {
     static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
     let table = TABLE.get_or_init(|| {
         (0..TABLE_SIZE)
@@ -107,7 +108,7 @@ pub(super) fn hit_cache_status(ttl: i64) -> HeaderValue {
 /// A header value for a table built once and kept for the life of the
 /// process. A static value is cloned without touching a shared reference
 /// count, which every core would otherwise contend on when one key is hot.
-pub(super) fn static_value(text: String) -> HeaderValue {
+fn static_value(text: String) -> HeaderValue {
     let text: &'static str = text.leak();
     HeaderValue::from_str(text)
         .map(|_| HeaderValue::from_static(text))
@@ -140,6 +141,30 @@ impl Proxy {
         };
         self.stats.record_request(answer.0);
         answer
+    }
+
+    /// The fast path's answer from `entry` (see [`Proxy::fast_hit`]),
+    /// counted as [`Proxy::at_once`] counts it and for its `route` (hyper's
+    /// path counts the route in [`Proxy::log_answer`]), with the `Age` and
+    /// `Cache-Status` values [`crate::fast_hits`] writes.
+    pub(super) fn fast_answer(
+        &self,
+        entry: Entry,
+        refresh: Option<RefreshDecision>,
+        route: Option<&RouteStats>,
+        now: Instant,
+    ) -> FastHit {
+        let (status, cache_status) = self.at_once(&entry, refresh, now);
+        if let Some(route) = route {
+            route.record(status);
+        }
+        let age = self.served(&entry, now);
+        FastHit {
+            status,
+            age: small_number(age.as_secs()),
+            cache_status,
+            entry,
+        }
     }
 
     /// The answer to a refused request, counted by its reason.
@@ -316,7 +341,7 @@ impl Proxy {
 
     /// An error answer, counted: the status for the error, a one-line body
     /// naming the cause.
-    pub(super) fn error_response(
+    fn error_response(
         &self,
         err: &ProxyError,
         status: CacheStatus,
@@ -345,7 +370,7 @@ impl Proxy {
 
     /// Records an answer from `entry` (its age, its key among the top keys)
     /// and returns its age.
-    pub(super) fn served(&self, entry: &Entry, now: Instant) -> Duration {
+    fn served(&self, entry: &Entry, now: Instant) -> Duration {
         let age = entry.age(now);
         self.stats.served_age.observe(age);
         self.stats.top_keys.record(entry.key());

@@ -219,10 +219,11 @@ pub(super) fn request_host(parts: &Parts) -> Result<&str, ProxyError> {
     }
 }
 
-pub(super) fn lowercase(host: &str) -> std::borrow::Cow<'_, str> {
+/// A host as the key has it: lowercase, copied only when it is not already.
+pub(super) fn lowercase(host: &str) -> Cow<'_, str> {
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+        Cow::Owned(host.to_ascii_lowercase())
     } else {
-        std::borrow::Cow::Borrowed(host)
+        Cow::Borrowed(host)
     }
 }
