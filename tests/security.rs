@@ -905,3 +905,112 @@ async fn a_refresh_keeps_a_field_named_in_any_vary_line() {
         "the refresh of alice's variant went without her cookie: it refreshes another variant"
     );
 }
+
+// ---------------------------------------------------------------------
+// Review of 088055c..8a8ffdf and 1051d62 (attack worktree): findings,
+// each a failing test before its fix.
+// ---------------------------------------------------------------------
+
+/// Which backend request made an answer (the raw backend's body is
+/// `<path> #<n>`, n counting its requests): the values of `name` it carried.
+fn made_with(backend: &RawBackend, answer: &support::raw::RawAnswer, name: &str) -> Vec<String> {
+    let text = answer.text();
+    let n: usize = text
+        .rsplit('#')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("not a backend body: {text:?}"));
+    backend.seen()[n - 1].headers(name)
+}
+
+/// The values of a keyed field (a `Vary` name, a route's `key_headers`)
+/// were merged when a backend can tell them apart: a trailing comma, an
+/// empty second field line. The backend is sent the client's bytes as they
+/// are, so the answer to `x-tenant: acme,` was stored under the key of
+/// `x-tenant: acme` and served to every acme client.
+#[tokio::test]
+async fn keyed_values_a_backend_tells_apart_never_share_a_key() {
+    let backend = RawBackend::start().await;
+    backend.answer_with(&["cache-control: max-age=60", "vary: x-tenant"]);
+    let file = TempFile::new("[[route]]\npath = \"/keyed\"\nkey_headers = [\"x-tenant\"]\n");
+    let proxy = TestProxy::start_for(&backend.url(), &["--config", file.path()]).await;
+    let attacks = [
+        "x-tenant: acme,\r\n",
+        "x-tenant: ,acme\r\n",
+        "x-tenant: acme\r\nx-tenant:\r\n",
+    ];
+    for (i, attack) in attacks.iter().enumerate() {
+        for base in ["/vary", "/keyed"] {
+            let path = format!("{base}/{i}");
+            let first = exchange(proxy.addr, &get(&path, "h", attack)).await;
+            assert_eq!(first.header("x-cache").as_deref(), Some("MISS"));
+            let victim = exchange(proxy.addr, &get(&path, "h", "x-tenant: acme\r\n")).await;
+            assert_eq!(victim.status, 200);
+            assert_eq!(
+                made_with(&backend, &victim, "x-tenant"),
+                ["acme"],
+                "{path}: `x-tenant: acme` was served the answer made for {attack:?} ({})",
+                victim.header("x-cache").unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// A `Vary` line that is not plain ASCII cannot be matched; it was
+/// skipped, and the answer stored as if it did not vary on what it names:
+/// alice's answer, which the backend said varies on her cookie (and was
+/// shareable as such), was served to bob.
+#[tokio::test]
+async fn a_vary_the_cache_cannot_read_is_never_shared() {
+    let backend = RawBackend::start().await;
+    let proxy = TestProxy::start_for(&backend.url(), &[]).await;
+    let cases: [&[&str]; 2] = [
+        &["vary: cookie, x-caf\u{e9}"],
+        &["vary: accept-encoding", "vary: x-caf\u{e9}, cookie"],
+    ];
+    for (i, vary) in cases.iter().enumerate() {
+        let mut lines = vec!["cache-control: public, max-age=60"];
+        lines.extend_from_slice(vary);
+        backend.answer_with(&lines);
+        let path = format!("/unreadable-vary/{i}");
+        let alice = exchange(proxy.addr, &get(&path, "h", "cookie: s=alice\r\n")).await;
+        assert_eq!(alice.status, 200);
+        let bob = exchange(proxy.addr, &get(&path, "h", "cookie: s=bob\r\n")).await;
+        assert_eq!(bob.status, 200);
+        assert_eq!(
+            made_with(&backend, &bob, "cookie"),
+            ["s=bob"],
+            "{vary:?}: bob was served alice's answer ({})",
+            bob.header("x-cache").unwrap_or_default()
+        );
+    }
+}
+
+/// `targeted_cache_control` is read at start: a reload that changes it says
+/// so ("at next start"), yet the reloaded rules read the new field while
+/// answers still hide the old one. The field the backend writes for this
+/// proxy (`swr-cache-control: no-store`) stopped counting, and its
+/// `Cache-Control: public` answer was stored and shared.
+#[tokio::test]
+async fn a_reload_keeps_the_targeted_field_it_started_with() {
+    let backend = RawBackend::start().await;
+    backend.answer_with(&[
+        "cache-control: public, max-age=60",
+        "swr-cache-control: no-store",
+    ]);
+    let file = TempFile::new("ttl = \"10s\"\n");
+    let proxy = TestProxy::start_for(&backend.url(), &["--config", file.path()]).await;
+    let before = exchange(proxy.addr, &get("/targeted/before", "h", "")).await;
+    assert_eq!(before.header("x-cache").as_deref(), Some("BYPASS"));
+    file.write("ttl = \"10s\"\ntargeted_cache_control = \"x-edge-control\"\n");
+    let reloaded = proxy.proxy.reload().expect("the file reloads");
+    assert_eq!(reloaded.at_next_start, ["targeted_cache_control"]);
+    for _ in 0..2 {
+        let after = exchange(proxy.addr, &get("/targeted/after", "h", "")).await;
+        assert_eq!(
+            after.header("x-cache").as_deref(),
+            Some("BYPASS"),
+            "after the reload, swr-cache-control: no-store no longer counted"
+        );
+    }
+}
