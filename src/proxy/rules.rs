@@ -41,14 +41,17 @@ pub(super) struct RouteInForce {
 
 impl Rules {
     /// `stats` keeps each route's counters across reloads, by pattern.
-    pub(super) fn from_config(config: &Config, stats: &Stats) -> Rules {
+    /// `targeted` is the field targeted at this proxy as it started: a
+    /// start setting, which a reload does not change (the answers' headers
+    /// hide the one the proxy started with; the rules read the same one).
+    pub(super) fn from_config(config: &Config, stats: &Stats, targeted: &HeaderName) -> Rules {
         let defaults = |ttl, heuristic: Option<u8>, swr, sie, mode| {
             Arc::new(Defaults {
                 ttl,
                 stale_while_revalidate: swr,
                 stale_if_error: sie,
                 mode,
-                targeted: config.start.targeted_cache_control.clone(),
+                targeted: targeted.clone(),
                 heuristic_percent: heuristic
                     .or_else(|| Defaults::default_heuristic(ttl))
                     .filter(|&p| p > 0),
