@@ -70,7 +70,10 @@ pub fn answers(
 /// What a response's `Vary` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Vary {
-    /// `Vary: *`: no later request can be known to match.
+    /// `Vary: *`, or a `Vary` the cache cannot read (a line that is not
+    /// visible ASCII, a member that is not a field name): no later request
+    /// can be known to match. Skipping what cannot be read would store the
+    /// answer as if it did not vary on it (on `Cookie`, say) and share it.
     Star,
     /// The request header names it varies on, lowercase, deduplicated and
     /// sorted; empty when it does not vary.
@@ -81,15 +84,18 @@ pub enum Vary {
 pub fn vary_names(headers: &HeaderMap) -> Vary {
     let mut names: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::VARY) {
-        let Ok(text) = value.to_str() else { continue };
+        let Ok(text) = value.to_str() else {
+            return Vary::Star;
+        };
         for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if name == "*" {
                 return Vary::Star;
             }
-            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                if !names.contains(&name) {
-                    names.push(name);
-                }
+            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                return Vary::Star;
+            };
+            if !names.contains(&name) {
+                names.push(name);
             }
         }
     }
@@ -340,6 +346,20 @@ mod tests {
         assert_ne!(raw(b"acme\xe8"), raw(b"acme\xe9"));
         assert_ne!(raw(b"acme%E8"), raw(b"acme\xe8"));
         assert_eq!(vary_names(&headers(&[("vary", "*")])), Vary::Star);
+        // What cannot be read cannot be matched.
+        for unreadable in ["cookie, x/tenant", "cookie, \"x\""] {
+            assert_eq!(
+                vary_names(&headers(&[("vary", "accept"), ("vary", unreadable)])),
+                Vary::Star,
+                "{unreadable}"
+            );
+        }
+        let mut h = headers(&[("vary", "accept")]);
+        h.append(
+            "vary",
+            http::HeaderValue::from_bytes(b"cookie, x-caf\xe9").unwrap(),
+        );
+        assert_eq!(vary_names(&h), Vary::Star);
     }
 
     #[test]
