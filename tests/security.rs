@@ -640,6 +640,18 @@ mod differential {
                 Just("Content-Length: 0\r\n"),
                 Just("Expect: 100-continue\r\n"),
                 Just("Accept: text/plain\r\n"),
+                Just("Cookie: a=1\r\nCookie: b=2\r\n"),
+                Just("Connection: keep-alive, close\r\n"),
+                Just("Transfer-Encoding: identity\r\n"),
+                Just("Pragma: no-cache\r\n"),
+                Just("X-Tenant: a,\r\n"),
+                Just("Host: shop.example.\r\n"),
+                Just("If-Match: *\r\n"),
+                Just("Upgrade: h2c\r\n"),
+                Just("TE: trailers\r\n"),
+                Just("Keep-Alive: timeout=5\r\n"),
+                Just("X-Empty:\r\n"),
+                Just("X-Obs: caf\u{e9}\r\n"),
             ],
             0..4,
         )
@@ -654,6 +666,15 @@ mod differential {
             Just("/app.js".to_string()),
             "/[a-z]{1,8}",
             Just(format!("/warm?{}", "q".repeat(9000))),
+            Just("/warm#frag".to_string()),
+            Just("/warm?".to_string()),
+            Just("//warm".to_string()),
+            Just("/warm/".to_string()),
+            Just("/%77arm".to_string()),
+            Just("/warm?x=%zz".to_string()),
+            Just("/w\u{e9}".to_string()),
+            Just("*".to_string()),
+            Just("http://shop.example/warm".to_string()),
         ]
     }
 
@@ -675,7 +696,7 @@ mod differential {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
         #[test]
         fn the_fast_path_answers_as_hyper_does(
             target in target(),
