@@ -1125,3 +1125,38 @@ async fn route_patterns_cannot_write_metric_lines() {
     let escaped = "route=\"/m\\\"} 1\\nswr_injected_total 7\\n#\\\\\"";
     assert!(text.contains(escaped), "{text}");
 }
+
+/// A `bypass` route (or any route) is chosen by the request path as
+/// written, while a backend routes on the decoded path: `%61` is `a`
+/// (RFC 3986 §6.2.2.2: percent-encoded unreserved characters are the
+/// characters). `/%61ccount` missed the `/account` bypass route, and the
+/// account page, fetched with the client's credentials and marked
+/// shareable by a backend that marks everything so (the reason for the
+/// bypass route), was stored for everyone who asks for `/%61ccount`.
+#[tokio::test]
+async fn routes_match_percent_encoded_unreserved_characters() {
+    let backend = RawBackend::start().await;
+    backend.answer_with(&["cache-control: max-age=60, must-revalidate"]);
+    let file = TempFile::new("[[route]]\npath = \"/account\"\nbypass = true\n");
+    for proxy in both_paths(&backend, &["--config", file.path()]).await {
+        for path in ["/%61ccount", "/%61%63count/me", "/acc%6Funt"] {
+            let victim = exchange(
+                proxy.addr,
+                &get(path, "h", "authorization: Bearer alice\r\n"),
+            )
+            .await;
+            assert_eq!(victim.status, 200);
+            let status = victim.header("cache-status").unwrap_or_default();
+            assert!(
+                status.contains("detail=route"),
+                "{path} missed the bypass route: {status}"
+            );
+            let attacker = exchange(proxy.addr, &get(path, "h", "")).await;
+            assert_ne!(
+                attacker.header("x-cache").as_deref(),
+                Some("HIT"),
+                "{path}: alice's account page was served to another client"
+            );
+        }
+    }
+}
