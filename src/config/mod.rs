@@ -281,9 +281,11 @@ impl Config {
         self.start.changes(&other.start)
     }
 
-    /// The route for a request path: the first that matches.
+    /// The route for a request path: the first that matches (as the
+    /// proxy matches them: [`crate::routes::route_path`]).
     pub fn route_for(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(path))
+        let path = crate::routes::route_path(path);
+        self.routes.iter().find(|r| r.matches(&path))
     }
 }
 

@@ -19,7 +19,7 @@ use crate::cache::vary::VariantKey;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::{RouteStats, Stats};
-use crate::routes::{Cookies, Route};
+use crate::routes::{route_path, Cookies, Route};
 
 /// The rules requests are cached by: the defaults, and the routes (first
 /// match wins), each with its own defaults.
@@ -98,12 +98,14 @@ impl Rules {
         Peer { addr, trusted }
     }
 
-    /// The route a request path takes (first match), if any.
+    /// The route a request path takes (first match), if any, matched as
+    /// a backend reads the path ([`route_path`]).
     pub(super) fn route_for(&self, path: &str) -> Option<&RouteInForce> {
         if self.routes.is_empty() {
             return None;
         }
-        self.routes.iter().find(|r| r.route.matches(path))
+        let path = route_path(path);
+        self.routes.iter().find(|r| r.route.matches(&path))
     }
 }
 
