@@ -3,6 +3,7 @@
 //! configuration loads, so matching a request allocates nothing. Built and
 //! validated by `config.rs`; read by the proxy's rules.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -75,6 +76,41 @@ impl PathMatcher {
             PathMatcher::Glob(glob) => glob.matches(path),
         }
     }
+}
+
+/// A request path as routes match it: percent-encoded unreserved
+/// characters decoded (`%61` is `a`: RFC 3986 §6.2.2.2), as a backend
+/// decodes them before it routes. Otherwise `/%61ccount` would miss the
+/// `/account` route (a `bypass`, say) and reach the backend's `/account`.
+/// Other escapes (`%2F`, `%25`, non-ASCII bytes) are left as they are.
+pub fn route_path(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes.get(i..i + 3) {
+            Some([b'%', hi, lo]) if hi.is_ascii_hexdigit() && lo.is_ascii_hexdigit() => {
+                let hex = |d: u8| char::from(d).to_digit(16).unwrap_or(0) as u8;
+                Some(hex(*hi) << 4 | hex(*lo))
+            }
+            _ => None,
+        };
+        match escaped {
+            Some(b) if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => {
+                out.push(b);
+                i += 3;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    // Only `%XX` (ASCII) became ASCII bytes: still UTF-8.
+    String::from_utf8(out).map_or(Cow::Borrowed(path), Cow::Owned)
 }
 
 /// What a route does with a request's `Cookie`.
@@ -207,6 +243,25 @@ mod tests {
         assert!(!glob("ab*ba", "aba"), "the ends may not overlap");
         assert!(glob("exact", "exact"));
         assert!(!glob("exact", "exactly"));
+    }
+
+    #[test]
+    fn routes_see_unreserved_characters_decoded() {
+        assert_eq!(route_path("/account"), "/account");
+        assert_eq!(route_path("/%61ccount"), "/account");
+        assert_eq!(route_path("/%41%7e%2D%5f%2e%30"), "/A~-_.0");
+        for kept in [
+            "/a%2Fb",
+            "/a%25",
+            "/a%",
+            "/a%6",
+            "/a%zz",
+            "/a%+6",
+            "/caf%C3%A9",
+        ] {
+            assert_eq!(route_path(kept), kept);
+        }
+        assert_eq!(route_path("/é%61"), "/éa");
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Vary: what a response's (or a stored entry's) `Vary` names, the key of
 //! one variant of a URL, and the index of the URLs whose answers vary.
 //! The variant key's encoding is known here only: the URL's key text, then
-//! `\nname=value` for each field the answers vary on (`value` normalised by
-//! [`vary_key`]), so that every variant of a URL starts with the URL's key
-//! and a newline, which no URL contains.
+//! `\nname=value` for each field the answers vary on (`value` as
+//! [`vary_key`] writes it), so that every variant of a URL starts with the
+//! URL's key and a newline, which no URL contains.
 //!
 //! The index is the store's (it is charged to the store's byte budget and
 //! pruned against its entries); this file says what a record holds and
@@ -72,7 +72,10 @@ pub fn answers(
 /// What a response's `Vary` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Vary {
-    /// `Vary: *`: no later request can be known to match.
+    /// `Vary: *`, or a `Vary` the cache cannot read (a line that is not
+    /// visible ASCII, a member that is not a field name): no later request
+    /// can be known to match. Skipping what cannot be read would store the
+    /// answer as if it did not vary on it (on `Cookie`, say) and share it.
     Star,
     /// The request header names it varies on, lowercase, deduplicated and
     /// sorted; empty when it does not vary.
@@ -83,15 +86,18 @@ pub enum Vary {
 pub fn vary_names(headers: &HeaderMap) -> Vary {
     let mut names: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::VARY) {
-        let Ok(text) = value.to_str() else { continue };
+        let Ok(text) = value.to_str() else {
+            return Vary::Star;
+        };
         for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if name == "*" {
                 return Vary::Star;
             }
-            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                if !names.contains(&name) {
-                    names.push(name);
-                }
+            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                return Vary::Star;
+            };
+            if !names.contains(&name) {
+                names.push(name);
             }
         }
     }
@@ -109,23 +115,42 @@ pub fn stored_varies_on(entry: &Entry, name: &str) -> bool {
         .any(|n| n.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
 }
 
-/// The normalised values of the named request headers, as one text for the
-/// cache key: `name=value` pairs, each value its list members (across
-/// repeated fields) joined with `, `. Only what cannot change a value's
-/// meaning is normalised: white space around members (RFC 9110 §5.6.1),
-/// and the case of fields whose tokens are case-insensitive (`Accept*`).
-/// White space inside a member is kept, and a byte that is not printable
-/// ASCII is written as `%XX`, so that two values a backend may tell apart
-/// never share a key.
+/// The values of the named request headers, as one text for the cache
+/// key: `\nname=value` for each name the request carries, `\nname` alone
+/// for one it does not (a field sent empty is not a field left out). The
+/// key must tell apart every two requests a backend may answer
+/// differently, since the backend is sent the fields as the client wrote
+/// them:
+/// - the `Accept*` fields are lists of case-insensitive tokens (RFC 9110
+///   §12.5): their members across repeated fields, trimmed (§5.6.1),
+///   empty ones left out, lowercased, joined with `, `;
+/// - any other field is not known to be a list (`x-tenant: acme,` is not
+///   `acme` to every backend, nor are two field lines one line joined with
+///   a comma): each field line's bytes as sent, joined with `, `, a comma
+///   inside a line written `%2C`.
+///
+/// A byte that is not printable ASCII, and `%`, is written as `%XX`.
 pub fn vary_key(names: &[HeaderName], request: &HeaderMap) -> String {
     let mut key = String::new();
     for name in names {
         key.push('\n');
         key.push_str(name.as_str());
+        let mut lines = request.get_all(name).iter().peekable();
+        if lines.peek().is_none() {
+            continue;
+        }
         key.push('=');
-        let fold_case = CASE_INSENSITIVE_VALUES.contains(&name.as_str());
+        let list = LIST_VALUES.contains(&name.as_str());
         let mut first = true;
-        for value in request.get_all(name) {
+        for value in lines {
+            if !list {
+                if !first {
+                    key.push_str(", ");
+                }
+                first = false;
+                push_escaped(&mut key, value.as_bytes(), false, true);
+                continue;
+            }
             for member in split_list_bytes(value.as_bytes()) {
                 let member = member.trim_ascii();
                 if member.is_empty() {
@@ -135,16 +160,17 @@ pub fn vary_key(names: &[HeaderName], request: &HeaderMap) -> String {
                     key.push_str(", ");
                 }
                 first = false;
-                push_escaped(&mut key, member, fold_case);
+                push_escaped(&mut key, member, true, false);
             }
         }
     }
     key
 }
 
-/// Request fields whose values are case-insensitive tokens (content
-/// codings, media types, language tags, charsets: RFC 9110 §12.5).
-const CASE_INSENSITIVE_VALUES: [&str; 4] = [
+/// Request fields whose values are lists of case-insensitive tokens
+/// (content codings, media types, language tags, charsets: RFC 9110
+/// §12.5): keyed by their members, whatever the white space and case.
+const LIST_VALUES: [&str; 4] = [
     "accept",
     "accept-charset",
     "accept-encoding",
@@ -152,10 +178,11 @@ const CASE_INSENSITIVE_VALUES: [&str; 4] = [
 ];
 
 /// Appends `bytes`: printable ASCII as it is (lowercase with `fold_case`),
-/// `%` and anything else as `%XX`.
-fn push_escaped(key: &mut String, bytes: &[u8], fold_case: bool) {
+/// `%`, a comma with `comma`, and anything else as `%XX`.
+fn push_escaped(key: &mut String, bytes: &[u8], fold_case: bool, comma: bool) {
     for &b in bytes {
         match b {
+            b',' if comma => key.push_str("%2C"),
             b' '..=b'~' if b != b'%' => {
                 key.push(char::from(if fold_case {
                     b.to_ascii_lowercase()
@@ -343,6 +370,36 @@ mod tests {
             tenant("a b"),
             "white space inside a value is kept"
         );
+        // Only the Accept* lists are read as lists: a field not known to
+        // be one keeps its commas, its empty lines, and its lines apart.
+        let lines = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-tenant", HeaderValue::from_static(v));
+            }
+            vary_key(&names, &h)
+        };
+        let acme = lines(&["acme"]);
+        for other in [
+            &["acme,"][..],
+            &[",acme"],
+            &["acme", ""],
+            &["", "acme"],
+            &["acme%2C"],
+        ] {
+            assert_ne!(lines(other), acme, "{other:?}");
+        }
+        assert_ne!(lines(&["a", "b"]), lines(&["a, b"]));
+        assert_ne!(lines(&[""]), lines(&[]), "sent empty is not left out");
+        let encodings = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("accept-encoding", HeaderValue::from_static(v));
+            }
+            vary_key(&names, &h)
+        };
+        assert_eq!(encodings(&["gzip", "br"]), encodings(&["gzip, br,"]));
+        assert_ne!(encodings(&[""]), encodings(&[]), "identity only is not any");
         // Bytes that are not UTF-8 keep their identity.
         let raw = |bytes: &'static [u8]| {
             let mut h = HeaderMap::new();
@@ -352,6 +409,20 @@ mod tests {
         assert_ne!(raw(b"acme\xe8"), raw(b"acme\xe9"));
         assert_ne!(raw(b"acme%E8"), raw(b"acme\xe8"));
         assert_eq!(vary_names(&headers(&[("vary", "*")])), Vary::Star);
+        // What cannot be read cannot be matched.
+        for unreadable in ["cookie, x/tenant", "cookie, \"x\""] {
+            assert_eq!(
+                vary_names(&headers(&[("vary", "accept"), ("vary", unreadable)])),
+                Vary::Star,
+                "{unreadable}"
+            );
+        }
+        let mut h = headers(&[("vary", "accept")]);
+        h.append(
+            "vary",
+            http::HeaderValue::from_bytes(b"cookie, x-caf\xe9").unwrap(),
+        );
+        assert_eq!(vary_names(&h), Vary::Star);
     }
 
     #[test]

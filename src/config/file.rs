@@ -136,6 +136,18 @@ pub(super) fn validate_route(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // swr-proxy writes X-Forwarded-For itself, from each client's address
+    // (appended to a trusted peer's): the key could only hold what the
+    // client sent, not what the backend answers for, and one client's
+    // answer would be shared with every client sending the same (none).
+    if let Some(name) = key_headers.iter().find(|n| *n == "x-forwarded-for") {
+        return Err(ConfigError(format!(
+            "{} = {:?} in the config file: swr-proxy sets {name} per client (its address), \
+             so a key cannot hold it; an answer for each client address is not shared",
+            at("key_headers"),
+            name.as_str()
+        )));
+    }
     let cookies = match &route.cookies {
         None => Cookies::Private,
         Some(CookiesFile::Mode(mode)) if mode == "private" => Cookies::Private,

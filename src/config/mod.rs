@@ -282,16 +282,21 @@ impl Config {
         self.start.changes(&other.start)
     }
 
-    /// The route for a request path: the first that matches.
+    /// The route for a request path: the first that matches (as the
+    /// proxy matches them: [`crate::routes::route_path`]).
     pub fn route_for(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(path))
+        let path = crate::routes::route_path(path);
+        self.routes.iter().find(|r| r.matches(&path))
     }
 }
 
 /// The admin token: `--admin-token`, else `--admin-token-file`, else the
 /// file's `admin_token` or `admin_token_file`. A token and a token file
 /// given together are an error, as is an empty or unreadable token file.
+/// An empty token is no token given (`SWR_ADMIN_TOKEN=` in a service's
+/// environment, say): it never hides the file's.
 fn admin_token(flags: &Settings, file: &Settings) -> Result<Option<String>, ConfigError> {
+    let given = |token: &Option<String>| token.clone().filter(|t| !t.is_empty());
     let read = |path: &Path, name: &str| {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{name} {}: cannot read: {e}", path.display())))?;
@@ -304,17 +309,17 @@ fn admin_token(flags: &Settings, file: &Settings) -> Result<Option<String>, Conf
         }
         Ok(Some(token))
     };
-    match (&flags.admin_token, &flags.admin_token_file) {
+    match (given(&flags.admin_token), &flags.admin_token_file) {
         (Some(_), Some(_)) => Err(ConfigError(
             "--admin-token and --admin-token-file: give one of them".into(),
         )),
-        (Some(token), None) => Ok(Some(token.clone()).filter(|t| !t.is_empty())),
+        (Some(token), None) => Ok(Some(token)),
         (None, Some(path)) => read(path, "--admin-token-file"),
-        (None, None) => match (&file.admin_token, &file.admin_token_file) {
+        (None, None) => match (given(&file.admin_token), &file.admin_token_file) {
             (Some(_), Some(_)) => Err(ConfigError(
                 "admin_token and admin_token_file in the config file: give one of them".into(),
             )),
-            (Some(token), None) => Ok(Some(token.clone()).filter(|t| !t.is_empty())),
+            (Some(token), None) => Ok(Some(token)),
             (None, Some(path)) => read(path, "admin_token_file"),
             (None, None) => Ok(None),
         },

@@ -161,7 +161,11 @@ impl Proxy {
         );
         let stats = Stats::default();
         let proxy = Arc::new(Proxy {
-            rules: ArcSwap::from_pointee(Rules::from_config(&config, &stats)),
+            rules: ArcSwap::from_pointee(Rules::from_config(
+                &config,
+                &stats,
+                &config.start.targeted_cache_control,
+            )),
             limits: HeadLimits::of(&config),
             targeted: config.start.targeted_cache_control.clone(),
             keys: KeyHasher::new(),
@@ -255,8 +259,13 @@ impl Proxy {
             .unwrap_or_default();
         let routes = config.routes.len();
         let at_next_start = self.config.start_only_changes(&config);
-        self.rules
-            .store(Arc::new(Rules::from_config(&config, &self.stats)));
+        // Start settings keep their running values (`at_next_start` names
+        // those the file changed): the rules are built with this proxy's.
+        self.rules.store(Arc::new(Rules::from_config(
+            &config,
+            &self.stats,
+            &self.targeted,
+        )));
         tracing::info!(file = %path, routes, "configuration reloaded");
         if !at_next_start.is_empty() {
             tracing::warn!(

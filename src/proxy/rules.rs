@@ -19,7 +19,7 @@ use crate::cache::vary::VariantKey;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::{RouteStats, Stats};
-use crate::routes::{Cookies, Route};
+use crate::routes::{route_path, Cookies, Route};
 
 /// The rules requests are cached by: the defaults, and the routes (first
 /// match wins), each with its own defaults.
@@ -41,14 +41,17 @@ pub(super) struct RouteInForce {
 
 impl Rules {
     /// `stats` keeps each route's counters across reloads, by pattern.
-    pub(super) fn from_config(config: &Config, stats: &Stats) -> Rules {
+    /// `targeted` is the field targeted at this proxy as it started: a
+    /// start setting, which a reload does not change (the answers' headers
+    /// hide the one the proxy started with; the rules read the same one).
+    pub(super) fn from_config(config: &Config, stats: &Stats, targeted: &HeaderName) -> Rules {
         let defaults = |ttl, heuristic: Option<u8>, swr, sie, mode| {
             Arc::new(Defaults {
                 ttl,
                 stale_while_revalidate: swr,
                 stale_if_error: sie,
                 mode,
-                targeted: config.start.targeted_cache_control.clone(),
+                targeted: targeted.clone(),
                 heuristic_percent: heuristic
                     .or_else(|| Defaults::default_heuristic(ttl))
                     .filter(|&p| p > 0),
@@ -95,12 +98,14 @@ impl Rules {
         Peer { addr, trusted }
     }
 
-    /// The route a request path takes (first match), if any.
+    /// The route a request path takes (first match), if any, matched as
+    /// a backend reads the path ([`route_path`]).
     pub(super) fn route_for(&self, path: &str) -> Option<&RouteInForce> {
         if self.routes.is_empty() {
             return None;
         }
-        self.routes.iter().find(|r| r.route.matches(path))
+        let path = route_path(path);
+        self.routes.iter().find(|r| r.route.matches(&path))
     }
 }
 
