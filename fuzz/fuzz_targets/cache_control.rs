@@ -21,12 +21,12 @@ use bytes::Bytes;
 use http::{HeaderName, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use swr_proxy::cache::entry::Entry;
-use swr_proxy::cache::vary::vary_names;
 use swr_proxy::cache::policy::{
-    self, age_value, omitted_fields, storability, CacheControl, CacheControlMode,
-    Defaults, EntryState, RequestDirectives, RequestFacts, Storability, KEEP_FOR_REVALIDATION,
-    MAX_AGE, MAX_LIFETIME,
+    self, age_value, omitted_fields, storability, CacheControl, CacheControlMode, Defaults,
+    EntryState, RequestDirectives, RequestFacts, Storability, KEEP_FOR_REVALIDATION, MAX_AGE,
+    MAX_LIFETIME,
 };
+use swr_proxy::cache::vary::{vary_names, Vary};
 use swr_proxy_fuzz::{fields, header_map, take_number};
 
 /// Configured lifetimes to pick from: `parse_duration` accepts up to
@@ -86,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
         .iter()
         .all(|n| n.as_str() == n.as_str().to_ascii_lowercase()));
     assert!(age_value(&response) <= MAX_AGE);
-    if let Ok(names) = vary_names(&response) {
+    if let Vary::Names(names) = vary_names(&response) {
         assert!(
             names.windows(2).all(|w| w[0].as_str() < w[1].as_str()),
             "{names:?}"
