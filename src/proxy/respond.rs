@@ -147,6 +147,7 @@ impl Proxy {
     /// counted as [`Proxy::at_once`] counts it and for its `route` (hyper's
     /// path counts the route in [`Proxy::log_answer`]), with the `Age` and
     /// `Cache-Status` values [`crate::fast_hits`] writes.
+    #[inline]
     pub(super) fn fast_answer(
         &self,
         entry: Entry,
