@@ -1,5 +1,6 @@
-//! Plain HTTP/1.1 cache hits answered straight from the socket; every other
-//! request handed to hyper with its connection.
+//! Plain HTTP/1.1 `GET`s answered straight from the socket: hits from the
+//! entry, the rest with hyper's path's own answer; every other request
+//! handed to hyper with its connection.
 //!
 //! A hit is a lookup and one write, and on this path what hyper does
 //! per request (a header map for the request and one for the answer, the
@@ -10,21 +11,32 @@
 //! its entry is answered with the entry's stored head and body in one
 //! `writev`.
 //!
+//! A plain `GET` the cache cannot answer at once (a miss, a pass, a route
+//! that shapes the key, ...) is answered by [`Proxy::handle`], the function
+//! hyper's service calls, with the request hyper would give it. When that
+//! answer's body is in one piece and hyper would frame it by its length
+//! (a stored or buffered answer, a local error), it is written here as
+//! hyper writes it ([`write_response`]) and the connection stays here: a
+//! keep-alive connection that meets a miss keeps its fast hits
+//! (BENCHMARKS.md, "Keep-alive hits that meet misses"). An answer that
+//! streams, or whose head hyper must frame (204, 304, `Connection`, ...),
+//! goes to hyper with the connection and the request's bytes: hyper reads
+//! the request again and answers it with that answer ([`Early`]), so the
+//! backend is never asked twice.
+//!
 //! The first request that is anything else goes to hyper, with the bytes
 //! read so far, and hyper serves the connection from then on: another
 //! method, HTTP/1.0, a body (`Content-Length`, `Transfer-Encoding`),
 //! `Expect`, `Upgrade`, `Connection` other than `keep-alive`, a conditional
 //! or range, no `Host`, a second one or one that is not a `host[:port]`
 //! (hyper's path answers those 400), a head httparse rejects or longer than
-//! [`MAX_HEAD`], HTTP/2's preface, and every request the cache cannot answer
-//! at once from the URL's entry, fresh or stale ([`Proxy::fast_hit`]; a
-//! stale answer queues its refresh as hyper's path does). So this module
-//! reads no request body and decides nothing about an ambiguous request:
-//! the requests it answers carry no body, and a request it declines costs
-//! only the fast path, never the answer.
+//! [`MAX_HEAD`], HTTP/2's preface. So this module reads no request body and
+//! decides nothing about an ambiguous request: the requests it answers
+//! carry no body, and a request it declines costs only the fast path, never
+//! the answer.
 //!
 //! A connection stays with hyper once handed over (hyper owns it from
-//! then on): a client whose first request is a miss is served by hyper.
+//! then on).
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -36,13 +48,15 @@ use std::time::SystemTime;
 
 use crate::server::ClientStream;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::Empty;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::body::ProxyBody;
 use crate::cache::key::{valid_host, valid_target};
 use crate::config::HeadLimits;
 use crate::connections::{Busy, Control, Graceful};
-use crate::proxy::{FastHit, Proxy};
+use crate::proxy::{self, FastHit, Proxy};
 use crate::upstream::BoxError;
 
 /// The read buffer a connection starts with.
@@ -68,7 +82,7 @@ enum State<C> {
 
 impl<F, C> FastConnection<F, C>
 where
-    F: FnOnce(Prefixed) -> C,
+    F: FnOnce(Prefixed, Option<Early>) -> C,
 {
     /// Serves hits on `stream` for `proxy`, each counted on `control` as a
     /// request in progress until its answer is written.
@@ -92,6 +106,7 @@ where
                 body: Bytes::new(),
                 sent: 0,
                 busy: None,
+                waiting: None,
             })),
             handoff: Some(handoff),
             shutting_down: false,
@@ -101,10 +116,13 @@ where
     /// Hands `stream` to hyper at once.
     pub fn hyper_only(stream: ClientStream, handoff: F) -> FastConnection<F, C> {
         FastConnection {
-            state: State::Hyper(Box::pin(handoff(Prefixed {
-                prefix: Bytes::new(),
-                stream,
-            }))),
+            state: State::Hyper(Box::pin(handoff(
+                Prefixed {
+                    prefix: Bytes::new(),
+                    stream,
+                },
+                None,
+            ))),
             handoff: None,
             shutting_down: false,
         }
@@ -113,7 +131,7 @@ where
 
 impl<F, C, E> Future for FastConnection<F, C>
 where
-    F: FnOnce(Prefixed) -> C + Unpin,
+    F: FnOnce(Prefixed, Option<Early>) -> C + Unpin,
     C: Future<Output = Result<(), E>> + Graceful,
     E: Into<BoxError>,
 {
@@ -132,13 +150,14 @@ where
                         this.state = State::Done;
                         return Poll::Ready(Err(err.into()));
                     }
-                    Ok(Step::Hyper) => {
+                    Ok(Step::Hyper(early)) => {
                         let state = std::mem::replace(&mut this.state, State::Done);
                         let (State::Direct(direct), Some(handoff)) = (state, this.handoff.take())
                         else {
                             return Poll::Ready(Ok(()));
                         };
-                        this.state = State::Hyper(Box::pin(handoff((*direct).into_prefixed())));
+                        let connection = handoff((*direct).into_prefixed(), early);
+                        this.state = State::Hyper(Box::pin(connection));
                     }
                 },
                 State::Hyper(connection) => {
@@ -171,13 +190,15 @@ where
 enum Step {
     /// The client closed the connection, or shutdown asked to.
     Close,
-    /// A request hyper must serve.
-    Hyper,
+    /// A request hyper must serve, and its answer when hyper's path gave
+    /// it already (see [`Early`]).
+    Hyper(Option<Early>),
 }
 
 /// What the next buffered request is.
 enum Parsed {
-    /// A hit, whose answer is ready to write.
+    /// A hit, whose answer is ready to write, or a request whose answer is
+    /// on its way (`Direct::waiting`).
     Answered,
     /// Its head has not all arrived.
     Partial,
@@ -199,13 +220,38 @@ struct Direct {
     head: Vec<u8>,
     body: Bytes,
     sent: usize,
-    /// Held while an answer is being written.
+    /// Held from a request's head to the end of its answer's write.
     busy: Option<Busy>,
+    /// The answer hyper's path is making for the request at `start`, and
+    /// that request's length.
+    waiting: Option<Waiting>,
 }
 
 impl Direct {
     fn poll(&mut self, cx: &mut Context<'_>, shutting_down: bool) -> Poll<io::Result<Step>> {
         loop {
+            if let Some(waiting) = &mut self.waiting {
+                let response = ready!(Pin::new(&mut waiting.answer).poll(cx));
+                let Some(Waiting { len, target, .. }) = self.waiting.take() else {
+                    continue;
+                };
+                match write_response(&mut self.head, &response) {
+                    Some(body) => {
+                        self.body = body;
+                        self.start += len;
+                    }
+                    None => {
+                        // The request stays in the buffer for hyper to read
+                        // again; its answer goes with it.
+                        let early = self.busy.take().map(|busy| Early {
+                            response,
+                            busy,
+                            target,
+                        });
+                        return Poll::Ready(Ok(Step::Hyper(early)));
+                    }
+                }
+            }
             if self.busy.is_some() {
                 ready!(self.poll_write(cx))?;
                 self.busy = None;
@@ -220,7 +266,7 @@ impl Direct {
                 match self.next_request() {
                     Parsed::Answered => continue,
                     Parsed::Partial => {}
-                    Parsed::Hyper => return Poll::Ready(Ok(Step::Hyper)),
+                    Parsed::Hyper => return Poll::Ready(Ok(Step::Hyper(None))),
                 }
             }
             if self.start > 0 {
@@ -230,7 +276,7 @@ impl Direct {
             }
             if self.filled == self.buf.len() {
                 if self.buf.len() >= MAX_HEAD {
-                    return Poll::Ready(Ok(Step::Hyper));
+                    return Poll::Ready(Ok(Step::Hyper(None)));
                 }
                 self.buf.resize(MAX_HEAD, 0);
             }
@@ -245,7 +291,8 @@ impl Direct {
         }
     }
 
-    /// Parses the next buffered request and, for a hit, prepares its answer.
+    /// Parses the next buffered request and, for a hit, prepares its
+    /// answer; for another plain `GET`, starts hyper's path's answer.
     fn next_request(&mut self) -> Parsed {
         let bytes = &self.buf[self.start..self.filled];
         match answer(&self.proxy, bytes, self.peer, &mut self.head) {
@@ -253,6 +300,19 @@ impl Direct {
                 self.busy = Some(self.control.begin());
                 self.body = body;
                 self.start += len;
+                Parsed::Answered
+            }
+            Answer::Later {
+                len,
+                target,
+                answer,
+            } => {
+                self.busy = Some(self.control.begin());
+                self.waiting = Some(Waiting {
+                    answer,
+                    len,
+                    target,
+                });
                 Parsed::Answered
             }
             Answer::Partial => Parsed::Partial,
@@ -296,23 +356,65 @@ impl Direct {
     }
 }
 
+/// A request whose answer hyper's path is making.
+struct Waiting {
+    answer: proxy::Answer,
+    /// The request's length in the buffer, and its target.
+    len: usize,
+    target: Box<str>,
+}
+
 /// What [`answer`] makes of the bytes at the start of a connection's buffer.
-#[derive(Debug)]
 pub enum Answer {
     /// A hit: its head is written, this is its body, and the request took
     /// `len` bytes.
     Ready { len: usize, body: Bytes },
+    /// A plain `GET` the cache cannot answer at once (a miss, a pass, ...):
+    /// `answer` is what hyper's path answers it with ([`Proxy::handle`]),
+    /// and the request took `len` bytes.
+    Later {
+        len: usize,
+        target: Box<str>,
+        answer: proxy::Answer,
+    },
     /// The request head has not all arrived.
     Partial,
     /// The request is hyper's.
     Hyper,
 }
 
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Ready { len, body } => f
+                .debug_struct("Ready")
+                .field("len", len)
+                .field("body", &body.len())
+                .finish(),
+            Answer::Later { len, .. } => f.debug_struct("Later").field("len", len).finish(),
+            Answer::Partial => f.write_str("Partial"),
+            Answer::Hyper => f.write_str("Hyper"),
+        }
+    }
+}
+
+/// The answer to the first request of a connection handed to hyper, made
+/// by hyper's path while the fast path held the connection: hyper reads
+/// the request again, and its service answers with this instead of asking
+/// the backend a second time. The request stays counted in progress
+/// (`busy`) until the answer's body ends.
+pub struct Early {
+    pub response: Response<ProxyBody>,
+    pub busy: Busy,
+    /// The request's target, to check the request hyper reads is the one.
+    pub target: Box<str>,
+}
+
 /// Parses the request head at the start of `bytes` and, when it is a plain
 /// `GET` the cache answers at once, appends the answer's head to `head` and
 /// returns its body (shared with the entry). All the work of a fast hit but
-/// the socket's.
-pub fn answer(proxy: &Proxy, bytes: &[u8], peer: SocketAddr, head: &mut Vec<u8>) -> Answer {
+/// the socket's. Another plain `GET` gets hyper's path's answer, to come.
+pub fn answer(proxy: &Arc<Proxy>, bytes: &[u8], peer: SocketAddr, head: &mut Vec<u8>) -> Answer {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let len = match request.parse(bytes) {
@@ -331,7 +433,14 @@ pub fn answer(proxy: &Proxy, bytes: &[u8], peer: SocketAddr, head: &mut Vec<u8>)
         peer,
         client_headers,
     ) else {
-        return Answer::Hyper;
+        let Some(request) = plain_request(&request, plain.target) else {
+            return Answer::Hyper;
+        };
+        return Answer::Later {
+            len,
+            target: plain.target.into(),
+            answer: proxy.handle(request, Some(peer)),
+        };
     };
     proxy.stats().fast_hits.add(1);
     write_head(head, &hit);
@@ -424,11 +533,7 @@ const HYPER_ONLY: [&[u8]; 13] = [
 /// `Cache-Status` set, and `Date` unless stored.
 fn write_head(out: &mut Vec<u8>, hit: &FastHit) {
     let status = hit.entry.status();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    status_line(out, status);
     let mut dated = false;
     for (name, value) in hit.entry.wire_headers() {
         if name == b"age" || name == b"x-cache" || name == b"cache-status" {
@@ -446,6 +551,85 @@ fn write_head(out: &mut Vec<u8>, hit: &FastHit) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// `request` as hyper hands it to its service: `GET` of `target` over
+/// HTTP/1.1 with every header field in order and no body. `None` when a
+/// field is one `http` refuses (none that httparse accepts is known), so
+/// that hyper's own reading decides.
+fn plain_request(
+    request: &httparse::Request<'_, '_>,
+    target: &str,
+) -> Option<Request<Empty<Bytes>>> {
+    let mut built = Request::new(Empty::new());
+    *built.uri_mut() = target.parse().ok()?;
+    let headers = built.headers_mut();
+    headers.reserve(request.headers.len());
+    for field in request.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        headers.append(name, HeaderValue::from_bytes(field.value).ok()?);
+    }
+    Some(built)
+}
+
+/// Appends `response`'s head to `out` exactly as hyper's HTTP/1.1 server
+/// writes it to a keep-alive `GET` (status line with the canonical reason,
+/// fields in the map's order with lower-case names, then `Content-Length`
+/// and `Date` when the map has none) and returns its body, when the body is
+/// in one piece and hyper would frame it by its length alone.
+///
+/// `None`, with nothing written, for everything else, which hyper writes:
+/// a streamed body, a status with no body (1xx, 204, 304), a `Connection`,
+/// `Transfer-Encoding` or `Trailer` field, a `Content-Length` that is not
+/// the body's own length written plainly, a version other than HTTP/1.1, a
+/// custom reason phrase.
+fn write_response(out: &mut Vec<u8>, response: &Response<ProxyBody>) -> Option<Bytes> {
+    let ProxyBody::Full(body) = response.body() else {
+        return None;
+    };
+    let status = response.status();
+    let length = body.len().to_string();
+    let plain = |(name, value): (&HeaderName, &HeaderValue)| {
+        *name != header::CONNECTION
+            && *name != header::TRANSFER_ENCODING
+            && *name != header::TRAILER
+            && (*name != header::CONTENT_LENGTH || value.as_bytes() == length.as_bytes())
+    };
+    if response.version() != Version::HTTP_11
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .is_some()
+        || !response.headers().iter().all(plain)
+    {
+        return None;
+    }
+    status_line(out, status);
+    // An empty body's length is written last (hyper leaves out the field
+    // and adds its own); a longer one's where the map has it, once.
+    let mut length_written = false;
+    let mut dated = false;
+    for (name, value) in response.headers() {
+        if *name == header::CONTENT_LENGTH {
+            if body.is_empty() || length_written {
+                continue;
+            }
+            length_written = true;
+        }
+        dated |= *name == header::DATE;
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !length_written {
+        header_line(out, b"content-length", length.as_bytes());
+    }
+    if !dated {
+        DATE.with(|date| header_line(out, b"date", &date.now()));
+    }
+    out.extend_from_slice(b"\r\n");
+    Some(body.clone())
+}
+
 /// The request's headers as hyper's path has them, for a refresh to send on.
 fn client_headers(headers: &[httparse::Header<'_>]) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(headers.len());
@@ -460,6 +644,17 @@ fn client_headers(headers: &[httparse::Header<'_>]) -> HeaderMap {
         }
     }
     map
+}
+
+/// An HTTP/1.1 status line as hyper writes it: the canonical reason, or
+/// `<none>` for a status that has none.
+#[inline]
+fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 #[inline]

@@ -2,10 +2,11 @@
 //! stop, then shuts down gracefully with a deadline.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::sync::Arc;
+use std::future::{ready, Future};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -24,7 +25,7 @@ use hyper::body::Incoming;
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::connections::{Connections, Control, Ended, Graceful, Tracked, WriteWatched};
-use crate::fast_hits::{FastConnection, Prefixed};
+use crate::fast_hits::{Early, FastConnection, Prefixed};
 use crate::proxy::Proxy;
 use crate::upstream::BoxError;
 
@@ -57,7 +58,7 @@ const ABORT_WAIT: Duration = Duration::from_secs(1);
 /// accepting, asks every connection to finish its in-flight requests, and
 /// waits up to `timeouts.grace`.
 ///
-/// Plain HTTP/1.1 hits are answered by [`crate::fast_hits`] (unless
+/// Plain HTTP/1.1 `GET`s are answered by [`crate::fast_hits`] (unless
 /// `--no-fast-hits` or `--access-log`, whose lines hyper's path writes);
 /// everything else by hyper.
 ///
@@ -79,8 +80,9 @@ pub async fn run(
         let builder = Arc::clone(&builder);
         let handler = handler.clone();
         let control_for_hyper = Arc::clone(&control);
-        let handoff =
-            move |io: Prefixed| hyper_connection(&builder, io, handler, peer, control_for_hyper);
+        let handoff = move |io: Prefixed, early: Option<Early>| {
+            hyper_connection(&builder, io, handler, peer, control_for_hyper, early)
+        };
         if fast {
             FastConnection::new(stream, peer, Arc::clone(&proxy), control, handoff)
         } else {
@@ -117,33 +119,52 @@ pub async fn serve<H, F>(
 {
     let builder = auto::Builder::new(TokioExecutor::new());
     let connect = move |stream, peer, control| {
-        hyper_connection(&builder, stream, handler.clone(), peer, control)
+        hyper_connection(&builder, stream, handler.clone(), peer, control, None)
     };
     accept(listener, connect, shutdown, timeouts).await;
 }
 
 /// Hyper's connection on `io`, each request counted on `control` as in
-/// progress until its answer's body ends.
+/// progress until its answer's body ends. The first request is answered
+/// with `early` when the fast path made its answer already.
 fn hyper_connection<I, H, F>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     handler: H,
     peer: SocketAddr,
     control: Arc<Control>,
+    early: Option<Early>,
 ) -> impl Future<Output = Result<(), BoxError>> + Graceful + Send + 'static
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let service = service_fn(move |request| {
-        let busy = control.begin();
-        let answer = handler(request, peer);
+    let early = early.map(|early| Mutex::new(Some(early)));
+    let service = service_fn(move |request: Request<Incoming>| {
+        let (answer, busy) = match early.as_ref().and_then(|e| take_early(e, &request)) {
+            Some(Early { response, busy, .. }) => (Either::Left(ready(response)), busy),
+            None => (Either::Right(handler(request, peer)), control.begin()),
+        };
         async move { Ok::<_, Infallible>(answer.await.map(|body| Tracked::new(body, busy))) }
     });
     builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned()
+}
+
+/// The answer the fast path made for `request`, the first one hyper reads
+/// on a connection it handed over: taken at the first request, whatever
+/// it is, and used only when that request is the one it answers (the same
+/// bytes, read again; anything else is answered afresh).
+fn take_early(early: &Mutex<Option<Early>>, request: &Request<Incoming>) -> Option<Early> {
+    let early = early.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    let same = request.method() == http::Method::GET
+        && request.uri().path_and_query().map(|pq| pq.as_str()) == Some(&*early.target);
+    if !same {
+        tracing::debug!(target = %early.target, "an early answer not for the request hyper read");
+    }
+    same.then_some(early)
 }
 
 /// Accepts connections until `shutdown` completes, each served by the
