@@ -63,6 +63,8 @@ pub struct Options {
     pub hit_keys: usize,
     /// Objects cached by the memory scenario.
     pub memory_keys: usize,
+    /// Keys of the zipf scenario.
+    pub zipf_keys: usize,
     /// Another swr-proxy binary (an earlier build) to run beside this one,
     /// as the target "baseline".
     pub baseline: Option<PathBuf>,
@@ -82,6 +84,7 @@ impl Default for Options {
             only: None,
             hit_keys: 10_000,
             memory_keys: 100_000,
+            zipf_keys: 100_000,
             baseline: None,
             baseline_args: Vec::new(),
             wire_limit: false,
@@ -505,6 +508,9 @@ struct CacheSetup {
     ttl_secs: u64,
     grace_secs: u64,
     refresh_concurrency: usize,
+    /// The memory budget every cache is given, in MiB; `None`: room for
+    /// every key (2 GiB).
+    budget_mib: Option<u64>,
 }
 
 /// A child process stopped by PID (SIGTERM, then SIGKILL) when dropped.
@@ -542,6 +548,8 @@ impl Drop for Proc {
 /// A target under test: where it listens, and what keeps it running.
 struct Target {
     addr: SocketAddr,
+    /// swr-proxy's admin listener.
+    admin: Option<SocketAddr>,
     _proc: Option<Proc>,
     _limit_stop: Option<tokio::sync::watch::Sender<bool>>,
     /// Processes whose RSS is the target's memory.
@@ -608,6 +616,8 @@ async fn start_target(
 ) -> Option<Target> {
     let addr = free_port();
     let origin_addr = origin.addr;
+    let mut admin = None;
+    let budget = setup.budget_mib.unwrap_or(2048);
     let (proc, pids, cache_dir, limit_stop, addr) = match kind {
         Kind::Limit | Kind::LimitWire | Kind::LimitRaw => {
             let (addr, stop) = start_limit(keys, body_size, kind).await;
@@ -618,6 +628,8 @@ async fn start_target(
                 Kind::Baseline => BASELINE.get()?.0.clone(),
                 _ => PathBuf::from(SWR_PROXY),
             };
+            let admin_addr = free_port();
+            admin = Some(admin_addr);
             let mut command = Command::new(binary);
             command
                 .args([
@@ -632,9 +644,9 @@ async fn start_target(
                     "--refresh-concurrency",
                     &setup.refresh_concurrency.to_string(),
                     "--max-size",
-                    "2GiB",
+                    &format!("{budget}MiB"),
                     "--admin-listen",
-                    "127.0.0.1:0",
+                    &admin_addr.to_string(),
                 ])
                 .env("RUST_LOG", "warn");
             if let (Kind::Baseline, Some((_, extra))) = (kind, BASELINE.get()) {
@@ -661,7 +673,7 @@ http {{
   access_log off;
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
-  proxy_cache_path {cache} levels=1:2 keys_zone=z:256m max_size=4g inactive=1h use_temp_path=off;
+  proxy_cache_path {cache} levels=1:2 keys_zone=z:256m max_size={budget}m inactive=1h use_temp_path=off;
   upstream origin {{ server {origin_addr}; keepalive 256; }}
   server {{
     listen {addr} reuseport;
@@ -723,7 +735,7 @@ http {{
                 "-f",
                 &vcl_path.display().to_string(),
                 "-s",
-                "malloc,2G",
+                &format!("malloc,{budget}M"),
                 "-p",
                 "thread_pools=2",
             ]);
@@ -743,6 +755,7 @@ http {{
     }
     Some(Target {
         addr,
+        admin,
         _proc: proc,
         _limit_stop: limit_stop,
         pids,
@@ -757,6 +770,22 @@ fn children_of(pid: u32) -> Vec<u32> {
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect()
+}
+
+/// The processes' proportional set size: pages shared between them (a
+/// forked parent and child) counted once, not once per process.
+pub fn pss_bytes(pids: &[u32]) -> u64 {
+    pids.iter()
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        })
+        .sum()
 }
 
 pub fn rss_bytes(pids: &[u32]) -> u64 {
@@ -865,6 +894,25 @@ pub async fn connect(addr: SocketAddr) -> Result<Sender, String> {
     Ok(sender)
 }
 
+/// The body of `path`'s answer, as text.
+async fn get_text(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<String, String> {
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let request = Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+}
+
 pub async fn get(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<u16, String> {
     sender.ready().await.map_err(|e| e.to_string())?;
     let request = Request::get(path)
@@ -893,13 +941,17 @@ struct WrkResult {
     errors: u64,
 }
 
-fn run_wrk(addr: SocketAddr, keys: usize, new_share: f64, duration: Duration) -> Option<WrkResult> {
+fn run_wrk(addr: SocketAddr, traffic: Traffic, duration: Duration) -> Option<WrkResult> {
     let text = wrk_output(
         WRK_SCRIPT,
         addr,
         duration,
         "5s",
-        &[("KEYS", keys.to_string()), ("NEW", new_share.to_string())],
+        &[
+            ("KEYS", traffic.keys.to_string()),
+            ("NEW", traffic.new_share.to_string()),
+            ("ZIPF", traffic.zipf.to_string()),
+        ],
     )?;
     let line = text.lines().find(|l| l.starts_with("RESULT "))?;
     let field = |name: &str| -> f64 { result_field(line, name).unwrap_or(0.0) };
@@ -1002,23 +1054,50 @@ fn kinds_available() -> Vec<Kind> {
     kinds
 }
 
-/// Hit throughput: every key warmed, then wrk over all keys; rounds interleaved.
-/// Warm keep-alive traffic over `keys` keys, a `new_share` of it (0 to 1)
-/// on URLs never asked before (a miss each: the mixes).
-async fn hits(
-    report: &mut Report,
-    options: &Options,
-    name: &str,
+/// What a throughput scenario sends, and how its caches start.
+#[derive(Clone, Copy)]
+struct Traffic {
     keys: usize,
     body_size: usize,
+    /// The share of requests (0 to 1) on URLs never asked before.
     new_share: f64,
-) {
-    let origin = Origin::start(body_size, Duration::ZERO, None).await;
+    /// The Zipf exponent of the keys' popularity; 0: uniform.
+    zipf: f64,
+    /// Whether every key is asked once before wrk starts (else wrk starts
+    /// on an empty cache: a cold start).
+    warm: bool,
+    /// The caches' memory budget (see [`CacheSetup`]).
+    budget_mib: Option<u64>,
+}
+
+impl Traffic {
+    fn uniform(keys: usize, body_size: usize) -> Traffic {
+        Traffic {
+            keys,
+            body_size,
+            new_share: 0.0,
+            zipf: 0.0,
+            warm: true,
+            budget_mib: None,
+        }
+    }
+}
+
+/// Throughput under wrk, rounds interleaved: warm keep-alive traffic over
+/// `traffic.keys` keys (the hits), a share of it on new URLs (the mixes),
+/// from an empty cache (cold), or by a Zipf law over more keys than the
+/// budget holds, after a run of the same traffic to fill the cache (zipf:
+/// its hit ratio is `1 - backend requests / requests`, against an LRU of
+/// the size swr-proxy ends with, simulated on the same law).
+async fn hits(report: &mut Report, options: &Options, name: &str, traffic: Traffic) {
+    let origin = Origin::start(traffic.body_size, Duration::ZERO, None).await;
     let setup = CacheSetup {
         ttl_secs: 3600,
         grace_secs: 60,
         refresh_concurrency: 8,
+        budget_mib: traffic.budget_mib,
     };
+    let keys = traffic.keys;
     let mut kinds = kinds_available();
     kinds.push(Kind::Limit);
     if options.wire_limit {
@@ -1029,38 +1108,77 @@ async fn hits(
     }
     let mut results: HashMap<&'static str, Vec<(WrkResult, f64)>> = HashMap::new();
     let mut by_round: HashMap<(usize, &'static str), f64> = HashMap::new();
+    let mut hit_ratios: HashMap<&'static str, Vec<f64>> = HashMap::new();
+    let mut stored: Vec<f64> = Vec::new();
     for round in 0..options.rounds {
         for kind in in_turn(&kinds, round) {
-            let Some(target) = start_target(kind, &origin, setup, keys, body_size).await else {
+            let Some(target) = start_target(kind, &origin, setup, keys, traffic.body_size).await
+            else {
                 report.problem(format!("{name}: {} did not start", kind.name()));
                 continue;
             };
-            warm(target.addr, keys, 32).await;
             let addr = target.addr;
             let duration = options.duration;
+            if traffic.zipf > 0.0 {
+                // The same traffic first, unmeasured, so that the cache is
+                // in its steady state.
+                let _ = tokio::task::spawn_blocking(move || run_wrk(addr, traffic, duration)).await;
+            } else if traffic.warm {
+                warm(target.addr, keys, 32).await;
+            }
+            origin.reset_counters();
             let cpu_before = cpu_time(&target.pids);
-            let result =
-                tokio::task::spawn_blocking(move || run_wrk(addr, keys, new_share, duration))
-                    .await
-                    .ok()
-                    .flatten();
+            let result = tokio::task::spawn_blocking(move || run_wrk(addr, traffic, duration))
+                .await
+                .ok()
+                .flatten();
             let cpu = cpu_time(&target.pids).saturating_sub(cpu_before);
+            let fetched = origin.requests.load(Ordering::Relaxed) as f64;
+            if traffic.zipf > 0.0 && kind == Kind::SwrProxy {
+                if let Some(entries) = admin_metric(target.admin, "swr_cache_entries").await {
+                    stored.push(entries);
+                }
+            }
             drop(target);
             check_wrk(report, name, kind.name(), result.as_ref());
             if let Some(r) = result {
                 let cpu_us = cpu.as_secs_f64() * 1e6 / r.requests.max(1.0);
+                let hit_ratio = 1.0 - fetched / r.requests.max(1.0);
                 eprintln!(
-                    "  {name} round {} {:<9} {:>9.0} req/s  p99 {:.2} ms  cpu {cpu_us:.1} us/req  errors {}",
+                    "  {name} round {} {:<9} {:>9.0} req/s  p99 {:.2} ms  cpu {cpu_us:.1} us/req  errors {}{}",
                     round + 1,
                     kind.name(),
                     r.rps,
                     r.p99_ms,
-                    r.errors
+                    r.errors,
+                    if traffic.zipf > 0.0 { format!("  hit ratio {hit_ratio:.3}") } else { String::new() },
                 );
                 by_round.insert((round, kind.name()), r.rps);
+                hit_ratios.entry(kind.name()).or_default().push(hit_ratio);
                 results.entry(kind.name()).or_default().push((r, cpu_us));
             }
         }
+    }
+    if traffic.zipf > 0.0 {
+        let mut listed: Vec<String> = kinds
+            .iter()
+            .filter(|k| !matches!(k, Kind::Limit | Kind::LimitWire | Kind::LimitRaw))
+            .map(|k| {
+                let ratio = median(hit_ratios.get(k.name()).cloned().unwrap_or_default());
+                format!("{} {ratio:.3}", k.name())
+            })
+            .collect();
+        let capacity = median(stored).max(0.0);
+        if capacity.is_finite() && capacity >= 1.0 {
+            let lru = lru_hit_ratio(keys, traffic.zipf, capacity as usize, 42);
+            listed.push(format!(
+                "LRU {lru:.3} (simulated, of swr-proxy's size: {capacity:.0} objects)"
+            ));
+        }
+        report.note(format!(
+            "{name} hit ratio (1 - backend requests / requests, median): {}",
+            listed.join(", ")
+        ));
     }
     let median_of = |k: &str, f: fn(&(WrkResult, f64)) -> f64| {
         median(
@@ -1145,6 +1263,7 @@ async fn stale_storm(report: &mut Report, options: &Options) {
         ttl_secs: 1,
         grace_secs: 60,
         refresh_concurrency: 256,
+        budget_mib: None,
     };
     let calm = CacheSetup {
         ttl_secs: 3600,
@@ -1171,7 +1290,8 @@ async fn stale_storm(report: &mut Report, options: &Options) {
             origin.reset_counters();
             let addr = target.addr;
             let duration = options.duration;
-            let result = tokio::task::spawn_blocking(move || run_wrk(addr, KEYS, 0.0, duration))
+            let traffic = Traffic::uniform(KEYS, 1024);
+            let result = tokio::task::spawn_blocking(move || run_wrk(addr, traffic, duration))
                 .await
                 .ok()
                 .flatten();
@@ -1220,6 +1340,7 @@ async fn herd(report: &mut Report, options: &Options) {
         ttl_secs: 3600,
         grace_secs: 60,
         refresh_concurrency: 8,
+        budget_mib: None,
     };
     let mut rows: HashMap<&'static str, Vec<(u64, f64, f64)>> = HashMap::new();
     for round in 0..options.rounds {
@@ -1289,7 +1410,11 @@ async fn herd(report: &mut Report, options: &Options) {
     }
 }
 
-/// Memory: resident bytes per cached 1 KiB object, 100,000 objects.
+/// Memory per cached 1 KiB object, 100,000 objects: (PSS after - PSS
+/// before) / objects, PSS (the process's proportional set size, which
+/// counts shared pages once) read from `/proc/<pid>/smaps_rollup`, summed
+/// over the target's processes, plus nginx's cache files; RSS the same way
+/// beside it.
 async fn memory(report: &mut Report, options: &Options) {
     let keys = options.memory_keys;
     let origin = Origin::start(1024, Duration::ZERO, None).await;
@@ -1297,6 +1422,7 @@ async fn memory(report: &mut Report, options: &Options) {
         ttl_secs: 3600,
         grace_secs: 60,
         refresh_concurrency: 8,
+        budget_mib: None,
     };
     for kind in kinds_available() {
         let Some(target) = start_target(kind, &origin, setup, keys, 1024).await else {
@@ -1306,23 +1432,123 @@ async fn memory(report: &mut Report, options: &Options) {
         // One key first, so every connection- and thread-related allocation is there.
         warm(target.addr, 1, 1).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = rss_bytes(&target.pids) + target.cache_dir.as_deref().map_or(0, dir_bytes);
+        let files = || target.cache_dir.as_deref().map_or(0, dir_bytes);
+        let before = (
+            pss_bytes(&target.pids) + files(),
+            rss_bytes(&target.pids) + files(),
+        );
         warm(target.addr, keys, 32).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let after = rss_bytes(&target.pids) + target.cache_dir.as_deref().map_or(0, dir_bytes);
-        let per_object = after.saturating_sub(before) as f64 / keys as f64;
-        eprintln!("  memory {:<9} {per_object:.0} B per object", kind.name());
+        let after = (
+            pss_bytes(&target.pids) + files(),
+            rss_bytes(&target.pids) + files(),
+        );
+        let per_object =
+            |after: u64, before: u64| after.saturating_sub(before) as f64 / keys as f64;
+        let pss = per_object(after.0, before.0);
+        let rss = per_object(after.1, before.1);
+        eprintln!(
+            "  memory {:<9} {pss:.0} B per object (PSS), {rss:.0} (RSS)",
+            kind.name()
+        );
         report.row(vec![
             "memory".into(),
             kind.name().into(),
-            format!("{per_object:.0} B/object"),
-            format!("{keys} objects of 1 KiB"),
+            format!("{pss:.0} B/object (PSS)"),
+            format!("{rss:.0} B/object (RSS), {keys} objects of 1 KiB"),
             String::new(),
             String::new(),
             String::new(),
         ]);
         drop(target);
     }
+}
+
+/// The hit ratio of an LRU cache of `capacity` objects under requests for
+/// `keys` keys by a Zipf law of exponent `s` (key i with weight
+/// 1/(i+1)^s), measured over 2,000,000 requests after 1,000,000 that fill
+/// it: the reference the zipf scenario's hit ratio is held to.
+fn lru_hit_ratio(keys: usize, s: f64, capacity: usize, seed: u64) -> f64 {
+    const NONE: usize = usize::MAX;
+    let mut cdf = Vec::with_capacity(keys);
+    let mut total = 0.0;
+    for i in 1..=keys {
+        total += 1.0 / (i as f64).powf(s);
+        cdf.push(total);
+    }
+    // splitmix64, for draws in [0, 1).
+    let mut state = seed;
+    let mut draw = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64 * total
+    };
+    // A doubly linked list over the keys, most recent at `head`.
+    let (mut prev, mut next) = (vec![NONE; keys], vec![NONE; keys]);
+    let mut cached = vec![false; keys];
+    let (mut head, mut tail, mut size) = (NONE, NONE, 0usize);
+    let (mut hits, mut counted) = (0u64, 0u64);
+    for n in 0..3_000_000u64 {
+        let u = draw();
+        let key = cdf.partition_point(|c| *c < u).min(keys - 1);
+        let hit = cached[key];
+        if hit {
+            // Unlink.
+            if prev[key] != NONE {
+                next[prev[key]] = next[key];
+            } else {
+                head = next[key];
+            }
+            if next[key] != NONE {
+                prev[next[key]] = prev[key];
+            } else {
+                tail = prev[key];
+            }
+        } else {
+            if size == capacity {
+                let old = tail;
+                tail = prev[old];
+                if tail != NONE {
+                    next[tail] = NONE;
+                } else {
+                    head = NONE;
+                }
+                cached[old] = false;
+                size -= 1;
+            }
+            cached[key] = true;
+            size += 1;
+        }
+        // Link at the head.
+        prev[key] = NONE;
+        next[key] = head;
+        if head != NONE {
+            prev[head] = key;
+        }
+        head = key;
+        if tail == NONE {
+            tail = key;
+        }
+        if n >= 1_000_000 {
+            counted += 1;
+            hits += u64::from(hit);
+        }
+    }
+    hits as f64 / counted.max(1) as f64
+}
+
+/// The value of a series in swr-proxy's metrics at `admin`.
+async fn admin_metric(admin: Option<SocketAddr>, series: &str) -> Option<f64> {
+    let admin = admin?;
+    let mut sender = connect(admin).await.ok()?;
+    let text = get_text(&mut sender, admin, "/metrics").await.ok()?;
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 // ---------------------------------------------------------------- report
@@ -1425,37 +1651,49 @@ pub fn run(options: &Options) -> Report {
     }
     let mut report = Report::default();
     runtime.block_on(async {
+        let hit_keys = options.hit_keys;
         if options.wants("hits-1k") {
-            hits(&mut report, options, "hits-1k", options.hit_keys, 1024, 0.0).await;
+            let traffic = Traffic::uniform(hit_keys, 1024);
+            hits(&mut report, options, "hits-1k", traffic).await;
         }
         if options.wants("hits-64k") {
-            hits(
-                &mut report,
-                options,
-                "hits-64k",
-                options.hit_keys,
-                64 * 1024,
-                0.0,
-            )
-            .await;
+            let traffic = Traffic::uniform(hit_keys, 64 * 1024);
+            hits(&mut report, options, "hits-64k", traffic).await;
         }
         if options.wants("hot-1k") {
-            hits(&mut report, options, "hot-1k", 1, 1024, 0.0).await;
+            hits(&mut report, options, "hot-1k", Traffic::uniform(1, 1024)).await;
         }
         // Keep-alive connections that meet misses, as a load balancer's
         // or an application's pool does: 1% and 5% of requests on new URLs.
         for (scenario, share) in [("mix-1pct", 0.01), ("mix-5pct", 0.05)] {
             if options.wants(scenario) {
-                hits(
-                    &mut report,
-                    options,
-                    scenario,
-                    options.hit_keys,
-                    1024,
-                    share,
-                )
-                .await;
+                let traffic = Traffic {
+                    new_share: share,
+                    ..Traffic::uniform(hit_keys, 1024)
+                };
+                hits(&mut report, options, scenario, traffic).await;
             }
+        }
+        // wrk starts on an empty cache: every key's first request is a miss
+        // on a keep-alive connection.
+        if options.wants("cold-1k") {
+            let traffic = Traffic {
+                warm: false,
+                ..Traffic::uniform(hit_keys, 1024)
+            };
+            hits(&mut report, options, "cold-1k", traffic).await;
+        }
+        // Popularity by a Zipf law (s = 1) over more keys than the budget
+        // holds: about 1/8 of them (at least 8 MiB, swr-proxy's default
+        // --max-object-size).
+        if options.wants("zipf") {
+            let keys = options.zipf_keys;
+            let traffic = Traffic {
+                zipf: 1.0,
+                budget_mib: Some((keys as u64 * 1024 / 8).div_ceil(1 << 20).max(8)),
+                ..Traffic::uniform(keys, 1024)
+            };
+            hits(&mut report, options, "zipf", traffic).await;
         }
         if options.wants("stale-storm") {
             stale_storm(&mut report, options).await;

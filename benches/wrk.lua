@@ -1,9 +1,14 @@
 -- wrk script for benches/load.rs: spreads requests over KEYS keys
--- (/k/0 .. /k/KEYS-1), a NEW share of them (0 to 1) on URLs never asked
--- before (/n/<thread>-<n>), and prints one machine-readable RESULT line.
+-- (/k/0 .. /k/KEYS-1), uniformly or, with ZIPF=s, by a Zipf law of
+-- exponent s (key /k/i has weight 1/(i+1)^s); a NEW share of them (0 to 1)
+-- on URLs never asked before (/n/<thread>-<n>); prints one
+-- machine-readable RESULT line.
 local keys = tonumber(os.getenv("KEYS") or "1")
 local new_share = tonumber(os.getenv("NEW") or "0")
+local zipf = tonumber(os.getenv("ZIPF") or "0")
 local new_urls = 0
+-- With ZIPF: cdf[i] is the probability of a key below i (1-based).
+local cdf = nil
 
 function setup(thread)
   thread:set("seed", math.random(1, 1000000))
@@ -11,12 +16,37 @@ end
 
 function init(args)
   math.randomseed(seed or os.time())
+  if zipf > 0 then
+    cdf = {}
+    local total = 0
+    for i = 1, keys do
+      total = total + 1 / (i ^ zipf)
+      cdf[i] = total
+    end
+    for i = 1, keys do
+      cdf[i] = cdf[i] / total
+    end
+  end
+end
+
+-- The key a Zipf draw gives: the first whose cumulative share reaches u.
+local function zipf_key()
+  local u = math.random()
+  local lo, hi = 1, keys
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if cdf[mid] < u then lo = mid + 1 else hi = mid end
+  end
+  return lo - 1
 end
 
 function request()
   if new_share > 0 and math.random() < new_share then
     new_urls = new_urls + 1
     return wrk.format("GET", "/n/" .. seed .. "-" .. new_urls)
+  end
+  if cdf then
+    return wrk.format("GET", "/k/" .. zipf_key())
   end
   return wrk.format("GET", "/k/" .. math.random(0, keys - 1))
 end

@@ -51,6 +51,8 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         only: None,
         hit_keys: 200,
         memory_keys: 5_000,
+        // More than the 8 MiB budget holds.
+        zipf_keys: 20_000,
         // The same binary again, as the `--compare` baseline, on one thread.
         baseline: Some(env!("CARGO_BIN_EXE_swr-proxy").into()),
         baseline_args: vec!["--threads".into(), "1".into()],
@@ -111,6 +113,26 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         }
     }
 
+    // The mixes, the cold start and the Zipf law, each beside the limit.
+    for scenario in ["mix-1pct", "mix-5pct", "cold-1k", "zipf"] {
+        for target in caches.iter().chain(&["limit"]) {
+            let cells = row(scenario, target);
+            assert!(number(&cells[2]) > 0.0, "{scenario} {target}: {cells:?}");
+        }
+    }
+    // The Zipf law's hit ratios: every cache's, and the LRU reference's.
+    let prefix = "zipf hit ratio (1 - backend requests / requests, median): ";
+    let note = report.notes.iter().find(|n| n.starts_with(prefix));
+    let note = note.unwrap_or_else(|| panic!("no note {prefix:?}: {:#?}", report.notes));
+    for target in caches.iter().chain(&["LRU"]) {
+        let ratio = note[prefix.len()..]
+            .split(", ")
+            .find_map(|part| part.strip_prefix(*target))
+            .map(number)
+            .unwrap_or(f64::NAN);
+        assert!((0.0..1.0).contains(&ratio), "{target} in {note}");
+    }
+
     // The stale storm refreshed entries in the background, within
     // --refresh-concurrency; the hits-only run beside it saw no refresh.
     for target in &caches {
@@ -134,8 +156,8 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         assert_eq!(number(&herd[2]), 1.0, "{herd:?}");
     }
 
-    // Memory was measured from the resident set: each cached 1 KiB object
-    // costs at least its body.
+    // Memory was measured from the proportional set: each cached 1 KiB
+    // object costs at least its body.
     for target in &caches {
         row("memory", target);
     }
