@@ -776,30 +776,24 @@ fn children_of(pid: u32) -> Vec<u32> {
 /// forked parent and child) counted once, not once per process.
 pub fn pss_bytes(pids: &[u32]) -> u64 {
     pids.iter()
-        .map(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or(0)
-                * 1024
-        })
+        .map(|pid| proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss:") * 1024)
         .sum()
 }
 
 pub fn rss_bytes(pids: &[u32]) -> u64 {
     pids.iter()
-        .map(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or(0)
-                * 1024
-        })
+        .map(|pid| proc_kib(&format!("/proc/{pid}/status"), "VmRSS:") * 1024)
         .sum()
+}
+
+/// The value (in kB) of the line starting with `field` in a /proc file.
+fn proc_kib(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 /// CPU time (user + system) the processes have used so far. Read before and
