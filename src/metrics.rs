@@ -405,6 +405,8 @@ impl EncodeMetric for Routes {
 
 /// A gauge of a count (prometheus-client's default gauge is signed).
 pub type CountGauge = Gauge<u64, AtomicU64>;
+/// A gauge of seconds.
+pub type SecondsGauge = Gauge<f64, AtomicU64>;
 
 /// The proxy's metrics: the registry that writes them, and a handle on each
 /// series to record with (the registry holds the other handle).
@@ -456,6 +458,8 @@ pub struct Stats {
     pub upstream_latency: Histogram,
     /// How long background refreshes took.
     pub refresh_duration: Histogram,
+    /// How long refreshes waited in the queue for a worker.
+    pub refresh_wait: Histogram,
     /// The age of answers served from the cache.
     pub served_age: Histogram,
     /// The most requested keys (sampled; in `/stats`, not in `/metrics`).
@@ -480,6 +484,9 @@ struct Scraped {
     upstream_buffered_bytes: CountGauge,
     /// The log sink's own count, like `evictions`.
     log_lines_dropped: Counter,
+    refresh_limit: CountGauge,
+    refresh_latency_baseline: SecondsGauge,
+    refresh_latency: SecondsGauge,
 }
 
 impl Scraped {
@@ -497,6 +504,10 @@ impl Scraped {
         self.log_lines_dropped
             .inner()
             .store(gauges.log_lines_dropped, Relaxed);
+        self.refresh_limit.set(gauges.refresh_limit);
+        self.refresh_latency_baseline
+            .set(gauges.refresh_latency_baseline);
+        self.refresh_latency.set(gauges.refresh_latency);
     }
 }
 
@@ -673,6 +684,28 @@ impl Default for Stats {
             "How long background refreshes took",
             Histogram::new(LATENCY_BOUNDS),
         );
+        let refresh_wait = register(
+            &mut r,
+            "swr_refresh_wait_seconds",
+            "How long refreshes waited in the queue for a worker",
+            Histogram::new(LATENCY_BOUNDS),
+        );
+        let refresh_limit = register(
+            &mut r,
+            "swr_refresh_limit",
+            "Refreshes that may be in flight now: the adaptive limit, at most --refresh-concurrency",
+            CountGauge::default(),
+        );
+        let mut seconds =
+            |name: &str, help: &str| register(&mut r, name, help, SecondsGauge::default());
+        let refresh_latency_baseline = seconds(
+            "swr_refresh_latency_baseline_seconds",
+            "The backend's unloaded refresh latency, as the adaptive limit estimates it",
+        );
+        let refresh_latency = seconds(
+            "swr_refresh_latency_seconds",
+            "The moving average of refreshes' backend latency",
+        );
         let served_age = register(
             &mut r,
             "swr_served_age_seconds",
@@ -713,6 +746,7 @@ impl Default for Stats {
             fast_handoffs,
             upstream_latency,
             refresh_duration,
+            refresh_wait,
             served_age,
             top_keys: TopKeys::default(),
             scraped: Scraped {
@@ -726,6 +760,9 @@ impl Default for Stats {
                 refresh_queue_bytes,
                 upstream_buffered_bytes,
                 log_lines_dropped,
+                refresh_limit,
+                refresh_latency_baseline,
+                refresh_latency,
             },
         }
     }
@@ -808,6 +845,11 @@ pub struct Gauges {
     pub refresh_queue_bytes: u64,
     /// Body bytes being read to store (`--max-buffered` at most).
     pub upstream_buffered_bytes: u64,
+    /// Refreshes that may be in flight now (see [`crate::refresh::limit`]).
+    pub refresh_limit: u64,
+    /// Seconds: the backend's unloaded and recent refresh latency.
+    pub refresh_latency_baseline: f64,
+    pub refresh_latency: f64,
 }
 
 /// Every metric name the proxy exports (histograms by their base name).
@@ -842,6 +884,10 @@ pub const METRIC_NAMES: &[&str] = &[
     "swr_upstream_in_flight",
     "swr_upstream_latency_seconds",
     "swr_refresh_duration_seconds",
+    "swr_refresh_wait_seconds",
+    "swr_refresh_limit",
+    "swr_refresh_latency_baseline_seconds",
+    "swr_refresh_latency_seconds",
     "swr_served_age_seconds",
     "swr_log_lines_dropped_total",
 ];

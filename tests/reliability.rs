@@ -415,3 +415,57 @@ async fn an_http2_client_that_stops_reading_is_dropped() {
     }
     assert!(got < size, "read {got} of {size} bytes: never dropped");
 }
+
+/// Refreshes in flight follow the backend (`src/refresh/limit.rs`): with a
+/// backend that answers in 50 ms the limit grows from its floor of 4 past
+/// the old fixed 8 workers, and more than 8 refreshes run at once; when the
+/// backend starts failing, the limit falls back to the floor.
+#[tokio::test]
+async fn the_refresh_limit_grows_on_a_fast_backend_and_falls_when_it_fails() {
+    let origin = Origin::start().await;
+    let stale = "max-age=0, stale-while-revalidate=600";
+    let answering = || {
+        Route::default()
+            .header("cache-control", stale)
+            .delay(Duration::from_millis(50))
+    };
+    origin.route("/r", answering());
+    let proxy = TestProxy::start(&origin, &[]).await;
+    let keys: Vec<String> = (0..64).map(|k| format!("/r?k={k}")).collect();
+    for key in &keys {
+        assert_eq!(proxy.get(key).await.x_cache(), "MISS");
+    }
+    assert_eq!(proxy.counter("swr_refresh_limit").await, 4, "the floor");
+    // Every key is stale at once: 64 refreshes queued per wave.
+    let wave = || futures_util::future::join_all(keys.iter().map(|k| proxy.get(k)));
+    eventually(WAIT, "more than 8 refreshes in flight at once", || async {
+        wave().await;
+        proxy.counter("swr_refresh_limit").await > 8 && origin.max_in_flight() > 8
+    })
+    .await;
+    assert!(
+        proxy.counter("swr_refresh_limit").await <= 128,
+        "the ceiling"
+    );
+    let latency = proxy.metrics().await["swr_refresh_latency_baseline_seconds"];
+    assert!(latency >= 0.05, "the baseline is the backend's: {latency}");
+    // The backend fails (500, not storable): each failure halves the
+    // limit, down to the floor.
+    origin.route(
+        "/r",
+        Route::default()
+            .status(500)
+            .delay(Duration::from_millis(50)),
+    );
+    eventually(WAIT, "the limit back at the floor", || async {
+        wave().await;
+        proxy.counter("swr_refresh_limit").await == 4
+    })
+    .await;
+    assert!(
+        proxy
+            .counter("swr_refresh_events_total{event=\"failed\"}")
+            .await
+            > 0
+    );
+}

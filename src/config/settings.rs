@@ -161,10 +161,12 @@ settings! {
         #[serde(default, deserialize_with = "de_size")]
         max_buffered: u64 = 64 << 20,
 
-        /// Background refreshes running at once, at most 4096 [default: 8].
+        /// Most background refreshes running at once, at most 4096: the
+        /// ceiling of the limit that adapts to the backend's latency and
+        /// errors, from 4 up [default: 128].
         #[arg(long, env = "SWR_REFRESH_CONCURRENCY", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
         #[serde(default, deserialize_with = "de_count")]
-        refresh_concurrency: usize = 8,
+        refresh_concurrency: usize = 128,
 
         /// Refreshes waiting for a worker; past this, refreshes are dropped (and
         /// counted); at most 1048576 [default: 10000].

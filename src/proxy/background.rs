@@ -13,6 +13,7 @@ use crate::cache::entry::Entry;
 use crate::cache::policy::{self, BypassReason};
 use crate::error::UpstreamErrorKind;
 use crate::metrics::UpstreamCause;
+use crate::refresh::limit::Sample;
 use crate::refresh::{Enqueue, Job};
 use crate::upstream::Priority;
 
@@ -148,23 +149,35 @@ impl Proxy {
     }
 
     /// A background refresh: re-fetches (or revalidates) and replaces the
-    /// entry, or keeps the old one when the backend fails.
-    pub(super) async fn run_refresh(self: Arc<Self>, job: Job<RefreshRequest>) {
+    /// entry, or keeps the old one when the backend fails. What the backend
+    /// showed of itself is the [`Sample`] for the adaptive limit.
+    pub(super) async fn run_refresh(self: Arc<Self>, job: Job<RefreshRequest>) -> Sample {
         let _in_flight = self.stats.refresh_started();
         let started = Instant::now();
+        self.stats
+            .refresh_wait
+            .observe(started.saturating_duration_since(job.queued_at));
         let RefreshRequest { target, stale } = &job.payload;
         self.stats.record_upstream_request(UpstreamCause::Refresh);
         let fetched = self.fetch(target, Some(stale), Priority::Background).await;
         self.stats.refresh_duration.observe(started.elapsed());
-        let took_ms = started.elapsed().as_millis() as u64;
+        let took = started.elapsed();
+        let took_ms = took.as_millis() as u64;
         let key = stale.key();
         // Each arm: the key's backoff (a failure of the backend backs it
         // off, a success clears it), then the counter and the log line.
         match fetched {
-            Fetched::Stored(_) => {
+            Fetched::Stored(entry) => {
                 lock(&self.backoff).succeeded(job.hash);
                 self.stats.refresh_succeeded.inc();
                 tracing::debug!(key, took_ms, "refreshed");
+                // A 5xx the backend said may be stored is still a backend
+                // in trouble, as far as the limit is concerned.
+                if policy::status_is_error(entry.status()) {
+                    Sample::Failed
+                } else {
+                    Sample::Answered(took)
+                }
             }
             Fetched::Pass(passed) if policy::status_is_error(passed.status) => {
                 lock(&self.backoff).failed(job.hash, Instant::now());
@@ -179,10 +192,12 @@ impl Proxy {
                         "refresh failed; keeping the stale entry"
                     );
                 }
+                Sample::Failed
             }
             Fetched::Pass(passed) if passed.reason == BypassReason::BufferFull => {
                 // Memory was short, not the answer storable: keep the entry.
                 self.stats.refresh_failed.inc();
+                Sample::Answered(took)
             }
             Fetched::Pass(passed) => {
                 self.store.remove(job.hash, key);
@@ -197,6 +212,7 @@ impl Proxy {
                         "refresh answer may not be stored; entry removed"
                     );
                 }
+                Sample::Answered(took)
             }
             Fetched::Failed(err) if err.kind == UpstreamErrorKind::Busy => {
                 // No slot to the backend in time: the backend was never
@@ -205,6 +221,7 @@ impl Proxy {
                 // answer queues another.
                 self.stats.refresh_dropped.inc();
                 tracing::debug!(key, took_ms, reason = "busy", "refresh dropped");
+                Sample::NotSent
             }
             Fetched::Failed(err) => {
                 lock(&self.backoff).failed(job.hash, Instant::now());
@@ -213,6 +230,7 @@ impl Proxy {
                     tracing::warn!(key, took_ms, error = %err, suppressed,
                         "refresh failed; keeping the stale entry");
                 }
+                Sample::Failed
             }
         }
     }

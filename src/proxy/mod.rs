@@ -32,6 +32,7 @@ use crate::config::{Config, ConfigError, HeadLimits};
 use crate::error::ProxyError;
 use crate::logs::{self, Cause, RateLimit, Summary, Totals};
 use crate::metrics::{Gauges, Stats};
+use crate::refresh::limit::Gate;
 use crate::refresh::RefreshQueue;
 use crate::upstream::{BoxError, Upstream};
 
@@ -77,6 +78,8 @@ pub struct Proxy {
     keys: KeyHasher,
     store: Store,
     refresh: RefreshQueue<RefreshRequest>,
+    /// How many refreshes may run at once: adapted to the backend.
+    refresh_gate: Arc<Gate>,
     upstream: Upstream,
     stats: Stats,
     /// Keys whose last refresh failed: no new refresh before `until`. A std
@@ -171,6 +174,7 @@ impl Proxy {
             keys: KeyHasher::new(),
             store: Store::new(config.start.max_size),
             refresh,
+            refresh_gate: Gate::new(config.start.refresh_concurrency),
             upstream,
             stats,
             backoff: Mutex::new(Backoffs::default()),
@@ -218,7 +222,7 @@ impl Proxy {
         }
         let worker_proxy = Arc::clone(&proxy);
         workers.spawn(
-            proxy.config.start.refresh_concurrency,
+            &proxy.refresh_gate,
             move |job| Arc::clone(&worker_proxy).run_refresh(job),
             cancel,
             tracker,
@@ -281,6 +285,7 @@ impl Proxy {
 
     /// The Prometheus text of every metric (see [`Stats::render_prometheus`]).
     pub fn render_metrics(&self) -> Result<String, std::fmt::Error> {
+        let limit = self.refresh_gate.snapshot();
         self.stats.render_prometheus(Gauges {
             entries: self.store.entry_count(),
             bytes: self.store.weighted_size(),
@@ -292,6 +297,9 @@ impl Proxy {
             vary_index_bytes: self.store.vary_bytes(),
             refresh_queue_bytes: self.refresh.bytes(),
             upstream_buffered_bytes: self.upstream.buffered(),
+            refresh_limit: limit.limit() as u64,
+            refresh_latency_baseline: limit.baseline().map_or(0.0, |d| d.as_secs_f64()),
+            refresh_latency: limit.recent().map_or(0.0, |d| d.as_secs_f64()),
         })
     }
 

@@ -1,5 +1,6 @@
-//! Background refresh: a bounded queue drained by a fixed set of workers, and
-//! a per-key claim so that at most one refresh per key is queued or running.
+//! Background refresh: a bounded queue drained by workers, as many at once
+//! as the adaptive limit allows ([`limit`]), and a per-key claim so that at
+//! most one refresh per key is queued or running.
 //!
 //! The request path only ever calls [`RefreshQueue::try_enqueue`], which never
 //! waits: a full queue drops the refresh (the caller counts it) and the stale
@@ -17,6 +18,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+pub mod limit;
+
+use limit::{Gate, Sample};
 
 /// What happened to a refresh request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +44,8 @@ pub trait Weigh {
 pub struct Job<T> {
     pub hash: u64,
     pub payload: T,
+    /// When it was queued, for the time it waited for a worker.
+    pub queued_at: Instant,
     _claim: Claim,
 }
 
@@ -133,7 +140,8 @@ impl<T: Weigh + Send + 'static> RefreshQueue<T> {
     /// Queues a refresh of `hash` unless one is queued or running, without
     /// waiting. `payload` is only built when the job is queued.
     pub fn try_enqueue(&self, hash: u64, payload: impl FnOnce() -> T) -> Enqueue {
-        let Some(mut claim) = self.claims.try_claim(hash, Instant::now()) else {
+        let now = Instant::now();
+        let Some(mut claim) = self.claims.try_claim(hash, now) else {
             return Enqueue::AlreadyClaimed;
         };
         let payload = payload();
@@ -147,6 +155,7 @@ impl<T: Weigh + Send + 'static> RefreshQueue<T> {
         let job = Job {
             hash,
             payload,
+            queued_at: now,
             _claim: claim,
         };
         match self.tx.try_send(job) {
@@ -173,37 +182,45 @@ pub struct Workers<T> {
 }
 
 impl<T: Weigh + Send + 'static> Workers<T> {
-    /// Starts `count` workers that run `handler` on each job until `cancel`
-    /// fires. Each job runs in its own task, so a panic in one refresh ends
-    /// that refresh only (its claim is freed) and the worker goes on.
+    /// Starts workers, one per refresh `gate` may ever admit (its ceiling),
+    /// that run `handler` on each job until `cancel` fires. A worker takes
+    /// a job only once the gate admits it, so the refreshes in flight stay
+    /// within the adaptive limit; the handler's [`Sample`] moves the limit.
+    /// Each job runs in its own task, so a panic in one refresh ends that
+    /// refresh only (its claim is freed) and the worker goes on.
     pub fn spawn<F, Fut>(
         self,
-        count: usize,
+        gate: &Arc<Gate>,
         handler: F,
         cancel: CancellationToken,
         tracker: &TaskTracker,
     ) where
         F: Fn(Job<T>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        Fut: Future<Output = Sample> + Send + 'static,
     {
         // Workers share the one receiver; the async mutex is held only while
         // a worker waits for its next job.
         let rx = Arc::new(tokio::sync::Mutex::new(self.rx));
         let handler = Arc::new(handler);
-        for _ in 0..count.max(1) {
+        for _ in 0..gate.ceiling() {
             let rx = Arc::clone(&rx);
             let handler = Arc::clone(&handler);
             let cancel = cancel.clone();
+            let gate = Arc::clone(gate);
             tracker.spawn(async move {
                 loop {
+                    let permit = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        permit = gate.admit() => permit,
+                    };
                     let next = tokio::select! {
                         _ = cancel.cancelled() => None,
                         job = async { rx.lock().await.recv().await } => job,
                     };
                     let Some(job) = next else { break };
-                    let run = tokio::spawn(handler(job));
-                    if let Err(err) = run.await {
-                        tracing::error!(error = %err, "refresh task failed");
+                    match tokio::spawn(handler(job)).await {
+                        Ok(sample) => permit.finish(sample),
+                        Err(err) => tracing::error!(error = %err, "refresh task failed"),
                     }
                 }
             });
@@ -269,7 +286,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         workers.spawn(
-            1,
+            &Gate::new(1),
             move |job: Job<u32>| {
                 let done_tx = done_tx.clone();
                 async move {
@@ -277,6 +294,7 @@ mod tests {
                         panic!("refresh handler panicked on purpose");
                     }
                     let _ = done_tx.send(job.payload);
+                    Sample::NotSent
                 }
             },
             cancel.clone(),
