@@ -84,7 +84,8 @@ impl<F, C> FastConnection<F, C>
 where
     F: FnOnce(Prefixed, Option<Early>) -> C,
 {
-    /// Serves hits on `stream` for `proxy`, each counted on `control` as a
+    /// Serves plain `GET`s on `stream` for `proxy` (hits from the entry, the
+    /// rest with [`Proxy::handle`]'s answer), each counted on `control` as a
     /// request in progress until its answer is written.
     pub fn new(
         stream: ClientStream,
@@ -197,9 +198,9 @@ enum Step {
 
 /// What the next buffered request is.
 enum Parsed {
-    /// A hit, whose answer is ready to write, or a request whose answer is
-    /// on its way (`Direct::waiting`).
-    Answered,
+    /// A request taken here: a hit, whose answer is ready to write, or one
+    /// whose answer hyper's path is making (`Direct::waiting`).
+    Taken,
     /// Its head has not all arrived.
     Partial,
     /// One for hyper.
@@ -222,8 +223,7 @@ struct Direct {
     sent: usize,
     /// Held from a request's head to the end of its answer's write.
     busy: Option<Busy>,
-    /// The answer hyper's path is making for the request at `start`, and
-    /// that request's length.
+    /// The answer hyper's path is making for the request at `start`.
     waiting: Option<Waiting>,
 }
 
@@ -264,7 +264,7 @@ impl Direct {
             }
             if self.start < self.filled {
                 match self.next_request() {
-                    Parsed::Answered => continue,
+                    Parsed::Taken => continue,
                     Parsed::Partial => {}
                     Parsed::Hyper => return Poll::Ready(Ok(Step::Hyper(None))),
                 }
@@ -300,7 +300,7 @@ impl Direct {
                 self.busy = Some(self.control.begin());
                 self.body = body;
                 self.start += len;
-                Parsed::Answered
+                Parsed::Taken
             }
             Answer::Later {
                 len,
@@ -313,7 +313,7 @@ impl Direct {
                     len,
                     target,
                 });
-                Parsed::Answered
+                Parsed::Taken
             }
             Answer::Partial => Parsed::Partial,
             Answer::Hyper => Parsed::Hyper,
@@ -359,8 +359,9 @@ impl Direct {
 /// A request whose answer hyper's path is making.
 struct Waiting {
     answer: proxy::Answer,
-    /// The request's length in the buffer, and its target.
+    /// The request's length in the buffer.
     len: usize,
+    /// The request's target, for [`Early::target`].
     target: Box<str>,
 }
 
@@ -371,7 +372,8 @@ pub enum Answer {
     Ready { len: usize, body: Bytes },
     /// A plain `GET` the cache cannot answer at once (a miss, a pass, ...):
     /// `answer` is what hyper's path answers it with ([`Proxy::handle`]),
-    /// and the request took `len` bytes.
+    /// the request took `len` bytes, and `target` is its target (as
+    /// written).
     Later {
         len: usize,
         target: Box<str>,
@@ -404,7 +406,9 @@ impl std::fmt::Debug for Answer {
 /// the backend a second time. The request stays counted in progress
 /// (`busy`) until the answer's body ends.
 pub struct Early {
+    /// Hyper's path's answer to the request, not yet written.
     pub response: Response<ProxyBody>,
+    /// The request counted in progress since the fast path read its head.
     pub busy: Busy,
     /// The request's target, to check the request hyper reads is the one.
     pub target: Box<str>,
@@ -412,8 +416,9 @@ pub struct Early {
 
 /// Parses the request head at the start of `bytes` and, when it is a plain
 /// `GET` the cache answers at once, appends the answer's head to `head` and
-/// returns its body (shared with the entry). All the work of a fast hit but
-/// the socket's. Another plain `GET` gets hyper's path's answer, to come.
+/// returns its body (shared with the entry): all the work of a fast hit but
+/// the socket's. Another plain `GET` gets hyper's path's answer, to come
+/// ([`Answer::Later`]), with nothing written to `head`.
 pub fn answer(proxy: &Arc<Proxy>, bytes: &[u8], peer: SocketAddr, head: &mut Vec<u8>) -> Answer {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
