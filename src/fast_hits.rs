@@ -438,7 +438,7 @@ pub fn answer(proxy: &Arc<Proxy>, bytes: &[u8], peer: SocketAddr, head: &mut Vec
         peer,
         client_headers,
     ) else {
-        let Some(request) = plain_request(&request, plain.target) else {
+        let Some(request) = hyper_request(&request, plain.target) else {
             return Answer::Hyper;
         };
         return Answer::Later {
@@ -560,7 +560,7 @@ fn write_head(out: &mut Vec<u8>, hit: &FastHit) {
 /// HTTP/1.1 with every header field in order and no body. `None` when a
 /// field is one `http` refuses (none that httparse accepts is known), so
 /// that hyper's own reading decides.
-fn plain_request(
+fn hyper_request(
     request: &httparse::Request<'_, '_>,
     target: &str,
 ) -> Option<Request<Empty<Bytes>>> {
@@ -569,8 +569,8 @@ fn plain_request(
     let headers = built.headers_mut();
     headers.reserve(request.headers.len());
     for field in request.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
-        headers.append(name, HeaderValue::from_bytes(field.value).ok()?);
+        let (name, value) = header_field(field)?;
+        headers.append(name, value);
     }
     Some(built)
 }
@@ -579,38 +579,18 @@ fn plain_request(
 /// writes it to a keep-alive `GET` (status line with the canonical reason,
 /// fields in the map's order with lower-case names, then `Content-Length`
 /// and `Date` when the map has none) and returns its body, when the body is
-/// in one piece and hyper would frame it by its length alone.
-///
-/// `None`, with nothing written, for everything else, which hyper writes:
-/// a streamed body, a status with no body (1xx, 204, 304), a `Connection`,
-/// `Transfer-Encoding` or `Trailer` field, a `Content-Length` that is not
-/// the body's own length written plainly, a version other than HTTP/1.1, a
-/// custom reason phrase.
+/// in one piece and hyper would frame it by its length alone
+/// ([`framed_by_length`]). `None`, with nothing written, for everything
+/// else, which hyper writes.
 fn write_response(out: &mut Vec<u8>, response: &Response<ProxyBody>) -> Option<Bytes> {
     let ProxyBody::Full(body) = response.body() else {
         return None;
     };
-    let status = response.status();
     let length = body.len().to_string();
-    let plain = |(name, value): (&HeaderName, &HeaderValue)| {
-        *name != header::CONNECTION
-            && *name != header::TRANSFER_ENCODING
-            && *name != header::TRAILER
-            && (*name != header::CONTENT_LENGTH || value.as_bytes() == length.as_bytes())
-    };
-    if response.version() != Version::HTTP_11
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-        || response
-            .extensions()
-            .get::<hyper::ext::ReasonPhrase>()
-            .is_some()
-        || !response.headers().iter().all(plain)
-    {
+    if !framed_by_length(response, &length) {
         return None;
     }
-    status_line(out, status);
+    status_line(out, response.status());
     // An empty body's length is written last (hyper leaves out the field
     // and adds its own); a longer one's where the map has it, once.
     let mut length_written = false;
@@ -635,20 +615,47 @@ fn write_response(out: &mut Vec<u8>, response: &Response<ProxyBody>) -> Option<B
     Some(body.clone())
 }
 
+/// Whether hyper's HTTP/1.1 server frames `response`, whose whole body is
+/// `length` bytes (in decimal), by that length alone, with the head
+/// [`write_response`] writes. Not: a status with no body (1xx, 204, 304),
+/// a `Connection`, `Transfer-Encoding` or `Trailer` field, a
+/// `Content-Length` that is not `length` written plainly, a version other
+/// than HTTP/1.1, a custom reason phrase.
+fn framed_by_length(response: &Response<ProxyBody>, length: &str) -> bool {
+    let status = response.status();
+    let plain = |(name, value): (&HeaderName, &HeaderValue)| {
+        *name != header::CONNECTION
+            && *name != header::TRANSFER_ENCODING
+            && *name != header::TRAILER
+            && (*name != header::CONTENT_LENGTH || value.as_bytes() == length.as_bytes())
+    };
+    response.version() == Version::HTTP_11
+        && !status.is_informational()
+        && status != StatusCode::NO_CONTENT
+        && status != StatusCode::NOT_MODIFIED
+        && response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .is_none()
+        && response.headers().iter().all(plain)
+}
+
 /// The request's headers as hyper's path has them, for a refresh to send on.
 fn client_headers(headers: &[httparse::Header<'_>]) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(headers.len());
-    for header in headers {
-        // httparse checked both; a value hyper keeps but `http` refuses
-        // (none is known) would be left out of the refresh only.
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(header.name.as_bytes()),
-            HeaderValue::from_bytes(header.value),
-        ) {
-            map.append(name, value);
-        }
+    // A field hyper keeps but `http` refuses (none is known) would be left
+    // out of the refresh only.
+    for (name, value) in headers.iter().filter_map(header_field) {
+        map.append(name, value);
     }
     map
+}
+
+/// A header field as `http` has it; `None` for one it refuses (httparse
+/// checked the name and the value: none it accepts is known).
+fn header_field(field: &httparse::Header<'_>) -> Option<(HeaderName, HeaderValue)> {
+    let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+    Some((name, HeaderValue::from_bytes(field.value).ok()?))
 }
 
 /// An HTTP/1.1 status line as hyper writes it: the canonical reason, or
