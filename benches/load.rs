@@ -17,7 +17,12 @@
 //! `Last-Modified`. The mixes (`mix-1pct`, `mix-5pct`) send 1% or 5% of
 //! their requests, on the same keep-alive connections as the hits, to URLs
 //! never asked before; the limit answers those from memory too (a perfect
-//! cache, paying no miss).
+//! cache, paying no miss). `cold-1k` starts wrk on an empty cache, so every
+//! key's first request is a miss on a keep-alive connection. `zipf` asks for
+//! keys by a Zipf law (s = 1) over more keys than the caches' budget holds,
+//! and notes each cache's hit ratio against a simulated LRU of swr-proxy's
+//! size. `memory` measures bytes per stored object by PSS (and RSS beside
+//! it).
 //!
 //! The origin and the limit server run inside this process; swr-proxy, nginx,
 //! Varnish and wrk are child processes, each stopped by PID when its run ends.
@@ -42,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Collected, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -780,13 +785,16 @@ pub fn pss_bytes(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// The processes' resident set sizes, summed (a page shared between them
+/// counted once per process).
 pub fn rss_bytes(pids: &[u32]) -> u64 {
     pids.iter()
         .map(|pid| proc_kib(&format!("/proc/{pid}/status"), "VmRSS:") * 1024)
         .sum()
 }
 
-/// The value (in kB) of the line starting with `field` in a /proc file.
+/// The value (in kB) of the line starting with `field` in a /proc file; 0
+/// when the file (a process that has exited) or the line is missing.
 fn proc_kib(path: &str, field: &str) -> u64 {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -890,24 +898,23 @@ pub async fn connect(addr: SocketAddr) -> Result<Sender, String> {
 
 /// The body of `path`'s answer, as text.
 async fn get_text(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<String, String> {
-    sender.ready().await.map_err(|e| e.to_string())?;
-    let request = Request::get(path)
-        .header("host", addr.to_string())
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?;
+    let (_, body) = get_answer(sender, addr, path).await?;
     Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
 }
 
+/// The status of `path`'s answer, its body read to the end.
 pub async fn get(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let (status, _) = get_answer(sender, addr, path).await?;
+    Ok(status)
+}
+
+/// `GET path` on `sender` with `addr` as `Host`: the answer's status and
+/// whole body (as read: joined only by a caller that wants it in one piece).
+async fn get_answer(
+    sender: &mut Sender,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(u16, Collected<Bytes>), String> {
     sender.ready().await.map_err(|e| e.to_string())?;
     let request = Request::get(path)
         .header("host", addr.to_string())
@@ -918,12 +925,12 @@ pub async fn get(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<u1
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
-    response
+    let body = response
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?;
-    Ok(status)
+    Ok((status, body))
 }
 
 #[derive(Debug, Clone, Default)]
@@ -1058,13 +1065,16 @@ struct Traffic {
     /// The Zipf exponent of the keys' popularity; 0: uniform.
     zipf: f64,
     /// Whether every key is asked once before wrk starts (else wrk starts
-    /// on an empty cache: a cold start).
+    /// on an empty cache: a cold start). Not read with `zipf`: that traffic
+    /// fills the cache with an unmeasured run of itself.
     warm: bool,
     /// The caches' memory budget (see [`CacheSetup`]).
     budget_mib: Option<u64>,
 }
 
 impl Traffic {
+    /// Every request on one of `keys` warmed keys, each as likely, with
+    /// answers of `body_size` bytes and room in the caches for every key.
     fn uniform(keys: usize, body_size: usize) -> Traffic {
         Traffic {
             keys,
@@ -1083,7 +1093,7 @@ impl Traffic {
 /// budget holds, after a run of the same traffic to fill the cache (zipf:
 /// its hit ratio is `1 - backend requests / requests`, against an LRU of
 /// the size swr-proxy ends with, simulated on the same law).
-async fn hits(report: &mut Report, options: &Options, name: &str, traffic: Traffic) {
+async fn throughput(report: &mut Report, options: &Options, name: &str, traffic: Traffic) {
     let origin = Origin::start(traffic.body_size, Duration::ZERO, None).await;
     let setup = CacheSetup {
         ttl_secs: 3600,
@@ -1103,7 +1113,8 @@ async fn hits(report: &mut Report, options: &Options, name: &str, traffic: Traff
     let mut results: HashMap<&'static str, Vec<(WrkResult, f64)>> = HashMap::new();
     let mut by_round: HashMap<(usize, &'static str), f64> = HashMap::new();
     let mut hit_ratios: HashMap<&'static str, Vec<f64>> = HashMap::new();
-    let mut stored: Vec<f64> = Vec::new();
+    // swr-proxy's entries at the end of each round, for the LRU's size.
+    let mut entries_stored: Vec<f64> = Vec::new();
     for round in 0..options.rounds {
         for kind in in_turn(&kinds, round) {
             let Some(target) = start_target(kind, &origin, setup, keys, traffic.body_size).await
@@ -1130,7 +1141,7 @@ async fn hits(report: &mut Report, options: &Options, name: &str, traffic: Traff
             let fetched = origin.requests.load(Ordering::Relaxed) as f64;
             if traffic.zipf > 0.0 && kind == Kind::SwrProxy {
                 if let Some(entries) = admin_metric(target.admin, "swr_cache_entries").await {
-                    stored.push(entries);
+                    entries_stored.push(entries);
                 }
             }
             drop(target);
@@ -1154,25 +1165,8 @@ async fn hits(report: &mut Report, options: &Options, name: &str, traffic: Traff
         }
     }
     if traffic.zipf > 0.0 {
-        let mut listed: Vec<String> = kinds
-            .iter()
-            .filter(|k| !matches!(k, Kind::Limit | Kind::LimitWire | Kind::LimitRaw))
-            .map(|k| {
-                let ratio = median(hit_ratios.get(k.name()).cloned().unwrap_or_default());
-                format!("{} {ratio:.3}", k.name())
-            })
-            .collect();
-        let capacity = median(stored).max(0.0);
-        if capacity.is_finite() && capacity >= 1.0 {
-            let lru = lru_hit_ratio(keys, traffic.zipf, capacity as usize, 42);
-            listed.push(format!(
-                "LRU {lru:.3} (simulated, of swr-proxy's size: {capacity:.0} objects)"
-            ));
-        }
-        report.note(format!(
-            "{name} hit ratio (1 - backend requests / requests, median): {}",
-            listed.join(", ")
-        ));
+        let note = hit_ratio_note(&kinds, &hit_ratios, entries_stored, traffic);
+        report.note(format!("{name} {note}"));
     }
     let median_of = |k: &str, f: fn(&(WrkResult, f64)) -> f64| {
         median(
@@ -1458,6 +1452,36 @@ async fn memory(report: &mut Report, options: &Options) {
     }
 }
 
+/// The zipf scenario's note: each cache's median hit ratio (`hit_ratios`,
+/// by target), and an LRU's on the same traffic, of the size swr-proxy
+/// ended its rounds with (`entries_stored`, its entries by round).
+fn hit_ratio_note(
+    kinds: &[Kind],
+    hit_ratios: &HashMap<&'static str, Vec<f64>>,
+    entries_stored: Vec<f64>,
+    traffic: Traffic,
+) -> String {
+    let mut listed: Vec<String> = kinds
+        .iter()
+        .filter(|k| !matches!(k, Kind::Limit | Kind::LimitWire | Kind::LimitRaw))
+        .map(|k| {
+            let ratio = median(hit_ratios.get(k.name()).cloned().unwrap_or_default());
+            format!("{} {ratio:.3}", k.name())
+        })
+        .collect();
+    let capacity = median(entries_stored).max(0.0);
+    if capacity.is_finite() && capacity >= 1.0 {
+        let lru = lru_hit_ratio(traffic.keys, traffic.zipf, capacity as usize, 42);
+        listed.push(format!(
+            "LRU {lru:.3} (simulated, of swr-proxy's size: {capacity:.0} objects)"
+        ));
+    }
+    format!(
+        "hit ratio (1 - backend requests / requests, median): {}",
+        listed.join(", ")
+    )
+}
+
 /// The hit ratio of an LRU cache of `capacity` objects under requests for
 /// `keys` keys by a Zipf law of exponent `s` (key i with weight
 /// 1/(i+1)^s), measured over 2,000,000 requests after 1,000,000 that fill
@@ -1648,14 +1672,14 @@ pub fn run(options: &Options) -> Report {
         let hit_keys = options.hit_keys;
         if options.wants("hits-1k") {
             let traffic = Traffic::uniform(hit_keys, 1024);
-            hits(&mut report, options, "hits-1k", traffic).await;
+            throughput(&mut report, options, "hits-1k", traffic).await;
         }
         if options.wants("hits-64k") {
             let traffic = Traffic::uniform(hit_keys, 64 * 1024);
-            hits(&mut report, options, "hits-64k", traffic).await;
+            throughput(&mut report, options, "hits-64k", traffic).await;
         }
         if options.wants("hot-1k") {
-            hits(&mut report, options, "hot-1k", Traffic::uniform(1, 1024)).await;
+            throughput(&mut report, options, "hot-1k", Traffic::uniform(1, 1024)).await;
         }
         // Keep-alive connections that meet misses, as a load balancer's
         // or an application's pool does: 1% and 5% of requests on new URLs.
@@ -1665,7 +1689,7 @@ pub fn run(options: &Options) -> Report {
                     new_share: share,
                     ..Traffic::uniform(hit_keys, 1024)
                 };
-                hits(&mut report, options, scenario, traffic).await;
+                throughput(&mut report, options, scenario, traffic).await;
             }
         }
         // wrk starts on an empty cache: every key's first request is a miss
@@ -1675,7 +1699,7 @@ pub fn run(options: &Options) -> Report {
                 warm: false,
                 ..Traffic::uniform(hit_keys, 1024)
             };
-            hits(&mut report, options, "cold-1k", traffic).await;
+            throughput(&mut report, options, "cold-1k", traffic).await;
         }
         // Popularity by a Zipf law (s = 1) over more keys than the budget
         // holds: about 1/8 of them (at least 8 MiB, swr-proxy's default
@@ -1687,7 +1711,7 @@ pub fn run(options: &Options) -> Report {
                 budget_mib: Some((keys as u64 * 1024 / 8).div_ceil(1 << 20).max(8)),
                 ..Traffic::uniform(keys, 1024)
             };
-            hits(&mut report, options, "zipf", traffic).await;
+            throughput(&mut report, options, "zipf", traffic).await;
         }
         if options.wants("stale-storm") {
             stale_storm(&mut report, options).await;

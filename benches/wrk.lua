@@ -7,7 +7,8 @@ local keys = tonumber(os.getenv("KEYS") or "1")
 local new_share = tonumber(os.getenv("NEW") or "0")
 local zipf = tonumber(os.getenv("ZIPF") or "0")
 local new_urls = 0
--- With ZIPF: cdf[i] is the probability of a key below i (1-based).
+-- With ZIPF: cdf[i] is the probability that a draw is one of the keys
+-- /k/0 .. /k/(i-1) (the table is 1-based, the keys 0-based).
 local cdf = nil
 
 function setup(thread)

@@ -84,7 +84,8 @@ impl<F, C> FastConnection<F, C>
 where
     F: FnOnce(Prefixed, Option<Early>) -> C,
 {
-    /// Serves hits on `stream` for `proxy`, each counted on `control` as a
+    /// Serves plain `GET`s on `stream` for `proxy` (hits from the entry, the
+    /// rest with [`Proxy::handle`]'s answer), each counted on `control` as a
     /// request in progress until its answer is written.
     pub fn new(
         stream: ClientStream,
@@ -197,9 +198,9 @@ enum Step {
 
 /// What the next buffered request is.
 enum Parsed {
-    /// A hit, whose answer is ready to write, or a request whose answer is
-    /// on its way (`Direct::waiting`).
-    Answered,
+    /// A request taken here: a hit, whose answer is ready to write, or one
+    /// whose answer hyper's path is making (`Direct::waiting`).
+    Taken,
     /// Its head has not all arrived.
     Partial,
     /// One for hyper.
@@ -222,8 +223,7 @@ struct Direct {
     sent: usize,
     /// Held from a request's head to the end of its answer's write.
     busy: Option<Busy>,
-    /// The answer hyper's path is making for the request at `start`, and
-    /// that request's length.
+    /// The answer hyper's path is making for the request at `start`.
     waiting: Option<Waiting>,
 }
 
@@ -264,7 +264,7 @@ impl Direct {
             }
             if self.start < self.filled {
                 match self.next_request() {
-                    Parsed::Answered => continue,
+                    Parsed::Taken => continue,
                     Parsed::Partial => {}
                     Parsed::Hyper => return Poll::Ready(Ok(Step::Hyper(None))),
                 }
@@ -300,7 +300,7 @@ impl Direct {
                 self.busy = Some(self.control.begin());
                 self.body = body;
                 self.start += len;
-                Parsed::Answered
+                Parsed::Taken
             }
             Answer::Later {
                 len,
@@ -313,7 +313,7 @@ impl Direct {
                     len,
                     target,
                 });
-                Parsed::Answered
+                Parsed::Taken
             }
             Answer::Partial => Parsed::Partial,
             Answer::Hyper => Parsed::Hyper,
@@ -359,8 +359,9 @@ impl Direct {
 /// A request whose answer hyper's path is making.
 struct Waiting {
     answer: proxy::Answer,
-    /// The request's length in the buffer, and its target.
+    /// The request's length in the buffer.
     len: usize,
+    /// The request's target, for [`Early::target`].
     target: Box<str>,
 }
 
@@ -371,7 +372,8 @@ pub enum Answer {
     Ready { len: usize, body: Bytes },
     /// A plain `GET` the cache cannot answer at once (a miss, a pass, ...):
     /// `answer` is what hyper's path answers it with ([`Proxy::handle`]),
-    /// and the request took `len` bytes.
+    /// the request took `len` bytes, and `target` is its target (as
+    /// written).
     Later {
         len: usize,
         target: Box<str>,
@@ -404,7 +406,9 @@ impl std::fmt::Debug for Answer {
 /// the backend a second time. The request stays counted in progress
 /// (`busy`) until the answer's body ends.
 pub struct Early {
+    /// Hyper's path's answer to the request, not yet written.
     pub response: Response<ProxyBody>,
+    /// The request counted in progress since the fast path read its head.
     pub busy: Busy,
     /// The request's target, to check the request hyper reads is the one.
     pub target: Box<str>,
@@ -412,8 +416,9 @@ pub struct Early {
 
 /// Parses the request head at the start of `bytes` and, when it is a plain
 /// `GET` the cache answers at once, appends the answer's head to `head` and
-/// returns its body (shared with the entry). All the work of a fast hit but
-/// the socket's. Another plain `GET` gets hyper's path's answer, to come.
+/// returns its body (shared with the entry): all the work of a fast hit but
+/// the socket's. Another plain `GET` gets hyper's path's answer, to come
+/// ([`Answer::Later`]), with nothing written to `head`.
 pub fn answer(proxy: &Arc<Proxy>, bytes: &[u8], peer: SocketAddr, head: &mut Vec<u8>) -> Answer {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
@@ -433,7 +438,7 @@ pub fn answer(proxy: &Arc<Proxy>, bytes: &[u8], peer: SocketAddr, head: &mut Vec
         peer,
         client_headers,
     ) else {
-        let Some(request) = plain_request(&request, plain.target) else {
+        let Some(request) = hyper_request(&request, plain.target) else {
             return Answer::Hyper;
         };
         return Answer::Later {
@@ -555,7 +560,7 @@ fn write_head(out: &mut Vec<u8>, hit: &FastHit) {
 /// HTTP/1.1 with every header field in order and no body. `None` when a
 /// field is one `http` refuses (none that httparse accepts is known), so
 /// that hyper's own reading decides.
-fn plain_request(
+fn hyper_request(
     request: &httparse::Request<'_, '_>,
     target: &str,
 ) -> Option<Request<Empty<Bytes>>> {
@@ -564,8 +569,8 @@ fn plain_request(
     let headers = built.headers_mut();
     headers.reserve(request.headers.len());
     for field in request.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
-        headers.append(name, HeaderValue::from_bytes(field.value).ok()?);
+        let (name, value) = header_field(field)?;
+        headers.append(name, value);
     }
     Some(built)
 }
@@ -574,38 +579,18 @@ fn plain_request(
 /// writes it to a keep-alive `GET` (status line with the canonical reason,
 /// fields in the map's order with lower-case names, then `Content-Length`
 /// and `Date` when the map has none) and returns its body, when the body is
-/// in one piece and hyper would frame it by its length alone.
-///
-/// `None`, with nothing written, for everything else, which hyper writes:
-/// a streamed body, a status with no body (1xx, 204, 304), a `Connection`,
-/// `Transfer-Encoding` or `Trailer` field, a `Content-Length` that is not
-/// the body's own length written plainly, a version other than HTTP/1.1, a
-/// custom reason phrase.
+/// in one piece and hyper would frame it by its length alone
+/// ([`framed_by_length`]). `None`, with nothing written, for everything
+/// else, which hyper writes.
 fn write_response(out: &mut Vec<u8>, response: &Response<ProxyBody>) -> Option<Bytes> {
     let ProxyBody::Full(body) = response.body() else {
         return None;
     };
-    let status = response.status();
     let length = body.len().to_string();
-    let plain = |(name, value): (&HeaderName, &HeaderValue)| {
-        *name != header::CONNECTION
-            && *name != header::TRANSFER_ENCODING
-            && *name != header::TRAILER
-            && (*name != header::CONTENT_LENGTH || value.as_bytes() == length.as_bytes())
-    };
-    if response.version() != Version::HTTP_11
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-        || response
-            .extensions()
-            .get::<hyper::ext::ReasonPhrase>()
-            .is_some()
-        || !response.headers().iter().all(plain)
-    {
+    if !framed_by_length(response, &length) {
         return None;
     }
-    status_line(out, status);
+    status_line(out, response.status());
     // An empty body's length is written last (hyper leaves out the field
     // and adds its own); a longer one's where the map has it, once.
     let mut length_written = false;
@@ -630,20 +615,47 @@ fn write_response(out: &mut Vec<u8>, response: &Response<ProxyBody>) -> Option<B
     Some(body.clone())
 }
 
+/// Whether hyper's HTTP/1.1 server frames `response`, whose whole body is
+/// `length` bytes (in decimal), by that length alone, with the head
+/// [`write_response`] writes. Not: a status with no body (1xx, 204, 304),
+/// a `Connection`, `Transfer-Encoding` or `Trailer` field, a
+/// `Content-Length` that is not `length` written plainly, a version other
+/// than HTTP/1.1, a custom reason phrase.
+fn framed_by_length(response: &Response<ProxyBody>, length: &str) -> bool {
+    let status = response.status();
+    let plain = |(name, value): (&HeaderName, &HeaderValue)| {
+        *name != header::CONNECTION
+            && *name != header::TRANSFER_ENCODING
+            && *name != header::TRAILER
+            && (*name != header::CONTENT_LENGTH || value.as_bytes() == length.as_bytes())
+    };
+    response.version() == Version::HTTP_11
+        && !status.is_informational()
+        && status != StatusCode::NO_CONTENT
+        && status != StatusCode::NOT_MODIFIED
+        && response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .is_none()
+        && response.headers().iter().all(plain)
+}
+
 /// The request's headers as hyper's path has them, for a refresh to send on.
 fn client_headers(headers: &[httparse::Header<'_>]) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(headers.len());
-    for header in headers {
-        // httparse checked both; a value hyper keeps but `http` refuses
-        // (none is known) would be left out of the refresh only.
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(header.name.as_bytes()),
-            HeaderValue::from_bytes(header.value),
-        ) {
-            map.append(name, value);
-        }
+    // A field hyper keeps but `http` refuses (none is known) would be left
+    // out of the refresh only.
+    for (name, value) in headers.iter().filter_map(header_field) {
+        map.append(name, value);
     }
     map
+}
+
+/// A header field as `http` has it; `None` for one it refuses (httparse
+/// checked the name and the value: none it accepts is known).
+fn header_field(field: &httparse::Header<'_>) -> Option<(HeaderName, HeaderValue)> {
+    let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+    Some((name, HeaderValue::from_bytes(field.value).ok()?))
 }
 
 /// An HTTP/1.1 status line as hyper writes it: the canonical reason, or

@@ -13,7 +13,8 @@
 //! - [`server`]: the accept loop and graceful shutdown.
 //! - [`connections`]: open connections: closing idle ones and clients that
 //!   stop reading, finishing all at shutdown.
-//! - [`fast_hits`]: plain HTTP/1.1 hits answered from the socket; the rest to hyper.
+//! - [`fast_hits`]: plain HTTP/1.1 `GET`s answered from the socket (hits from
+//!   the entry, the rest with hyper's path's answer); every other request to hyper.
 //! - [`proxy`]: the request flow: lookup -> fill or pass -> respond, one
 //!   file per step.
 //! - [`cache::key`]: the cache key of a request (host, path, query).

@@ -20,7 +20,8 @@ use swr_proxy::{admin, demo, server};
 /// asks for transparent huge pages, which grow the resident set in 2 MiB
 /// steps. And its version 2 (`v2`): version 3, the crate's default since
 /// 0.1.49, held 1,654 B per stored 1 KiB object against 1,404 B (PSS,
-/// 100,000 objects fetched by wrk from an nginx origin; BENCHMARKS.md).
+/// 100,000 objects fetched by wrk from an nginx origin; BENCHMARKS.md,
+/// "What changed the numbers").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -450,9 +450,11 @@ pub struct Stats {
     pub purged: Counter,
     /// Requests for keys remembered as uncacheable, sent without coalescing.
     pub hit_for_miss: Counter,
-    /// Hits answered without hyper (see [`crate::fast_hits`]).
+    /// Hits answered without hyper (see [`crate::fast_hits`]); the misses
+    /// and passes the fast path also answers are not counted here.
     pub fast_hits: StripedCounter,
-    /// Connections the fast hit path handed to hyper.
+    /// Connections the fast path handed to hyper: at a request it does not
+    /// take, or with an answer only hyper writes (a streamed body, 204, ...).
     pub fast_handoffs: Counter,
     /// Time from sending a request upstream to its response head.
     pub upstream_latency: Histogram,
@@ -624,13 +626,13 @@ impl Default for Stats {
         let fast_hits = register(
             &mut r,
             "swr_fast_hits",
-            "Hits answered without hyper (plain HTTP/1.1 GET); also counted in swr_requests_total",
+            "Hits answered without hyper (plain HTTP/1.1 GET; not the misses the fast path also answers); also counted in swr_requests_total",
             StripedCounter::default(),
         );
         let fast_handoffs = register(
             &mut r,
             "swr_fast_hit_handoffs",
-            "Connections the fast hit path handed to hyper, at their first request it does not answer",
+            "Connections the fast path handed to hyper: at their first request it does not take, or with an answer only hyper writes (a streamed body, 204, 304, ...)",
             Counter::default(),
         );
         let mut gauge =

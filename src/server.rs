@@ -140,6 +140,9 @@ where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
+    // Taken once, by a service hyper calls through `&self` and may move
+    // between threads: a std Mutex, never contended (one connection's
+    // requests are read one at a time) and never held across an await.
     let early = early.map(|early| Mutex::new(Some(early)));
     let service = service_fn(move |request: Request<Incoming>| {
         let (answer, busy) = match early.as_ref().and_then(|e| take_early(e, &request)) {
