@@ -406,7 +406,8 @@ impl std::fmt::Debug for Answer {
 pub struct Early {
     pub response: Response<ProxyBody>,
     pub busy: Busy,
-    /// The request's target, to check the request hyper reads is the one.
+    /// The request's target as its `Uri` has it (as hyper's does), to
+    /// check the request hyper reads is the one.
     pub target: Box<str>,
 }
 
@@ -436,9 +437,16 @@ pub fn answer(proxy: &Arc<Proxy>, bytes: &[u8], peer: SocketAddr, head: &mut Vec
         let Some(request) = plain_request(&request, plain.target) else {
             return Answer::Hyper;
         };
+        // As hyper's `Uri` has it (a fragment dropped), which is what
+        // `take_early` compares with the request hyper reads again.
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .into();
         return Answer::Later {
             len,
-            target: plain.target.into(),
+            target,
             answer: proxy.handle(request, Some(peer)),
         };
     };

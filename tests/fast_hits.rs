@@ -629,3 +629,31 @@ async fn misses_keep_a_connection_on_the_fast_path() {
     assert_eq!(origin.hits("/pass"), 1, "the pass was sent once");
     assert_eq!(metric(&proxy, "swr_fast_hit_handoffs_total").await, 1.0);
 }
+
+/// A target with a fragment (`/p#x`: httparse takes it, hyper's `Uri`
+/// drops the fragment) whose answer streams is sent to the backend once:
+/// the answer made on the fast path is the one hyper's service uses when
+/// it reads the same request again, not thrown away for a second fetch.
+#[tokio::test]
+async fn a_target_with_a_fragment_is_fetched_once() {
+    let origins = [Origin::start().await, Origin::start().await];
+    let fast = TestProxy::start(&origins[0], &[]).await;
+    let hyper_only = TestProxy::start(&origins[1], &["--no-fast-hits"]).await;
+    let mut answers = Vec::new();
+    for proxy in [&fast, &hyper_only] {
+        let mut stream = connect(proxy.addr).await;
+        // A pass (credentials): its body streams, so hyper writes it.
+        let request = format!(
+            "GET /p#frag HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer t\r\n\r\n",
+            proxy.addr
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        answers.push(read_answers(&mut stream, 1).await.remove(0));
+    }
+    assert_eq!(comparable(&answers[0]), comparable(&answers[1]));
+    assert_eq!(answers[0].header("x-cache"), "BYPASS");
+    assert_eq!(answers[0].body, b"/p #1");
+    for origin in &origins {
+        assert_eq!(origin.hits("/p"), 1, "the backend is asked once");
+    }
+}
