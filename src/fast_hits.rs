@@ -176,7 +176,9 @@ where
 {
     /// Here: the answer being written is finished, then the connection
     /// closes (a request head only partly read is dropped, as nginx drops
-    /// an idle keep-alive connection at shutdown). In hyper: hyper's own.
+    /// an idle keep-alive connection at shutdown); an answer still being
+    /// made says `Connection: close`, as hyper's does, and hyper writes it.
+    /// In hyper: hyper's own.
     fn graceful_shutdown(self: Pin<&mut Self>) {
         let this = self.get_mut();
         this.shutting_down = true;
@@ -231,10 +233,15 @@ impl Direct {
     fn poll(&mut self, cx: &mut Context<'_>, shutting_down: bool) -> Poll<io::Result<Step>> {
         loop {
             if let Some(waiting) = &mut self.waiting {
-                let response = ready!(Pin::new(&mut waiting.answer).poll(cx));
+                let mut response = ready!(Pin::new(&mut waiting.answer).poll(cx));
                 let Some(Waiting { len, target, .. }) = self.waiting.take() else {
                     continue;
                 };
+                if shutting_down {
+                    // The connection closes after this answer: hyper says
+                    // so in it, and writes it (`Connection` is hyper's).
+                    close_after(response.headers_mut());
+                }
                 match write_response(&mut self.head, &response) {
                     Some(body) => {
                         self.body = body;
@@ -636,6 +643,22 @@ fn write_response(out: &mut Vec<u8>, response: &Response<ProxyBody>) -> Option<B
     }
     out.extend_from_slice(b"\r\n");
     Some(body.clone())
+}
+
+/// What hyper does to an answer written once its connection is told to
+/// finish (keep-alive disabled): adds `Connection: close`, unless a
+/// `Connection` field says it already. Hyper, given it, writes it in that
+/// place and closes the connection after the answer's body.
+fn close_after(headers: &mut HeaderMap) {
+    let says_close = headers.get_all(header::CONNECTION).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+    });
+    if !says_close {
+        headers.append(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// The request's headers as hyper's path has them, for a refresh to send on.

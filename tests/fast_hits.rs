@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::{eventually, take_answer, Origin, Route, TestProxy, Wire};
+use support::{eventually, take_answer, Gate, Origin, Route, TestProxy, Wire};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -655,5 +655,85 @@ async fn a_target_with_a_fragment_is_fetched_once() {
     assert_eq!(answers[0].body, b"/p #1");
     for origin in &origins {
         assert_eq!(origin.hits("/p"), 1, "the backend is asked once");
+    }
+}
+
+/// Every answer sent on `stream` until the proxy closes it (within
+/// [`WAIT`]), a reset (a request left unread) ending it as a close does.
+async fn answers_then_closed(stream: &mut TcpStream) -> Vec<Wire> {
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut buf))
+        .await
+        .expect("closed in time");
+    let answers: Vec<Wire> = std::iter::from_fn(|| take_answer(&mut buf)).collect();
+    assert_eq!(String::from_utf8_lossy(&buf), "", "only whole answers");
+    answers
+}
+
+/// A request in flight when shutdown begins is answered as hyper answers
+/// it (with `Connection: close`, the pipelined request after it left
+/// unanswered) and its connection then closes, whether its answer is
+/// written on the fast path (a miss stored) or by hyper (a pass, which
+/// streams): the connection is not left serving on after shutdown.
+#[tokio::test]
+async fn an_answer_made_during_shutdown_closes_its_connection_as_hyper_does() {
+    for pass in [false, true] {
+        let gate = Gate::closed();
+        let origins = [Origin::start().await, Origin::start().await];
+        for origin in &origins {
+            origin.route("/slow", Route::default().gate(&gate));
+        }
+        let fast = TestProxy::start(&origins[0], &["--ttl", "10m"]).await;
+        let hyper_only = TestProxy::start(&origins[1], &["--ttl", "10m", "--no-fast-hits"]).await;
+        let mut streams = Vec::new();
+        for (proxy, origin) in [&fast, &hyper_only].into_iter().zip(&origins) {
+            let credentials = if pass {
+                "Authorization: Bearer t\r\n"
+            } else {
+                ""
+            };
+            let requests = [
+                format!(
+                    "GET /slow HTTP/1.1\r\nHost: {}\r\n{credentials}\r\n",
+                    proxy.addr
+                )
+                .into_bytes(),
+                get(proxy, "/next"),
+            ]
+            .concat();
+            let mut stream = connect(proxy.addr).await;
+            stream.write_all(&requests).await.expect("write");
+            eventually(WAIT, "the request reaches the origin", || async {
+                origin.hits("/slow") == 1
+            })
+            .await;
+            proxy.shut_down();
+            // Refused once the listener is gone, which is when every
+            // connection has been told to finish.
+            let addr = proxy.addr;
+            eventually(WAIT, "the proxy stops accepting", || async move {
+                TcpStream::connect(addr).await.is_err()
+            })
+            .await;
+            streams.push(stream);
+        }
+        gate.open();
+        let mut answers = Vec::new();
+        for stream in &mut streams {
+            let mut got = answers_then_closed(stream).await;
+            assert_eq!(got.len(), 1, "pass {pass}: one answer, then closed");
+            answers.push(got.remove(0));
+        }
+        assert_eq!(
+            comparable(&answers[0]),
+            comparable(&answers[1]),
+            "pass {pass}"
+        );
+        assert_eq!(answers[0].header("connection"), "close", "pass {pass}");
+        assert_eq!(answers[0].body, b"/slow #1");
+        for origin in &origins {
+            assert_eq!(origin.hits("/slow"), 1, "pass {pass}");
+            assert_eq!(origin.hits("/next"), 0, "pass {pass}");
+        }
     }
 }
