@@ -233,7 +233,18 @@ impl Direct {
     fn poll(&mut self, cx: &mut Context<'_>, shutting_down: bool) -> Poll<io::Result<Step>> {
         loop {
             if let Some(waiting) = &mut self.waiting {
-                let mut response = ready!(Pin::new(&mut waiting.answer).poll(cx));
+                let polled = Pin::new(&mut waiting.answer).poll(cx);
+                let end = self.start + waiting.len;
+                let Poll::Ready(mut response) = polled else {
+                    // As hyper does with a request in flight and nothing
+                    // read after it: a client that closes its side ends the
+                    // connection, and the request's work (a pass's backend
+                    // request; a fill runs on for its other waiters).
+                    if self.filled == end && ready!(self.poll_gone(cx))? {
+                        return Poll::Ready(Ok(Step::Close));
+                    }
+                    return Poll::Pending;
+                };
                 let Some(Waiting { len, target, .. }) = self.waiting.take() else {
                     continue;
                 };
@@ -325,6 +336,24 @@ impl Direct {
             Answer::Partial => Parsed::Partial,
             Answer::Hyper => Parsed::Hyper,
         }
+    }
+
+    /// Reads what the client sends while its request's answer is being
+    /// made: `true` when it has closed its side. Bytes read (the next
+    /// request) are kept; the buffer grows to [`MAX_HEAD`] at most, and a
+    /// full one is not read.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.filled == self.buf.len() {
+            if self.buf.len() >= MAX_HEAD {
+                return Poll::Ready(Ok(false));
+            }
+            self.buf.resize(MAX_HEAD, 0);
+        }
+        let mut read = ReadBuf::new(&mut self.buf[self.filled..]);
+        ready!(Pin::new(&mut self.stream).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        self.filled += n;
+        Poll::Ready(Ok(n == 0))
     }
 
     /// Writes the rest of the answer.

@@ -737,3 +737,37 @@ async fn an_answer_made_during_shutdown_closes_its_connection_as_hyper_does() {
         }
     }
 }
+
+/// A client that goes away while its pass (a request that is never
+/// coalesced: here `Cache-Control: no-store`, honored) waits on the
+/// backend has it dropped, as hyper drops it with the connection: the
+/// backend request does not run on for a client that is gone.
+#[tokio::test]
+async fn a_client_that_leaves_during_a_pass_cancels_it_as_hyper_does() {
+    for flags in [&["--no-fast-hits"][..], &[][..]] {
+        let gate = Gate::closed();
+        let origin = Origin::start().await;
+        origin.route("/slow", Route::default().gate(&gate));
+        let flags = [flags, &["--honor-client-cache-control"]].concat();
+        let proxy = TestProxy::start(&origin, &flags).await;
+        let mut stream = connect(proxy.addr).await;
+        let request = format!(
+            "GET /slow HTTP/1.1\r\nHost: {}\r\nCache-Control: no-store\r\n\r\n",
+            proxy.addr
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        eventually(WAIT, "the pass reaches the origin", || async {
+            origin.hits("/slow") == 1
+        })
+        .await;
+        assert_eq!(metric(&proxy, "swr_upstream_in_flight").await, 1.0);
+        drop(stream);
+        let what = format!("{flags:?}: the pass is dropped with its client");
+        eventually(WAIT, &what, || async {
+            metric(&proxy, "swr_upstream_in_flight").await == 0.0
+        })
+        .await;
+        gate.open();
+        assert_eq!(origin.hits("/slow"), 1, "{flags:?}");
+    }
+}
