@@ -574,21 +574,35 @@ const HYPER_ONLY: [&[u8]; 13] = [
 
 /// The head of a hit's answer, as hyper would write it for
 /// `Proxy::entry_response`'s: the stored headers with `Age`, `X-Cache` and
-/// `Cache-Status` set, and `Date` unless stored.
+/// `Cache-Status` set (`HeaderMap::insert`: in the place of a stored one,
+/// its other values dropped; else after the rest), and `Date` unless
+/// stored.
 fn write_head(out: &mut Vec<u8>, hit: &FastHit) {
     let status = hit.entry.status();
     status_line(out, status);
+    let set: [(&[u8], &[u8]); 3] = [
+        (b"age", hit.age.as_bytes()),
+        (b"x-cache", hit.status.as_str().as_bytes()),
+        (b"cache-status", hit.cache_status.as_bytes()),
+    ];
+    let mut written = [false; 3];
     let mut dated = false;
     for (name, value) in hit.entry.wire_headers() {
-        if name == b"age" || name == b"x-cache" || name == b"cache-status" {
+        if let Some(i) = set.iter().position(|(set_name, _)| *set_name == name) {
+            if !written[i] {
+                written[i] = true;
+                header_line(out, name, set[i].1);
+            }
             continue;
         }
         dated |= name == b"date";
         header_line(out, name, value);
     }
-    header_line(out, b"age", hit.age.as_bytes());
-    header_line(out, b"x-cache", hit.status.as_str().as_bytes());
-    header_line(out, b"cache-status", hit.cache_status.as_bytes());
+    for ((name, value), written) in set.iter().zip(written) {
+        if !written {
+            header_line(out, name, value);
+        }
+    }
     if !dated {
         DATE.with(|date| header_line(out, b"date", &date.now()));
     }

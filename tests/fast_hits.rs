@@ -771,3 +771,95 @@ async fn a_client_that_leaves_during_a_pass_cancels_it_as_hyper_does() {
         assert_eq!(origin.hits("/slow"), 1, "{flags:?}");
     }
 }
+
+/// Odd backend answers (its own `Date`, a second `Content-Length` of the
+/// same value, bytes past ASCII and empty values in fields, repeated
+/// fields, a status with no reason phrase, no-store) give the same bytes on
+/// the fast path as on hyper's (but `Date`'s value), on the miss and on the
+/// hit after it, with the connection kept alive for a request after them.
+#[tokio::test]
+async fn odd_backend_answers_are_written_as_hyper_writes_them() {
+    use support::raw::RawBackend;
+    let variants: [&[&str]; 6] = [
+        &[
+            "cache-control: max-age=60",
+            "date: Tue, 01 Dec 2026 10:00:00 GMT",
+        ],
+        &["cache-control: max-age=60", "content-length: 0"],
+        &[
+            "cache-control: max-age=60",
+            "x-odd: a\u{e9}b",
+            "x-empty:",
+            "x-sp:   ",
+        ],
+        &[
+            "cache-control: max-age=60",
+            "vary: a",
+            "x-r: 1",
+            "vary: b",
+            "x-r: 2",
+        ],
+        &["cache-control: no-store", "x-a: 1"],
+        &[
+            "cache-control: max-age=60, must-revalidate",
+            "age: 5",
+            "x-cache: LIE",
+        ],
+    ];
+    for (i, lines) in variants.iter().enumerate() {
+        let backends = [RawBackend::start().await, RawBackend::start().await];
+        let fast = TestProxy::start_for(&backends[0].url(), &[]).await;
+        let hyper_only = TestProxy::start_for(&backends[1].url(), &["--no-fast-hits"]).await;
+        let mut wires = Vec::new();
+        for (proxy, backend) in [&fast, &hyper_only].into_iter().zip(&backends) {
+            let mut lines = lines.to_vec();
+            // The second Content-Length: RawBackend's own is the body's.
+            let body = format!("/v{i} #1");
+            let second = format!("content-length: {}", body.len());
+            if lines.contains(&"content-length: 0") {
+                lines.retain(|l| *l != "content-length: 0");
+                lines.push(&second);
+            }
+            backend.answer_with(&lines);
+            let mut stream = connect(proxy.addr).await;
+            let requests = [
+                get(proxy, &format!("/v{i}")),
+                get(proxy, &format!("/v{i}")),
+                get(proxy, "/after"),
+            ]
+            .concat();
+            stream.write_all(&requests).await.expect("write");
+            let mut buf = Vec::new();
+            let deadline = tokio::time::Instant::now() + WAIT;
+            let mut got = 0;
+            let mut copy = Vec::new();
+            while got < 3 {
+                let mut chunk = [0u8; 4096];
+                let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
+                    .await
+                    .expect("in time")
+                    .expect("read");
+                assert!(n > 0, "variant {i}: closed");
+                buf.extend_from_slice(&chunk[..n]);
+                copy.extend_from_slice(&chunk[..n]);
+                while take_answer(&mut buf).is_some() {
+                    got += 1;
+                }
+            }
+            // Date's value (the backend's own is kept) masked.
+            let text = String::from_utf8_lossy(&copy).into_owned();
+            let masked: Vec<String> = text
+                .split("\r\n")
+                .map(|l| {
+                    if l.starts_with("date: ") && !l.contains("2026 10:00:00") {
+                        "date: *".to_string()
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect();
+            wires.push(masked.join("\r\n"));
+        }
+        assert_eq!(wires[0], wires[1], "variant {i}: {lines:?}");
+    }
+}
