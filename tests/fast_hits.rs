@@ -863,3 +863,51 @@ async fn odd_backend_answers_are_written_as_hyper_writes_them() {
         assert_eq!(wires[0], wires[1], "variant {i}: {lines:?}");
     }
 }
+
+/// What the backend receives for a plain GET that misses is the same
+/// whether the fast path built the request or hyper read it: repeated,
+/// empty, non-ASCII and tabbed fields, and the key it is stored
+/// under (the hit after it is found on either path).
+#[tokio::test]
+async fn a_miss_reaches_the_backend_as_hyper_would_send_it() {
+    use support::raw::RawBackend;
+    let backends = [RawBackend::start().await, RawBackend::start().await];
+    let fast = TestProxy::start_for(&backends[0].url(), &[]).await;
+    let hyper_only = TestProxy::start_for(&backends[1].url(), &["--no-fast-hits"]).await;
+    let head = b"GET /r?q=1&b=%20 HTTP/1.1\r\nHost: Example.TEST:8080\r\nX-A: 1\r\nx-a: 2\r\nX-Empty:\r\nX-Odd: caf\xc3\xa9 \xff\r\nX-Tab: a\tb\t\r\nAccept: */*\r\nx-A: 3\r\nConnection: keep-alive\r\nUser-Agent: t\r\n\r\n";
+    let mut answers = Vec::new();
+    for proxy in [&fast, &hyper_only] {
+        let mut stream = connect(proxy.addr).await;
+        stream
+            .write_all(&[&head[..], &head[..]].concat())
+            .await
+            .expect("write");
+        answers.push(read_answers(&mut stream, 2).await);
+    }
+    for answers in &answers {
+        assert_eq!(answers[0].header("x-cache"), "MISS");
+        assert_eq!(answers[1].header("x-cache"), "HIT");
+    }
+    let seen: Vec<Vec<String>> = backends
+        .iter()
+        .map(|b| {
+            let heads = b.seen().into_iter().map(|r| r.head);
+            // Each backend's own address as `Host`.
+            heads
+                .map(|h| h.replace(&format!("host: {}", b.addr), "host: *"))
+                .collect()
+        })
+        .collect();
+    assert_eq!(seen[0].len(), 1);
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(
+        comparable(&answers[0][0]),
+        comparable(&answers[1][0]),
+        "the miss"
+    );
+    assert_eq!(
+        comparable(&answers[0][1]),
+        comparable(&answers[1][1]),
+        "the hit"
+    );
+}
