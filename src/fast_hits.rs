@@ -177,7 +177,9 @@ where
 {
     /// Here: the answer being written is finished, then the connection
     /// closes (a request head only partly read is dropped, as nginx drops
-    /// an idle keep-alive connection at shutdown). In hyper: hyper's own.
+    /// an idle keep-alive connection at shutdown); an answer still being
+    /// made says `Connection: close`, as hyper's does, and hyper writes it.
+    /// In hyper: hyper's own.
     fn graceful_shutdown(self: Pin<&mut Self>) {
         let this = self.get_mut();
         this.shutting_down = true;
@@ -231,10 +233,26 @@ impl Direct {
     fn poll(&mut self, cx: &mut Context<'_>, shutting_down: bool) -> Poll<io::Result<Step>> {
         loop {
             if let Some(waiting) = &mut self.waiting {
-                let response = ready!(Pin::new(&mut waiting.answer).poll(cx));
+                let polled = Pin::new(&mut waiting.answer).poll(cx);
+                let end = self.start + waiting.len;
+                let Poll::Ready(mut response) = polled else {
+                    // As hyper does with a request in flight and nothing
+                    // read after it: a client that closes its side ends the
+                    // connection, and the request's work (a pass's backend
+                    // request; a fill runs on for its other waiters).
+                    if self.filled == end && ready!(self.poll_gone(cx))? {
+                        return Poll::Ready(Ok(Step::Close));
+                    }
+                    return Poll::Pending;
+                };
                 let Some(Waiting { len, target, .. }) = self.waiting.take() else {
                     continue;
                 };
+                if shutting_down {
+                    // The connection closes after this answer: hyper says
+                    // so in it, and writes it (`Connection` is hyper's).
+                    close_after(response.headers_mut());
+                }
                 match write_response(&mut self.head, &response) {
                     Some(body) => {
                         self.body = body;
@@ -318,6 +336,24 @@ impl Direct {
             Answer::Partial => Parsed::Partial,
             Answer::Hyper => Parsed::Hyper,
         }
+    }
+
+    /// Reads what the client sends while its request's answer is being
+    /// made: `true` when it has closed its side. Bytes read (the next
+    /// request) are kept; the buffer grows to [`MAX_HEAD`] at most, and a
+    /// full one is not read.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.filled == self.buf.len() {
+            if self.buf.len() >= MAX_HEAD {
+                return Poll::Ready(Ok(false));
+            }
+            self.buf.resize(MAX_HEAD, 0);
+        }
+        let mut read = ReadBuf::new(&mut self.buf[self.filled..]);
+        ready!(Pin::new(&mut self.stream).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        self.filled += n;
+        Poll::Ready(Ok(n == 0))
     }
 
     /// Writes the rest of the answer.
@@ -410,7 +446,8 @@ pub struct Early {
     pub response: Response<ProxyBody>,
     /// The request counted in progress since the fast path read its head.
     pub busy: Busy,
-    /// The request's target, to check the request hyper reads is the one.
+    /// The request's target as its `Uri` has it (as hyper's does), to
+    /// check the request hyper reads is the one.
     pub target: Box<str>,
 }
 
@@ -441,9 +478,16 @@ pub fn answer(proxy: &Arc<Proxy>, bytes: &[u8], peer: SocketAddr, head: &mut Vec
         let Some(request) = hyper_request(&request, plain.target) else {
             return Answer::Hyper;
         };
+        // As hyper's `Uri` has it (a fragment dropped), which is what
+        // `take_early` compares with the request hyper reads again.
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .into();
         return Answer::Later {
             len,
-            target: plain.target.into(),
+            target,
             answer: proxy.handle(request, Some(peer)),
         };
     };
@@ -535,21 +579,35 @@ const HYPER_ONLY: [&[u8]; 13] = [
 
 /// The head of a hit's answer, as hyper would write it for
 /// `Proxy::entry_response`'s: the stored headers with `Age`, `X-Cache` and
-/// `Cache-Status` set, and `Date` unless stored.
+/// `Cache-Status` set (`HeaderMap::insert`: in the place of a stored one,
+/// its other values dropped; else after the rest), and `Date` unless
+/// stored.
 fn write_head(out: &mut Vec<u8>, hit: &FastHit) {
     let status = hit.entry.status();
     status_line(out, status);
+    let set: [(&[u8], &[u8]); 3] = [
+        (b"age", hit.age.as_bytes()),
+        (b"x-cache", hit.status.as_str().as_bytes()),
+        (b"cache-status", hit.cache_status.as_bytes()),
+    ];
+    let mut written = [false; 3];
     let mut dated = false;
     for (name, value) in hit.entry.wire_headers() {
-        if name == b"age" || name == b"x-cache" || name == b"cache-status" {
+        if let Some(i) = set.iter().position(|(set_name, _)| *set_name == name) {
+            if !written[i] {
+                written[i] = true;
+                header_line(out, name, set[i].1);
+            }
             continue;
         }
         dated |= name == b"date";
         header_line(out, name, value);
     }
-    header_line(out, b"age", hit.age.as_bytes());
-    header_line(out, b"x-cache", hit.status.as_str().as_bytes());
-    header_line(out, b"cache-status", hit.cache_status.as_bytes());
+    for ((name, value), written) in set.iter().zip(written) {
+        if !written {
+            header_line(out, name, value);
+        }
+    }
     if !dated {
         DATE.with(|date| header_line(out, b"date", &date.now()));
     }
@@ -638,6 +696,22 @@ fn framed_by_length(response: &Response<ProxyBody>, length: &str) -> bool {
             .get::<hyper::ext::ReasonPhrase>()
             .is_none()
         && response.headers().iter().all(plain)
+}
+
+/// What hyper does to an answer written once its connection is told to
+/// finish (keep-alive disabled): adds `Connection: close`, unless a
+/// `Connection` field says it already. Hyper, given it, writes it in that
+/// place and closes the connection after the answer's body.
+fn close_after(headers: &mut HeaderMap) {
+    let says_close = headers.get_all(header::CONNECTION).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+    });
+    if !says_close {
+        headers.append(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// The request's headers as hyper's path has them, for a refresh to send on.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::{eventually, take_answer, Origin, Route, TestProxy, Wire};
+use support::{eventually, take_answer, Gate, Origin, Route, TestProxy, Wire};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -606,4 +606,286 @@ async fn misses_keep_a_connection_on_the_fast_path() {
     );
     assert_eq!(origin.hits("/pass"), 1, "the pass was sent once");
     assert_eq!(metric(&proxy, "swr_fast_hit_handoffs_total").await, 1.0);
+}
+
+/// A target with a fragment (`/p#x`: httparse takes it, hyper's `Uri`
+/// drops the fragment) whose answer streams is sent to the backend once:
+/// the answer made on the fast path is the one hyper's service uses when
+/// it reads the same request again, not thrown away for a second fetch.
+#[tokio::test]
+async fn a_target_with_a_fragment_is_fetched_once() {
+    let origins = [Origin::start().await, Origin::start().await];
+    let fast = TestProxy::start(&origins[0], &[]).await;
+    let hyper_only = TestProxy::start(&origins[1], &["--no-fast-hits"]).await;
+    let mut answers = Vec::new();
+    for proxy in [&fast, &hyper_only] {
+        let mut stream = connect(proxy.addr).await;
+        // A pass (credentials): its body streams, so hyper writes it.
+        let request = format!(
+            "GET /p#frag HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer t\r\n\r\n",
+            proxy.addr
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        answers.push(read_answers(&mut stream, 1).await.remove(0));
+    }
+    assert_eq!(comparable(&answers[0]), comparable(&answers[1]));
+    assert_eq!(answers[0].header("x-cache"), "BYPASS");
+    assert_eq!(answers[0].body, b"/p #1");
+    for origin in &origins {
+        assert_eq!(origin.hits("/p"), 1, "the backend is asked once");
+    }
+}
+
+/// Every answer sent on `stream` until the proxy closes it (within
+/// [`WAIT`]), a reset (a request left unread) ending it as a close does.
+async fn answers_then_closed(stream: &mut TcpStream) -> Vec<Wire> {
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut buf))
+        .await
+        .expect("closed in time");
+    let answers: Vec<Wire> = std::iter::from_fn(|| take_answer(&mut buf)).collect();
+    assert_eq!(String::from_utf8_lossy(&buf), "", "only whole answers");
+    answers
+}
+
+/// A request in flight when shutdown begins is answered as hyper answers
+/// it (with `Connection: close`, the pipelined request after it left
+/// unanswered) and its connection then closes, whether its answer is
+/// written on the fast path (a miss stored) or by hyper (a pass, which
+/// streams): the connection is not left serving on after shutdown.
+#[tokio::test]
+async fn an_answer_made_during_shutdown_closes_its_connection_as_hyper_does() {
+    for pass in [false, true] {
+        let gate = Gate::closed();
+        let origins = [Origin::start().await, Origin::start().await];
+        for origin in &origins {
+            origin.route("/slow", Route::default().gate(&gate));
+        }
+        let fast = TestProxy::start(&origins[0], &["--ttl", "10m"]).await;
+        let hyper_only = TestProxy::start(&origins[1], &["--ttl", "10m", "--no-fast-hits"]).await;
+        let mut streams = Vec::new();
+        for (proxy, origin) in [&fast, &hyper_only].into_iter().zip(&origins) {
+            let credentials = if pass {
+                "Authorization: Bearer t\r\n"
+            } else {
+                ""
+            };
+            let requests = [
+                format!(
+                    "GET /slow HTTP/1.1\r\nHost: {}\r\n{credentials}\r\n",
+                    proxy.addr
+                )
+                .into_bytes(),
+                get(proxy, "/next"),
+            ]
+            .concat();
+            let mut stream = connect(proxy.addr).await;
+            stream.write_all(&requests).await.expect("write");
+            eventually(WAIT, "the request reaches the origin", || async {
+                origin.hits("/slow") == 1
+            })
+            .await;
+            proxy.shut_down();
+            // Refused once the listener is gone, which is when every
+            // connection has been told to finish.
+            let addr = proxy.addr;
+            eventually(WAIT, "the proxy stops accepting", || async move {
+                TcpStream::connect(addr).await.is_err()
+            })
+            .await;
+            streams.push(stream);
+        }
+        gate.open();
+        let mut answers = Vec::new();
+        for stream in &mut streams {
+            let mut got = answers_then_closed(stream).await;
+            assert_eq!(got.len(), 1, "pass {pass}: one answer, then closed");
+            answers.push(got.remove(0));
+        }
+        assert_eq!(
+            comparable(&answers[0]),
+            comparable(&answers[1]),
+            "pass {pass}"
+        );
+        assert_eq!(answers[0].header("connection"), "close", "pass {pass}");
+        assert_eq!(answers[0].body, b"/slow #1");
+        for origin in &origins {
+            assert_eq!(origin.hits("/slow"), 1, "pass {pass}");
+            assert_eq!(origin.hits("/next"), 0, "pass {pass}");
+        }
+    }
+}
+
+/// A client that goes away while its pass (a request that is never
+/// coalesced: here `Cache-Control: no-store`, honored) waits on the
+/// backend has it dropped, as hyper drops it with the connection: the
+/// backend request does not run on for a client that is gone.
+#[tokio::test]
+async fn a_client_that_leaves_during_a_pass_cancels_it_as_hyper_does() {
+    for flags in [&["--no-fast-hits"][..], &[][..]] {
+        let gate = Gate::closed();
+        let origin = Origin::start().await;
+        origin.route("/slow", Route::default().gate(&gate));
+        let flags = [flags, &["--honor-client-cache-control"]].concat();
+        let proxy = TestProxy::start(&origin, &flags).await;
+        let mut stream = connect(proxy.addr).await;
+        let request = format!(
+            "GET /slow HTTP/1.1\r\nHost: {}\r\nCache-Control: no-store\r\n\r\n",
+            proxy.addr
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        eventually(WAIT, "the pass reaches the origin", || async {
+            origin.hits("/slow") == 1
+        })
+        .await;
+        assert_eq!(metric(&proxy, "swr_upstream_in_flight").await, 1.0);
+        drop(stream);
+        let what = format!("{flags:?}: the pass is dropped with its client");
+        eventually(WAIT, &what, || async {
+            metric(&proxy, "swr_upstream_in_flight").await == 0.0
+        })
+        .await;
+        gate.open();
+        assert_eq!(origin.hits("/slow"), 1, "{flags:?}");
+    }
+}
+
+/// Odd backend answers (its own `Date`, a second `Content-Length` of the
+/// same value, bytes past ASCII and empty values in fields, repeated
+/// fields, a status with no reason phrase, no-store) give the same bytes on
+/// the fast path as on hyper's (but `Date`'s value), on the miss and on the
+/// hit after it, with the connection kept alive for a request after them.
+#[tokio::test]
+async fn odd_backend_answers_are_written_as_hyper_writes_them() {
+    use support::raw::RawBackend;
+    let variants: [&[&str]; 6] = [
+        &[
+            "cache-control: max-age=60",
+            "date: Tue, 01 Dec 2026 10:00:00 GMT",
+        ],
+        &["cache-control: max-age=60", "content-length: 0"],
+        &[
+            "cache-control: max-age=60",
+            "x-odd: a\u{e9}b",
+            "x-empty:",
+            "x-sp:   ",
+        ],
+        &[
+            "cache-control: max-age=60",
+            "vary: a",
+            "x-r: 1",
+            "vary: b",
+            "x-r: 2",
+        ],
+        &["cache-control: no-store", "x-a: 1"],
+        &[
+            "cache-control: max-age=60, must-revalidate",
+            "age: 5",
+            "x-cache: LIE",
+        ],
+    ];
+    for (i, lines) in variants.iter().enumerate() {
+        let backends = [RawBackend::start().await, RawBackend::start().await];
+        let fast = TestProxy::start_for(&backends[0].url(), &[]).await;
+        let hyper_only = TestProxy::start_for(&backends[1].url(), &["--no-fast-hits"]).await;
+        let mut wires = Vec::new();
+        for (proxy, backend) in [&fast, &hyper_only].into_iter().zip(&backends) {
+            let mut lines = lines.to_vec();
+            // The second Content-Length: RawBackend's own is the body's.
+            let body = format!("/v{i} #1");
+            let second = format!("content-length: {}", body.len());
+            if lines.contains(&"content-length: 0") {
+                lines.retain(|l| *l != "content-length: 0");
+                lines.push(&second);
+            }
+            backend.answer_with(&lines);
+            let mut stream = connect(proxy.addr).await;
+            let requests = [
+                get(proxy, &format!("/v{i}")),
+                get(proxy, &format!("/v{i}")),
+                get(proxy, "/after"),
+            ]
+            .concat();
+            stream.write_all(&requests).await.expect("write");
+            let mut buf = Vec::new();
+            let deadline = tokio::time::Instant::now() + WAIT;
+            let mut got = 0;
+            let mut copy = Vec::new();
+            while got < 3 {
+                let mut chunk = [0u8; 4096];
+                let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
+                    .await
+                    .expect("in time")
+                    .expect("read");
+                assert!(n > 0, "variant {i}: closed");
+                buf.extend_from_slice(&chunk[..n]);
+                copy.extend_from_slice(&chunk[..n]);
+                while take_answer(&mut buf).is_some() {
+                    got += 1;
+                }
+            }
+            // Date's value (the backend's own is kept) masked.
+            let text = String::from_utf8_lossy(&copy).into_owned();
+            let masked: Vec<String> = text
+                .split("\r\n")
+                .map(|l| {
+                    if l.starts_with("date: ") && !l.contains("2026 10:00:00") {
+                        "date: *".to_string()
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect();
+            wires.push(masked.join("\r\n"));
+        }
+        assert_eq!(wires[0], wires[1], "variant {i}: {lines:?}");
+    }
+}
+
+/// What the backend receives for a plain GET that misses is the same
+/// whether the fast path built the request or hyper read it: repeated,
+/// empty, non-ASCII and tabbed fields, and the key it is stored
+/// under (the hit after it is found on either path).
+#[tokio::test]
+async fn a_miss_reaches_the_backend_as_hyper_would_send_it() {
+    use support::raw::RawBackend;
+    let backends = [RawBackend::start().await, RawBackend::start().await];
+    let fast = TestProxy::start_for(&backends[0].url(), &[]).await;
+    let hyper_only = TestProxy::start_for(&backends[1].url(), &["--no-fast-hits"]).await;
+    let head = b"GET /r?q=1&b=%20 HTTP/1.1\r\nHost: Example.TEST:8080\r\nX-A: 1\r\nx-a: 2\r\nX-Empty:\r\nX-Odd: caf\xc3\xa9 \xff\r\nX-Tab: a\tb\t\r\nAccept: */*\r\nx-A: 3\r\nConnection: keep-alive\r\nUser-Agent: t\r\n\r\n";
+    let mut answers = Vec::new();
+    for proxy in [&fast, &hyper_only] {
+        let mut stream = connect(proxy.addr).await;
+        stream
+            .write_all(&[&head[..], &head[..]].concat())
+            .await
+            .expect("write");
+        answers.push(read_answers(&mut stream, 2).await);
+    }
+    for answers in &answers {
+        assert_eq!(answers[0].header("x-cache"), "MISS");
+        assert_eq!(answers[1].header("x-cache"), "HIT");
+    }
+    let seen: Vec<Vec<String>> = backends
+        .iter()
+        .map(|b| {
+            let heads = b.seen().into_iter().map(|r| r.head);
+            // Each backend's own address as `Host`.
+            heads
+                .map(|h| h.replace(&format!("host: {}", b.addr), "host: *"))
+                .collect()
+        })
+        .collect();
+    assert_eq!(seen[0].len(), 1);
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(
+        comparable(&answers[0][0]),
+        comparable(&answers[1][0]),
+        "the miss"
+    );
+    assert_eq!(
+        comparable(&answers[0][1]),
+        comparable(&answers[1][1]),
+        "the hit"
+    );
 }
