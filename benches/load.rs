@@ -574,9 +574,17 @@ fn spawn_quiet(command: &mut Command, dir: Option<PathBuf>) -> Option<Proc> {
 }
 
 pub fn free_port() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
+    let [addr] = free_ports();
+    addr
+}
+
+/// `N` distinct free ports on 127.0.0.1: all bound at once before any is
+/// released, so that two calls in a row cannot hand out the same port (a
+/// target whose listener and admin listener collided did not start).
+pub fn free_ports<const N: usize>() -> [SocketAddr; N] {
+    let listeners: [StdListener; N] =
+        std::array::from_fn(|_| StdListener::bind("127.0.0.1:0").expect("a free port"));
+    std::array::from_fn(|i| listeners[i].local_addr().expect("a bound address"))
 }
 
 /// Whether `program` is on the PATH.
@@ -619,7 +627,7 @@ async fn start_target(
     keys: usize,
     body_size: usize,
 ) -> Option<Target> {
-    let addr = free_port();
+    let [addr, admin_addr] = free_ports();
     let origin_addr = origin.addr;
     let mut admin = None;
     let budget = setup.budget_mib.unwrap_or(2048);
@@ -633,7 +641,6 @@ async fn start_target(
                 Kind::Baseline => BASELINE.get()?.0.clone(),
                 _ => PathBuf::from(SWR_PROXY),
             };
-            let admin_addr = free_port();
             admin = Some(admin_addr);
             let mut command = Command::new(binary);
             command

@@ -375,8 +375,7 @@ async fn soak(options: &Options) -> Result<Report, String> {
     let mut report = Report::default();
     let counts = Arc::new(OriginCounts::default());
     let (origin, _stop_origin) = start_origin(Arc::clone(&counts)).await;
-    let listen = load::free_port();
-    let admin = load::free_port();
+    let [listen, admin] = load::free_ports();
     let log_path = std::env::temp_dir().join(format!("swr-soak-{}.log", std::process::id()));
     let log = std::fs::File::create(&log_path).map_err(|e| format!("log file: {e}"))?;
     let child = Command::new(SWR_PROXY)
