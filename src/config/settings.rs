@@ -163,10 +163,10 @@ settings! {
 
         /// Most background refreshes running at once, at most 4096: the
         /// ceiling of the limit that adapts to the backend's latency and
-        /// errors, from 4 up [default: 128].
+        /// errors, from 4 up [default: 256].
         #[arg(long, env = "SWR_REFRESH_CONCURRENCY", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
         #[serde(default, deserialize_with = "de_count")]
-        refresh_concurrency: usize = 128,
+        refresh_concurrency: usize = 256,
 
         /// Refreshes waiting for a worker; past this, refreshes are dropped (and
         /// counted); at most 1048576 [default: 10000].
@@ -182,9 +182,9 @@ settings! {
 
         /// Most requests in flight to the backend at once (0: no cap; at most
         /// 1048576). Client
-        /// misses go first: refreshes never take the last slot [default: 256].
+        /// misses go first: refreshes never take the last slot [default: 512].
         #[arg(long, env = "SWR_UPSTREAM_CONCURRENCY", value_name = "N", value_parser = parse_count_or_zero, allow_hyphen_values = true)]
-        upstream_concurrency: usize = 256,
+        upstream_concurrency: usize = 512,
 
         /// On SIGINT/SIGTERM, how long in-flight requests may take to finish [default: 30s].
         #[arg(long, env = "SWR_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
