@@ -846,6 +846,21 @@ fn cpu_time(pids: &[u32]) -> Duration {
     Duration::from_secs_f64(ticks as f64 / ticks_per_sec)
 }
 
+/// Files under `dir`, at any depth.
+fn files_in(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => files_in(&entry.path()),
+            Ok(kind) if kind.is_file() => 1,
+            _ => 0,
+        })
+        .sum()
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     // Allocated bytes, as tmpfs charges them (whole pages per file).
     let output = Command::new("du").args(["-s", "-B1"]).arg(dir).output();
@@ -1122,6 +1137,9 @@ async fn throughput(report: &mut Report, options: &Options, name: &str, traffic:
     let mut hit_ratios: HashMap<&'static str, Vec<f64>> = HashMap::new();
     // swr-proxy's entries at the end of each round, for the LRU's size.
     let mut entries_stored: Vec<f64> = Vec::new();
+    // What nginx's cache directory held at the end of each zipf run: files
+    // and bytes, against the budget it was given.
+    let mut nginx_held: Vec<(u64, u64)> = Vec::new();
     for round in 0..options.rounds {
         for kind in in_turn(&kinds, round) {
             let Some(target) = start_target(kind, &origin, setup, keys, traffic.body_size).await
@@ -1151,6 +1169,9 @@ async fn throughput(report: &mut Report, options: &Options, name: &str, traffic:
                     entries_stored.push(entries);
                 }
             }
+            if let (true, Some(dir)) = (traffic.zipf > 0.0, target.cache_dir.as_deref()) {
+                nginx_held.push((files_in(dir), dir_bytes(dir)));
+            }
             drop(target);
             check_wrk(report, name, kind.name(), result.as_ref());
             if let Some(r) = result {
@@ -1174,6 +1195,13 @@ async fn throughput(report: &mut Report, options: &Options, name: &str, traffic:
     if traffic.zipf > 0.0 {
         let note = hit_ratio_note(&kinds, &hit_ratios, entries_stored, traffic);
         report.note(format!("{name} {note}"));
+        for (files, bytes) in nginx_held {
+            report.note(format!(
+                "{name} nginx held {files} files, {:.1} MiB on disk, at the end of a run (max_size {} MiB): it enforces max_size after the fact",
+                bytes as f64 / f64::from(1 << 20),
+                setup.budget_mib.unwrap_or(0)
+            ));
+        }
     }
     let median_of = |k: &str, f: fn(&(WrkResult, f64)) -> f64| {
         median(
