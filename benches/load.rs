@@ -675,6 +675,16 @@ async fn start_target(
             let dir = scratch_dir("nginx");
             let cache = dir.join("cache");
             std::fs::create_dir_all(&cache).ok()?;
+            // nginx enforces `max_size` only after the fact (its cache
+            // manager deletes files now and then: a zipf run ended with 15x
+            // its budget on disk), but drops the least recently used key at
+            // once when `keys_zone` is full. With a budget, the zone holds
+            // as many keys as swr-proxy holds objects in it (about 1,300 B
+            // each; nginx: about 8,000 keys per MiB of zone).
+            let zone = match setup.budget_mib {
+                None => "256m".to_string(),
+                Some(mib) => format!("{}k", (mib * (1 << 20) / 1300 * 131 / 1024).max(64)),
+            };
             let conf = format!(
                 r#"worker_processes auto;
 user root;
@@ -685,7 +695,7 @@ http {{
   access_log off;
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
-  proxy_cache_path {cache} levels=1:2 keys_zone=z:256m max_size={budget}m inactive=1h use_temp_path=off;
+  proxy_cache_path {cache} levels=1:2 keys_zone=z:{zone} max_size={budget}m inactive=1h use_temp_path=off;
   upstream origin {{ server {origin_addr}; keepalive 256; }}
   server {{
     listen {addr} reuseport;
@@ -1258,14 +1268,24 @@ async fn throughput(report: &mut Report, options: &Options, name: &str, traffic:
     }
 }
 
-/// Records a wrk run that gave no result, or whose answers failed.
+/// Records a wrk run that gave no result, or whose answers failed: a
+/// problem for swr-proxy and the harness's own servers; for nginx and
+/// Varnish a result, noted (nginx under the zipf scenario's eviction churn
+/// lets a few requests wait past wrk's 5 s timeout on its cache lock).
 fn check_wrk(report: &mut Report, scenario: &str, target: &str, result: Option<&WrkResult>) {
     match result {
         None => report.problem(format!("{scenario}: wrk gave no result for {target}")),
-        Some(r) if r.errors > 0 => report.problem(format!(
-            "{scenario}: {} of {:.0} answers from {target} failed",
-            r.errors, r.requests
-        )),
+        Some(r) if r.errors > 0 => {
+            let text = format!(
+                "{scenario}: {} of {:.0} answers from {target} failed",
+                r.errors, r.requests
+            );
+            if target == Kind::Nginx.name() || target == Kind::Varnish.name() {
+                report.note(text);
+            } else {
+                report.problem(text);
+            }
+        }
         Some(_) => {}
     }
 }
