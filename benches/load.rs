@@ -1207,7 +1207,7 @@ async fn throughput(report: &mut Report, options: &Options, name: &str, traffic:
         report.note(format!("{name} {note}"));
         for (files, bytes) in nginx_held {
             report.note(format!(
-                "{name} nginx held {files} files, {:.1} MiB on disk, at the end of a run (max_size {} MiB): it enforces max_size after the fact",
+                "{name} nginx held {files} files, {:.1} MiB on disk, at the end of a run (max_size {} MiB, keys_zone sized to swr-proxy's objects)",
                 bytes as f64 / f64::from(1 << 20),
                 setup.budget_mib.unwrap_or(0)
             ));
