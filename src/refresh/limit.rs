@@ -150,8 +150,11 @@ impl Adaptive {
 #[derive(Debug)]
 pub struct Gate {
     state: Mutex<GateState>,
-    /// Woken when a refresh ends or the limit moves.
-    changed: Notify,
+    /// Wakes one waiting worker per slot a finished refresh frees (its own,
+    /// and one more when its answer raised the limit): waking every
+    /// waiter, up to `--refresh-concurrency` of them, per refresh would
+    /// have all but one go back to sleep.
+    freed: Notify,
 }
 
 #[derive(Debug)]
@@ -167,7 +170,7 @@ impl Gate {
                 adaptive: Adaptive::new(ceiling),
                 running: 0,
             }),
-            changed: Notify::new(),
+            freed: Notify::new(),
         })
     }
 
@@ -179,9 +182,9 @@ impl Gate {
     /// permit is finished or dropped.
     pub async fn admit(self: &Arc<Self>) -> Permit {
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
             {
                 let mut state = self.state();
                 if state.running < state.adaptive.limit() {
@@ -192,7 +195,7 @@ impl Gate {
                     };
                 }
             }
-            changed.await;
+            freed.await;
         }
     }
 
@@ -229,12 +232,17 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        {
+        let free = {
             let mut state = self.gate.state();
             state.running = state.running.saturating_sub(1);
             state.adaptive.record(self.sample, Instant::now());
+            state.adaptive.limit().saturating_sub(state.running)
+        };
+        // A notification with no waiter is kept for the next one, which
+        // checks the limit again: one spare wake-up at most.
+        for _ in 0..free.min(2) {
+            self.gate.freed.notify_one();
         }
-        self.gate.changed.notify_waiters();
     }
 }
 
