@@ -674,23 +674,19 @@ impl Default for Stats {
             "Log lines dropped, never waited for, because the log sink fell behind",
             Counter::default(),
         );
-        let upstream_latency = register(
-            &mut r,
+        let mut latency =
+            |name: &str, help: &str| register(&mut r, name, help, Histogram::new(LATENCY_BOUNDS));
+        let upstream_latency = latency(
             "swr_upstream_latency_seconds",
             "Time from sending a request to the backend to its response head",
-            Histogram::new(LATENCY_BOUNDS),
         );
-        let refresh_duration = register(
-            &mut r,
+        let refresh_duration = latency(
             "swr_refresh_duration_seconds",
             "How long background refreshes took",
-            Histogram::new(LATENCY_BOUNDS),
         );
-        let refresh_wait = register(
-            &mut r,
+        let refresh_wait = latency(
             "swr_refresh_wait_seconds",
             "How long refreshes waited in the queue for a worker",
-            Histogram::new(LATENCY_BOUNDS),
         );
         let refresh_limit = register(
             &mut r,
