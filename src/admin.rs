@@ -3,7 +3,6 @@
 //! request, so a purge after a model release never stampedes the backend).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -12,8 +11,8 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use crate::body::ProxyBody;
-use crate::cache::vary::VariantKey;
 use crate::cache::CacheStatus;
+use crate::fleet::events::Scope;
 use crate::metrics::{self, Stats, UpstreamCause};
 use crate::proxy::Proxy;
 
@@ -64,7 +63,16 @@ pub async fn handle(
     match (method, request.uri().path()) {
         (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         // Ready once the proxy listens, which happens before the admin API starts.
-        (Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
+        (Method::GET, "/readyz") => match proxy.redis_up() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(true) => text(StatusCode::OK, "ready\nredis: up\n"),
+            // Still serving from memory and the backend: ready, unless
+            // the operator asked for Redis to be required.
+            Some(false) if proxy.config().start.redis_required => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\nredis: down\n")
+            }
+            Some(false) => text(StatusCode::OK, "ready\nredis: down\n"),
+        },
         (Method::GET, "/metrics") => match proxy.render_metrics() {
             Ok(metrics) => {
                 let mut response = text(StatusCode::OK, &metrics);
@@ -175,22 +183,11 @@ async fn purge(proxy: &Proxy, request: Request<Incoming>) -> Response<ProxyBody>
             )
         }
     };
-    let now = Instant::now();
     let soft = purge.soft;
-    let affected = match (purge.key, purge.prefix, purge.all) {
-        (Some(key), None, None) => {
-            let key = strip_scheme(&key).to_string();
-            proxy
-                .store()
-                .purge(|k| is_key_or_variant(k, &key), soft, now)
-        }
-        (None, Some(prefix), None) => {
-            let prefix = strip_scheme(&prefix).to_string();
-            proxy
-                .store()
-                .purge(|k| k.starts_with(prefix.as_bytes()), soft, now)
-        }
-        (None, None, Some(true)) => proxy.store().purge(|_| true, soft, now),
+    let scope = match (purge.key, purge.prefix, purge.all) {
+        (Some(key), None, None) => Scope::Key(strip_scheme(&key).to_string()),
+        (None, Some(prefix), None) => Scope::Prefix(strip_scheme(&prefix).to_string()),
+        (None, None, Some(true)) => Scope::All,
         _ => {
             return text(
                 StatusCode::BAD_REQUEST,
@@ -198,12 +195,14 @@ async fn purge(proxy: &Proxy, request: Request<Incoming>) -> Response<ProxyBody>
             )
         }
     };
-    proxy.stats().purged.inc_by(affected as u64);
-    tracing::info!(affected, soft, "purge");
-    json(
-        StatusCode::OK,
-        &serde_json::json!({ "purged": affected, "soft": soft }),
-    )
+    let (affected, shared) = proxy.purge(scope, soft).await;
+    tracing::info!(affected, shared, soft, "purge");
+    let mut answer = serde_json::json!({ "purged": affected, "soft": soft });
+    if proxy.redis_up().is_some() {
+        // How many entries the shared level held (null: Redis did not answer).
+        answer["shared"] = serde_json::json!(shared);
+    }
+    json(StatusCode::OK, &answer)
 }
 
 /// Keys are `host` + `path?query`; a URL's scheme is accepted and dropped.
@@ -211,11 +210,6 @@ fn strip_scheme(text: &str) -> &str {
     text.strip_prefix("http://")
         .or_else(|| text.strip_prefix("https://"))
         .unwrap_or(text)
-}
-
-/// The key itself, or one of its Vary variants.
-fn is_key_or_variant(stored: &[u8], key: &str) -> bool {
-    stored == key.as_bytes() || VariantKey::is_variant_of(stored, key)
 }
 
 fn stats(proxy: &Proxy) -> serde_json::Value {
@@ -294,6 +288,7 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::is_key_or_variant;
 
     #[test]
     fn keys_and_variants() {

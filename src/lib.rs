@@ -24,7 +24,9 @@
 //!   coalesced fills; it charges the Vary index to its budget.
 //! - [`cache::vary`]: variant keys and the Vary index.
 //! - [`cache::status_field`]: the `Cache-Status` value, built in one place.
-//! - [`refresh`]: bounded refresh queue, fixed workers, per-key claim.
+//! - [`fleet`]: fleet mode (`--redis`): the shared second level in Redis,
+//!   per-key leases, the instances' events, and their encoding.
+//! - [`refresh`]: bounded refresh queue, adaptive workers, per-key claim.
 //! - [`upstream`]: the one upstream client, header shaping, body reading.
 //! - [`body`]: the response body type (stored bytes or a passed-through stream).
 //! - [`error`]: one error type tagged by source, mapped to a status.
@@ -43,6 +45,7 @@ pub mod connections;
 pub mod demo;
 pub mod error;
 pub mod fast_hits;
+pub mod fleet;
 pub mod logs;
 pub mod metrics;
 pub mod proxy;

@@ -166,6 +166,30 @@ impl Entry {
         Entry::build(key, status, headers, body, instants)
     }
 
+    /// Builds an entry with the given instants (an entry another process
+    /// stored, in fleet mode).
+    pub fn with_instants(
+        key: &str,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[Bytes],
+        instants: Instants,
+    ) -> Entry {
+        Entry::build(key, status, headers, body, instants)
+    }
+
+    /// The instants this entry was built with.
+    pub fn instants(&self) -> Instants {
+        Instants {
+            stored_at: self.stored_at(),
+            initial_age: self.initial_age(),
+            fresh_until: self.fresh_until(),
+            stale_until: self.stale_until(),
+            error_until: self.error_until(),
+            keep_until: self.evict_at(),
+        }
+    }
+
     fn build(
         key: &str,
         status: StatusCode,
@@ -488,14 +512,17 @@ impl fmt::Debug for Entry {
     }
 }
 
-/// The instants an entry is built with.
-struct Instants {
-    stored_at: Instant,
-    initial_age: Duration,
-    fresh_until: Instant,
-    stale_until: Instant,
-    error_until: Instant,
-    keep_until: Instant,
+/// The instants an entry is built with, and what [`Entry::instants`]
+/// gives back: fleet mode carries them to other processes as wall-clock
+/// times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Instants {
+    pub stored_at: Instant,
+    pub initial_age: Duration,
+    pub fresh_until: Instant,
+    pub stale_until: Instant,
+    pub error_until: Instant,
+    pub keep_until: Instant,
 }
 
 /// An entry's bytes as the owner of a `Bytes`.

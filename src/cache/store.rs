@@ -37,6 +37,9 @@ use super::vary::{VariantKey, VaryIndex};
 pub enum FillOutcome {
     /// The response was stored: every waiter answers with this entry.
     Stored(Entry),
+    /// Another instance of the fleet had stored it (read from the shared
+    /// level): every waiter answers with this entry.
+    Shared(Entry),
     /// The response may not be shared (private, too large, ...: the
     /// reason): each waiter fetches for itself.
     NotShared(crate::cache::policy::BypassReason),

@@ -21,7 +21,7 @@ pub use file::{parse_file, CookiesFile, RouteFile};
 pub use settings::{LiveSettings, Settings, StartSettings};
 use values::MAX_THREADS;
 pub use values::{
-    parse_duration, parse_size, Listen, MAX_DURATION, MAX_QUEUED_REFRESHES,
+    parse_duration, parse_size, Listen, RedisUrl, MAX_DURATION, MAX_QUEUED_REFRESHES,
     MAX_REFRESH_CONCURRENCY, MAX_UPSTREAM_CONCURRENCY,
 };
 
@@ -206,6 +206,11 @@ impl Config {
                     "--admin-listen {admin} is not a loopback address: set --admin-token too"
                 )));
             }
+        }
+        if self.start.redis.is_some() && self.start.redis_timeout.is_zero() {
+            return Err(ConfigError(
+                "--redis-timeout must be above zero, e.g. 100ms".into(),
+            ));
         }
         if self.start.upstream_timeout.is_zero() {
             return Err(ConfigError(

@@ -234,6 +234,31 @@ settings! {
         #[arg(long = "no-fast-hits", env = "SWR_NO_FAST_HITS", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_negated_switch)]
         fast_hits: bool = true,
 
+        /// Fleet mode: share the cache and its refreshes with every instance on
+        /// this Redis (redis:// or rediss://, with a password if it needs one).
+        /// Memory stays the first level; hits never touch Redis [default: off].
+        #[arg(long, env = "SWR_REDIS", value_name = "URL", value_parser = parse_redis, hide_env_values = true)]
+        #[serde(default, deserialize_with = "de_redis")]
+        redis: RedisUrl,
+
+        /// Longest any one Redis call may take; past it the call counts as
+        /// failed, and Redis is treated as down (answers come from memory and
+        /// the backend) until it answers a ping again [default: 100ms].
+        #[arg(long, env = "SWR_REDIS_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+        #[serde(default, deserialize_with = "de_duration")]
+        redis_timeout: Duration = Duration::from_millis(100),
+
+        /// Entries with a larger body stay in this instance's memory only
+        /// [default: 1MiB].
+        #[arg(long, env = "SWR_REDIS_MAX_OBJECT", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+        #[serde(default, deserialize_with = "de_size")]
+        redis_max_object: u64 = 1 << 20,
+
+        /// `/readyz` answers 503 while Redis is down (by default it answers
+        /// 200 and says `redis: down`: the instance still serves).
+        #[arg(long, env = "SWR_REDIS_REQUIRED", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_switch)]
+        redis_required: bool = false,
+
         /// Longest request target, and longest header line; longer is answered
         /// 414 (target) or 431 (header) and never forwarded [default: 8KiB].
         #[arg(long, env = "SWR_MAX_REQUEST_LINE", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]

@@ -179,6 +179,55 @@ pub fn parse_upstream(text: &str) -> Result<url::Url, String> {
     Ok(url)
 }
 
+/// A Redis URL (`--redis`): its password is never shown (`Debug`,
+/// `Display`), since settings are logged and compared.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(url::Url);
+
+impl RedisUrl {
+    /// The URL as the Redis client takes it, password included.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.clone();
+        if shown.password().is_some() {
+            let _ = shown.set_password(Some("***"));
+        }
+        f.write_str(shown.as_str())
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrl({self})")
+    }
+}
+
+/// Parses the fleet's Redis: `redis://` or `rediss://` (TLS), with a host,
+/// and optionally a user, a password and a database number.
+pub fn parse_redis(text: &str) -> Result<RedisUrl, String> {
+    const FORM: &str = "expected redis://[user:password@]host[:port][/db] or rediss://...";
+    let url = url::Url::parse(text.trim()).map_err(|e| format!("{FORM} ({e})"))?;
+    if !matches!(url.scheme(), "redis" | "rediss") || url.host_str().is_none() {
+        return Err(FORM.into());
+    }
+    let db = url.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u16>().is_err() {
+        return Err(format!("{FORM}: the path is a database number"));
+    }
+    Ok(RedisUrl(url))
+}
+
+pub(super) fn de_redis<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<RedisUrl>, D::Error> {
+    text_value(d, parse_redis)
+}
+
 /// A file value written as its flag is (a string), read by the flag's own
 /// parser. A bad value fails the file's parse, which names its line and
 /// field.

@@ -18,6 +18,7 @@ use crate::refresh::{Enqueue, Job};
 use crate::upstream::Priority;
 
 use super::fetch::{FetchTarget, Fetched};
+use super::shared::RefreshLease;
 use super::{insert_bounded, lock, Proxy};
 
 /// The first backoff after a failed refresh; it doubles per failure...
@@ -104,6 +105,14 @@ impl Backoffs {
         insert_bounded(&mut self.0, hash, mark, |b| now >= b.until + BACKOFF_CAP);
     }
 
+    /// No refresh of `hash` before `until` (another instance of the fleet
+    /// is refreshing it); its failures so far are kept.
+    pub(super) fn hold(&mut self, hash: u64, until: Instant) {
+        let failures = self.0.get(&hash).map_or(0, |b| b.failures);
+        let mark = Backoff { failures, until };
+        insert_bounded(&mut self.0, hash, mark, |b| until >= b.until + BACKOFF_CAP);
+    }
+
     /// A refresh of `hash` succeeded: the next failure starts over.
     pub(super) fn succeeded(&mut self, hash: u64) {
         self.0.remove(&hash);
@@ -158,8 +167,30 @@ impl Proxy {
             .refresh_wait
             .observe(started.saturating_duration_since(job.queued_at));
         let RefreshRequest { target, stale } = &job.payload;
+        let lease = match self
+            .refresh_lease(stale, &target.url_text, target.url_hash)
+            .await
+        {
+            RefreshLease::Adopted => {
+                // Another instance refreshed it; its entry is stored here.
+                lock(&self.backoff).succeeded(job.hash);
+                self.stats.refresh_succeeded.inc();
+                return Sample::NotSent;
+            }
+            RefreshLease::Elsewhere => {
+                self.leave_refresh(job.hash);
+                return Sample::NotSent;
+            }
+            RefreshLease::Held(key) => Some(key),
+            RefreshLease::Local => None,
+        };
         self.stats.record_upstream_request(UpstreamCause::Refresh);
         let fetched = self.fetch(target, Some(stale), Priority::Background).await;
+        let stored = match &fetched {
+            Fetched::Stored(entry) => Some(entry.clone()),
+            _ => None,
+        };
+        self.share(stored, &target.url_text, lease);
         self.stats.refresh_duration.observe(started.elapsed());
         let took = started.elapsed();
         let took_ms = took.as_millis() as u64;

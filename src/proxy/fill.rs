@@ -25,6 +25,7 @@ use super::fetch::{FetchTarget, Fetched};
 use super::lookup::FetchPlan;
 use super::respond::Answered;
 use super::rules::Peer;
+use super::shared::Filled;
 use super::{insert_bounded, lock, Proxy};
 
 /// How long a key whose answer could not be stored skips coalescing.
@@ -126,8 +127,9 @@ impl Proxy {
         self.stats.record_upstream_request(UpstreamCause::Miss);
         let fetched = self.fetch(&target, stale.as_ref(), Priority::Client).await;
         let fetched = failed_over(fetched, stale.as_ref());
-        if matches!(fetched, Fetched::Stored(_)) {
+        if let Fetched::Stored(entry) = &fetched {
             self.hit_for_miss.forget(hash);
+            self.share(Some(entry.clone()), &target.url_text, None);
         }
         self.own_answer(fetched, status, fwd, stale.as_ref(), head, parts)
     }
@@ -174,16 +176,20 @@ impl Proxy {
                 Fill::Leader(guard) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let proxy = Arc::clone(self);
-                    let target = target.clone();
+                    let fill_target = target.clone();
                     let fallback = stale.clone();
                     // The fetch runs in its own task: a client that goes away
                     // does not cancel the fill the waiters depend on.
                     self.tasks.spawn(async move {
-                        proxy.stats.record_upstream_request(UpstreamCause::Miss);
-                        let fetched = proxy
-                            .fetch(&target, fallback.as_ref(), Priority::Client)
-                            .await;
-                        let fetched = failed_over(fetched, fallback.as_ref());
+                        let fetched = match proxy.fill_fetch(&fill_target, fallback.as_ref()).await
+                        {
+                            Filled::Backend(fetched) => fetched,
+                            Filled::Shared(entry) => {
+                                guard.complete(FillOutcome::Shared(entry.clone()));
+                                let _ = tx.send(Filled::Shared(entry));
+                                return;
+                            }
+                        };
                         let outcome = match &fetched {
                             Fetched::Stored(entry) => FillOutcome::Stored(entry.clone()),
                             Fetched::Pass(passed) => {
@@ -198,10 +204,17 @@ impl Proxy {
                         };
                         guard.complete(outcome);
                         // The leader's client may have gone away; nothing to do then.
-                        let _ = tx.send(fetched);
+                        let _ = tx.send(Filled::Backend(fetched));
                     });
-                    let Ok(fetched) = rx.await else { continue };
-                    return self.own_answer(fetched, status, fwd, stale.as_ref(), head, parts);
+                    return match rx.await {
+                        Ok(Filled::Backend(fetched)) => {
+                            self.own_answer(fetched, status, fwd, stale.as_ref(), head, parts)
+                        }
+                        Ok(Filled::Shared(entry)) => {
+                            self.shared_response(&entry, &target, false, parts)
+                        }
+                        Err(_) => continue,
+                    };
                 }
                 Fill::Follower(slot) => {
                     self.stats.coalesced_waiters.inc();
@@ -212,6 +225,12 @@ impl Proxy {
                             }
                             // Stored for another variant: look again, now that
                             // the URL is known to vary.
+                            continue;
+                        }
+                        Some(FillOutcome::Shared(entry)) => {
+                            if self.serves_variant(&entry, &target) {
+                                return self.shared_response(&entry, &target, true, parts);
+                            }
                             continue;
                         }
                         Some(FillOutcome::NotShared(reason))

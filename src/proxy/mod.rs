@@ -30,6 +30,7 @@ use crate::cache::store::Store;
 use crate::cache::CacheStatus;
 use crate::config::{Config, ConfigError, HeadLimits};
 use crate::error::ProxyError;
+use crate::fleet::{Fleet, FleetSettings, LEASE_MARGIN};
 use crate::logs::{self, Cause, RateLimit, Summary, Totals};
 use crate::metrics::{Gauges, Stats};
 use crate::refresh::limit::Gate;
@@ -43,6 +44,7 @@ mod lookup;
 mod pass;
 mod respond;
 mod rules;
+mod shared;
 
 use self::background::{Backoffs, RefreshRequest, REFRESH_QUEUE_BYTES};
 use self::fill::HitForMiss;
@@ -50,6 +52,7 @@ pub use self::lookup::FastHit;
 use self::lookup::{BackendWork, Next};
 use self::respond::{upstream_timed, AccessLine, AnswerLog, Answered};
 use self::rules::{request_host, Peer, Rules};
+pub use self::shared::is_key_or_variant;
 
 /// How often entries that can no longer be served are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -95,6 +98,8 @@ pub struct Proxy {
     /// The tasks shutdown waits for: fills run in their own task (so that a
     /// client going away does not cancel its waiters'), tracked here.
     tasks: TaskTracker,
+    /// Fleet mode (`--redis`): the shared level, leases and events.
+    fleet: Option<Arc<Fleet>>,
 }
 
 /// The answer to one request: ready at once (from the cache), or a future
@@ -163,6 +168,19 @@ impl Proxy {
             config.start.upstream_timeout * 3,
         );
         let stats = Stats::default();
+        let fleet = match &config.start.redis {
+            Some(url) => Some(Fleet::start(
+                FleetSettings {
+                    url: url.clone(),
+                    timeout: config.start.redis_timeout,
+                    max_object: config.start.redis_max_object,
+                    lease: config.start.upstream_timeout + LEASE_MARGIN,
+                },
+                &cancel,
+                tracker,
+            )?),
+            None => None,
+        };
         let proxy = Arc::new(Proxy {
             rules: ArcSwap::from_pointee(Rules::from_config(
                 &config,
@@ -181,8 +199,10 @@ impl Proxy {
             hit_for_miss: HitForMiss::default(),
             failure_lines: RateLimit::new(FAILURE_LINE_EVERY),
             tasks: tracker.clone(),
+            fleet,
             config,
         });
+        proxy.listen_to_fleet(&cancel);
         // Entries past every window are dropped lazily by reads and eviction;
         // the sweep returns their memory when nothing else would.
         let sweep_proxy = Arc::clone(&proxy);
@@ -283,10 +303,15 @@ impl Proxy {
         })
     }
 
+    /// In fleet mode, whether Redis answers (`None` without `--redis`).
+    pub fn redis_up(&self) -> Option<bool> {
+        self.fleet.as_ref().map(|fleet| fleet.is_up())
+    }
+
     /// The Prometheus text of every metric (see [`Stats::render_prometheus`]).
     pub fn render_metrics(&self) -> Result<String, std::fmt::Error> {
         let limit = self.refresh_gate.snapshot();
-        self.stats.render_prometheus(Gauges {
+        let mut text = self.stats.render_prometheus(Gauges {
             entries: self.store.entry_count(),
             bytes: self.store.weighted_size(),
             max_bytes: self.store.max_bytes(),
@@ -300,7 +325,11 @@ impl Proxy {
             refresh_limit: limit.limit() as u64,
             refresh_latency_baseline: limit.baseline().map_or(0.0, |d| d.as_secs_f64()),
             refresh_latency: limit.recent().map_or(0.0, |d| d.as_secs_f64()),
-        })
+        })?;
+        if let Some(fleet) = &self.fleet {
+            fleet.render(&mut text)?;
+        }
+        Ok(text)
     }
 
     /// What the periodic summary line reports the change of.

@@ -115,6 +115,7 @@ impl Proxy {
                 None => format!("{host}{path}"),
             };
             let removed = self.store.remove_url(self.keys.hash_text(&text), &text);
+            self.invalidate_shared(text.clone());
             if removed > 0 {
                 self.stats.invalidations.inc_by(removed as u64);
                 tracing::debug!(key = %text, removed, method = %parts.method, "invalidated");

@@ -20,7 +20,7 @@ use crate::error::{ProxyError, UpstreamError};
 use crate::metrics::RouteStats;
 
 use super::background::RefreshDecision;
-use super::fetch::Passed;
+use super::fetch::{FetchTarget, Passed};
 use super::lookup::FastHit;
 use super::Proxy;
 
@@ -238,6 +238,38 @@ impl Proxy {
             stored: true,
             collapsed,
             ttl: Some(entry.ttl_secs(now)),
+            ..StatusField::default()
+        }
+        .value();
+        self.entry_response(entry, status, cache_status, parts, now)
+    }
+
+    /// An answer from an entry another instance of the fleet stored (read
+    /// from the shared level on a local miss): a hit, or a stale hit with
+    /// its refresh queued, with `detail=l2`.
+    pub(super) fn shared_response(
+        &self,
+        entry: &Entry,
+        target: &FetchTarget,
+        collapsed: bool,
+        parts: &Parts,
+    ) -> Answered {
+        let now = Instant::now();
+        let refresh = (entry.fresh_until() <= now).then(|| {
+            let hash = self.keys.hash_text(entry.key());
+            self.queue_refresh(hash, entry, || target.clone(), now)
+        });
+        let status = match refresh {
+            Some(_) => CacheStatus::Stale,
+            None => CacheStatus::Hit,
+        };
+        self.stats.record_request(status);
+        let cache_status = StatusField {
+            hit: true,
+            collapsed,
+            ttl: Some(entry.ttl_secs(now)),
+            detail: Some(if refresh.is_some() { "l2-" } else { "l2" }),
+            detail_suffix: refresh.map(RefreshDecision::as_str),
             ..StatusField::default()
         }
         .value();

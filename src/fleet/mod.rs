@@ -1,0 +1,605 @@
+//! Fleet mode (`--redis`): instances share a second level of the cache in
+//! Redis, take a per-key lease before they ask the backend, and tell each
+//! other when an entry was replaced or purged.
+//!
+//! Memory stays the first level: a hit never touches Redis (nothing here
+//! is on the hit path). On a local miss or expiry, and before a refresh,
+//! an instance runs one script that reads the key's shared entry and, when
+//! there is none it can use, takes the key's lease (`SET NX PX`); only the
+//! lease holder asks the backend, writes the answer back and releases the
+//! lease (compare-and-delete, so a holder whose lease ran out never frees
+//! another's). An instance that finds the lease taken serves its stale copy
+//! (a refresh) or waits, bounded, for the entry to appear (a miss).
+//!
+//! Every call is bounded by `--redis-timeout`. A call that fails to reach
+//! Redis marks it down: until a ping answers again (every
+//! [`PROBE_EVERY`]) no call is made, and the instance fills and refreshes
+//! from the backend alone, as without `--redis`. What Redis holds is read
+//! by [`codec`]: a value that is not an entry this version wrote for that
+//! key is counted and never served.
+//!
+//! Keys: `swr:1:e:<key text>` (entry or vary record), `swr:1:l:<key text>`
+//! (lease); events go on the channel `swr:1:events` ([`events`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::header::HeaderName;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use redis::aio::ConnectionManager;
+use redis::{Client, RedisError, Script};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::entry::Entry;
+use crate::config::RedisUrl;
+
+pub mod codec;
+pub mod events;
+
+use self::codec::Shared;
+pub use self::events::Event;
+
+/// How often a Redis marked down is pinged.
+pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+
+/// Added to `--upstream-timeout` for a lease's life: a holder that died
+/// mid-fetch frees its key this long after the backend would have timed out.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+const ENTRY_PREFIX: &[u8] = b"swr:1:e:";
+const LEASE_PREFIX: &[u8] = b"swr:1:l:";
+const CHANNEL: &str = "swr:1:events";
+
+/// The longest a shared entry is kept in Redis, whatever its windows.
+const MAX_SHARED_LIFE: Duration = Duration::from_secs(365 * 86_400);
+
+/// Reads the key's value; takes the lease when there is none or when
+/// asked to anyway (ARGV[3] = 1). Returns `{value or nil, 1 if taken}`.
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and ARGV[3] == '0' then return {v, 0} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {v, 1} end
+return {v, 0}
+";
+
+/// Deletes the lease only if it is still this owner's.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// What fleet mode is given at start.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    pub url: RedisUrl,
+    pub timeout: Duration,
+    pub max_object: u64,
+    pub lease: Duration,
+}
+
+/// The result of [`Fleet::claim`].
+#[derive(Debug)]
+pub enum Claim {
+    /// The key's shared value (the lease was taken too when `won`).
+    Value { bytes: Vec<u8>, won: bool },
+    /// Nothing shared; the lease is this instance's.
+    Won,
+    /// Nothing shared; another instance holds the lease.
+    Held,
+    /// Redis did not answer (down, slow, or an error).
+    Unavailable,
+}
+
+/// The connection to the fleet's Redis, and what it counts.
+pub struct Fleet {
+    client: Client,
+    conn: ConnectionManager,
+    /// This instance's name on leases and events.
+    owner: Arc<str>,
+    settings: FleetSettings,
+    up: AtomicBool,
+    claim: Script,
+    release: Script,
+    metrics: FleetMetrics,
+}
+
+/// Fleet mode's series in `/metrics`.
+struct FleetMetrics {
+    registry: Registry,
+    reads: Family<[(&'static str, &'static str); 1], Counter>,
+    writes: Family<[(&'static str, &'static str); 1], Counter>,
+    leases: Family<[(&'static str, &'static str); 1], Counter>,
+    events: Family<[(&'static str, &'static str); 2], Counter>,
+    errors: Family<[(&'static str, &'static str); 1], Counter>,
+    up: Gauge,
+}
+
+impl FleetMetrics {
+    fn new() -> FleetMetrics {
+        let mut registry = Registry::default();
+        let reads = Family::default();
+        let writes = Family::default();
+        let leases = Family::default();
+        let events = Family::default();
+        let errors = Family::default();
+        let up = Gauge::default();
+        registry.register(
+            "swr_fleet_reads",
+            "Shared-level reads on a local miss, expiry or refresh, by result (hit, stale, expired, miss, corrupt)",
+            reads.clone(),
+        );
+        registry.register(
+            "swr_fleet_writes",
+            "Entries written to the shared level, by result (ok, error, too-large)",
+            writes.clone(),
+        );
+        registry.register(
+            "swr_fleet_leases",
+            "Per-key leases, by result (won; lost: another instance held it; expired: ran out before its release; timeout: a miss stopped waiting for the holder)",
+            leases.clone(),
+        );
+        registry.register(
+            "swr_fleet_events",
+            "Replacement and purge events, by kind and direction (sent, received)",
+            events.clone(),
+        );
+        registry.register(
+            "swr_fleet_errors",
+            "Redis calls that failed, by cause (timeout, connection, reply, down: not tried while Redis is down)",
+            errors.clone(),
+        );
+        registry.register(
+            "swr_fleet_redis_up",
+            "1 while Redis answers, 0 while it is treated as down",
+            up.clone(),
+        );
+        FleetMetrics {
+            registry,
+            reads,
+            writes,
+            leases,
+            events,
+            errors,
+            up,
+        }
+    }
+}
+
+/// The bytes of `prefix` + `text`.
+fn redis_key(prefix: &[u8], text: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + text.len());
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(text.as_bytes());
+    key
+}
+
+/// A name for this instance, unique enough across a fleet: host name
+/// (when the environment says it), process id, and start time.
+fn owner_name() -> Arc<str> {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{host}:{}:{nanos:x}", std::process::id()).into()
+}
+
+impl Fleet {
+    /// Connects lazily (an instance starts whether Redis is up or not) and
+    /// starts the ping that brings a Redis marked down back.
+    pub fn start(
+        settings: FleetSettings,
+        cancel: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Arc<Fleet>, String> {
+        let client = Client::open(settings.url.as_str())
+            .map_err(|e| format!("--redis {}: {e}", settings.url))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(500))))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| format!("--redis {}: {e}", settings.url))?;
+        let fleet = Arc::new(Fleet {
+            client,
+            conn,
+            owner: owner_name(),
+            settings,
+            up: AtomicBool::new(true),
+            claim: Script::new(CLAIM),
+            release: Script::new(RELEASE),
+            metrics: FleetMetrics::new(),
+        });
+        fleet.metrics.up.set(1);
+        let probe = Arc::clone(&fleet);
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => probe.probe().await,
+                    () = cancel.cancelled() => break,
+                }
+            }
+        });
+        Ok(fleet)
+    }
+
+    /// This instance's name on leases and events.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Whether Redis answers (as of the last call or ping).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// A lease's life: the backend's timeout and a margin.
+    pub fn lease(&self) -> Duration {
+        self.settings.lease
+    }
+
+    /// The fleet's series, in the Prometheus text format.
+    pub fn render(&self, out: &mut String) -> std::fmt::Result {
+        prometheus_text::encode(out, &self.metrics.registry)
+    }
+
+    /// Pings Redis: one that stops answering is marked down (even when
+    /// nothing else calls it, so `/readyz` says so), one marked down that
+    /// answers is up again.
+    async fn probe(&self) {
+        let ping = redis::cmd("PING");
+        let mut conn = self.conn.clone();
+        let answered =
+            tokio::time::timeout(self.settings.timeout, ping.query_async::<String>(&mut conn))
+                .await;
+        match answered {
+            Ok(Ok(_)) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    self.metrics.up.set(1);
+                    tracing::info!(redis = %self.settings.url, "redis answers again; fleet mode resumes");
+                }
+            }
+            Ok(Err(err)) => self.went_down("connection", &err.to_string()),
+            Err(_) => self.went_down("timeout", "no answer to a ping within --redis-timeout"),
+        }
+    }
+
+    /// Runs one Redis call within `--redis-timeout`; `None` when Redis is
+    /// down or the call failed (counted, and a connection failure marks
+    /// Redis down).
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Option<T> {
+        if !self.is_up() {
+            self.count_error("down");
+            return None;
+        }
+        match tokio::time::timeout(self.settings.timeout, call).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(err)) if err.is_timeout() => {
+                self.went_down("timeout", &err.to_string());
+                None
+            }
+            Ok(Err(err))
+                if err.is_io_error()
+                    || err.is_connection_dropped()
+                    || err.is_connection_refusal()
+                    || err.is_unrecoverable_error() =>
+            {
+                self.went_down("connection", &err.to_string());
+                None
+            }
+            Ok(Err(err)) => {
+                // Redis answered with an error (out of memory, a script
+                // refused): it is up, this call failed.
+                self.count_error("reply");
+                tracing::debug!(error = %err, "redis call failed");
+                None
+            }
+            Err(_) => {
+                self.went_down("timeout", "no answer within --redis-timeout");
+                None
+            }
+        }
+    }
+
+    fn count_error(&self, cause: &'static str) {
+        self.metrics.errors.get_or_create(&[("cause", cause)]).inc();
+    }
+
+    fn went_down(&self, cause: &'static str, error: &str) {
+        self.count_error(cause);
+        if self.up.swap(false, Ordering::Relaxed) {
+            self.metrics.up.set(0);
+            tracing::warn!(redis = %self.settings.url, cause, error,
+                "redis unavailable; serving from memory and the backend until it answers again");
+        }
+    }
+
+    /// Reads what Redis holds for `key_text`, taking its lease when there
+    /// is nothing (or, with `take_anyway`, in any case).
+    pub async fn claim(&self, key_text: &str, take_anyway: bool) -> Claim {
+        let lease_ms = self.settings.lease.as_millis().max(1) as u64;
+        let mut conn = self.conn.clone();
+        let mut invocation = self.claim.prepare_invoke();
+        invocation
+            .key(redis_key(ENTRY_PREFIX, key_text))
+            .key(redis_key(LEASE_PREFIX, key_text))
+            .arg(&*self.owner)
+            .arg(lease_ms)
+            .arg(if take_anyway { "1" } else { "0" });
+        let Some((value, won)) = self
+            .bounded(invocation.invoke_async::<(Option<Vec<u8>>, i64)>(&mut conn))
+            .await
+        else {
+            return Claim::Unavailable;
+        };
+        let won = won == 1;
+        if won {
+            self.metrics
+                .leases
+                .get_or_create(&[("result", "won")])
+                .inc();
+        }
+        match value {
+            Some(bytes) => Claim::Value { bytes, won },
+            None if won => Claim::Won,
+            None => {
+                self.metrics
+                    .leases
+                    .get_or_create(&[("result", "lost")])
+                    .inc();
+                Claim::Held
+            }
+        }
+    }
+
+    /// Counts a lease another instance held (a claim that found a value it
+    /// could not use and did not get the lease).
+    pub fn lease_lost(&self) {
+        self.metrics
+            .leases
+            .get_or_create(&[("result", "lost")])
+            .inc();
+    }
+
+    /// Counts a miss that stopped waiting for another instance's fetch.
+    pub fn wait_timed_out(&self) {
+        self.metrics
+            .leases
+            .get_or_create(&[("result", "timeout")])
+            .inc();
+    }
+
+    /// Releases this instance's lease on `key_text`; one that ran out (and
+    /// may be another's now) is left alone, and counted.
+    pub async fn release(&self, key_text: &str) {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.release.prepare_invoke();
+        invocation
+            .key(redis_key(LEASE_PREFIX, key_text))
+            .arg(&*self.owner);
+        if let Some(0) = self
+            .bounded(invocation.invoke_async::<i64>(&mut conn))
+            .await
+        {
+            self.metrics
+                .leases
+                .get_or_create(&[("result", "expired")])
+                .inc();
+        }
+    }
+
+    /// Reads the shared value under `key_text` (`None`: nothing, or Redis
+    /// did not answer).
+    pub async fn read(&self, key_text: &str) -> Option<Vec<u8>> {
+        let mut conn = self.conn.clone();
+        let get = redis::cmd("GET")
+            .arg(redis_key(ENTRY_PREFIX, key_text))
+            .to_owned();
+        self.bounded(get.query_async::<Option<Vec<u8>>>(&mut conn))
+            .await
+            .flatten()
+    }
+
+    /// Reads a value from Redis as what it holds for `key_text`: counted and
+    /// dropped when it is not one this version wrote for that key.
+    pub fn decode(&self, bytes: &[u8], key_text: &str, now: Instant) -> Option<Shared> {
+        match codec::decode(bytes, key_text, now, SystemTime::now()) {
+            Ok(shared) => Some(shared),
+            Err(codec::Corrupt(why)) => {
+                self.count_read("corrupt");
+                tracing::warn!(
+                    key = key_text,
+                    why,
+                    "ignoring a value in redis this version did not write for its key"
+                );
+                None
+            }
+        }
+    }
+
+    /// Counts a shared-level read by what it found.
+    pub fn count_read(&self, result: &'static str) {
+        self.metrics
+            .reads
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
+    /// Writes `entry` to the shared level, with a Redis expiry at the end
+    /// of its last usable window, and, when it is a variant of `url_text`
+    /// (it varies on `vary`), the URL's vary record; then tells the other
+    /// instances it was replaced. An entry with a body past
+    /// `--redis-max-object` stays local.
+    pub async fn write(&self, entry: &Entry, url_text: &str, vary: Option<&[HeaderName]>) {
+        if entry.body_len() as u64 > self.settings.max_object {
+            self.metrics
+                .writes
+                .get_or_create(&[("result", "too-large")])
+                .inc();
+            return;
+        }
+        let now = Instant::now();
+        let life = entry
+            .evict_at()
+            .saturating_duration_since(now)
+            .min(MAX_SHARED_LIFE);
+        let ms = life.as_millis() as u64;
+        if ms == 0 {
+            return;
+        }
+        let bytes = codec::encode_entry(entry, now, SystemTime::now());
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(redis_key(ENTRY_PREFIX, entry.key()))
+            .arg(bytes)
+            .arg("PX")
+            .arg(ms)
+            .ignore();
+        if let Some(names) = vary.filter(|_| entry.key() != url_text) {
+            pipe.cmd("SET")
+                .arg(redis_key(ENTRY_PREFIX, url_text))
+                .arg(codec::encode_vary(url_text, names))
+                .arg("PX")
+                .arg(ms)
+                .ignore();
+        }
+        pipe.cmd("PUBLISH")
+            .arg(CHANNEL)
+            .arg(events::Event::Replaced(entry.key().to_string()).to_wire(&self.owner))
+            .ignore();
+        let mut conn = self.conn.clone();
+        let written = self.bounded(pipe.query_async::<()>(&mut conn)).await;
+        let result = if written.is_some() { "ok" } else { "error" };
+        self.metrics
+            .writes
+            .get_or_create(&[("result", result)])
+            .inc();
+        if written.is_some() {
+            self.count_event("replaced", "sent");
+        }
+    }
+
+    /// Counts an event by kind and direction.
+    pub fn count_event(&self, kind: &'static str, direction: &'static str) {
+        self.metrics
+            .events
+            .get_or_create(&[("kind", kind), ("direction", direction)])
+            .inc();
+    }
+
+    /// Tells every other instance of `event`.
+    pub async fn publish(&self, event: &Event) {
+        let mut conn = self.conn.clone();
+        let publish = redis::cmd("PUBLISH")
+            .arg(CHANNEL)
+            .arg(event.to_wire(&self.owner))
+            .to_owned();
+        if self
+            .bounded(publish.query_async::<i64>(&mut conn))
+            .await
+            .is_some()
+        {
+            self.count_event(event.kind(), "sent");
+        }
+    }
+
+    /// Deletes the shared entries whose key text `selects` picks among
+    /// those starting with `prefix` (every entry for `""`), or with
+    /// `soft`, marks them stale as [`Entry::marked_stale`] does. Returns
+    /// how many; `None` when Redis did not answer.
+    pub async fn purge(
+        &self,
+        prefix: &str,
+        selects: impl Fn(&str) -> bool,
+        soft: bool,
+    ) -> Option<usize> {
+        let mut pattern = ENTRY_PREFIX.to_vec();
+        for b in prefix.bytes() {
+            if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+                pattern.push(b'\\');
+            }
+            pattern.push(b);
+        }
+        pattern.push(b'*');
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut affected = 0;
+        loop {
+            let scan = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .to_owned();
+            let (next, keys): (u64, Vec<Vec<u8>>) =
+                self.bounded(scan.query_async(&mut conn)).await?;
+            for key in keys {
+                let Some(text) = key
+                    .strip_prefix(ENTRY_PREFIX)
+                    .and_then(|t| std::str::from_utf8(t).ok())
+                else {
+                    continue;
+                };
+                if !selects(text) {
+                    continue;
+                }
+                if soft {
+                    affected += usize::from(self.mark_stale(text).await);
+                } else {
+                    let del = redis::cmd("DEL").arg(&key).to_owned();
+                    affected += self
+                        .bounded(del.query_async::<usize>(&mut conn))
+                        .await
+                        .unwrap_or(0);
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Some(affected);
+            }
+        }
+    }
+
+    /// Rewrites the shared entry under `key_text` as stale from now on.
+    async fn mark_stale(&self, key_text: &str) -> bool {
+        let now = Instant::now();
+        let Some(bytes) = self.read(key_text).await else {
+            return false;
+        };
+        let Some(Shared::Entry(entry)) = self.decode(&bytes, key_text, now) else {
+            return false;
+        };
+        let marked = entry.marked_stale(now);
+        let mut conn = self.conn.clone();
+        let set = redis::cmd("SET")
+            .arg(redis_key(ENTRY_PREFIX, key_text))
+            .arg(codec::encode_entry(&marked, now, SystemTime::now()))
+            .arg("KEEPTTL")
+            .arg("XX")
+            .to_owned();
+        self.bounded(set.query_async::<Option<String>>(&mut conn))
+            .await
+            .flatten()
+            .is_some()
+    }
+
+    /// A dedicated connection for the events channel.
+    async fn subscribe(&self) -> Result<redis::aio::PubSub, RedisError> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(CHANNEL).await?;
+        Ok(pubsub)
+    }
+}

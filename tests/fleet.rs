@@ -1,0 +1,444 @@
+//! Fleet mode (`--redis`): several real proxies on one real `redis-server`
+//! (started here on a free loopback port, without persistence, stopped by
+//! PID) in front of one counting origin. Every request carries the same
+//! `Host`, as it would behind a load balancer, so the instances share keys.
+//!
+//! Without `redis-server` on the PATH these tests say so and pass, unless
+//! `SWR_REQUIRE_REDIS=1` (which `.ci/run` sets, after installing it).
+
+mod support;
+
+use std::net::TcpListener as StdListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use support::{eventually, Origin, Route, TestProxy, WAIT};
+
+const HOST: (&str, &str) = ("host", "fleet.test");
+const BIN: &str = env!("CARGO_BIN_EXE_swr-proxy");
+
+/// A `redis-server` of the test's own, stopped (by PID) on drop.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Redis {
+    /// Starts one, or `None` (the test then passes, saying why) when
+    /// `redis-server` is not installed and not required.
+    fn start() -> Option<Redis> {
+        Redis::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> Option<Redis> {
+        let spawned = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(err) => {
+                assert!(
+                    std::env::var("SWR_REQUIRE_REDIS").is_err(),
+                    "redis-server is required (SWR_REQUIRE_REDIS) but cannot start: {err}"
+                );
+                eprintln!("skipping: redis-server not found ({err}); apt-get install redis-server");
+                return None;
+            }
+        };
+        let redis = Redis { port, child };
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connects")
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `n` proxies on `redis` in front of `origin`, with `flags`.
+async fn fleet(origin: &Origin, redis: &Redis, n: usize, flags: &[&str]) -> Vec<TestProxy> {
+    let url = redis.url();
+    let mut all = vec!["--redis", url.as_str()];
+    all.extend_from_slice(flags);
+    let mut proxies = Vec::new();
+    for _ in 0..n {
+        proxies.push(TestProxy::start(origin, &all).await);
+    }
+    proxies
+}
+
+async fn get(proxy: &TestProxy, path: &str) -> support::Answer {
+    proxy.send(reqwest::Method::GET, path, &[HOST]).await
+}
+
+/// `count` concurrent GETs of `path`, spread over `proxies` in turn.
+async fn spread(proxies: &[TestProxy], path: &str, count: usize) -> Vec<support::Answer> {
+    join_all((0..count).map(|i| get(&proxies[i % proxies.len()], path))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_requests_across_three_instances_make_one_origin_request() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    origin.route("/feed", Route::default().delay(Duration::from_millis(300)));
+    let proxies = fleet(&origin, &redis, 3, &[]).await;
+
+    let answers = spread(&proxies, "/feed", 300).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.text(), "/feed #1", "{}", answer.cache_status());
+    }
+    assert_eq!(origin.hits("/feed"), 1, "one origin request for the fleet");
+    // The instances that did not fetch answered from the shared level.
+    let from_l2 = answers
+        .iter()
+        .filter(|a| a.cache_status().contains("detail=l2"))
+        .count();
+    assert!(from_l2 >= 2, "{from_l2} answers from the shared level");
+    let mut waited = 0;
+    for proxy in &proxies {
+        waited += proxy
+            .counter("swr_fleet_leases_total{result=\"lost\"}")
+            .await;
+    }
+    assert!(waited >= 1, "an instance found the lease taken and waited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_requests_across_three_instances_make_one_refresh() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    origin.route("/rank", Route::default().delay(Duration::from_millis(200)));
+    let proxies = fleet(
+        &origin,
+        &redis,
+        3,
+        &["--ttl", "1s", "--stale-while-revalidate", "60s"],
+    )
+    .await;
+    for proxy in &proxies {
+        assert_eq!(get(proxy, "/rank").await.text(), "/rank #1");
+    }
+    assert_eq!(
+        origin.hits("/rank"),
+        1,
+        "the 2nd and 3rd instance read Redis"
+    );
+    // Past the ttl on every instance (the shared entry's clock is the
+    // writer's, carried as wall-clock time).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let answers = spread(&proxies, "/rank", 90).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.x_cache(), "STALE", "{}", answer.cache_status());
+        assert_eq!(answer.text(), "/rank #1", "served at once, the old answer");
+    }
+    eventually(WAIT, "one refresh", || async { origin.hits("/rank") == 2 }).await;
+    // Every instance gets the refreshed answer without asking the origin:
+    // by the event, or from Redis.
+    for proxy in &proxies {
+        eventually(WAIT, "the refreshed answer everywhere", || async {
+            let answer = get(proxy, "/rank").await;
+            answer.text() == "/rank #2"
+        })
+        .await;
+    }
+    assert_eq!(origin.hits("/rank"), 2, "exactly one refresh for the fleet");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_answers_a_stored_key_without_the_origin() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    let first = fleet(&origin, &redis, 1, &[]).await;
+    assert_eq!(get(&first[0], "/warm?x=1").await.x_cache(), "MISS");
+    drop(first);
+
+    // A restarted (or new) instance: empty memory, the same Redis.
+    let second = fleet(&origin, &redis, 1, &[]).await;
+    let answer = get(&second[0], "/warm?x=1").await;
+    assert_eq!(answer.text(), "/warm?x=1 #1");
+    assert_eq!(answer.x_cache(), "HIT");
+    assert!(
+        answer.cache_status().contains("detail=l2"),
+        "{}",
+        answer.cache_status()
+    );
+    assert!(answer.header("age").parse::<u64>().is_ok());
+    assert_eq!(origin.hits("/warm?x=1"), 1);
+    // Now in its memory: a plain hit.
+    let again = get(&second[0], "/warm?x=1").await;
+    assert_eq!(again.x_cache(), "HIT");
+    assert!(
+        !again.cache_status().contains("l2"),
+        "{}",
+        again.cache_status()
+    );
+    assert_eq!(
+        second[0]
+            .counter("swr_fleet_reads_total{result=\"hit\"}")
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_on_one_instance_is_seen_by_all() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    let proxies = fleet(&origin, &redis, 3, &[]).await;
+    for proxy in &proxies {
+        assert_eq!(get(proxy, "/p").await.text(), "/p #1");
+        assert_eq!(get(proxy, "/keep").await.text(), "/keep #1");
+    }
+    let purged = proxies[1]
+        .client
+        .post(proxies[1].admin_url("/purge"))
+        .header("content-type", "application/json")
+        .body(r#"{"key": "fleet.test/p"}"#)
+        .send()
+        .await
+        .expect("admin answers");
+    assert_eq!(purged.status(), 200);
+    let body: serde_json::Value =
+        serde_json::from_slice(&purged.bytes().await.expect("body")).expect("json");
+    assert_eq!(body["purged"], 1);
+    assert_eq!(body["shared"], 1, "the shared entry too: {body}");
+    for proxy in &proxies {
+        eventually(WAIT, "the purge reaches every instance", || async {
+            proxy.proxy.store().entry_count() == 1
+        })
+        .await;
+    }
+    // The next request anywhere is a miss for the fleet: one origin request.
+    assert_eq!(get(&proxies[2], "/p").await.text(), "/p #2");
+    assert_eq!(get(&proxies[0], "/p").await.text(), "/p #2");
+    assert_eq!(origin.hits("/p"), 2);
+    assert_eq!(origin.hits("/keep"), 1, "other keys are kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_value_in_redis_is_ignored_and_counted() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    let proxies = fleet(&origin, &redis, 1, &[]).await;
+    let mut conn = redis.connection().await;
+    for (key, value) in [
+        ("swr:1:e:fleet.test/g", &b"not an entry"[..]),
+        // The right magic and version, then nonsense.
+        (
+            "swr:1:e:fleet.test/h",
+            &b"SWR\x01E\x00\x01\x02\x03\x04\x05"[..],
+        ),
+    ] {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+    }
+    for path in ["/g", "/h"] {
+        let answer = get(&proxies[0], path).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.text(), format!("{path} #1"), "the origin's answer");
+        assert_eq!(answer.x_cache(), "MISS");
+    }
+    assert_eq!(
+        proxies[0]
+            .counter("swr_fleet_reads_total{result=\"corrupt\"}")
+            .await,
+        2
+    );
+    // And the fetched answer replaced the garbage for the next instance.
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg("swr:1:e:fleet.test/g")
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert!(value.starts_with(b"SWR\x01E"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_instances_keep_serving_and_recover_when_it_is_back() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let proxies = fleet(
+        &origin,
+        &redis,
+        2,
+        &["--ttl", "1s", "--redis-timeout", "200ms"],
+    )
+    .await;
+    assert_eq!(get(&proxies[0], "/s").await.text(), "/s #1");
+    assert_eq!(get(&proxies[1], "/s").await.x_cache(), "HIT");
+
+    redis.stop();
+    let readyz = |proxy: &TestProxy| {
+        let request = proxy.client.get(proxy.admin_url("/readyz")).send();
+        async move {
+            let response = request.await.expect("admin answers");
+            (
+                response.status().as_u16(),
+                response.text().await.unwrap_or_default(),
+            )
+        }
+    };
+    for proxy in &proxies {
+        eventually(WAIT, "/readyz says redis is down", || async {
+            readyz(proxy).await == (200, "ready\nredis: down\n".to_string())
+        })
+        .await;
+    }
+    // Hits, stale hits and their refreshes, and misses, from memory and
+    // the origin alone.
+    assert_eq!(get(&proxies[0], "/s").await.x_cache(), "HIT");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(&proxies[0], "/s").await.x_cache(), "STALE");
+    eventually(WAIT, "a local refresh", || async { origin.hits("/s") == 2 }).await;
+    let miss = get(&proxies[1], "/new").await;
+    assert_eq!((miss.status, miss.text()), (200, "/new #1".to_string()));
+    assert_eq!(
+        proxies[1].counter("swr_fleet_redis_up").await,
+        0,
+        "the gauge says so"
+    );
+
+    let redis = Redis::start_on(redis.port).expect("redis restarts");
+    for proxy in &proxies {
+        eventually(WAIT, "/readyz says redis is up", || async {
+            readyz(proxy).await == (200, "ready\nredis: up\n".to_string())
+        })
+        .await;
+    }
+    // Shared again: a key fetched by one is read by the other.
+    assert_eq!(get(&proxies[0], "/after").await.x_cache(), "MISS");
+    let shared = get(&proxies[1], "/after").await;
+    assert_eq!(shared.text(), "/after #1");
+    assert!(
+        shared.cache_status().contains("detail=l2"),
+        "{}",
+        shared.cache_status()
+    );
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_required_makes_readyz_fail_while_it_is_down() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let proxies = fleet(&origin, &redis, 1, &["--redis-required"]).await;
+    redis.stop();
+    let proxy = &proxies[0];
+    eventually(WAIT, "/readyz answers 503", || async {
+        let response = proxy
+            .client
+            .get(proxy.admin_url("/readyz"))
+            .send()
+            .await
+            .expect("admin answers");
+        response.status() == 503
+            && response.text().await.unwrap_or_default() == "not ready\nredis: down\n"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_killed_mid_fetch_frees_the_key_when_its_lease_runs_out() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    origin.route("/slow", Route::default().delay(Duration::from_secs(30)));
+    // The holder: a real process, killed with SIGKILL mid-fetch. Its
+    // lease lives --upstream-timeout + 1 s.
+    let port = free_port();
+    let mut holder = Command::new(BIN)
+        .args(["--upstream", &origin.url(), "--redis", &redis.url()])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            "off",
+        ])
+        .args(["--upstream-timeout", "2s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("swr-proxy starts");
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the holder did not listen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = reqwest::Client::new();
+    let request = client
+        .get(format!("http://127.0.0.1:{port}/slow"))
+        .header(HOST.0, HOST.1)
+        .send();
+    let pending = tokio::spawn(request);
+    eventually(WAIT, "the holder asks the origin", || async {
+        origin.hits("/slow") == 1
+    })
+    .await;
+    holder.kill().expect("SIGKILL");
+    let _ = holder.wait();
+    let _ = pending.await;
+
+    origin.route("/slow", Route::default());
+    let proxies = fleet(&origin, &redis, 1, &["--upstream-timeout", "2s"]).await;
+    let answer = get(&proxies[0], "/slow").await;
+    assert_eq!(
+        (answer.status, answer.text()),
+        (200, "/slow #2".to_string())
+    );
+    assert_eq!(origin.hits("/slow"), 2);
+    let metrics = proxies[0].metrics().await;
+    let lost = metrics
+        .get("swr_fleet_leases_total{result=\"lost\"}")
+        .copied()
+        .unwrap_or(0.0);
+    let won = metrics
+        .get("swr_fleet_leases_total{result=\"won\"}")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(lost >= 1.0, "it found the dead holder's lease and waited");
+    assert_eq!(won, 1.0, "then took the lease over when it ran out");
+}
