@@ -42,9 +42,26 @@ fn main() -> ExitCode {
         Err(err) => return clap_error(&err),
     };
     // Configuration errors end the process before anything binds.
+    let mut worker = false;
     let (config, demo_args) = match cli.command {
         Some(Command::Check(args)) => return check(&args.config),
         Some(Command::Demo(args)) => (None, Some(args.proxy)),
+        Some(Command::Worker(args)) => {
+            worker = true;
+            match Config::from_args(&args.proxy, None, Config::DEFAULT_TTL) {
+                Ok(config) if config.start.redis.is_none() => {
+                    eprintln!(
+                        "swr-proxy: worker needs --redis URL: the fleet's Redis, where the refresh stream is"
+                    );
+                    return ExitCode::from(USAGE_ERROR);
+                }
+                Ok(config) => (Some(config), None),
+                Err(err) => {
+                    eprintln!("swr-proxy: {err}");
+                    return ExitCode::from(USAGE_ERROR);
+                }
+            }
+        }
         None => match Config::from_args(&cli.proxy, None, Config::DEFAULT_TTL) {
             Ok(config) => (Some(config), None),
             Err(err) => {
@@ -85,6 +102,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match (config, demo_args) {
+        (Some(config), _) if worker => runtime.block_on(run_worker(config)),
         (Some(config), _) => runtime.block_on(run(config, None)),
         (None, Some(args)) => runtime.block_on(run_demo(args)),
         (None, None) => Ok(()),
@@ -299,6 +317,60 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `swr-proxy worker`: refreshes entries from the fleet's refresh stream
+/// until SIGINT/SIGTERM. It serves no clients; its admin API (metrics,
+/// health) runs only when `--admin-listen` is given.
+async fn run_worker(mut config: Config) -> Result<(), Failure> {
+    // It fetches for the fleet: its own memory keeps next to nothing, and
+    // its own refreshes are the jobs.
+    config.start.refresh_mode = swr_proxy::config::RefreshMode::Local;
+    config.start.max_size = config.start.max_object_size;
+    let admin_listener = match (config.start.admin_listen.address(), config.admin_given()) {
+        (Some(addr), true) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            Failure::Runtime(format!("cannot listen on {addr} (--admin-listen): {e}"))
+        })?),
+        _ => None,
+    };
+    let shutdown = CancellationToken::new();
+    let cancel = shutdown.child_token();
+    let tracker = TaskTracker::new();
+    let proxy =
+        Proxy::start_worker(config.clone(), cancel.clone(), &tracker).map_err(Failure::Runtime)?;
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        signal.cancel();
+    });
+    if let Some(admin_listener) = admin_listener {
+        let token: Option<Arc<str>> = config.start.admin_token.as_deref().map(Arc::from);
+        let admin_proxy = Arc::clone(&proxy);
+        let admin_shutdown = shutdown.clone();
+        tokio::spawn(server::serve(
+            admin_listener,
+            move |request, _peer| admin::handle(Arc::clone(&admin_proxy), token.clone(), request),
+            async move { admin_shutdown.cancelled().await },
+            server::Timeouts::from_config(&config),
+        ));
+    }
+    tracing::info!(
+        upstream = %config.start.upstream,
+        redis = %config.start.redis.as_ref().map_or_else(String::new, ToString::to_string),
+        refresh_concurrency = config.start.refresh_concurrency,
+        "swr-proxy worker started"
+    );
+    let result = Arc::clone(&proxy).run_worker(cancel.clone()).await;
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(REFRESH_STOP, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("refresh jobs did not stop in time; other workers take them over");
+    }
+    tracing::info!("stopped");
+    result.map_err(Failure::Usage)
 }
 
 async fn run_demo(args: swr_proxy::config::Settings) -> Result<(), Failure> {

@@ -442,3 +442,179 @@ async fn a_lease_holder_killed_mid_fetch_frees_the_key_when_its_lease_runs_out()
     assert!(lost >= 1.0, "it found the dead holder's lease and waited");
     assert_eq!(won, 1.0, "then took the lease over when it ran out");
 }
+
+/// A `swr-proxy worker` process on `redis` for `origin`, killed (SIGKILL)
+/// on drop.
+struct Worker(Child);
+
+impl Worker {
+    fn start(origin: &Origin, redis: &Redis, flags: &[&str]) -> Worker {
+        let child = Command::new(BIN)
+            .args([
+                "worker",
+                "--upstream",
+                &origin.url(),
+                "--redis",
+                &redis.url(),
+            ])
+            .args(flags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("swr-proxy worker starts");
+        Worker(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An instance in stream mode with a ttl of 1 s, holding `path`'s first
+/// answer, now stale: its refresh is a job on the stream.
+async fn stale_in_stream_mode(origin: &Origin, redis: &Redis, path: &str) -> TestProxy {
+    let proxies = fleet(
+        origin,
+        redis,
+        1,
+        &[
+            "--refresh-mode",
+            "stream",
+            "--ttl",
+            "1s",
+            "--stale-while-revalidate",
+            "60s",
+        ],
+    )
+    .await;
+    let proxy = proxies.into_iter().next().expect("one instance");
+    assert_eq!(get(&proxy, path).await.x_cache(), "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stale = get(&proxy, path).await;
+    assert_eq!(stale.x_cache(), "STALE");
+    eventually(WAIT, "the refresh job on the stream", || async {
+        proxy
+            .counter("swr_fleet_stream_jobs_total{result=\"queued\"}")
+            .await
+            == 1
+    })
+    .await;
+    proxy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_stream_mode_a_worker_refreshes_and_the_instance_gets_its_entry() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    let proxy = stale_in_stream_mode(&origin, &redis, "/s").await;
+    assert_eq!(
+        origin.hits("/s"),
+        1,
+        "the instance does not refresh it itself"
+    );
+
+    let _worker = Worker::start(&origin, &redis, &[]);
+    eventually(
+        WAIT,
+        "the worker's refresh reaches the instance",
+        || async { get(&proxy, "/s").await.text() == "/s #2" },
+    )
+    .await;
+    assert_eq!(origin.hits("/s"), 2);
+    assert_eq!(
+        proxy
+            .counter("swr_upstream_requests_total{cause=\"refresh\"}")
+            .await,
+        0,
+        "the worker refreshed it, not the instance"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_has_its_job_taken_over() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    let proxy = stale_in_stream_mode(&origin, &redis, "/k").await;
+    origin.route("/k", Route::default().delay(Duration::from_secs(30)));
+    // Its lease runs out 3 s after it asks the origin (--upstream-timeout + 1 s).
+    let flags = [
+        "--refresh-visibility-timeout",
+        "500ms",
+        "--refresh-max-attempts",
+        "20",
+        "--upstream-timeout",
+        "2s",
+    ];
+    let mut first = Worker::start(&origin, &redis, &flags);
+    eventually(WAIT, "the first worker asks the origin", || async {
+        origin.hits("/k") == 2
+    })
+    .await;
+    first.kill();
+    origin.route("/k", Route::default());
+
+    let _second = Worker::start(&origin, &redis, &flags);
+    eventually(WAIT, "the job taken over and done", || async {
+        get(&proxy, "/k").await.text() == "/k #3"
+    })
+    .await;
+    assert_eq!(origin.hits("/k"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_every_attempt_lands_in_the_dead_letters() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    let proxy = stale_in_stream_mode(&origin, &redis, "/d").await;
+    origin.route("/d", Route::default().status(503));
+    let _worker = Worker::start(
+        &origin,
+        &redis,
+        &[
+            "--refresh-visibility-timeout",
+            "200ms",
+            "--refresh-max-attempts",
+            "2",
+        ],
+    );
+    let mut conn = redis.connection().await;
+    eventually(WAIT, "one dead letter", || {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("XLEN")
+                .arg("swr:1:refresh:dead")
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap_or(0)
+                == 1
+        }
+    })
+    .await;
+    assert_eq!(origin.hits("/d"), 3, "the fill, then two attempts");
+    let dead: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("swr:1:refresh:dead")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    let letter = &dead.ids[0];
+    assert_eq!(letter.get::<String>("key").as_deref(), Some("fleet.test/d"));
+    assert_eq!(letter.get::<String>("attempts").as_deref(), Some("2"));
+    // Nothing left pending; the stale answer is still served.
+    let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg("swr:1:refresh")
+        .arg("swr-workers")
+        .query_async(&mut conn)
+        .await
+        .expect("XPENDING");
+    assert_eq!(pending.count(), 0);
+    assert_eq!(get(&proxy, "/d").await.text(), "/d #1");
+}

@@ -48,6 +48,16 @@ pub enum Command {
     Demo(DemoArgs),
     /// Validate a configuration file: exit 0, or 2 naming the bad field and line.
     Check(CheckArgs),
+    /// Refresh entries from the fleet's refresh stream (--refresh-mode
+    /// stream): needs --redis and --upstream, and takes the proxy's caching
+    /// flags and file; serves no clients.
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub proxy: Settings,
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +101,17 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Who refreshes stale entries (`--refresh-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefreshMode {
+    /// This instance's refresh workers.
+    #[default]
+    Local,
+    /// `swr-proxy worker` processes, through a Redis Stream (needs --redis).
+    Stream,
+}
+
 /// How log lines are written (`--log-format`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +124,12 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// Whether `--admin-listen` was given (by the flag or `SWR_ADMIN_LISTEN`),
+    /// not left to its default: a worker serves its admin API only then.
+    pub fn admin_given(&self) -> bool {
+        self.flags.admin_listen.is_some()
+    }
+
     /// The default freshness when neither the flag nor the command sets one.
     pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 
@@ -210,6 +237,16 @@ impl Config {
         if self.start.redis.is_some() && self.start.redis_timeout.is_zero() {
             return Err(ConfigError(
                 "--redis-timeout must be above zero, e.g. 100ms".into(),
+            ));
+        }
+        if self.start.refresh_mode == RefreshMode::Stream && self.start.redis.is_none() {
+            return Err(ConfigError(
+                "--refresh-mode stream needs --redis: the stream is in Redis".into(),
+            ));
+        }
+        if self.start.refresh_visibility_timeout.is_zero() {
+            return Err(ConfigError(
+                "--refresh-visibility-timeout must be above zero, e.g. 30s".into(),
             ));
         }
         if self.start.upstream_timeout.is_zero() {

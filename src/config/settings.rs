@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use super::file::RouteFile;
 use super::values::*;
-use super::{ConfigError, LogFormat};
+use super::{ConfigError, LogFormat, RefreshMode};
 use crate::cache::policy::CacheControlMode;
 
 /// The resolved type of a setting: itself when it has a default, optional
@@ -258,6 +258,30 @@ settings! {
         /// 200 and says `redis: down`: the instance still serves).
         #[arg(long, env = "SWR_REDIS_REQUIRED", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_switch)]
         redis_required: bool = false,
+
+        /// Who refreshes stale entries: `local` (this instance), or `stream`
+        /// (jobs on a Redis Stream for `swr-proxy worker` processes; needs
+        /// --redis; while Redis is down, this instance refreshes) [default: local].
+        #[arg(long, env = "SWR_REFRESH_MODE", value_name = "MODE", value_enum)]
+        refresh_mode: RefreshMode = RefreshMode::Local,
+
+        /// A refresh job a worker took and did not finish in this long is
+        /// taken over by another worker [default: 30s].
+        #[arg(long, env = "SWR_REFRESH_VISIBILITY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+        #[serde(default, deserialize_with = "de_duration")]
+        refresh_visibility_timeout: Duration = Duration::from_secs(30),
+
+        /// Deliveries of a refresh job before it goes to the dead-letter
+        /// stream [default: 5].
+        #[arg(long, env = "SWR_REFRESH_MAX_ATTEMPTS", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
+        #[serde(default, deserialize_with = "de_count")]
+        refresh_max_attempts: usize = 5,
+
+        /// The refresh stream's (and its dead letters') approximate cap
+        /// [default: 100000].
+        #[arg(long, env = "SWR_REFRESH_STREAM_MAX_LEN", value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
+        #[serde(default, deserialize_with = "de_count")]
+        refresh_stream_max_len: usize = 100_000,
 
         /// Longest request target, and longest header line; longer is answered
         /// 414 (target) or 431 (header) and never forwarded [default: 8KiB].

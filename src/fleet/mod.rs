@@ -41,6 +41,7 @@ use crate::config::RedisUrl;
 
 pub mod codec;
 pub mod events;
+pub mod stream;
 
 use self::codec::Shared;
 pub use self::events::Event;
@@ -81,6 +82,18 @@ pub struct FleetSettings {
     pub timeout: Duration,
     pub max_object: u64,
     pub lease: Duration,
+    pub stream: StreamSettings,
+}
+
+/// The refresh stream's settings (`--refresh-mode stream` and workers).
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// A job not acknowledged this long is taken over by another worker.
+    pub visibility: Duration,
+    /// Deliveries before a job goes to the dead letters.
+    pub max_attempts: usize,
+    /// The stream's (and the dead letters') approximate cap.
+    pub max_len: usize,
 }
 
 /// The result of [`Fleet::claim`].
@@ -118,6 +131,10 @@ struct FleetMetrics {
     events: Family<[(&'static str, &'static str); 2], Counter>,
     errors: Family<[(&'static str, &'static str); 1], Counter>,
     up: Gauge,
+    stream_jobs: Family<[(&'static str, &'static str); 1], Counter>,
+    worker_jobs: Family<[(&'static str, &'static str); 1], Counter>,
+    stream_pending: Gauge,
+    stream_lag: Gauge,
 }
 
 impl FleetMetrics {
@@ -129,6 +146,30 @@ impl FleetMetrics {
         let events = Family::default();
         let errors = Family::default();
         let up = Gauge::default();
+        let stream_jobs = Family::default();
+        let worker_jobs = Family::default();
+        let stream_pending = Gauge::default();
+        let stream_lag = Gauge::default();
+        registry.register(
+            "swr_fleet_stream_jobs",
+            "Refresh jobs an instance put on the stream (--refresh-mode stream), by result (queued, duplicate: one was pending for the key, error)",
+            stream_jobs.clone(),
+        );
+        registry.register(
+            "swr_fleet_worker_jobs",
+            "Refresh jobs a worker took, by result (refreshed; adopted: another had refreshed it; leased-elsewhere: left for a later delivery; not-storable, failed, dead-letter, invalid)",
+            worker_jobs.clone(),
+        );
+        registry.register(
+            "swr_fleet_stream_pending",
+            "Refresh jobs delivered to a worker and not yet acknowledged (as of this worker's last look)",
+            stream_pending.clone(),
+        );
+        registry.register(
+            "swr_fleet_stream_lag",
+            "Refresh jobs on the stream no worker has read yet (as of this worker's last look; -1: unknown)",
+            stream_lag.clone(),
+        );
         registry.register(
             "swr_fleet_reads",
             "Shared-level reads on a local miss, expiry or refresh, by result (hit, stale, expired, miss, corrupt)",
@@ -167,6 +208,10 @@ impl FleetMetrics {
             events,
             errors,
             up,
+            stream_jobs,
+            worker_jobs,
+            stream_pending,
+            stream_lag,
         }
     }
 }

@@ -11,6 +11,7 @@ use http::header::HeaderMap;
 
 use crate::cache::entry::Entry;
 use crate::cache::policy::{self, BypassReason};
+use crate::config::RefreshMode;
 use crate::error::UpstreamErrorKind;
 use crate::metrics::UpstreamCause;
 use crate::refresh::limit::Sample;
@@ -167,6 +168,12 @@ impl Proxy {
             .refresh_wait
             .observe(started.saturating_duration_since(job.queued_at));
         let RefreshRequest { target, stale } = &job.payload;
+        if self.config.start.refresh_mode == RefreshMode::Stream
+            && self.queue_on_stream(target, stale).await
+        {
+            // A worker refreshes it; its entry arrives as an event.
+            return Sample::NotSent;
+        }
         let lease = match self
             .refresh_lease(stale, &target.url_text, target.url_hash)
             .await

@@ -30,7 +30,7 @@ use crate::cache::store::Store;
 use crate::cache::CacheStatus;
 use crate::config::{Config, ConfigError, HeadLimits};
 use crate::error::ProxyError;
-use crate::fleet::{Fleet, FleetSettings, LEASE_MARGIN};
+use crate::fleet::{Fleet, FleetSettings, StreamSettings, LEASE_MARGIN};
 use crate::logs::{self, Cause, RateLimit, Summary, Totals};
 use crate::metrics::{Gauges, Stats};
 use crate::refresh::limit::Gate;
@@ -45,6 +45,7 @@ mod pass;
 mod respond;
 mod rules;
 mod shared;
+mod worker;
 
 use self::background::{Backoffs, RefreshRequest, REFRESH_QUEUE_BYTES};
 use self::fill::HitForMiss;
@@ -153,6 +154,26 @@ impl Proxy {
         cancel: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Arc<Proxy>, String> {
+        Proxy::start_as(config, cancel, tracker, true)
+    }
+
+    /// Builds the proxy of `swr-proxy worker`: its refreshes are the
+    /// stream's jobs ([`Proxy::run_worker`]), so no local refresh workers
+    /// take slots of the refresh limit.
+    pub fn start_worker(
+        config: Config,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Arc<Proxy>, String> {
+        Proxy::start_as(config, cancel, tracker, false)
+    }
+
+    fn start_as(
+        config: Config,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+        local_refresh: bool,
+    ) -> Result<Arc<Proxy>, String> {
         let upstream = Upstream::new(
             &config.start.upstream,
             config.start.upstream_timeout,
@@ -175,6 +196,11 @@ impl Proxy {
                     timeout: config.start.redis_timeout,
                     max_object: config.start.redis_max_object,
                     lease: config.start.upstream_timeout + LEASE_MARGIN,
+                    stream: StreamSettings {
+                        visibility: config.start.refresh_visibility_timeout,
+                        max_attempts: config.start.refresh_max_attempts,
+                        max_len: config.start.refresh_stream_max_len,
+                    },
                 },
                 &cancel,
                 tracker,
@@ -240,13 +266,15 @@ impl Proxy {
                 }
             });
         }
-        let worker_proxy = Arc::clone(&proxy);
-        workers.spawn(
-            &proxy.refresh_gate,
-            move |job| Arc::clone(&worker_proxy).run_refresh(job),
-            cancel,
-            tracker,
-        );
+        if local_refresh {
+            let worker_proxy = Arc::clone(&proxy);
+            workers.spawn(
+                &proxy.refresh_gate,
+                move |job| Arc::clone(&worker_proxy).run_refresh(job),
+                cancel,
+                tracker,
+            );
+        }
         Ok(proxy)
     }
 

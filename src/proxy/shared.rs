@@ -16,6 +16,7 @@ use crate::cache::policy::{self, Use};
 use crate::cache::vary::{self, VariantKey};
 use crate::fleet::codec::Shared;
 use crate::fleet::events::{Scope, EVENT_QUEUE};
+use crate::fleet::stream::{Queued, RefreshJob};
 use crate::fleet::{Claim, Event, Fleet};
 use crate::metrics::UpstreamCause;
 use crate::upstream::Priority;
@@ -99,7 +100,7 @@ fn newer(a: Option<Entry>, b: Entry) -> Option<Entry> {
 }
 
 /// The names an entry's stored `Vary` lists, when it varies.
-fn varies_on(entry: &Entry) -> Option<Vec<http::HeaderName>> {
+pub(super) fn varies_on(entry: &Entry) -> Option<Vec<http::HeaderName>> {
     match vary::vary_names(&entry.header_map(0)) {
         vary::Vary::Names(names) if !names.is_empty() => Some(names),
         _ => None,
@@ -311,6 +312,26 @@ impl Proxy {
             fleet.lease_lost();
             RefreshLease::Elsewhere
         }
+    }
+
+    /// `--refresh-mode stream`: puts the refresh of `stale` on the fleet's
+    /// refresh stream for a worker. `false` when Redis did not take it (the
+    /// refresh is then made here).
+    pub(super) async fn queue_on_stream(&self, target: &FetchTarget, stale: &Entry) -> bool {
+        let Some(fleet) = &self.fleet else {
+            return false;
+        };
+        let job = RefreshJob {
+            key: stale.key().to_string(),
+            url: target.url_text.to_string(),
+            path_and_query: target.path_and_query.to_string(),
+            client_headers: target.client_headers.clone(),
+            upstream_headers: target.upstream_headers.clone(),
+            keyed_cookies: target.keyed_cookies,
+            keyed_authorization: target.keyed_authorization,
+            keyed_cookie_header: target.keyed_cookie_header,
+        };
+        fleet.queue_job(&job).await != Queued::Unavailable
     }
 
     /// A refresh left to the instance holding its lease: not queued again
