@@ -516,6 +516,8 @@ struct CacheSetup {
     /// The memory budget every cache is given, in MiB; `None`: room for
     /// every key (2 GiB).
     budget_mib: Option<u64>,
+    /// swr-proxy in fleet mode on this Redis.
+    redis: Option<SocketAddr>,
 }
 
 /// A child process stopped by PID (SIGTERM, then SIGKILL) when dropped.
@@ -663,6 +665,9 @@ async fn start_target(
                 .env("RUST_LOG", "warn");
             if let (Kind::Baseline, Some((_, extra))) = (kind, BASELINE.get()) {
                 command.args(extra);
+            }
+            if let Some(redis) = setup.redis {
+                command.args(["--redis", &format!("redis://{redis}")]);
             }
             let proc = spawn_quiet(&mut command, None)?;
             let pid = proc.pid();
@@ -885,10 +890,16 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// Requests every key once (`concurrency` at a time), so the cache holds them.
 async fn warm(addr: SocketAddr, keys: usize, concurrency: usize) {
+    warm_as(addr, &addr.to_string(), keys, concurrency).await;
+}
+
+/// [`warm`], with `host` as the requests' `Host`.
+async fn warm_as(addr: SocketAddr, host: &str, keys: usize, concurrency: usize) {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let next = Arc::clone(&next);
+        let host = host.to_string();
         tasks.push(tokio::spawn(async move {
             let Ok(mut sender) = connect(addr).await else {
                 return;
@@ -898,7 +909,8 @@ async fn warm(addr: SocketAddr, keys: usize, concurrency: usize) {
                 if i >= keys {
                     return;
                 }
-                if get(&mut sender, addr, &format!("/k/{i}")).await.is_err() {
+                let path = format!("/k/{i}");
+                if get_answer(&mut sender, &host, &path).await.is_err() {
                     match connect(addr).await {
                         Ok(s) => sender = s,
                         Err(_) => return,
@@ -930,26 +942,26 @@ pub async fn connect(addr: SocketAddr) -> Result<Sender, String> {
 
 /// The body of `path`'s answer, as text.
 async fn get_text(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<String, String> {
-    let (_, body) = get_answer(sender, addr, path).await?;
+    let (_, body) = get_answer(sender, &addr.to_string(), path).await?;
     Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
 }
 
 /// The status of `path`'s answer, its body read to the end.
 pub async fn get(sender: &mut Sender, addr: SocketAddr, path: &str) -> Result<u16, String> {
-    let (status, _) = get_answer(sender, addr, path).await?;
+    let (status, _) = get_answer(sender, &addr.to_string(), path).await?;
     Ok(status)
 }
 
-/// `GET path` on `sender` with `addr` as `Host`: the answer's status and
+/// `GET path` on `sender` with `host` as `Host`: the answer's status and
 /// whole body (as read: joined only by a caller that wants it in one piece).
 async fn get_answer(
     sender: &mut Sender,
-    addr: SocketAddr,
+    host: &str,
     path: &str,
 ) -> Result<(u16, Collected<Bytes>), String> {
     sender.ready().await.map_err(|e| e.to_string())?;
     let request = Request::get(path)
-        .header("host", addr.to_string())
+        .header("host", host)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
     let response = sender
@@ -975,6 +987,16 @@ struct WrkResult {
 }
 
 fn run_wrk(addr: SocketAddr, traffic: Traffic, duration: Duration) -> Option<WrkResult> {
+    run_wrk_as(addr, None, traffic, duration)
+}
+
+/// [`run_wrk`], with `host` (when given) as every request's `Host`.
+fn run_wrk_as(
+    addr: SocketAddr,
+    host: Option<&str>,
+    traffic: Traffic,
+    duration: Duration,
+) -> Option<WrkResult> {
     let text = wrk_output(
         WRK_SCRIPT,
         addr,
@@ -984,6 +1006,7 @@ fn run_wrk(addr: SocketAddr, traffic: Traffic, duration: Duration) -> Option<Wrk
             ("KEYS", traffic.keys.to_string()),
             ("NEW", traffic.new_share.to_string()),
             ("ZIPF", traffic.zipf.to_string()),
+            ("HOST", host.unwrap_or("").to_string()),
         ],
     )?;
     let line = text.lines().find(|l| l.starts_with("RESULT "))?;
@@ -1132,6 +1155,7 @@ async fn throughput(report: &mut Report, options: &Options, name: &str, traffic:
         grace_secs: 60,
         refresh_concurrency: 8,
         budget_mib: traffic.budget_mib,
+        redis: None,
     };
     let keys = traffic.keys;
     let mut kinds = kinds_available();
@@ -1306,6 +1330,7 @@ async fn stale_storm(report: &mut Report, options: &Options) {
         ttl_secs: 1,
         grace_secs: 60,
         refresh_concurrency: 256,
+        redis: None,
         budget_mib: None,
     };
     let calm = CacheSetup {
@@ -1375,6 +1400,181 @@ async fn stale_storm(report: &mut Report, options: &Options) {
     }
 }
 
+/// Fleet mode: three swr-proxy instances on one Redis against three
+/// independent ones, 1,000 keys with a 1 s ttl behind a 200 ms backend,
+/// one wrk per instance at once (every request with the same `Host`, as
+/// behind a load balancer): backend requests per key per ttl (ideal 1;
+/// independent instances about 3), and the answers' p99. Then one
+/// instance's warm hits with and without `--redis`, rounds interleaved
+/// (hits never touch Redis: the two should be level).
+async fn fleet(report: &mut Report, options: &Options) {
+    const KEYS: usize = 1000;
+    const INSTANCES: usize = 3;
+    const HOST: &str = "fleet.bench";
+    if !installed("redis-server") {
+        report.note("fleet: redis-server is not installed (apt-get install -y redis-server); skipped".into());
+        return;
+    }
+    let origin = Origin::start(1024, Duration::from_millis(200), None).await;
+    let storm = CacheSetup {
+        ttl_secs: 1,
+        grace_secs: 60,
+        refresh_concurrency: 256,
+        budget_mib: None,
+        redis: None,
+    };
+    let mut rows: HashMap<&'static str, Vec<(f64, f64, f64)>> = HashMap::new();
+    let mut hits: HashMap<&'static str, Vec<f64>> = HashMap::new();
+    for round in 0..options.rounds {
+        for fleet_mode in [round % 2 == 0, round % 2 == 1] {
+            let label = if fleet_mode { "3 instances, one Redis" } else { "3 independent instances" };
+            // A fresh Redis per run: the runs share nothing.
+            let redis_addr = free_port();
+            let redis = if fleet_mode {
+                let mut command = Command::new("redis-server");
+                command.args([
+                    "--port",
+                    &redis_addr.port().to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ]);
+                let Some(proc) = spawn_quiet(&mut command, None) else {
+                    report.problem("fleet: redis-server did not start".into());
+                    return;
+                };
+                if !wait_listening(redis_addr).await {
+                    report.problem("fleet: redis-server did not listen".into());
+                    return;
+                }
+                Some(proc)
+            } else {
+                None
+            };
+            let setup = CacheSetup {
+                redis: redis.as_ref().map(|_| redis_addr),
+                ..storm
+            };
+            let mut targets = Vec::new();
+            for _ in 0..INSTANCES {
+                match start_target(Kind::SwrProxy, &origin, setup, KEYS, 1024).await {
+                    Some(target) => targets.push(target),
+                    None => {
+                        report.problem(format!("fleet: {label}: swr-proxy did not start"));
+                        return;
+                    }
+                }
+            }
+            for target in &targets {
+                warm_as(target.addr, HOST, KEYS, 32).await;
+            }
+            origin.reset_counters();
+            let duration = options.duration;
+            let runs: Vec<_> = targets
+                .iter()
+                .map(|target| {
+                    let addr = target.addr;
+                    tokio::task::spawn_blocking(move || {
+                        run_wrk_as(addr, Some(HOST), Traffic::uniform(KEYS, 1024), duration)
+                    })
+                })
+                .collect();
+            let mut results = Vec::new();
+            for run in runs {
+                results.push(run.await.ok().flatten());
+            }
+            let backend = origin.requests.load(Ordering::Relaxed) as f64;
+            drop(targets);
+            drop(redis);
+            for result in &results {
+                check_wrk(report, "fleet", label, result.as_ref());
+            }
+            let results: Vec<WrkResult> = results.into_iter().flatten().collect();
+            if results.len() < INSTANCES {
+                continue;
+            }
+            let periods = duration.as_secs_f64() / storm.ttl_secs as f64;
+            let per_key_ttl = backend / (KEYS as f64 * periods);
+            let p99 = results.iter().map(|r| r.p99_ms).fold(0.0, f64::max);
+            let rps: f64 = results.iter().map(|r| r.rps).sum();
+            eprintln!(
+                "  fleet round {} {label}: backend {backend:.0} ({per_key_ttl:.2} per key per ttl), p99 {p99:.2} ms, {rps:.0} req/s",
+                round + 1
+            );
+            rows.entry(label).or_default().push((per_key_ttl, p99, rps));
+        }
+        // One instance's warm hits, with and without --redis, in turn.
+        let calm = CacheSetup { ttl_secs: 3600, ..storm };
+        for fleet_mode in [round % 2 == 1, round % 2 == 0] {
+            let redis_addr = free_port();
+            let redis = if fleet_mode {
+                let mut command = Command::new("redis-server");
+                command.args(["--port", &redis_addr.port().to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+                let proc = spawn_quiet(&mut command, None);
+                if proc.is_none() || !wait_listening(redis_addr).await {
+                    report.problem("fleet: redis-server did not start".into());
+                    return;
+                }
+                proc
+            } else {
+                None
+            };
+            let setup = CacheSetup {
+                redis: redis.as_ref().map(|_| redis_addr),
+                ..calm
+            };
+            let Some(target) = start_target(Kind::SwrProxy, &origin, setup, KEYS, 1024).await else {
+                report.problem("fleet: swr-proxy did not start".into());
+                return;
+            };
+            warm_as(target.addr, HOST, KEYS, 32).await;
+            let addr = target.addr;
+            let duration = options.duration;
+            let result = tokio::task::spawn_blocking(move || {
+                run_wrk_as(addr, Some(HOST), Traffic::uniform(KEYS, 1024), duration)
+            })
+            .await
+            .ok()
+            .flatten();
+            drop(target);
+            drop(redis);
+            let label = if fleet_mode { "hits, --redis" } else { "hits, no --redis" };
+            check_wrk(report, "fleet", label, result.as_ref());
+            if let Some(r) = result {
+                eprintln!("  fleet round {} {label}: {:.0} req/s", round + 1, r.rps);
+                hits.entry(label).or_default().push(r.rps);
+            }
+        }
+    }
+    for label in ["3 instances, one Redis", "3 independent instances"] {
+        let Some(runs) = rows.get(label) else { continue };
+        let per_key = median(runs.iter().map(|r| r.0).collect());
+        let p99 = median(runs.iter().map(|r| r.1).collect());
+        let rps = median(runs.iter().map(|r| r.2).collect());
+        report.row(vec![
+            "fleet".into(),
+            label.into(),
+            format!("{rps:.0}"),
+            format!("{p99:.2}"),
+            format!("{per_key:.2} backend requests per key per ttl (ideal 1)"),
+        ]);
+    }
+    let with = hits.get("hits, --redis").map(|r| median(r.clone()));
+    let without = hits.get("hits, no --redis").map(|r| median(r.clone()));
+    if let (Some(with), Some(without)) = (with, without) {
+        report.row(vec![
+            "fleet".into(),
+            "one instance's hits, --redis vs none".into(),
+            format!("{with:.0} vs {without:.0}"),
+            String::new(),
+            ratio(with, without),
+        ]);
+    }
+}
+
 /// The herd: 200 clients ask for one cold key at once; the origin takes 500 ms.
 async fn herd(report: &mut Report, options: &Options) {
     const CLIENTS: usize = 200;
@@ -1383,6 +1583,7 @@ async fn herd(report: &mut Report, options: &Options) {
         ttl_secs: 3600,
         grace_secs: 60,
         refresh_concurrency: 8,
+        redis: None,
         budget_mib: None,
     };
     let mut rows: HashMap<&'static str, Vec<(u64, f64, f64)>> = HashMap::new();
@@ -1465,6 +1666,7 @@ async fn memory(report: &mut Report, options: &Options) {
         ttl_secs: 3600,
         grace_secs: 60,
         refresh_concurrency: 8,
+        redis: None,
         budget_mib: None,
     };
     for kind in kinds_available() {
@@ -1773,6 +1975,9 @@ pub fn run(options: &Options) -> Report {
         }
         if options.wants("herd") {
             herd(&mut report, options).await;
+        }
+        if options.wants("fleet") {
+            fleet(&mut report, options).await;
         }
         if options.wants("memory") {
             memory(&mut report, options).await;

@@ -2,10 +2,13 @@
 -- (/k/0 .. /k/KEYS-1), uniformly or, with ZIPF=s, by a Zipf law of
 -- exponent s (key /k/i has weight 1/(i+1)^s); a NEW share of them (0 to 1)
 -- on URLs never asked before (/n/<thread>-<n>); prints one
--- machine-readable RESULT line.
+-- machine-readable RESULT line. HOST, when set, is every request's Host.
 local keys = tonumber(os.getenv("KEYS") or "1")
 local new_share = tonumber(os.getenv("NEW") or "0")
 local zipf = tonumber(os.getenv("ZIPF") or "0")
+-- HOST: every request's Host (the fleet scenario: one name for every
+-- instance, as behind a load balancer); default, the address wrk targets.
+local host = os.getenv("HOST") or ""
 local new_urls = 0
 -- With ZIPF: cdf[i] is the probability that a draw is one of the keys
 -- /k/0 .. /k/(i-1) (the table is 1-based, the keys 0-based).
@@ -17,6 +20,9 @@ end
 
 function init(args)
   math.randomseed(seed or os.time())
+  if host ~= "" then
+    wrk.headers["Host"] = host
+  end
   if zipf > 0 then
     cdf = {}
     local total = 0
