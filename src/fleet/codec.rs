@@ -81,7 +81,7 @@ fn unix_nanos(at: SystemTime) -> i64 {
 
 /// The wall-clock time of an entry's `instant`, given that `now` is
 /// `wall_now`.
-pub fn wall_time(instant: Instant, now: Instant, wall_now: SystemTime) -> SystemTime {
+fn wall_time(instant: Instant, now: Instant, wall_now: SystemTime) -> SystemTime {
     let nanos = signed_nanos(now, instant);
     let d = Duration::from_nanos(nanos.unsigned_abs());
     let at = if nanos >= 0 {

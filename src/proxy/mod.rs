@@ -53,7 +53,6 @@ pub use self::lookup::FastHit;
 use self::lookup::{BackendWork, Next};
 use self::respond::{upstream_timed, AccessLine, AnswerLog, Answered};
 use self::rules::{request_host, Peer, Rules};
-pub use self::shared::is_key_or_variant;
 
 /// How often entries that can no longer be served are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);

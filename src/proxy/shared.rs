@@ -440,6 +440,18 @@ async fn purge_shared(fleet: &Fleet, scope: &Scope, soft: bool) -> Option<usize>
 }
 
 /// The key itself, or one of its Vary variants.
-pub fn is_key_or_variant(stored: &[u8], key: &str) -> bool {
+fn is_key_or_variant(stored: &[u8], key: &str) -> bool {
     stored == key.as_bytes() || VariantKey::is_variant_of(stored, key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_variants() {
+        assert!(is_key_or_variant(b"h/a?1", "h/a?1"));
+        assert!(is_key_or_variant(b"h/a?1\naccept=x", "h/a?1"));
+        assert!(!is_key_or_variant(b"h/a?10", "h/a?1"));
+    }
 }
