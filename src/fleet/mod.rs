@@ -358,6 +358,22 @@ impl Fleet {
         }
     }
 
+    /// Counts a lease by what became of it (won, lost, expired, timeout).
+    fn count_lease(&self, result: &'static str) {
+        self.metrics
+            .leases
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
+    /// Counts a write to the shared level by its result.
+    fn count_write(&self, result: &'static str) {
+        self.metrics
+            .writes
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
     fn count_error(&self, cause: &'static str) {
         self.metrics.errors.get_or_create(&[("cause", cause)]).inc();
     }
@@ -391,19 +407,13 @@ impl Fleet {
         };
         let won = won == 1;
         if won {
-            self.metrics
-                .leases
-                .get_or_create(&[("result", "won")])
-                .inc();
+            self.count_lease("won");
         }
         match value {
             Some(bytes) => Claim::Value { bytes, won },
             None if won => Claim::Won,
             None => {
-                self.metrics
-                    .leases
-                    .get_or_create(&[("result", "lost")])
-                    .inc();
+                self.count_lease("lost");
                 Claim::Held
             }
         }
@@ -412,18 +422,12 @@ impl Fleet {
     /// Counts a lease another instance held (a claim that found a value it
     /// could not use and did not get the lease).
     pub fn lease_lost(&self) {
-        self.metrics
-            .leases
-            .get_or_create(&[("result", "lost")])
-            .inc();
+        self.count_lease("lost");
     }
 
     /// Counts a miss that stopped waiting for another instance's fetch.
     pub fn wait_timed_out(&self) {
-        self.metrics
-            .leases
-            .get_or_create(&[("result", "timeout")])
-            .inc();
+        self.count_lease("timeout");
     }
 
     /// Releases this instance's lease on `key_text`; one that ran out (and
@@ -438,10 +442,7 @@ impl Fleet {
             .bounded(invocation.invoke_async::<i64>(&mut conn))
             .await
         {
-            self.metrics
-                .leases
-                .get_or_create(&[("result", "expired")])
-                .inc();
+            self.count_lease("expired");
         }
     }
 
@@ -489,10 +490,7 @@ impl Fleet {
     /// `--redis-max-object` stays local.
     pub async fn write(&self, entry: &Entry, url_text: &str, vary: Option<&[HeaderName]>) {
         if entry.body_len() as u64 > self.settings.max_object {
-            self.metrics
-                .writes
-                .get_or_create(&[("result", "too-large")])
-                .inc();
+            self.count_write("too-large");
             return;
         }
         let now = Instant::now();
@@ -526,11 +524,7 @@ impl Fleet {
             .ignore();
         let mut conn = self.conn.clone();
         let written = self.bounded(pipe.query_async::<()>(&mut conn)).await;
-        let result = if written.is_some() { "ok" } else { "error" };
-        self.metrics
-            .writes
-            .get_or_create(&[("result", result)])
-            .inc();
+        self.count_write(if written.is_some() { "ok" } else { "error" });
         if written.is_some() {
             self.count_event("replaced", "sent");
         }
