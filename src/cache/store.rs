@@ -38,8 +38,10 @@ pub enum FillOutcome {
     /// The response was stored: every waiter answers with this entry.
     Stored(Entry),
     /// Another instance of the fleet had stored it (read from the shared
-    /// level): every waiter answers with this entry.
-    Shared(Entry),
+    /// level, in Redis): every waiter answers with this entry. Not to be
+    /// confused with [`FillOutcome::NotShared`], an answer that may not be
+    /// shared among clients.
+    FromFleet(Entry),
     /// The response may not be shared (private, too large, ...: the
     /// reason): each waiter fetches for itself.
     NotShared(crate::cache::policy::BypassReason),

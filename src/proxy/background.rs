@@ -193,11 +193,7 @@ impl Proxy {
         };
         self.stats.record_upstream_request(UpstreamCause::Refresh);
         let fetched = self.fetch(target, Some(stale), Priority::Background).await;
-        let stored = match &fetched {
-            Fetched::Stored(entry) => Some(entry.clone()),
-            _ => None,
-        };
-        self.share(stored, &target.url_text, lease);
+        self.share(fetched.stored(), &target.url_text, lease);
         self.stats.refresh_duration.observe(started.elapsed());
         let took = started.elapsed();
         let took_ms = took.as_millis() as u64;

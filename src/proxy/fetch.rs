@@ -107,6 +107,16 @@ pub(super) enum Fetched {
     Failed(UpstreamError),
 }
 
+impl Fetched {
+    /// The entry stored, if one was.
+    pub(super) fn stored(&self) -> Option<&Entry> {
+        match self {
+            Fetched::Stored(entry) => Some(entry),
+            Fetched::Pass(_) | Fetched::Failed(_) => None,
+        }
+    }
+}
+
 /// A backend response passed through without being stored.
 pub(super) struct Passed {
     pub(super) reason: BypassReason,

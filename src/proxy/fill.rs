@@ -129,7 +129,7 @@ impl Proxy {
         let fetched = failed_over(fetched, stale.as_ref());
         if let Fetched::Stored(entry) = &fetched {
             self.hit_for_miss.forget(hash);
-            self.share(Some(entry.clone()), &target.url_text, None);
+            self.share(Some(entry), &target.url_text, None);
         }
         self.own_answer(fetched, status, fwd, stale.as_ref(), head, parts)
     }
@@ -184,9 +184,9 @@ impl Proxy {
                         let fetched = match proxy.fill_fetch(&fill_target, fallback.as_ref()).await
                         {
                             Filled::Backend(fetched) => fetched,
-                            Filled::Shared(entry) => {
-                                guard.complete(FillOutcome::Shared(entry.clone()));
-                                let _ = tx.send(Filled::Shared(entry));
+                            Filled::FromFleet(entry) => {
+                                guard.complete(FillOutcome::FromFleet(entry.clone()));
+                                let _ = tx.send(Filled::FromFleet(entry));
                                 return;
                             }
                         };
@@ -210,7 +210,7 @@ impl Proxy {
                         Ok(Filled::Backend(fetched)) => {
                             self.own_answer(fetched, status, fwd, stale.as_ref(), head, parts)
                         }
-                        Ok(Filled::Shared(entry)) => {
+                        Ok(Filled::FromFleet(entry)) => {
                             self.shared_response(&entry, &target, false, parts)
                         }
                         Err(_) => continue,
@@ -227,7 +227,7 @@ impl Proxy {
                             // the URL is known to vary.
                             continue;
                         }
-                        Some(FillOutcome::Shared(entry)) => {
+                        Some(FillOutcome::FromFleet(entry)) => {
                             if self.serves_variant(&entry, &target) {
                                 return self.shared_response(&entry, &target, true, parts);
                             }

@@ -42,7 +42,7 @@ pub(super) enum Filled {
     /// mapped by [`failed_over`].
     Backend(Fetched),
     /// Another instance's entry, read from the shared level and stored here.
-    Shared(Entry),
+    FromFleet(Entry),
 }
 
 /// What the shared level gave a fill.
@@ -119,7 +119,7 @@ impl Proxy {
         let (lease, fallback) = match &self.fleet {
             None => (None, stale.cloned()),
             Some(fleet) => match self.read_shared(fleet, target, stale).await {
-                Found::Usable(entry) => return Filled::Shared(entry),
+                Found::Usable(entry) => return Filled::FromFleet(entry),
                 Found::Fetch { lease, fallback } => (lease, fallback),
             },
         };
@@ -128,11 +128,7 @@ impl Proxy {
             .fetch(target, fallback.as_ref(), Priority::Client)
             .await;
         let fetched = failed_over(fetched, fallback.as_ref());
-        let stored = match &fetched {
-            Fetched::Stored(entry) => Some(entry.clone()),
-            _ => None,
-        };
-        self.share(stored, &target.url_text, lease);
+        self.share(fetched.stored(), &target.url_text, lease);
         Filled::Backend(fetched)
     }
 
@@ -258,11 +254,12 @@ impl Proxy {
 
     /// Writes what a fetch stored to the shared level and releases the
     /// lease it held, in the background (the answer does not wait).
-    pub(super) fn share(&self, stored: Option<Entry>, url_text: &Arc<str>, lease: Option<String>) {
+    pub(super) fn share(&self, stored: Option<&Entry>, url_text: &Arc<str>, lease: Option<String>) {
         let Some(fleet) = &self.fleet else { return };
         if stored.is_none() && lease.is_none() {
             return;
         }
+        let stored = stored.cloned();
         let fleet = Arc::clone(fleet);
         let url_text = Arc::clone(url_text);
         self.tasks.spawn(async move {
