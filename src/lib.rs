@@ -16,7 +16,7 @@
 //! - [`fast_hits`]: plain HTTP/1.1 `GET`s answered from the socket (hits from
 //!   the entry, the rest with hyper's path's answer); every other request to hyper.
 //! - [`proxy`]: the request flow: lookup -> fill or pass -> respond, one
-//!   file per step.
+//!   file per step, and fleet mode's part in fill and refresh.
 //! - [`cache::key`]: the cache key of a request (host, path, query).
 //! - [`cache::policy`]: pure rules: storable? lifetimes; state of an entry at `now`.
 //! - [`cache::entry`]: the stored response and its instants.

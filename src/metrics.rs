@@ -446,7 +446,9 @@ pub struct Stats {
     pub invalidations: Counter,
     /// 304 answers the cache gave to clients' conditional requests.
     pub not_modified_served: Counter,
-    /// Entries removed or marked stale by the admin API.
+    /// Entries removed or marked stale by the admin API: this instance's,
+    /// or (fleet mode) another instance's, whose purge or unsafe-method
+    /// invalidation arrived as an event.
     pub purged: Counter,
     /// Requests for keys remembered as uncacheable, sent without coalescing.
     pub hit_for_miss: Counter,
@@ -617,7 +619,7 @@ impl Default for Stats {
         );
         let purged = counter(
             "swr_purged",
-            "Entries removed or marked stale by the admin API",
+            "Entries removed or marked stale by the admin API (in fleet mode, also by another instance's purge or invalidation)",
         );
         let hit_for_miss = counter(
             "swr_hit_for_miss",
@@ -850,7 +852,8 @@ pub struct Gauges {
     pub refresh_latency: f64,
 }
 
-/// Every metric name the proxy exports (histograms by their base name).
+/// Every metric name the proxy exports (histograms by their base name);
+/// fleet mode (`--redis`) adds its own `swr_fleet_*` series ([`crate::fleet`]).
 pub const METRIC_NAMES: &[&str] = &[
     "swr_requests_total",
     "swr_route_requests_total",

@@ -2,7 +2,9 @@
 //! (`Proxy::fill`), or an uncoalesced one for a key remembered as
 //! uncacheable (hit-for-miss), both over one mapping of fetch results
 //! ([`failed_over`]). Owns the hit-for-miss marks; the fetch itself is
-//! `fetch.rs`'s.
+//! `fetch.rs`'s. In fleet mode a coalesced fill's leader reads the shared
+//! level first and fetches under the key's lease (`shared.rs`), and both
+//! kinds write what they stored back to it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,14 +1,18 @@
 //! The request flow: request -> lookup -> (fill | pass) -> respond.
 //!
 //! [`Proxy`] is the shared state (configuration, rules, store, refresh
-//! queue, upstream client, counters) and [`Proxy::handle`] the entry
-//! point. Each step lives in its own file:
+//! queue, upstream client, counters, and in fleet mode the connection to
+//! Redis) and [`Proxy::handle`] the entry point. Each step lives in its
+//! own file:
 //! - `rules.rs`: the running rules (routes, defaults) and the key of a request;
 //! - `lookup.rs`: what the cache has, decided without waiting (also the fast path's);
 //! - `fill.rs`: a miss or an expired entry, coalesced per key;
 //! - `fetch.rs`: one fetch for the cache, conditional, stored when storable;
 //! - `background.rs`: stale entries' refreshes and their backoff;
 //! - `pass.rs`: pass-through and invalidation;
+//! - `shared.rs`: fleet mode around fill and refresh: the shared level
+//!   read first and written back, the key's lease, the other instances'
+//!   events, purges carried to the fleet (a no-op without `--redis`);
 //! - `respond.rs`: every answer's headers, counters and access-log line.
 
 use std::collections::HashMap;
