@@ -35,6 +35,11 @@ const VERSION: u8 = 1;
 const KIND_ENTRY: u8 = b'E';
 const KIND_VARY: u8 = b'V';
 const SENSITIVE: u32 = 1 << 31;
+/// The most header fields (and Vary names) a value read back may hold.
+/// A backend's answer holds far fewer (hyper's client takes 100); a
+/// `HeaderMap` panics past 24,576 distinct names, and the CRC is no
+/// signature: anyone who can write to Redis can seal such a value.
+const MAX_FIELDS: u16 = 1024;
 
 /// A value read from Redis for a key.
 #[derive(Debug)]
@@ -195,6 +200,9 @@ pub fn decode(
                 return Err(Corrupt("key"));
             }
             let count = r.u16()?;
+            if count > MAX_FIELDS {
+                return Err(Corrupt("headers"));
+            }
             let mut names = Vec::with_capacity(usize::from(count).min(64));
             for _ in 0..count {
                 let name = HeaderName::from_bytes(r.bytes16()?).map_err(|_| Corrupt("name"))?;
@@ -224,6 +232,9 @@ fn read_entry(
         return Err(Corrupt("key"));
     }
     let count = r.u16()?;
+    if count > MAX_FIELDS {
+        return Err(Corrupt("headers"));
+    }
     let mut headers = HeaderMap::with_capacity(usize::from(count).min(64));
     for _ in 0..count {
         let name = HeaderName::from_bytes(r.bytes16()?).map_err(|_| Corrupt("name"))?;
@@ -401,6 +412,33 @@ mod tests {
         let mut newer = bytes.clone();
         newer[3] = VERSION + 1;
         assert_eq!(read(&newer, entry.key()), Some(Corrupt("version")));
+    }
+
+    #[test]
+    fn a_sealed_value_with_too_many_headers_is_corrupt_not_a_panic() {
+        // The CRC is not a signature: anyone who can SET a key can seal a
+        // value. 30,000 distinct header names overflow a HeaderMap.
+        let mut out = b"SWR\x01E".to_vec();
+        out.extend_from_slice(&0i64.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes());
+        for _ in 0..4 {
+            out.extend_from_slice(&1_000_000_000i64.to_le_bytes());
+        }
+        out.extend_from_slice(&200u16.to_le_bytes());
+        put_bytes32(&mut out, b"k");
+        let count: u16 = 30_000;
+        out.extend_from_slice(&count.to_le_bytes());
+        for i in 0..count {
+            put_bytes16(&mut out, format!("x{i}").as_bytes());
+            out.extend_from_slice(&1u32.to_le_bytes());
+            out.push(b'v');
+        }
+        out.extend_from_slice(&0u64.to_le_bytes());
+        let value = seal(out);
+        let read = std::panic::catch_unwind(|| {
+            decode(&value, "k", Instant::now(), SystemTime::now()).err()
+        });
+        assert_eq!(read.ok(), Some(Some(Corrupt("headers"))));
     }
 
     proptest! {
