@@ -617,4 +617,70 @@ async fn a_job_failing_every_attempt_lands_in_the_dead_letters() {
         .expect("XPENDING");
     assert_eq!(pending.count(), 0);
     assert_eq!(get(&proxy, "/d").await.text(), "/d #1");
+/// Calls of `command` Redis has answered so far (`INFO commandstats`).
+async fn command_calls(redis: &Redis, command: &str) -> u64 {
+    let mut conn = redis.connection().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO");
+    let field = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&field))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A client's POST (any 2xx to an unsafe method) invalidates one URL. In
+/// the shared level that must cost a bounded number of Redis calls, not a
+/// SCAN of the whole keyspace per request: otherwise any client turns a
+/// stream of POSTs into full-keyspace scans (and a pile of tasks running
+/// them) on the Redis the whole fleet depends on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_post_does_not_scan_the_whole_shared_level() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    origin.route("/v", Route::default().header("vary", "x-tenant"));
+    let proxies = fleet(&origin, &redis, 2, &[]).await;
+    let mut conn = redis.connection().await;
+    // Other keys: what a busy fleet's Redis holds.
+    let _: () = redis::cmd("EVAL")
+        .arg("for i = 1, 20000 do redis.call('SET', 'swr:1:e:other.test/' .. i, 'x') end")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .expect("EVAL");
+    // Two variants of /v in the shared level.
+    for tenant in ["a", "b"] {
+        let answer = proxies[0]
+            .send(reqwest::Method::GET, "/v", &[HOST, ("x-tenant", tenant)])
+            .await;
+        assert_eq!(answer.x_cache(), "MISS");
+    }
+    let scans = command_calls(&redis, "scan").await;
+    let posted = proxies[0].send(reqwest::Method::POST, "/v", &[HOST]).await;
+    assert_eq!(posted.status, 200);
+    // The shared level forgets both variants: another instance fetches.
+    eventually(WAIT, "the variants are gone from redis", || async {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("swr:1:e:fleet.test/v*")
+            .query_async(&mut redis.connection().await)
+            .await
+            .expect("KEYS");
+        keys.is_empty()
+    })
+    .await;
+    for (tenant, n) in [("a", 4), ("b", 5)] {
+        let answer = proxies[1]
+            .send(reqwest::Method::GET, "/v", &[HOST, ("x-tenant", tenant)])
+            .await;
+        assert_eq!(answer.text(), format!("/v #{n}"), "{tenant}");
+    }
+    let scanned = command_calls(&redis, "scan").await - scans;
+    assert!(
+        scanned <= 1,
+        "one POST made {scanned} SCAN calls over the whole keyspace"
+    );
 }

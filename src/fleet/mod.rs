@@ -19,7 +19,9 @@
 //! key is counted and never served.
 //!
 //! Keys: `swr:1:e:<key text>` (entry or vary record), `swr:1:l:<key text>`
-//! (lease); events go on the channel `swr:1:events` ([`events`]).
+//! (lease), `swr:1:v:<URL key text>` (the set of the URL's variant keys
+//! written, so that invalidating a URL finds them without a SCAN); events
+//! go on the channel `swr:1:events` ([`events`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,6 +57,7 @@ pub const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 const ENTRY_PREFIX: &[u8] = b"swr:1:e:";
 const LEASE_PREFIX: &[u8] = b"swr:1:l:";
+const VARIANTS_PREFIX: &[u8] = b"swr:1:v:";
 const CHANNEL: &str = "swr:1:events";
 
 /// The longest a shared entry is kept in Redis, whatever its windows.
@@ -67,6 +70,27 @@ local v = redis.call('GET', KEYS[1])
 if v and ARGV[3] == '0' then return {v, 0} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {v, 1} end
 return {v, 0}
+";
+
+/// Adds a variant's key text (ARGV[1]) to its URL's set, which lives at
+/// least as long as the variant (ARGV[2] ms).
+const ADD_VARIANT: &str = r"
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Deletes a URL's entry (or vary record), its variants (ARGV[1] is the
+/// entries' prefix) and their set. Returns how many entries.
+const DELETE_URL: &str = r"
+local n = redis.call('DEL', KEYS[1])
+for _, v in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  n = n + redis.call('DEL', ARGV[1] .. v)
+end
+redis.call('DEL', KEYS[2])
+return n
 ";
 
 /// Deletes the lease only if it is still this owner's.
@@ -517,6 +541,13 @@ impl Fleet {
                 .arg("PX")
                 .arg(ms)
                 .ignore();
+            pipe.cmd("EVAL")
+                .arg(ADD_VARIANT)
+                .arg(1)
+                .arg(redis_key(VARIANTS_PREFIX, url_text))
+                .arg(entry.key())
+                .arg(ms)
+                .ignore();
         }
         pipe.cmd("PUBLISH")
             .arg(CHANNEL)
@@ -610,6 +641,37 @@ impl Fleet {
                 return Some(affected);
             }
         }
+    }
+
+    /// Deletes (or with `soft`, marks stale) the shared entry of the URL
+    /// keyed `url_text` and its variants, found in the URL's set of
+    /// variants: a few calls, whatever Redis holds. Returns how many;
+    /// `None` when Redis did not answer.
+    pub async fn purge_url(&self, url_text: &str, soft: bool) -> Option<usize> {
+        let mut conn = self.conn.clone();
+        let variants = redis_key(VARIANTS_PREFIX, url_text);
+        if !soft {
+            let delete = redis::cmd("EVAL")
+                .arg(DELETE_URL)
+                .arg(2)
+                .arg(redis_key(ENTRY_PREFIX, url_text))
+                .arg(variants)
+                .arg(ENTRY_PREFIX)
+                .to_owned();
+            return self.bounded(delete.query_async::<usize>(&mut conn)).await;
+        }
+        let members = redis::cmd("SMEMBERS").arg(variants).to_owned();
+        let members: Vec<Vec<u8>> = self.bounded(members.query_async(&mut conn)).await?;
+        let mut affected = usize::from(self.mark_stale(url_text).await);
+        for member in &members {
+            let Ok(text) = std::str::from_utf8(member) else {
+                continue;
+            };
+            if crate::cache::vary::VariantKey::is_variant_of(member, url_text) {
+                affected += usize::from(self.mark_stale(text).await);
+            }
+        }
+        Some(affected)
     }
 
     /// Rewrites the shared entry under `key_text` as stale from now on.

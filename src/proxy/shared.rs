@@ -426,11 +426,7 @@ impl Proxy {
 /// Purges the shared level by `scope`.
 async fn purge_shared(fleet: &Fleet, scope: &Scope, soft: bool) -> Option<usize> {
     match scope {
-        Scope::Key(key) => {
-            fleet
-                .purge(key, |k| is_key_or_variant(k.as_bytes(), key), soft)
-                .await
-        }
+        Scope::Key(key) => fleet.purge_url(key, soft).await,
         Scope::Prefix(prefix) => fleet.purge(prefix, |_| true, soft).await,
         Scope::All => fleet.purge("", |_| true, soft).await,
     }
