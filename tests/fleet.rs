@@ -684,3 +684,30 @@ async fn a_clients_post_does_not_scan_the_whole_shared_level() {
         "one POST made {scanned} SCAN calls over the whole keyspace"
     );
 }
+
+/// With --honor-client-cache-control, a client's `no-cache` refuses what
+/// is stored: its answer comes from the backend. The shared level is
+/// stored too: a fill must not answer it with the very entry the client
+/// refused, read back from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_no_cache_is_not_answered_from_the_shared_level() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    let proxies = fleet(&origin, &redis, 2, &["--honor-client-cache-control"]).await;
+    assert_eq!(get(&proxies[0], "/nc").await.text(), "/nc #1");
+    for (proxy, n) in [(&proxies[0], 2), (&proxies[1], 3)] {
+        let answer = proxy
+            .send(
+                reqwest::Method::GET,
+                "/nc",
+                &[HOST, ("cache-control", "no-cache")],
+            )
+            .await;
+        assert_eq!(
+            answer.text(),
+            format!("/nc #{n}"),
+            "{}",
+            answer.cache_status()
+        );
+    }
+}

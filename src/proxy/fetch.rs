@@ -13,7 +13,9 @@ use http::{Method, StatusCode};
 use crate::body::ProxyBody;
 use crate::cache::entry::Entry;
 use crate::cache::key::RequestKey;
-use crate::cache::policy::{self, BypassReason, Defaults, RequestFacts, Storability};
+use crate::cache::policy::{
+    self, BypassReason, Defaults, RequestDirectives, RequestFacts, Storability,
+};
 use crate::cache::vary::{self, VariantKey};
 use crate::error::{UpstreamError, UpstreamErrorKind};
 use crate::metrics::UpstreamCause;
@@ -46,6 +48,9 @@ pub(super) struct FetchTarget {
     pub(super) keyed_cookie_header: bool,
     /// The caching rules of the request's route.
     pub(super) defaults: Arc<Defaults>,
+    /// The client's Cache-Control, when honoured: it may refuse what is
+    /// stored, in memory or in the fleet's shared level alike.
+    pub(super) directives: Option<RequestDirectives>,
 }
 
 impl FetchTarget {
@@ -68,6 +73,7 @@ impl FetchTarget {
             }
         }
         self.facts = facts_of(&self.client_headers, self.keyed_cookies);
+        self.directives = None;
         // A header value can be a slice of the connection's read buffer,
         // which a queued job would keep alive whole: copy what it keeps.
         self.client_headers = detached(&self.client_headers);
@@ -235,6 +241,7 @@ impl Proxy {
             keyed_authorization: keys(&header::AUTHORIZATION),
             keyed_cookie_header: keys(&header::COOKIE),
             defaults: Arc::clone(defaults),
+            directives: None,
         }
     }
 

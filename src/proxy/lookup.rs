@@ -250,7 +250,9 @@ impl Proxy {
         }
         // A client's own fetch carries its credentials: what it brings back
         // is stored only if the backend says it may be shared.
-        let target = self.fetch_target(key, path_and_query, &parts.headers, peer, defaults, route);
+        let mut target =
+            self.fetch_target(key, path_and_query, &parts.headers, peer, defaults, route);
+        target.directives = directives;
         let alone = self.hit_for_miss.holds(fill_hash, now, target.facts);
         if alone {
             self.stats.hit_for_miss.inc();

@@ -117,6 +117,9 @@ impl Proxy {
         stale: Option<&Entry>,
     ) -> Filled {
         let (lease, fallback) = match &self.fleet {
+            // The client's own Cache-Control may refuse any stored answer
+            // (no-cache, max-age=0): the shared level's are stored too.
+            Some(_) if target.directives.is_some() => (None, stale.cloned()),
             None => (None, stale.cloned()),
             Some(fleet) => match self.read_shared(fleet, target, stale).await {
                 Found::Usable(entry) => return Filled::FromFleet(entry),
