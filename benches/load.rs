@@ -1412,7 +1412,10 @@ async fn fleet(report: &mut Report, options: &Options) {
     const INSTANCES: usize = 3;
     const HOST: &str = "fleet.bench";
     if !installed("redis-server") {
-        report.note("fleet: redis-server is not installed (apt-get install -y redis-server); skipped".into());
+        report.note(
+            "fleet: redis-server is not installed (apt-get install -y redis-server); skipped"
+                .into(),
+        );
         return;
     }
     let origin = Origin::start(1024, Duration::from_millis(200), None).await;
@@ -1427,7 +1430,11 @@ async fn fleet(report: &mut Report, options: &Options) {
     let mut hits: HashMap<&'static str, Vec<f64>> = HashMap::new();
     for round in 0..options.rounds {
         for fleet_mode in [round % 2 == 0, round % 2 == 1] {
-            let label = if fleet_mode { "3 instances, one Redis" } else { "3 independent instances" };
+            let label = if fleet_mode {
+                "3 instances, one Redis"
+            } else {
+                "3 independent instances"
+            };
             // A fresh Redis per run: the runs share nothing.
             let redis_addr = free_port();
             let redis = if fleet_mode {
@@ -1507,12 +1514,24 @@ async fn fleet(report: &mut Report, options: &Options) {
             rows.entry(label).or_default().push((per_key_ttl, p99, rps));
         }
         // One instance's warm hits, with and without --redis, in turn.
-        let calm = CacheSetup { ttl_secs: 3600, ..storm };
+        let calm = CacheSetup {
+            ttl_secs: 3600,
+            ..storm
+        };
         for fleet_mode in [round % 2 == 1, round % 2 == 0] {
             let redis_addr = free_port();
             let redis = if fleet_mode {
                 let mut command = Command::new("redis-server");
-                command.args(["--port", &redis_addr.port().to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+                command.args([
+                    "--port",
+                    &redis_addr.port().to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ]);
                 let proc = spawn_quiet(&mut command, None);
                 if proc.is_none() || !wait_listening(redis_addr).await {
                     report.problem("fleet: redis-server did not start".into());
@@ -1526,7 +1545,8 @@ async fn fleet(report: &mut Report, options: &Options) {
                 redis: redis.as_ref().map(|_| redis_addr),
                 ..calm
             };
-            let Some(target) = start_target(Kind::SwrProxy, &origin, setup, KEYS, 1024).await else {
+            let Some(target) = start_target(Kind::SwrProxy, &origin, setup, KEYS, 1024).await
+            else {
                 report.problem("fleet: swr-proxy did not start".into());
                 return;
             };
@@ -1541,7 +1561,11 @@ async fn fleet(report: &mut Report, options: &Options) {
             .flatten();
             drop(target);
             drop(redis);
-            let label = if fleet_mode { "hits, --redis" } else { "hits, no --redis" };
+            let label = if fleet_mode {
+                "hits, --redis"
+            } else {
+                "hits, no --redis"
+            };
             check_wrk(report, "fleet", label, result.as_ref());
             if let Some(r) = result {
                 eprintln!("  fleet round {} {label}: {:.0} req/s", round + 1, r.rps);
@@ -1550,7 +1574,9 @@ async fn fleet(report: &mut Report, options: &Options) {
         }
     }
     for label in ["3 instances, one Redis", "3 independent instances"] {
-        let Some(runs) = rows.get(label) else { continue };
+        let Some(runs) = rows.get(label) else {
+            continue;
+        };
         let per_key = median(runs.iter().map(|r| r.0).collect());
         let p99 = median(runs.iter().map(|r| r.1).collect());
         let rps = median(runs.iter().map(|r| r.2).collect());

@@ -285,13 +285,20 @@ async fn a_garbage_value_in_redis_is_ignored_and_counted() {
             .await,
         2
     );
-    // And the fetched answer replaced the garbage for the next instance.
-    let value: Vec<u8> = redis::cmd("GET")
-        .arg("swr:1:e:fleet.test/g")
-        .query_async(&mut conn)
-        .await
-        .expect("GET");
-    assert!(value.starts_with(b"SWR\x01E"));
+    // And the fetched answer (written back in the background) replaced
+    // the garbage for the next instance.
+    eventually(WAIT, "the garbage replaced", || {
+        let mut conn = conn.clone();
+        async move {
+            let value: Vec<u8> = redis::cmd("GET")
+                .arg("swr:1:e:fleet.test/g")
+                .query_async(&mut conn)
+                .await
+                .expect("GET");
+            value.starts_with(b"SWR\x01E")
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,7 +395,8 @@ async fn a_lease_holder_killed_mid_fetch_frees_the_key_when_its_lease_runs_out()
     let origin = Origin::start().await;
     origin.route("/slow", Route::default().delay(Duration::from_secs(30)));
     // The holder: a real process, killed with SIGKILL mid-fetch. Its
-    // lease lives --upstream-timeout + 1 s.
+    // lease lives --upstream-timeout + 1 s: 6 s, room for the second
+    // instance to start and find it held on a loaded machine.
     let port = free_port();
     let mut holder = Command::new(BIN)
         .args(["--upstream", &origin.url(), "--redis", &redis.url()])
@@ -398,7 +406,7 @@ async fn a_lease_holder_killed_mid_fetch_frees_the_key_when_its_lease_runs_out()
             "--admin-listen",
             "off",
         ])
-        .args(["--upstream-timeout", "2s"])
+        .args(["--upstream-timeout", "5s"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -423,7 +431,7 @@ async fn a_lease_holder_killed_mid_fetch_frees_the_key_when_its_lease_runs_out()
     let _ = pending.await;
 
     origin.route("/slow", Route::default());
-    let proxies = fleet(&origin, &redis, 1, &["--upstream-timeout", "2s"]).await;
+    let proxies = fleet(&origin, &redis, 1, &["--upstream-timeout", "5s"]).await;
     let answer = get(&proxies[0], "/slow").await;
     assert_eq!(
         (answer.status, answer.text()),
@@ -617,6 +625,8 @@ async fn a_job_failing_every_attempt_lands_in_the_dead_letters() {
         .expect("XPENDING");
     assert_eq!(pending.count(), 0);
     assert_eq!(get(&proxy, "/d").await.text(), "/d #1");
+}
+
 /// Calls of `command` Redis has answered so far (`INFO commandstats`).
 async fn command_calls(redis: &Redis, command: &str) -> u64 {
     let mut conn = redis.connection().await;
@@ -659,6 +669,17 @@ async fn a_clients_post_does_not_scan_the_whole_shared_level() {
             .await;
         assert_eq!(answer.x_cache(), "MISS");
     }
+    // Written back in the background: both variants and the URL's Vary
+    // record are there before the POST.
+    eventually(WAIT, "the variants in redis", || async {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("swr:1:e:fleet.test/v*")
+            .query_async(&mut redis.connection().await)
+            .await
+            .expect("KEYS");
+        keys.len() == 3
+    })
+    .await;
     let scans = command_calls(&redis, "scan").await;
     let posted = proxies[0].send(reqwest::Method::POST, "/v", &[HOST]).await;
     assert_eq!(posted.status, 200);

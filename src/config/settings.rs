@@ -250,9 +250,9 @@ settings! {
 
         /// Entries with a larger body stay in this instance's memory only
         /// [default: 1MiB].
-        #[arg(long, env = "SWR_REDIS_MAX_OBJECT", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+        #[arg(long, env = "SWR_REDIS_MAX_OBJECT_SIZE", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
         #[serde(default, deserialize_with = "de_size")]
-        redis_max_object: u64 = 1 << 20,
+        redis_max_object_size: u64 = 1 << 20,
 
         /// `/readyz` answers 503 while Redis is down (by default it answers
         /// 200 and says `redis: down`: the instance still serves).

@@ -227,6 +227,12 @@ fn read_entry(
     let stored_unix = r.i64()?;
     let initial_age = Duration::from_nanos(r.u64()?);
     let offsets = [r.i64()?, r.i64()?, r.i64()?, r.i64()?];
+    // As every entry is built: stale and error windows after freshness,
+    // kept until both are over.
+    let [fresh, stale, error, keep] = offsets;
+    if stale < fresh || error < fresh || keep < stale.max(error) {
+        return Err(Corrupt("instants"));
+    }
     let status = StatusCode::from_u16(r.u16()?).map_err(|_| Corrupt("status"))?;
     if r.bytes32()? != key_text.as_bytes() {
         return Err(Corrupt("key"));

@@ -20,6 +20,11 @@ use super::Fleet;
 /// Events received and not yet applied; past this, new ones are dropped.
 pub const EVENT_QUEUE: usize = 4096;
 
+/// The largest event read: a key, or a purge's prefix, is far shorter (a
+/// request line is at most 1 MiB, an admin request's body 64 KiB). With
+/// [`EVENT_QUEUE`], what the queue can hold is bounded in bytes too.
+pub const MAX_EVENT: usize = 64 << 10;
+
 /// What a purge covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
@@ -114,7 +119,12 @@ pub async fn listen(fleet: Arc<Fleet>, events: mpsc::Sender<Event>, cancel: Canc
                         () = cancel.cancelled() => return,
                     };
                     let Some(message) = message else { break };
-                    let Some((owner, event)) = Event::from_wire(message.get_payload_bytes()) else {
+                    let payload = message.get_payload_bytes();
+                    if payload.len() > MAX_EVENT {
+                        fleet.count_event("too-large", "received");
+                        continue;
+                    }
+                    let Some((owner, event)) = Event::from_wire(payload) else {
                         continue;
                     };
                     if owner == fleet.owner() {

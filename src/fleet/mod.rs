@@ -60,6 +60,10 @@ const LEASE_PREFIX: &[u8] = b"swr:1:l:";
 const VARIANTS_PREFIX: &[u8] = b"swr:1:v:";
 const CHANNEL: &str = "swr:1:events";
 
+/// Room for an entry's key, headers and instants next to its body, in the
+/// largest value read from Redis.
+const MAX_HEAD: u64 = 1 << 20;
+
 /// The longest a shared entry is kept in Redis, whatever its windows.
 const MAX_SHARED_LIFE: Duration = Duration::from_secs(365 * 86_400);
 
@@ -224,6 +228,20 @@ impl FleetMetrics {
             "1 while Redis answers, 0 while it is treated as down",
             up.clone(),
         );
+        // Every series exists from the start (0), so that a dashboard or an
+        // alert sees a count that has not happened yet.
+        for result in ["hit", "stale", "expired", "miss", "corrupt"] {
+            let _ = reads.get_or_create(&[("result", result)]);
+        }
+        for result in ["ok", "error", "too-large"] {
+            let _ = writes.get_or_create(&[("result", result)]);
+        }
+        for result in ["won", "lost", "expired", "timeout"] {
+            let _ = leases.get_or_create(&[("result", result)]);
+        }
+        for cause in ["timeout", "connection", "reply", "down", "release"] {
+            let _ = errors.get_or_create(&[("cause", cause)]);
+        }
         FleetMetrics {
             registry,
             reads,
@@ -455,18 +473,24 @@ impl Fleet {
     }
 
     /// Releases this instance's lease on `key_text`; one that ran out (and
-    /// may be another's now) is left alone, and counted.
+    /// may be another's now) is left alone, and counted. Tried even while
+    /// Redis is marked down (one slow write must not leave the key leased
+    /// for the fleet until the lease runs out), within `--redis-timeout`.
     pub async fn release(&self, key_text: &str) {
         let mut conn = self.conn.clone();
         let mut invocation = self.release.prepare_invoke();
         invocation
             .key(redis_key(LEASE_PREFIX, key_text))
             .arg(&*self.owner);
-        if let Some(0) = self
-            .bounded(invocation.invoke_async::<i64>(&mut conn))
-            .await
-        {
-            self.count_lease("expired");
+        let released = tokio::time::timeout(
+            self.settings.timeout,
+            invocation.invoke_async::<i64>(&mut conn),
+        )
+        .await;
+        match released {
+            Ok(Ok(0)) => self.count_lease("expired"),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => self.count_error("release"),
         }
     }
 
@@ -483,9 +507,17 @@ impl Fleet {
     }
 
     /// Reads a value from Redis as what it holds for `key_text`: counted and
-    /// dropped when it is not one this version wrote for that key.
+    /// dropped when it is not one this version wrote for that key, or is
+    /// larger than any this instance would write (`--redis-max-object-size`
+    /// and room for its head).
     pub fn decode(&self, bytes: &[u8], key_text: &str, now: Instant) -> Option<Shared> {
-        match codec::decode(bytes, key_text, now, SystemTime::now()) {
+        let largest = self.settings.max_object.saturating_add(MAX_HEAD);
+        let decoded = if bytes.len() as u64 > largest {
+            Err(codec::Corrupt("too-large"))
+        } else {
+            codec::decode(bytes, key_text, now, SystemTime::now())
+        };
+        match decoded {
             Ok(shared) => Some(shared),
             Err(codec::Corrupt(why)) => {
                 self.count_read("corrupt");
@@ -511,7 +543,7 @@ impl Fleet {
     /// of its last usable window, and, when it is a variant of `url_text`
     /// (it varies on `vary`), the URL's vary record; then tells the other
     /// instances it was replaced. An entry with a body past
-    /// `--redis-max-object` stays local.
+    /// `--redis-max-object-size` stays local.
     pub async fn write(&self, entry: &Entry, url_text: &str, vary: Option<&[HeaderName]>) {
         if entry.body_len() as u64 > self.settings.max_object {
             self.count_write("too-large");

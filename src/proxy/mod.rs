@@ -197,7 +197,7 @@ impl Proxy {
                 FleetSettings {
                     url: url.clone(),
                     timeout: config.start.redis_timeout,
-                    max_object: config.start.redis_max_object,
+                    max_object: config.start.redis_max_object_size,
                     lease: config.start.upstream_timeout + LEASE_MARGIN,
                     stream: StreamSettings {
                         visibility: config.start.refresh_visibility_timeout,

@@ -194,7 +194,7 @@ impl Proxy {
                 // The backend says the answer may no longer be stored: the
                 // fleet's copies go.
                 fleet.count_worker("not-storable");
-                fleet.purge(&job.key, |k| k == job.key, false).await;
+                fleet.purge_url(&job.key, false).await;
                 fleet
                     .publish(&crate::fleet::Event::Purged {
                         scope: Scope::Key(job.key.clone()),
@@ -250,6 +250,8 @@ impl Proxy {
             keyed_cookies: job.keyed_cookies,
             keyed_authorization: job.keyed_authorization,
             keyed_cookie_header: job.keyed_cookie_header,
+            // A background refresh carries no client's directives.
+            directives: None,
             defaults: Arc::clone(defaults),
         }
     }
