@@ -39,9 +39,15 @@ impl Redis {
     }
 
     fn start_on(port: u16) -> Option<Redis> {
+        Redis::start_with(port, &[])
+    }
+
+    /// Starts one on `port` with more `redis-server` arguments.
+    fn start_with(port: u16, args: &[&str]) -> Option<Redis> {
         let spawned = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -731,4 +737,38 @@ async fn a_clients_no_cache_is_not_answered_from_the_shared_level() {
             answer.cache_status()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_with_a_password_is_used_with_it_in_the_url_and_the_password_is_not_shown() {
+    let Some(redis) = Redis::start_with(free_port(), &["--requirepass", "s3cret-pw"]) else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let with_password = format!("redis://:s3cret-pw@127.0.0.1:{}", redis.port);
+    let a = TestProxy::start(&origin, &["--redis", &with_password]).await;
+    let b = TestProxy::start(&origin, &["--redis", &with_password]).await;
+    assert_eq!(get(&a, "/auth").await.x_cache(), "MISS");
+    let shared = get(&b, "/auth").await;
+    assert_eq!(shared.text(), "/auth #1");
+    assert!(
+        shared.cache_status().contains("detail=l2"),
+        "{}",
+        shared.cache_status()
+    );
+    // The settings as logged or compared never show it.
+    let shown = format!("{:?}", a.proxy.config().start.redis);
+    assert!(
+        shown.contains("***") && !shown.contains("s3cret-pw"),
+        "{shown}"
+    );
+
+    // Without it, Redis refuses every call: the instance serves alone and says so.
+    let without = TestProxy::start(&origin, &["--redis", &redis.url()]).await;
+    let alone = get(&without, "/auth").await;
+    assert_eq!((alone.status, alone.text()), (200, "/auth #2".to_string()));
+    eventually(WAIT, "redis: down without the password", || async {
+        without.proxy.redis_up() == Some(false)
+    })
+    .await;
 }
