@@ -156,6 +156,20 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         assert_eq!(number(&herd[2]), 1.0, "{herd:?}");
     }
 
+    // Fleet mode: three instances on one Redis ask the backend less per
+    // key than three independent ones; one instance's hits are measured
+    // with and without --redis.
+    if installed("redis-server") {
+        let shared = row("fleet", "3 instances, one Redis");
+        let independent = row("fleet", "3 independent instances");
+        assert!(
+            number(&shared[4]) < number(&independent[4]),
+            "{shared:?} against {independent:?}"
+        );
+        let hits = row("fleet", "one instance's hits, --redis vs none");
+        assert!(hits[4].ends_with('x'), "{hits:?}");
+    }
+
     // Memory was measured from the proportional set: each cached 1 KiB
     // object costs at least its body.
     for target in &caches {
