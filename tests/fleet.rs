@@ -772,3 +772,85 @@ async fn a_redis_with_a_password_is_used_with_it_in_the_url_and_the_password_is_
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_prefix_purge_marks_every_copy_stale_and_a_purge_of_all_empties_the_fleet() {
+    let Some(redis) = Redis::start() else { return };
+    let origin = Origin::start().await;
+    let proxies = fleet(&origin, &redis, 2, &[]).await;
+    for path in ["/feeds/a", "/feeds/b", "/other"] {
+        assert_eq!(get(&proxies[0], path).await.x_cache(), "MISS");
+        assert_eq!(get(&proxies[1], path).await.x_cache(), "HIT");
+    }
+    let purge = |proxy: &TestProxy, body: &'static str| {
+        let request = proxy
+            .client
+            .post(proxy.admin_url("/purge"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send();
+        async move {
+            let response = request.await.expect("admin answers");
+            assert_eq!(response.status(), 200);
+            let bytes = response.bytes().await.expect("body");
+            serde_json::from_slice::<serde_json::Value>(&bytes).expect("json")
+        }
+    };
+    let soft = purge(
+        &proxies[1],
+        r#"{"prefix": "fleet.test/feeds/", "soft": true}"#,
+    )
+    .await;
+    assert_eq!(
+        (soft["purged"].clone(), soft["shared"].clone()),
+        (2.into(), 2.into()),
+        "{soft}"
+    );
+    // The other instance marks its copies stale too: served at once, refreshed.
+    eventually(
+        WAIT,
+        "the soft purge reaches the other instance",
+        || async { get(&proxies[0], "/feeds/a").await.x_cache() == "STALE" },
+    )
+    .await;
+    assert_eq!(
+        get(&proxies[0], "/other").await.x_cache(),
+        "HIT",
+        "outside the prefix"
+    );
+    // A new instance finds the shared copies stale as well.
+    let newcomer = fleet(&origin, &redis, 1, &[]).await;
+    let answer = get(&newcomer[0], "/feeds/b").await;
+    assert_eq!(answer.x_cache(), "STALE", "{}", answer.cache_status());
+    assert!(
+        answer.cache_status().contains("detail=l2-"),
+        "{}",
+        answer.cache_status()
+    );
+
+    // The two refreshes written back (3 misses + 2 refreshes), so that no
+    // write lands after the purge below.
+    eventually(WAIT, "the refreshes written back", || async {
+        let mut written = 0;
+        for proxy in proxies.iter().chain(&newcomer) {
+            written += proxy.counter("swr_fleet_writes_total{result=\"ok\"}").await;
+        }
+        written == 5
+    })
+    .await;
+    let all = purge(&proxies[0], r#"{"all": true}"#).await;
+    assert_eq!(all["purged"], 3, "{all}");
+    for proxy in proxies.iter().chain(&newcomer) {
+        eventually(WAIT, "everything purged everywhere", || async {
+            proxy.proxy.store().entry_count() == 0
+        })
+        .await;
+    }
+    let mut conn = redis.connection().await;
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("swr:1:e:*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    assert!(left.is_empty(), "{left:?}");
+}
