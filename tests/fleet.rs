@@ -39,11 +39,12 @@ impl Redis {
     }
 
     fn start_on(port: u16) -> Option<Redis> {
-        Redis::start_with(port, &[])
+        Redis::start_with(port, &[], port)
     }
 
-    /// Starts one on `port` with more `redis-server` arguments.
-    fn start_with(port: u16, args: &[&str]) -> Option<Redis> {
+    /// Starts one on `port` (0: none) with more `redis-server` arguments,
+    /// and waits until it listens on `ready`.
+    fn start_with(port: u16, args: &[&str], ready: u16) -> Option<Redis> {
         let spawned = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -64,7 +65,7 @@ impl Redis {
         };
         let redis = Redis { port, child };
         let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", ready)).is_err() {
             assert!(Instant::now() < deadline, "redis-server did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -741,7 +742,8 @@ async fn a_clients_no_cache_is_not_answered_from_the_shared_level() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_with_a_password_is_used_with_it_in_the_url_and_the_password_is_not_shown() {
-    let Some(redis) = Redis::start_with(free_port(), &["--requirepass", "s3cret-pw"]) else {
+    let port = free_port();
+    let Some(redis) = Redis::start_with(port, &["--requirepass", "s3cret-pw"], port) else {
         return;
     };
     let origin = Origin::start().await;
@@ -853,4 +855,141 @@ async fn a_soft_prefix_purge_marks_every_copy_stale_and_a_purge_of_all_empties_t
         .await
         .expect("KEYS");
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_over_tls_is_shared_through_a_rediss_url() {
+    // A certificate for 127.0.0.1 from a test CA made here by openssl; the
+    // instances trust the CA through SSL_CERT_FILE (rediss:// uses the
+    // system's roots, where an operator's private CA would be installed).
+    let dir = std::env::temp_dir().join(format!("swr-fleet-tls-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    let ext = dir.join("ext.cnf");
+    let _ = std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n");
+    let openssl = |args: &[&str]| {
+        Command::new("openssl")
+            .current_dir(&dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // A test CA, and a certificate for 127.0.0.1 it signs.
+    let made = openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=swr-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]) && openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "server.csr",
+    ]) && openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    if !made {
+        eprintln!("skipping: openssl cannot make a test certificate");
+        return;
+    }
+    let port = free_port();
+    let (cert_path, key_path) = (cert.display().to_string(), key.display().to_string());
+    let tls_args = [
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &cert_path,
+        "--tls-key-file",
+        &key_path,
+        "--tls-ca-cert-file",
+        &ca.display().to_string(),
+        "--tls-auth-clients",
+        "no",
+    ];
+    // No plain port: only TLS clients get in.
+    let Some(redis) = Redis::start_with(0, &tls_args, port) else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let url = format!("rediss://127.0.0.1:{port}");
+    let instances: Vec<(u16, Worker)> = (0..2)
+        .map(|_| {
+            let listen = free_port();
+            let child = Command::new(BIN)
+                .args(["--upstream", &origin.url(), "--redis", &url])
+                .args([
+                    "--listen",
+                    &format!("127.0.0.1:{listen}"),
+                    "--admin-listen",
+                    "off",
+                ])
+                .env("SSL_CERT_FILE", &ca)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("swr-proxy starts");
+            (listen, Worker(child))
+        })
+        .collect();
+    let client = reqwest::Client::new();
+    let fetch = |listen: u16| {
+        let request = client
+            .get(format!("http://127.0.0.1:{listen}/tls"))
+            .header(HOST.0, HOST.1)
+            .send();
+        async move { support::Answer::read(request.await.expect("answers")).await }
+    };
+    for (listen, _) in &instances {
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", *listen)).is_err() {
+            assert!(Instant::now() < deadline, "swr-proxy did not listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(fetch(instances[0].0).await.x_cache(), "MISS");
+    // Written back in the background: the second instance reads it.
+    eventually(WAIT, "the entry shared over TLS", || async {
+        let answer = fetch(instances[1].0).await;
+        answer.cache_status().contains("detail=l2") && answer.text() == "/tls #1"
+    })
+    .await;
+    assert_eq!(origin.hits("/tls"), 1);
+    drop(instances);
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
 }
