@@ -34,6 +34,8 @@
 //! - [`admin`]: the admin listener: health, metrics, stats, purge.
 //! - [`logs`]: log lines off the request path (bounded, lossy, counted),
 //!   failure lines rate-limited per cause, the periodic summary.
+//! - [`snapshot`]: warm restart without Redis: the cache written to a file
+//!   at shutdown and read back at start.
 //! - [`demo`]: the built-in slow backend behind `swr-proxy demo`.
 #![forbid(unsafe_code)]
 
@@ -52,4 +54,5 @@ pub mod proxy;
 pub mod refresh;
 pub mod routes;
 pub mod server;
+pub mod snapshot;
 pub mod upstream;

@@ -309,11 +309,14 @@ async fn run(config: Config, on_ready: Option<String>) -> Result<(), Failure> {
     }
     cancel.cancel();
     tracker.close();
-    if tokio::time::timeout(REFRESH_STOP, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("refresh workers did not stop in time");
+    // The snapshot (--snapshot-dir) is written now: it may take longer
+    // than the refreshes' second, up to --shutdown-timeout.
+    let stop = match config.start.snapshot_dir {
+        Some(_) => config.start.shutdown_timeout.max(REFRESH_STOP),
+        None => REFRESH_STOP,
+    };
+    if tokio::time::timeout(stop, tracker.wait()).await.is_err() {
+        tracing::warn!("refresh workers (or the snapshot) did not stop in time");
     }
     tracing::info!("stopped");
     Ok(())

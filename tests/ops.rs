@@ -486,3 +486,97 @@ async fn the_grafana_dashboard_queries_exported_metrics() {
         );
     }
 }
+
+/// Keys hold the Host: a restarted instance listens on another test port,
+/// but its clients ask for the same site.
+const SNAP_HOST: (&str, &str) = ("host", "snapshot.test");
+
+/// A directory of its own for a test's snapshot, removed on drop.
+struct SnapshotDir(std::path::PathBuf);
+
+impl SnapshotDir {
+    fn new(name: &str) -> SnapshotDir {
+        let dir = std::env::temp_dir().join(format!("swr-ops-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("snapshot dir");
+        SnapshotDir(dir)
+    }
+
+    fn flag(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    fn file(&self) -> std::path::PathBuf {
+        self.0.join(swr_proxy::snapshot::FILE_NAME)
+    }
+}
+
+impl Drop for SnapshotDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_snapshot_answers_from_memory_at_once() {
+    let origin = Origin::start().await;
+    let dir = SnapshotDir::new("restart");
+    let flags = ["--snapshot-dir", &dir.flag(), "--ttl", "1h"];
+    let first = TestProxy::start(&origin, &flags).await;
+    for path in ["/a", "/b?x=1"] {
+        assert_eq!(
+            first
+                .send(reqwest::Method::GET, path, &[SNAP_HOST])
+                .await
+                .x_cache(),
+            "MISS"
+        );
+    }
+    first.shut_down();
+    eventually(WAIT, "the snapshot written at shutdown", || async {
+        dir.file().exists()
+    })
+    .await;
+    drop(first);
+
+    let second = TestProxy::start(&origin, &flags).await;
+    for path in ["/a", "/b?x=1"] {
+        let answer = second.send(reqwest::Method::GET, path, &[SNAP_HOST]).await;
+        assert_eq!(answer.x_cache(), "HIT", "{path}: {}", answer.cache_status());
+        assert_eq!(answer.text(), format!("{path} #1"));
+    }
+    assert_eq!(
+        origin.total_hits(),
+        2,
+        "the restart asked the origin nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_is_ignored_and_the_proxy_starts_empty() {
+    let origin = Origin::start().await;
+    let dir = SnapshotDir::new("damaged");
+    let flags = ["--snapshot-dir", &dir.flag()];
+    let first = TestProxy::start(&origin, &flags).await;
+    assert_eq!(
+        first
+            .send(reqwest::Method::GET, "/d", &[SNAP_HOST])
+            .await
+            .x_cache(),
+        "MISS"
+    );
+    first.shut_down();
+    eventually(WAIT, "the snapshot written", || async {
+        dir.file().exists()
+    })
+    .await;
+    drop(first);
+    // Cut short, as a full disk or a crash of another writer would leave it.
+    let whole = std::fs::read(dir.file()).expect("snapshot");
+    std::fs::write(dir.file(), &whole[..whole.len() - 3]).expect("truncate");
+
+    let second = TestProxy::start(&origin, &flags).await;
+    let answer = second.send(reqwest::Method::GET, "/d", &[SNAP_HOST]).await;
+    assert_eq!((answer.status, answer.x_cache()), (200, "MISS"));
+    assert_eq!(answer.text(), "/d #2");
+}

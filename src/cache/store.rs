@@ -341,6 +341,23 @@ impl Store {
         affected
     }
 
+    /// Every entry that can still be served or revalidated at `now`, one
+    /// shard's read lock at a time (a snapshot's contents).
+    pub fn entries(&self, now: Instant) -> Vec<Entry> {
+        let mut entries = Vec::with_capacity(usize::try_from(self.entry_count()).unwrap_or(0));
+        for shard in self.shards.iter() {
+            let inner = read(&shard.inner);
+            entries.extend(
+                inner
+                    .table
+                    .iter()
+                    .filter(|slot| now < slot.entry.evict_at())
+                    .map(|slot| slot.entry.clone()),
+            );
+        }
+        entries
+    }
+
     /// The budget in bytes.
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes

@@ -244,6 +244,14 @@ impl Config {
                 "--refresh-mode stream needs --redis: the stream is in Redis".into(),
             ));
         }
+        if let Some(dir) = &self.start.snapshot_dir {
+            if !dir.is_dir() {
+                return Err(ConfigError(format!(
+                    "--snapshot-dir {}: not a directory (create it first)",
+                    dir.display()
+                )));
+            }
+        }
         if self.start.refresh_visibility_timeout.is_zero() {
             return Err(ConfigError(
                 "--refresh-visibility-timeout must be above zero, e.g. 30s".into(),

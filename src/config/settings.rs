@@ -283,6 +283,18 @@ settings! {
         #[serde(default, deserialize_with = "de_count")]
         refresh_stream_max_len: usize = 100_000,
 
+        /// Warm restart: the cache's entries are written to this directory at
+        /// shutdown (and every --snapshot-interval) and read back at start
+        /// [default: off].
+        #[arg(long, env = "SWR_SNAPSHOT_DIR", value_name = "DIR")]
+        snapshot_dir: PathBuf,
+
+        /// With --snapshot-dir, also write a snapshot this often (0: only at
+        /// shutdown) [default: 0].
+        #[arg(long, env = "SWR_SNAPSHOT_INTERVAL", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+        #[serde(default, deserialize_with = "de_duration")]
+        snapshot_interval: Duration = Duration::ZERO,
+
         /// Longest request target, and longest header line; longer is answered
         /// 414 (target) or 431 (header) and never forwarded [default: 8KiB].
         #[arg(long, env = "SWR_MAX_REQUEST_LINE", value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]

@@ -269,6 +269,32 @@ impl Proxy {
                 }
             });
         }
+        if let Some(dir) = proxy.config.start.snapshot_dir.clone() {
+            // A worker keeps no cache worth restoring.
+            if local_refresh {
+                proxy.load_snapshot(&dir);
+                let every = proxy.config.start.snapshot_interval;
+                let saver = Arc::clone(&proxy);
+                let stop = cancel.clone();
+                tracker.spawn(async move {
+                    if !every.is_zero() {
+                        let mut tick =
+                            tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        loop {
+                            tokio::select! {
+                                _ = tick.tick() => saver.save_snapshot(&dir).await,
+                                () = stop.cancelled() => break,
+                            }
+                        }
+                    } else {
+                        stop.cancelled().await;
+                    }
+                    // At shutdown, after the servers stopped taking requests.
+                    saver.save_snapshot(&dir).await;
+                });
+            }
+        }
         if local_refresh {
             let worker_proxy = Arc::clone(&proxy);
             workers.spawn(
@@ -332,6 +358,63 @@ impl Proxy {
             routes,
             at_next_start,
         })
+    }
+
+    /// Stores the entries of the snapshot in `dir` (`--snapshot-dir`), if
+    /// there is a whole one; says what it did.
+    fn load_snapshot(&self, dir: &std::path::Path) {
+        let started = Instant::now();
+        let max_bytes = self
+            .store
+            .max_bytes()
+            .saturating_mul(2)
+            .saturating_add(1 << 20);
+        match crate::snapshot::read(dir, max_bytes, started, std::time::SystemTime::now()) {
+            Ok(None) => tracing::info!(dir = %dir.display(), "no snapshot to start from"),
+            Ok(Some(loaded)) => {
+                let count = loaded.entries.len();
+                for entry in &loaded.entries {
+                    let url = entry.key().split('\n').next().unwrap_or_default();
+                    self.adopt(entry, url, self.keys.hash_text(url));
+                }
+                tracing::info!(
+                    dir = %dir.display(),
+                    entries = count,
+                    expired = loaded.expired,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "started from the snapshot"
+                );
+            }
+            Err(why) => tracing::warn!(
+                file = %crate::snapshot::path(dir).display(),
+                why,
+                "ignoring the snapshot; starting empty"
+            ),
+        }
+    }
+
+    /// Writes the cache's entries as the snapshot in `dir`, off the serving
+    /// threads; says what it did.
+    async fn save_snapshot(&self, dir: &std::path::Path) {
+        let now = Instant::now();
+        let entries = self.store.entries(now);
+        let dir = dir.to_path_buf();
+        let shown = dir.display().to_string();
+        let wall = std::time::SystemTime::now();
+        let written =
+            tokio::task::spawn_blocking(move || crate::snapshot::write(&dir, &entries, now, wall))
+                .await;
+        match written {
+            Ok(Ok((entries, bytes))) => tracing::info!(
+                dir = %shown,
+                entries,
+                bytes,
+                took_ms = now.elapsed().as_millis() as u64,
+                "snapshot written"
+            ),
+            Ok(Err(err)) => tracing::warn!(dir = %shown, error = %err, "cannot write the snapshot"),
+            Err(err) => tracing::warn!(dir = %shown, error = %err, "the snapshot writer failed"),
+        }
     }
 
     /// In fleet mode, whether Redis answers (`None` without `--redis`).

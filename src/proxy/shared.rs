@@ -243,9 +243,10 @@ impl Proxy {
         }
     }
 
-    /// Stores an entry read from the shared level here, under its own key
-    /// (and, for a variant of `url_text`, in the URL's Vary record).
-    fn adopt(&self, entry: &Entry, url_text: &str, url_hash: u64) {
+    /// Stores an entry made elsewhere (read from the shared level, or from
+    /// a snapshot) here, under its own key (and, for a variant of
+    /// `url_text`, in the URL's Vary record).
+    pub(super) fn adopt(&self, entry: &Entry, url_text: &str, url_hash: u64) {
         let hash = self.keys.hash_text(entry.key());
         if entry.key() != url_text {
             if let Some(names) = varies_on(entry) {

@@ -1,0 +1,305 @@
+//! Warm restart without Redis (`--snapshot-dir`): the cache's entries are
+//! written to a file on shutdown (and every `--snapshot-interval`), and
+//! read back at the next start, so a restarted instance answers from
+//! memory at once instead of sending its traffic to the backend.
+//!
+//! The file is `swr-proxy.snapshot` in the directory: written to a
+//! temporary file in the same directory, synced, then renamed over the old
+//! one, so a crash mid-write leaves the previous snapshot whole. Each entry
+//! is encoded as fleet mode encodes it for Redis ([`crate::fleet::codec`]:
+//! instants as wall-clock times, so the time the process was down counts
+//! in every entry's age), after its key text; the file ends with the entry
+//! count and a CRC-32 of everything before it.
+//!
+//! ```text
+//! "SWRSNAP" version(1) { key_len(u32) key value_len(u32) value }* count(u64) crc32(u32)
+//! ```
+//!
+//! A file that is not whole (another program's, a newer version, a
+//! truncated or altered one, one larger than the cache could hold) is
+//! ignored with a warning: the instance starts empty, as without it.
+//! Entries past every window when read are dropped; stale ones are served
+//! stale and refreshed by their next request, so the keys clients ask for
+//! first (the hottest) are refreshed first, within the adaptive limit.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use crate::cache::entry::Entry;
+use crate::fleet::codec::{self, Shared};
+
+/// The snapshot's file name in `--snapshot-dir`.
+pub const FILE_NAME: &str = "swr-proxy.snapshot";
+
+const MAGIC: &[u8; 7] = b"SWRSNAP";
+const VERSION: u8 = 1;
+
+/// The snapshot's path in `dir`.
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(FILE_NAME)
+}
+
+/// A writer that keeps the CRC-32 of what passed through it.
+struct Summed<W: Write> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Summed<W> {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.crc.update(bytes);
+        self.inner.write_all(bytes)
+    }
+}
+
+/// Writes `entries` as the snapshot in `dir` (replacing the last one only
+/// once the new one is whole on disk), `now` being `wall`. Returns the
+/// entries written and the file's size.
+pub fn write(
+    dir: &Path,
+    entries: &[Entry],
+    now: Instant,
+    wall: SystemTime,
+) -> std::io::Result<(u64, u64)> {
+    let final_path = path(dir);
+    let temporary = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let file = File::create(&temporary)?;
+        let mut out = Summed {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            crc: crc32fast::Hasher::new(),
+        };
+        out.put(MAGIC)?;
+        out.put(&[VERSION])?;
+        let mut count: u64 = 0;
+        for entry in entries.iter().filter(|e| now < e.evict_at()) {
+            let key = entry.key().as_bytes();
+            let value = codec::encode_entry(entry, now, wall);
+            let (Ok(key_len), Ok(value_len)) =
+                (u32::try_from(key.len()), u32::try_from(value.len()))
+            else {
+                continue;
+            };
+            out.put(&key_len.to_le_bytes())?;
+            out.put(key)?;
+            out.put(&value_len.to_le_bytes())?;
+            out.put(&value)?;
+            count += 1;
+        }
+        out.put(&count.to_le_bytes())?;
+        let crc = out.crc.clone().finalize();
+        out.inner.write_all(&crc.to_le_bytes())?;
+        let file = out.inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        let size = file.metadata()?.len();
+        Ok::<_, std::io::Error>((count, size))
+    })();
+    match written {
+        Ok(done) => {
+            std::fs::rename(&temporary, &final_path)?;
+            // The rename itself reaches the disk with the directory.
+            if let Ok(dir) = File::open(dir) {
+                let _ = dir.sync_all();
+            }
+            Ok(done)
+        }
+        Err(err) => {
+            let _ = std::fs::remove_file(&temporary);
+            Err(err)
+        }
+    }
+}
+
+/// What reading a snapshot gave.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Entries that can still be served or revalidated.
+    pub entries: Vec<Entry>,
+    /// Entries dropped: past every window when read.
+    pub expired: u64,
+}
+
+/// Reads the snapshot in `dir`, `now` being `wall`: `Ok(None)` when there
+/// is none, `Err` (with why) when it is not a whole snapshot of this
+/// version or is larger than `max_bytes`.
+pub fn read(
+    dir: &Path,
+    max_bytes: u64,
+    now: Instant,
+    wall: SystemTime,
+) -> Result<Option<Loaded>, String> {
+    let file = match File::open(path(dir)) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(format!("cannot open it: {err}")),
+    };
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    if size > max_bytes {
+        return Err(format!(
+            "{size} bytes, more than the cache's budget allows ({max_bytes})"
+        ));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    let Some((body, crc)) = bytes.split_last_chunk::<4>() else {
+        return Err("truncated".into());
+    };
+    if !body.starts_with(MAGIC) {
+        return Err("not a swr-proxy snapshot".into());
+    }
+    if body.get(MAGIC.len()) != Some(&VERSION) {
+        return Err("written by another version".into());
+    }
+    if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
+        return Err("truncated or altered (checksum)".into());
+    }
+    let Some((records, count)) = body[MAGIC.len() + 1..].split_last_chunk::<8>() else {
+        return Err("truncated".into());
+    };
+    let count = u64::from_le_bytes(*count);
+    let mut loaded = Loaded::default();
+    let mut rest = records;
+    let mut read_count: u64 = 0;
+    while !rest.is_empty() {
+        let (key, after) = take_sized(rest).ok_or("truncated record")?;
+        let (value, after) = take_sized(after).ok_or("truncated record")?;
+        rest = after;
+        read_count += 1;
+        let key = std::str::from_utf8(key).map_err(|_| "a key that is not text")?;
+        match codec::decode(value, key, now, wall) {
+            Ok(Shared::Entry(entry)) if now < entry.evict_at() => loaded.entries.push(entry),
+            Ok(Shared::Entry(_)) => loaded.expired += 1,
+            Ok(Shared::Vary(_)) => return Err("a record that is not an entry".into()),
+            Err(codec::Corrupt(why)) => return Err(format!("a corrupt entry ({why})")),
+        }
+    }
+    if read_count != count {
+        return Err(format!("{read_count} entries where it says {count}"));
+    }
+    Ok(Some(loaded))
+}
+
+/// A u32 length and that many bytes, and what follows.
+fn take_sized(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = bytes.split_first_chunk::<4>()?;
+    let len = u32::from_le_bytes(*len) as usize;
+    (len <= rest.len()).then(|| rest.split_at(len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::policy::Lifetimes;
+    use bytes::Bytes;
+    use http::{HeaderMap, HeaderValue, StatusCode};
+    use std::time::Duration;
+
+    fn entry(key: &str, fresh: u64, now: Instant) -> Entry {
+        let mut headers = HeaderMap::new();
+        headers.insert("etag", HeaderValue::from_static("\"e\""));
+        let lifetimes = Lifetimes {
+            fresh: Duration::from_secs(fresh),
+            stale_while_revalidate: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(5),
+            initial_age: Duration::ZERO,
+            keep_for_revalidation: Duration::ZERO,
+        };
+        Entry::new(
+            key,
+            StatusCode::OK,
+            &headers,
+            &[Bytes::from(format!("body of {key}"))],
+            now,
+            lifetimes,
+        )
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("swr-snapshot-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_and_drops_what_expired_meanwhile() {
+        let dir = scratch("round-trip");
+        let now = Instant::now();
+        let entries = [
+            entry("h/a", 60, now),
+            entry("h/b\nx=1", 60, now),
+            entry("h/c", 1, now),
+        ];
+        let wall = SystemTime::now();
+        let (count, size) = write(&dir, &entries, now, wall).expect("written");
+        assert_eq!(count, 3);
+        assert_eq!(size, std::fs::metadata(path(&dir)).expect("file").len());
+        // Read back 2 s later (as if the process was down that long): the
+        // third entry (1 s fresh, 5 s windows) is still usable; 20 s later
+        // it is not.
+        let later = |secs| {
+            (
+                now + Duration::from_secs(secs),
+                wall + Duration::from_secs(secs),
+            )
+        };
+        let (at, wall_at) = later(2);
+        let loaded = read(&dir, 1 << 20, at, wall_at)
+            .expect("whole")
+            .expect("there");
+        assert_eq!(loaded.entries.len(), 3);
+        assert_eq!(loaded.entries[1].key(), "h/b\nx=1");
+        assert_eq!(&loaded.entries[0].body()[..], b"body of h/a");
+        assert_eq!(
+            loaded.entries[0].etag(),
+            Some(HeaderValue::from_static("\"e\""))
+        );
+        let (at, wall_at) = later(20);
+        let loaded = read(&dir, 1 << 20, at, wall_at)
+            .expect("whole")
+            .expect("there");
+        assert_eq!((loaded.entries.len(), loaded.expired), (2, 1));
+        // No temporary file is left behind.
+        let files = std::fs::read_dir(&dir).expect("dir").count();
+        assert_eq!(files, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn no_snapshot_is_none_and_a_damaged_one_is_refused_with_why() {
+        let dir = scratch("damaged");
+        let now = Instant::now();
+        assert!(read(&dir, 1 << 20, now, SystemTime::now())
+            .expect("no file is fine")
+            .is_none());
+        let two = [entry("h/a", 60, now), entry("h/b", 60, now)];
+        write(&dir, &two, now, SystemTime::now()).expect("written");
+        let whole = std::fs::read(path(&dir)).expect("file");
+        for cut in [0, 5, whole.len() / 2, whole.len() - 1] {
+            std::fs::write(path(&dir), &whole[..cut]).expect("write");
+            assert!(
+                read(&dir, 1 << 20, now, SystemTime::now()).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut flipped = whole.clone();
+        flipped[whole.len() / 2] ^= 1;
+        std::fs::write(path(&dir), &flipped).expect("write");
+        let err = read(&dir, 1 << 20, now, SystemTime::now()).expect_err("altered");
+        assert!(err.contains("checksum"), "{err}");
+        std::fs::write(path(&dir), b"#!/bin/sh\necho not a snapshot\n").expect("write");
+        assert_eq!(
+            read(&dir, 1 << 20, now, SystemTime::now()).expect_err("foreign"),
+            "not a swr-proxy snapshot"
+        );
+        std::fs::write(path(&dir), &whole).expect("write");
+        assert!(read(&dir, 16, now, SystemTime::now())
+            .expect_err("too large")
+            .contains("budget"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
