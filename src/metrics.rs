@@ -93,16 +93,18 @@ enum RefreshEvent {
     Failed,
     NotStorable,
     Backoff,
+    Ahead,
 }
 
 impl RefreshEvent {
-    const ALL: [RefreshEvent; 6] = [
+    const ALL: [RefreshEvent; 7] = [
         RefreshEvent::Queued,
         RefreshEvent::Dropped,
         RefreshEvent::Succeeded,
         RefreshEvent::Failed,
         RefreshEvent::NotStorable,
         RefreshEvent::Backoff,
+        RefreshEvent::Ahead,
     ];
 
     fn as_str(self) -> &'static str {
@@ -113,6 +115,7 @@ impl RefreshEvent {
             RefreshEvent::Failed => "failed",
             RefreshEvent::NotStorable => "not_storable",
             RefreshEvent::Backoff => "backoff",
+            RefreshEvent::Ahead => "ahead",
         }
     }
 }
@@ -139,6 +142,11 @@ label_value_is_as_str!(
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CacheLabel {
     cache: CacheStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabel {
+    route: Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -279,6 +287,12 @@ struct Buckets {
 const LATENCY_BOUNDS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+/// Buckets of an answer's age over its freshness lifetime: below 1 fresh,
+/// above it stale.
+const AGE_RATIO_BOUNDS: &[f64] = &[
+    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0,
+    50.0,
+];
 /// Served-age buckets: 1 s to 1 day.
 const AGE_BOUNDS: &[f64] = &[
     1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 86400.0,
@@ -294,7 +308,11 @@ impl Histogram {
     }
 
     pub fn observe(&self, value: Duration) {
-        let secs = value.as_secs_f64();
+        self.observe_f64(value.as_secs_f64());
+    }
+
+    /// Observes a value in the histogram's unit (seconds, or a ratio).
+    pub fn observe_f64(&self, secs: f64) {
         let index = self
             .0
             .bounds
@@ -304,9 +322,8 @@ impl Histogram {
         if let Some(bucket) = self.0.counts.get(index) {
             bucket.add(1);
         }
-        self.0
-            .sum_micros
-            .add(u64::try_from(value.as_micros()).unwrap_or(u64::MAX));
+        // `as` saturates (and maps NaN to 0).
+        self.0.sum_micros.add((secs * 1e6) as u64);
     }
 
     pub fn count(&self) -> u64 {
@@ -344,11 +361,30 @@ impl EncodeMetric for Histogram {
 pub struct RouteStats {
     pub pattern: Arc<str>,
     requests: ByStatus,
+    /// Answers from the cache by age over freshness lifetime.
+    age_ratio: Histogram,
 }
 
 impl RouteStats {
+    fn new(pattern: &str) -> RouteStats {
+        RouteStats {
+            pattern: pattern.into(),
+            requests: ByStatus::default(),
+            age_ratio: Histogram::new(AGE_RATIO_BOUNDS),
+        }
+    }
+
     pub fn record(&self, status: CacheStatus) {
         self.requests.record(status);
+    }
+
+    /// An answer from the cache `ratio` of its freshness lifetime old.
+    pub fn record_age_ratio(&self, ratio: f64) {
+        self.age_ratio.observe_f64(ratio);
+    }
+
+    pub fn age_ratios(&self) -> u64 {
+        self.age_ratio.count()
     }
 
     pub fn requests(&self, status: CacheStatus) -> u64 {
@@ -373,10 +409,7 @@ impl Routes {
         if let Some(route) = routes.iter().find(|r| &*r.pattern == pattern) {
             return Arc::clone(route);
         }
-        let route = Arc::new(RouteStats {
-            pattern: pattern.into(),
-            requests: ByStatus::default(),
-        });
+        let route = Arc::new(RouteStats::new(pattern));
         routes.push(Arc::clone(&route));
         route
     }
@@ -400,6 +433,32 @@ impl EncodeMetric for Routes {
 
     fn metric_type(&self) -> MetricType {
         MetricType::Counter
+    }
+}
+
+/// `swr_served_age_ttl_ratio`: per route, and for answers outside every
+/// route (`route="default"`), how old answers from the cache were against
+/// their freshness lifetime.
+#[derive(Debug, Clone)]
+struct AgeRatios {
+    routes: Routes,
+    unrouted: Arc<RouteStats>,
+}
+
+impl EncodeMetric for AgeRatios {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        let routes = self.routes.lock().clone();
+        for route in std::iter::once(&self.unrouted).chain(routes.iter()) {
+            let label = RouteLabel {
+                route: Arc::clone(&route.pattern),
+            };
+            route.age_ratio.encode(encoder.encode_family(&label)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -430,6 +489,9 @@ pub struct Stats {
     pub refresh_not_storable: Counter,
     /// Refreshes not queued because the key's last refresh failed recently.
     pub refresh_backoff: Counter,
+    /// Refreshes queued before their entry turned stale (refresh-ahead),
+    /// also counted as queued.
+    pub refresh_ahead: Counter,
     /// Refreshes running now.
     pub refresh_in_flight: CountGauge,
     /// Most refreshes ever running at once.
@@ -468,6 +530,9 @@ pub struct Stats {
     pub served_age: Histogram,
     /// The most requested keys (sampled; in `/stats`, not in `/metrics`).
     pub top_keys: TopKeys,
+    /// Age over freshness lifetime of answers outside every route (a
+    /// route's own are in its [`RouteStats`]).
+    pub unrouted: Arc<RouteStats>,
     /// The [`Gauges`], as registered series, set at each scrape.
     scraped: Scraped,
 }
@@ -573,7 +638,7 @@ impl Default for Stats {
             "Backend failures, by kind",
             UpstreamErrorKind::ALL.map(|kind| KindLabel { kind }),
         );
-        let [refresh_queued, refresh_dropped, refresh_succeeded, refresh_failed, refresh_not_storable, refresh_backoff] =
+        let [refresh_queued, refresh_dropped, refresh_succeeded, refresh_failed, refresh_not_storable, refresh_backoff, refresh_ahead] =
             family(
                 &mut r,
                 "swr_refresh_events",
@@ -718,6 +783,16 @@ impl Default for Stats {
             "Answers by route and cache status",
             Routes::default(),
         );
+        let unrouted = Arc::new(RouteStats::new("default"));
+        register(
+            &mut r,
+            "swr_served_age_ttl_ratio",
+            "Answers from the cache by age over freshness lifetime (above 1: stale), per route",
+            AgeRatios {
+                routes: routes.clone(),
+                unrouted: Arc::clone(&unrouted),
+            },
+        );
         Stats {
             registry: r,
             requests,
@@ -732,6 +807,7 @@ impl Default for Stats {
             refresh_failed,
             refresh_not_storable,
             refresh_backoff,
+            refresh_ahead,
             refresh_in_flight,
             refresh_in_flight_max,
             coalesced_waiters,
@@ -749,6 +825,7 @@ impl Default for Stats {
             refresh_wait,
             served_age,
             top_keys: TopKeys::default(),
+            unrouted,
             scraped: Scraped {
                 refresh_queue_depth,
                 entries,
@@ -890,6 +967,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "swr_refresh_latency_baseline_seconds",
     "swr_refresh_latency_seconds",
     "swr_served_age_seconds",
+    "swr_served_age_ttl_ratio",
     "swr_log_lines_dropped_total",
 ];
 

@@ -139,6 +139,8 @@ pub struct Route {
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
     pub cache_control: CacheControlMode,
+    /// Requests a minute from which a key is refreshed ahead (0: never).
+    pub refresh_ahead: usize,
     pub bypass: bool,
     pub ignore_query: Vec<Glob>,
     pub keep_query: Vec<Glob>,

@@ -101,6 +101,9 @@ static KNOWN: [HeaderName; 46] = [
     header::X_XSS_PROTECTION,
 ];
 
+/// The largest [`Entry::age_ratio`].
+pub const MAX_AGE_RATIO: f64 = 1000.0;
+
 /// The instant entries count from. Instants before it (a test's `now`
 /// taken earlier) are stored as negative offsets.
 fn epoch() -> Instant {
@@ -436,6 +439,24 @@ impl Entry {
     /// The age of the response at `now`: its age when stored plus the time since.
     pub fn age(&self, now: Instant) -> Duration {
         self.initial_age() + now.saturating_duration_since(self.stored_at())
+    }
+
+    /// The freshness lifetime: the age up to which the response is fresh.
+    pub fn lifetime(&self) -> Duration {
+        self.initial_age()
+            + self
+                .fresh_until()
+                .saturating_duration_since(self.stored_at())
+    }
+
+    /// `age` over the freshness lifetime: below 1 fresh, above 1 stale;
+    /// at most [`MAX_AGE_RATIO`] (which a lifetime of zero gives).
+    pub fn age_ratio(&self, age: Duration) -> f64 {
+        let lifetime = self.lifetime().as_secs_f64();
+        if lifetime <= 0.0 {
+            return MAX_AGE_RATIO;
+        }
+        (age.as_secs_f64() / lifetime).min(MAX_AGE_RATIO)
     }
 
     /// Seconds of freshness left at `now`, rounded up; negative once stale

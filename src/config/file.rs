@@ -71,6 +71,8 @@ pub struct RouteFile {
     #[serde(default, deserialize_with = "de_duration")]
     pub stale_if_error: Option<Duration>,
     pub cache_control: Option<CacheControlMode>,
+    /// Refresh-ahead threshold of the route, in requests a minute (0: off).
+    pub refresh_ahead: Option<usize>,
     /// Pass every request through, never store.
     #[serde(default)]
     pub bypass: bool,
@@ -186,6 +188,7 @@ pub(super) fn validate_route(
             .unwrap_or(live.stale_while_revalidate),
         stale_if_error: route.stale_if_error.unwrap_or(live.stale_if_error),
         cache_control: route.cache_control.unwrap_or(live.cache_control),
+        refresh_ahead: route.refresh_ahead.unwrap_or(live.refresh_ahead),
         bypass: route.bypass,
         ignore_query: route.ignore_query.iter().map(|p| Glob::new(p)).collect(),
         keep_query: route.keep_query.iter().map(|p| Glob::new(p)).collect(),

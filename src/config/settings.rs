@@ -174,6 +174,13 @@ settings! {
         #[serde(default, deserialize_with = "de_count")]
         refresh_queue: usize = 10_000,
 
+        /// Take the most valuable refresh first (a key's recent requests times
+        /// how far past its ttl it is), and drop the least valuable when the
+        /// queue is full (`=false`: first in, first out, the newest dropped)
+        /// [default: true].
+        #[arg(long, env = "SWR_REFRESH_PRIORITY", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_switch)]
+        refresh_priority: bool = true,
+
         /// Time allowed for the backend to answer (connect, headers, and a
         /// stored body) [default: 30s].
         #[arg(long, env = "SWR_UPSTREAM_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
@@ -328,6 +335,13 @@ settings! {
         #[arg(long, env = "SWR_STALE_WHILE_REVALIDATE", value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
         #[serde(default, deserialize_with = "de_duration")]
         stale_while_revalidate: Duration = Duration::from_secs(60),
+
+        /// Refresh-ahead: an entry whose key is asked for about this many times a
+        /// minute or more is refreshed shortly before it turns stale (at a moment
+        /// spread over the last 5-20% of its freshness), so a hot key is almost
+        /// never served stale; 0: off [default: 60].
+        #[arg(long, env = "SWR_REFRESH_AHEAD", value_name = "PER_MINUTE", value_parser = parse_per_minute, allow_hyphen_values = true)]
+        refresh_ahead: usize = 60,
 
         /// How long after it turns stale an entry may be served when the backend
         /// fails [default: 5m].

@@ -152,6 +152,13 @@ const PERCENT: &str = "expected a percentage from 0 to 100";
 
 /// A switch's value: `true`/`false`, `yes`/`no`, `on`/`off`, `1`/`0`
 /// (a flag given without one is `true`).
+/// A rate in requests per minute; 0 turns the feature off.
+pub fn parse_per_minute(text: &str) -> Result<usize, String> {
+    text.trim()
+        .parse::<usize>()
+        .map_err(|_| "expected requests per minute, a whole number (0: off)".into())
+}
+
 pub fn parse_switch(text: &str) -> Result<bool, String> {
     match text.trim().to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),

@@ -15,6 +15,7 @@ use crate::config::RefreshMode;
 use crate::error::UpstreamErrorKind;
 use crate::metrics::UpstreamCause;
 use crate::refresh::limit::Sample;
+use crate::refresh::popularity::SAMPLE;
 use crate::refresh::{Enqueue, Job};
 use crate::upstream::Priority;
 
@@ -26,6 +27,21 @@ use super::{insert_bounded, lock, Proxy};
 pub(super) const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// ...up to this.
 pub(super) const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// Where refresh-ahead may start, as a share of an entry's freshness before
+/// it turns stale: each key's moment is spread between these, by its hash
+/// and the process's seed.
+pub(super) const AHEAD_SHARE: (f64, f64) = (0.05, 0.20);
+
+/// A refresh's value per [`SAMPLE`]-request step of popularity: 1 when the
+/// entry turns stale, plus one per freshness lifetime past it, within
+/// these bounds (in 1/256).
+const OVERDUE_UNIT: i128 = 256;
+/// Added to every key's popularity: a key never seen is worth something,
+/// and one sampled request more or less (a step of [`SAMPLE`]) moves a
+/// cold key's value by a quarter at most.
+const UNSEEN_POPULARITY: u64 = 4 * SAMPLE;
+const OVERDUE_BOUNDS: (i128, i128) = (64, 4 * OVERDUE_UNIT);
+
 /// Most bytes the refresh jobs queued or running may hold (their requests'
 /// headers): a fixed overhead, documented in README's "Failure behaviour".
 pub const REFRESH_QUEUE_BYTES: u64 = 32 << 20;
@@ -34,7 +50,13 @@ pub const REFRESH_QUEUE_BYTES: u64 = 32 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RefreshDecision {
     Queued,
+    /// Queued by a fresh answer: the key is hot and its entry near the end
+    /// of its freshness (refresh-ahead).
+    Ahead,
+    /// Its refresh is running.
     Pending,
+    /// Its refresh is queued and waits for a worker (a backlog).
+    Backlog,
     Dropped,
     Backoff,
 }
@@ -43,7 +65,9 @@ impl RefreshDecision {
     pub(super) fn as_str(self) -> &'static str {
         match self {
             RefreshDecision::Queued => "refresh-queued",
+            RefreshDecision::Ahead => "refresh-ahead",
             RefreshDecision::Pending => "refresh-pending",
+            RefreshDecision::Backlog => "refresh-backlog",
             RefreshDecision::Dropped => "refresh-dropped",
             RefreshDecision::Backoff => "refresh-backoff",
         }
@@ -140,13 +164,19 @@ impl Proxy {
             self.stats.refresh_backoff.inc();
             return RefreshDecision::Backoff;
         }
-        let result = self.refresh.try_enqueue(hash, || RefreshRequest {
+        let value = self.refresh_value(hash, entry, now);
+        let result = self.refresh.try_enqueue(hash, value, || RefreshRequest {
             target: target().without_credentials(entry),
             stale: entry.clone(),
         });
         match result {
-            Enqueue::Queued => {
+            Enqueue::Queued { displaced } => {
                 self.stats.refresh_queued.inc();
+                if displaced {
+                    // The queue's least valuable job made room for this one.
+                    self.stats.refresh_dropped.inc();
+                    tracing::debug!(reason = "displaced", "refresh dropped");
+                }
                 RefreshDecision::Queued
             }
             Enqueue::Dropped => {
@@ -154,8 +184,75 @@ impl Proxy {
                 tracing::debug!(key = entry.key(), reason = "queue-full", "refresh dropped");
                 RefreshDecision::Dropped
             }
-            Enqueue::AlreadyClaimed => RefreshDecision::Pending,
+            Enqueue::AlreadyClaimed { waiting: true } => RefreshDecision::Backlog,
+            Enqueue::AlreadyClaimed { waiting: false } => RefreshDecision::Pending,
         }
+    }
+
+    /// Refresh-ahead: queues a refresh of a fresh `entry` whose key is asked
+    /// for at least `per_minute` times a minute (0: never) once it is in
+    /// the last part of its freshness ([`AHEAD_SHARE`]). `Some` only when
+    /// this answer queued it; a key backed off after a failed refresh waits.
+    pub(super) fn refresh_ahead(
+        &self,
+        hash: u64,
+        entry: &Entry,
+        per_minute: usize,
+        target: impl FnOnce() -> FetchTarget,
+        now: Instant,
+    ) -> Option<RefreshDecision> {
+        if per_minute == 0
+            || !self.in_ahead_window(hash, entry, now)
+            || self.popularity.estimate(hash) < per_minute as u64
+            || lock(&self.backoff).holds(hash, now)
+        {
+            return None;
+        }
+        match self.queue_refresh(hash, entry, target, now) {
+            RefreshDecision::Queued => {
+                self.stats.refresh_ahead.inc();
+                Some(RefreshDecision::Ahead)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `entry` is fresh at `now` and within its key's refresh-ahead
+    /// share of its freshness lifetime from staleness.
+    fn in_ahead_window(&self, hash: u64, entry: &Entry, now: Instant) -> bool {
+        let fresh_until = entry.fresh_until();
+        let Some(left) = fresh_until.checked_duration_since(now) else {
+            return false;
+        };
+        let lifetime = fresh_until.saturating_duration_since(entry.stored_at());
+        // 0 to 1, by the key and the process.
+        let spread = ((hash ^ self.ahead_seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64
+            / (1u64 << 53) as f64;
+        let share = AHEAD_SHARE.0 + (AHEAD_SHARE.1 - AHEAD_SHARE.0) * spread;
+        left.as_secs_f64() <= lifetime.as_secs_f64() * share
+    }
+
+    /// What refreshing `entry` at `now` is worth, for the queue's order
+    /// (with `--refresh-priority=false`, nothing: first in, first out): the
+    /// key's recent requests (plus [`UNSEEN_POPULARITY`]) times how far past its freshness it is, 1 when it turns
+    /// stale and one more per freshness lifetime past that (below 1 when
+    /// refreshed ahead), within [`OVERDUE_BOUNDS`]: a stale key asked for
+    /// more than four times as often as another is always ahead of it.
+    fn refresh_value(&self, hash: u64, entry: &Entry, now: Instant) -> u64 {
+        if !self.config.start.refresh_priority {
+            return 0;
+        }
+        let popularity = self.popularity.estimate(hash) + UNSEEN_POPULARITY;
+        let fresh_until = entry.fresh_until();
+        let overdue = if now >= fresh_until {
+            (now - fresh_until).as_nanos() as i128
+        } else {
+            -((fresh_until - now).as_nanos() as i128)
+        };
+        let lifetime = (entry.lifetime().as_nanos() as i128).max(1);
+        let factor = (OVERDUE_UNIT + overdue * OVERDUE_UNIT / lifetime)
+            .clamp(OVERDUE_BOUNDS.0, OVERDUE_BOUNDS.1);
+        popularity.saturating_mul(factor as u64)
     }
 
     /// A background refresh: re-fetches (or revalidates) and replaces the

@@ -135,6 +135,7 @@ impl Proxy {
                 _ => None,
             },
         };
+        self.popularity.record(hash);
         let Some(entry) = found else {
             return Looked::Missing { hash, varied };
         };
@@ -230,8 +231,13 @@ impl Proxy {
                             route,
                         )
                     };
-                    let refresh = stale.then(|| self.queue_refresh(hash, &entry, target, now));
-                    let (status, cache_status) = self.at_once(&entry, refresh, now);
+                    let refresh = if stale {
+                        Some(self.queue_refresh(hash, &entry, target, now))
+                    } else {
+                        let ahead = route.map_or(rules.refresh_ahead, |r| r.refresh_ahead);
+                        self.refresh_ahead(hash, &entry, ahead, target, now)
+                    };
+                    let (status, cache_status) = self.at_once(&entry, stale, refresh, now);
                     return Next::Answer(self.entry_response(
                         &entry,
                         status,
@@ -301,7 +307,7 @@ impl Proxy {
         let host = lowercase(host);
         let key = self.keys.key(&host, path_and_query);
         let now = Instant::now();
-        let Looked::Usable { entry, stale, .. } = self.look_up(key, None, None, now) else {
+        let Looked::Usable { entry, stale, hash } = self.look_up(key, None, None, now) else {
             return None;
         };
         if !has_body(entry.status()) {
@@ -312,7 +318,12 @@ impl Proxy {
         let route_rules = route.map(|r| &r.route);
         let target =
             || self.fetch_target(key, path_and_query, &headers(), peer, defaults, route_rules);
-        let refresh = stale.then(|| self.queue_refresh(key.hash, &entry, target, now));
-        Some(self.fast_answer(entry, refresh, route.map(|r| &*r.stats), now))
+        let refresh = if stale {
+            Some(self.queue_refresh(hash, &entry, target, now))
+        } else {
+            let ahead = route.map_or(rules.refresh_ahead, |r| r.route.refresh_ahead);
+            self.refresh_ahead(hash, &entry, ahead, target, now)
+        };
+        Some(self.fast_answer(entry, stale, refresh, route.map(|r| &*r.stats), now))
     }
 }

@@ -38,6 +38,7 @@ use crate::fleet::{Fleet, FleetSettings, StreamSettings, LEASE_MARGIN};
 use crate::logs::{self, Cause, RateLimit, Summary, Totals};
 use crate::metrics::{Gauges, Stats};
 use crate::refresh::limit::Gate;
+use crate::refresh::popularity::Popularity;
 use crate::refresh::RefreshQueue;
 use crate::upstream::{BoxError, Upstream};
 
@@ -87,6 +88,12 @@ pub struct Proxy {
     refresh: RefreshQueue<RefreshRequest>,
     /// How many refreshes may run at once: adapted to the backend.
     refresh_gate: Arc<Gate>,
+    /// Recent requests per key: what a refresh is worth, and which keys
+    /// are refreshed ahead of staleness.
+    popularity: Popularity,
+    /// Spreads refresh-ahead moments per process, so that a fleet's
+    /// instances holding the same entry do not all refresh it at once.
+    ahead_seed: u64,
     upstream: Upstream,
     stats: Stats,
     /// Keys whose last refresh failed: no new refresh before `until`. A std
@@ -222,6 +229,11 @@ impl Proxy {
             store: Store::new(config.start.max_size),
             refresh,
             refresh_gate: Gate::new(config.start.refresh_concurrency),
+            popularity: Popularity::new(Instant::now()),
+            ahead_seed: {
+                use std::hash::BuildHasher;
+                std::collections::hash_map::RandomState::new().hash_one(0u64)
+            },
             upstream,
             stats,
             backoff: Mutex::new(Backoffs::default()),
@@ -247,6 +259,7 @@ impl Proxy {
                             tracing::debug!(removed, "swept unservable entries");
                         }
                         sweep_proxy.forget_expired_marks(now);
+                        sweep_proxy.popularity.decay_if_due(now);
                     }
                     () = sweep_cancel.cancelled() => break,
                 }
@@ -322,6 +335,11 @@ impl Proxy {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Keys with a refresh queued or running.
+    pub fn refresh_claims(&self) -> usize {
+        self.refresh.claimed()
     }
 
     /// Refreshes waiting for a worker.

@@ -32,6 +32,9 @@ const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub(super) struct Answered {
     pub(super) response: Response<ProxyBody>,
     pub(super) status: CacheStatus,
+    /// An answer from a stored entry: its age over its freshness lifetime,
+    /// for the route's histogram.
+    pub(super) age_ratio: Option<f64>,
 }
 
 /// What the per-route counters and the access log need of a request.
@@ -116,16 +119,23 @@ fn static_value(text: String) -> HeaderValue {
 }
 
 impl Proxy {
-    /// An answer from `entry` at once, counted: fresh (`refresh` is
-    /// `None`), or stale, with what was done about its refresh. Returns the
-    /// cache status and the `Cache-Status` value to send.
+    /// An answer from `entry` at once, counted: fresh or `stale`, with what
+    /// was done about its refresh (always something when stale; for a fresh
+    /// entry, a refresh queued ahead of staleness). Returns the cache status
+    /// and the `Cache-Status` value to send.
     #[inline]
     pub(super) fn at_once(
         &self,
         entry: &Entry,
+        stale: bool,
         refresh: Option<RefreshDecision>,
         now: Instant,
     ) -> (CacheStatus, HeaderValue) {
+        let status = if stale {
+            CacheStatus::Stale
+        } else {
+            CacheStatus::Hit
+        };
         let answer = match refresh {
             Some(decision) => {
                 let cache_status = StatusField {
@@ -135,9 +145,9 @@ impl Proxy {
                     ..StatusField::default()
                 }
                 .value();
-                (CacheStatus::Stale, cache_status)
+                (status, cache_status)
             }
-            None => (CacheStatus::Hit, hit_cache_status(entry.ttl_secs(now))),
+            None => (status, hit_cache_status(entry.ttl_secs(now))),
         };
         self.stats.record_request(answer.0);
         answer
@@ -151,15 +161,19 @@ impl Proxy {
     pub(super) fn fast_answer(
         &self,
         entry: Entry,
+        stale: bool,
         refresh: Option<RefreshDecision>,
         route: Option<&RouteStats>,
         now: Instant,
     ) -> FastHit {
-        let (status, cache_status) = self.at_once(&entry, refresh, now);
+        let (status, cache_status) = self.at_once(&entry, stale, refresh, now);
+        let (age, ratio) = self.served(&entry, now);
         if let Some(route) = route {
             route.record(status);
         }
-        let age = self.served(&entry, now);
+        route
+            .unwrap_or(&self.stats.unrouted)
+            .record_age_ratio(ratio);
         FastHit {
             status,
             age: small_number(age.as_secs()),
@@ -186,7 +200,17 @@ impl Proxy {
         answered: Answered,
         client: Option<SocketAddr>,
     ) -> Response<ProxyBody> {
-        let Answered { response, status } = answered;
+        let Answered {
+            response,
+            status,
+            age_ratio,
+        } = answered;
+        let route = log.as_ref().and_then(|log| log.route.as_deref());
+        if let Some(ratio) = age_ratio {
+            route
+                .unwrap_or(&self.stats.unrouted)
+                .record_age_ratio(ratio);
+        }
         let Some(log) = log else {
             return response;
         };
@@ -310,6 +334,7 @@ impl Proxy {
         Answered {
             response,
             status: CacheStatus::Bypass,
+            age_ratio: None,
         }
     }
 
@@ -398,16 +423,21 @@ impl Proxy {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
         headers.insert(header::CACHE_STATUS, field.value());
-        Answered { response, status }
+        Answered {
+            response,
+            status,
+            age_ratio: None,
+        }
     }
 
     /// Records an answer from `entry` (its age, its key among the top keys)
-    /// and returns its age.
-    fn served(&self, entry: &Entry, now: Instant) -> Duration {
+    /// and returns its age, and its age over its freshness lifetime (for the
+    /// route's histogram, which the caller knows).
+    fn served(&self, entry: &Entry, now: Instant) -> (Duration, f64) {
         let age = entry.age(now);
         self.stats.served_age.observe(age);
         self.stats.top_keys.record(entry.key());
-        age
+        (age, entry.age_ratio(age))
     }
 
     /// An answer from a stored entry: `304` to a matching conditional
@@ -434,7 +464,7 @@ impl Proxy {
         } else {
             ProxyBody::full(body)
         };
-        let age = self.served(entry, now);
+        let (age, ratio) = self.served(entry, now);
         headers.insert(header::AGE, small_number(age.as_secs()));
         headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
         headers.insert(header::CACHE_STATUS, cache_status);
@@ -445,6 +475,10 @@ impl Proxy {
             entry.status()
         };
         *response.headers_mut() = headers;
-        Answered { response, status }
+        Answered {
+            response,
+            status,
+            age_ratio: Some(ratio),
+        }
     }
 }

@@ -27,6 +27,9 @@ pub struct Rules {
     pub(super) defaults: Arc<Defaults>,
     pub(super) routes: Vec<RouteInForce>,
     pub(super) honor_client_cache_control: bool,
+    /// Requests a minute from which a key outside every route is refreshed
+    /// ahead (`--refresh-ahead`; 0: never).
+    pub(super) refresh_ahead: usize,
     /// Peers whose forwarding headers are kept (`--trust-forwarded`).
     pub(super) trust_forwarded: Vec<ipnet::IpNet>,
 }
@@ -84,6 +87,7 @@ impl Rules {
                 })
                 .collect(),
             honor_client_cache_control: config.live.honor_client_cache_control,
+            refresh_ahead: config.live.refresh_ahead,
             trust_forwarded: config.live.trust_forwarded.clone(),
         }
     }

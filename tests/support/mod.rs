@@ -235,6 +235,17 @@ impl Origin {
             .collect()
     }
 
+    /// The path-and-query of every request seen, in the order they came.
+    pub fn log(&self) -> Vec<String> {
+        self.state
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.path_and_query.clone())
+            .collect()
+    }
+
     /// Stops listening and closes every open connection: the origin is down.
     pub fn stop(&self) {
         self.cancel.cancel();
