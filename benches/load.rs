@@ -7,6 +7,7 @@
 //! cargo bench --bench load -- --quick          # 1 round of 3 s, for a smoke run
 //! cargo bench --bench load -- --only hits-1k,herd --rounds 5
 //! cargo bench --bench load -- --only mix-1pct,mix-5pct   # keep-alive hits that meet misses
+//! cargo bench --bench load -- --only refresh-order,restart   # issue 20: what to refresh, warm restart
 //! cargo bench --bench load -- --only hot-1k --compare /tmp/old/swr-proxy   # A/B two builds
 //! cargo bench --bench load -- --only hot-1k --compare target/release/swr-proxy --compare-args "--threads 1"
 //! cargo bench --bench load -- --only hot-1k --wire-limit   # also the limit with swr-proxy's headers
@@ -22,7 +23,11 @@
 //! keys by a Zipf law (s = 1) over more keys than the caches' budget holds,
 //! and notes each cache's hit ratio against a simulated LRU of swr-proxy's
 //! size. `memory` measures bytes per stored object by PSS (and RSS beside
-//! it).
+//! it). `refresh-order` runs Zipf traffic against a backend at its capacity
+//! for four settings of the refresh queue (one round of
+//! `--refresh-duration`, 60 s by default), and `restart` restarts swr-proxy
+//! under load, with and without `--snapshot-dir` (swr-proxy only: these
+//! measure its own choices, not a comparison).
 //!
 //! The origin and the limit server run inside this process; swr-proxy, nginx,
 //! Varnish and wrk are child processes, each stopped by PID when its run ends.
@@ -79,6 +84,9 @@ pub struct Options {
     pub wire_limit: bool,
     /// Also run the target "limit-raw" (the limit without hyper).
     pub raw_limit: bool,
+    /// wrk's run in the refresh-order scenario (one round), and the
+    /// longest wait for the hit ratio in the restart scenario.
+    pub refresh_duration: Duration,
 }
 
 impl Default for Options {
@@ -94,6 +102,7 @@ impl Default for Options {
             baseline_args: Vec::new(),
             wire_limit: false,
             raw_limit: false,
+            refresh_duration: Duration::from_secs(60),
         }
     }
 }
@@ -139,6 +148,14 @@ impl Options {
                         .next()
                         .ok_or("--compare-args takes flags like \"--threads 1\"")?;
                     options.baseline_args = list.split_whitespace().map(str::to_string).collect();
+                }
+                "--refresh-duration" => {
+                    let secs: u64 = args
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .filter(|n| (1..=600).contains(n))
+                        .ok_or("--refresh-duration takes whole seconds, 1 to 600")?;
+                    options.refresh_duration = Duration::from_secs(secs);
                 }
                 "--wire-limit" => options.wire_limit = true,
                 "--raw-limit" => options.raw_limit = true,
@@ -1680,6 +1697,337 @@ async fn herd(report: &mut Report, options: &Options) {
     }
 }
 
+/// The origin of the refresh scenarios: answers `/k/<i>` (with `x-key: i`,
+/// an `ETag` and a `Last-Modified`); while `limited`, after `latency` and
+/// at most `slots` at once: past `slots / latency` answers a second the
+/// others wait, so its latency climbs past its capacity, as a loaded
+/// backend's does (before that, at once: the keys are stored in seconds).
+/// Counts answers and the time they took.
+struct SlowOrigin {
+    addr: SocketAddr,
+    answers: Arc<AtomicU64>,
+    /// Microseconds from each request's arrival to its answer, summed.
+    busy_us: Arc<AtomicU64>,
+    limited: Arc<std::sync::atomic::AtomicBool>,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl SlowOrigin {
+    async fn start(latency: Duration, slots: usize) -> SlowOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let answers = Arc::new(AtomicU64::new(0));
+        let busy_us = Arc::new(AtomicU64::new(0));
+        let limited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let permits = Arc::new(tokio::sync::Semaphore::new(slots));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let last_modified =
+            http::HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
+                .expect("an HTTP date is a header value");
+        let state = (answers.clone(), busy_us.clone(), limited.clone(), permits);
+        tokio::spawn(serve(
+            listener,
+            stopped,
+            move |request: Request<Incoming>| {
+                let (answers, busy_us, limited, permits) = state.clone();
+                let last_modified = last_modified.clone();
+                async move {
+                    let arrived = Instant::now();
+                    if limited.load(Ordering::Relaxed) {
+                        let _slot = permits.acquire_owned().await.ok();
+                        tokio::time::sleep(latency).await;
+                    }
+                    let i = key_index(request.uri().path()).unwrap_or(0);
+                    let mut response = Response::new(Full::new(body_for(i, 1024)));
+                    let headers = response.headers_mut();
+                    if let Ok(etag) = http::HeaderValue::from_str(&format!("\"k{i}\"")) {
+                        headers.insert("etag", etag);
+                    }
+                    headers.insert("last-modified", last_modified);
+                    headers.insert("x-key", http::HeaderValue::from(i));
+                    answers.fetch_add(1, Ordering::Relaxed);
+                    busy_us.fetch_add(arrived.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    response
+                }
+            },
+        ));
+        SlowOrigin {
+            addr,
+            answers,
+            busy_us,
+            limited,
+            _stop: stop,
+        }
+    }
+}
+
+/// swr-proxy in front of `origin` with `flags`, its admin listener on a
+/// port of its own; `listen`: its address (a free port when `None`).
+async fn start_swr(
+    origin: SocketAddr,
+    flags: &[String],
+    listen: Option<SocketAddr>,
+) -> Option<(Proc, SocketAddr, SocketAddr)> {
+    let [free, admin] = free_ports();
+    let addr = listen.unwrap_or(free);
+    let mut command = Command::new(SWR_PROXY);
+    command
+        .args(["--upstream", &format!("http://{origin}")])
+        .args(["--listen", &addr.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(flags)
+        .env("RUST_LOG", "warn");
+    let proc = spawn_quiet(&mut command, None)?;
+    wait_listening(addr).await.then_some((proc, addr, admin))
+}
+
+/// Every series of swr-proxy's metrics at `admin`, by its full name.
+async fn admin_metrics(admin: SocketAddr) -> HashMap<String, f64> {
+    let Ok(mut sender) = connect(admin).await else {
+        return HashMap::new();
+    };
+    let text = get_text(&mut sender, admin, "/metrics")
+        .await
+        .unwrap_or_default();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `q` quantile (0 to 1) of `swr_served_age_ttl_ratio{route="default"}`
+/// between two scrapes, interpolated within its bucket as Prometheus'
+/// `histogram_quantile` does.
+fn age_ratio_quantile(before: &HashMap<String, f64>, after: &HashMap<String, f64>, q: f64) -> f64 {
+    let prefix = "swr_served_age_ttl_ratio_bucket{route=\"default\",le=\"";
+    let mut buckets: Vec<(f64, f64)> = after
+        .iter()
+        .filter_map(|(name, count)| {
+            let le = name.strip_prefix(prefix)?.strip_suffix("\"}")?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((bound, count - before.get(name).copied().unwrap_or(0.0)))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let Some(&(_, total)) = buckets.last() else {
+        return f64::NAN;
+    };
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(bound, cumulative) in &buckets {
+        if cumulative >= rank {
+            if bound.is_infinite() {
+                return lower.0;
+            }
+            let within = (cumulative - lower.1).max(1.0);
+            return lower.0 + (bound - lower.0) * (rank - lower.1) / within;
+        }
+        lower = (bound, cumulative);
+    }
+    f64::NAN
+}
+
+/// Issue 20's benchmark: Zipf (s = 1) over `zipf_keys` keys, `--ttl 5s`,
+/// a backend of 100 ms that answers 200 a second (20 at once; past that
+/// its latency climbs), under `--refresh-duration` of wrk, for four
+/// settings of the refresh queue: what users were served (age over ttl,
+/// p50 and p99, request-weighted; the share of stale answers for the top 1%
+/// of keys) and what the backend did (answers a second, mean latency).
+async fn refresh_order(report: &mut Report, options: &Options) {
+    let keys = options.zipf_keys;
+    let top = (keys / 100).max(1);
+    let duration = options.refresh_duration;
+    let configs: [(&str, &[&str]); 4] = [
+        (
+            "ceiling 8, FIFO (the old 8 workers)",
+            &[
+                "--refresh-concurrency",
+                "8",
+                "--refresh-priority=false",
+                "--refresh-ahead",
+                "0",
+            ],
+        ),
+        (
+            "adaptive, FIFO",
+            &["--refresh-priority=false", "--refresh-ahead", "0"],
+        ),
+        ("adaptive + priority", &["--refresh-ahead", "0"]),
+        ("adaptive + priority + refresh-ahead (defaults)", &[]),
+    ];
+    for (label, extra) in configs {
+        // A new origin per run: no refresh of the run before reaches it.
+        let origin = SlowOrigin::start(Duration::from_millis(100), 20).await;
+        let mut flags: Vec<String> = ["--ttl", "5s"].iter().map(|s| s.to_string()).collect();
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let Some((proc, addr, admin)) = start_swr(origin.addr, &flags, None).await else {
+            report.problem(format!("refresh-order: swr-proxy ({label}) did not start"));
+            continue;
+        };
+        // Every key stored at once (the backend unlimited meanwhile), then
+        // the backend at its capacity.
+        warm(addr, keys, 64).await;
+        origin.limited.store(true, Ordering::Relaxed);
+        let before = admin_metrics(admin).await;
+        let answers_before = origin.answers.load(Ordering::Relaxed);
+        let busy_before = origin.busy_us.load(Ordering::Relaxed);
+        let env = [
+            ("KEYS", keys.to_string()),
+            ("ZIPF", "1".to_string()),
+            ("TOP", top.to_string()),
+        ];
+        let text =
+            tokio::task::spawn_blocking(move || wrk_output(WRK_SCRIPT, addr, duration, "5s", &env))
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+        let after = admin_metrics(admin).await;
+        let answers = origin.answers.load(Ordering::Relaxed) - answers_before;
+        let busy_us = origin.busy_us.load(Ordering::Relaxed) - busy_before;
+        drop(proc);
+        let Some(line) = text.lines().find(|l| l.starts_with("RESULT ")) else {
+            report.problem(format!("refresh-order: wrk gave no result for {label}"));
+            continue;
+        };
+        let field = |name: &str| result_field::<f64>(line, name).unwrap_or(0.0);
+        let requests = field("requests");
+        let p50 = age_ratio_quantile(&before, &after, 0.5);
+        let p99 = age_ratio_quantile(&before, &after, 0.99);
+        let top_stale = field("top_stale") / field("top_answers").max(1.0);
+        let per_s = answers as f64 / duration.as_secs_f64();
+        let latency_ms = busy_us as f64 / answers.max(1) as f64 / 1e3;
+        eprintln!(
+            "  refresh-order {label}: age/ttl p50 {p50:.2} p99 {p99:.2}, top 1% stale {:.2}%, backend {per_s:.0}/s at {latency_ms:.0} ms",
+            top_stale * 100.0
+        );
+        report.row(vec![
+            "refresh-order".into(),
+            label.into(),
+            format!("{:.0}", requests / duration.as_secs_f64()),
+            format!("{:.2}", field("p99_us") / 1e3),
+            format!("age/ttl p50 {p50:.2} p99 {p99:.2}"),
+            format!("top 1% stale {:.2}%", top_stale * 100.0),
+            format!("backend {per_s:.0}/s at {latency_ms:.0} ms"),
+        ]);
+    }
+}
+
+/// Restart under load: Zipf traffic over `zipf_keys` keys (all stored,
+/// a long ttl), swr-proxy stopped (SIGTERM) and started again on the same
+/// port, with and without `--snapshot-dir`: the time until the hit ratio
+/// (over the last second, from its own counters) is back to 95% of the
+/// ratio before the restart.
+async fn restart(report: &mut Report, options: &Options) {
+    let keys = options.zipf_keys;
+    let origin = Origin::start(1024, Duration::from_millis(20), None).await;
+    let traffic = Traffic {
+        zipf: 1.0,
+        ..Traffic::uniform(keys, 1024)
+    };
+    let hits = |m: &HashMap<String, f64>| {
+        ["HIT", "STALE"]
+            .iter()
+            .map(|c| {
+                m.get(&format!("swr_requests_total{{cache=\"{c}\"}}"))
+                    .copied()
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    let total = |m: &HashMap<String, f64>| {
+        m.iter()
+            .filter(|(k, _)| k.starts_with("swr_requests_total{"))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let before_for = options.duration.min(Duration::from_secs(5));
+    let cap = options.refresh_duration;
+    for snapshot in [true, false] {
+        let label = if snapshot {
+            "with --snapshot-dir"
+        } else {
+            "without a snapshot"
+        };
+        let dir = scratch_dir("snapshot");
+        let _ = std::fs::create_dir_all(&dir);
+        let mut flags: Vec<String> = vec!["--ttl".into(), "3600s".into()];
+        if snapshot {
+            flags.extend(["--snapshot-dir".into(), dir.display().to_string()]);
+        }
+        let Some((first, addr, admin)) = start_swr(origin.addr, &flags, None).await else {
+            report.problem(format!("restart: swr-proxy ({label}) did not start"));
+            continue;
+        };
+        warm(addr, keys, 64).await;
+        let start = admin_metrics(admin).await;
+        let run = traffic;
+        tokio::task::spawn_blocking(move || run_wrk(addr, run, before_for))
+            .await
+            .ok()
+            .flatten();
+        let end = admin_metrics(admin).await;
+        let ratio_before = (hits(&end) - hits(&start)) / (total(&end) - total(&start)).max(1.0);
+        drop(first); // SIGTERM: the snapshot is written as it stops.
+        let stopped = Instant::now();
+        let Some((second, _, admin)) = start_swr(origin.addr, &flags, Some(addr)).await else {
+            report.problem(format!("restart: swr-proxy ({label}) did not start again"));
+            continue;
+        };
+        let down = stopped.elapsed();
+        let run = traffic;
+        let load = tokio::task::spawn_blocking(move || run_wrk(addr, run, cap));
+        let began = Instant::now();
+        let mut samples: Vec<(Instant, f64, f64)> = Vec::new();
+        let mut back = None;
+        while began.elapsed() < cap {
+            let m = admin_metrics(admin).await;
+            let now = Instant::now();
+            samples.push((now, hits(&m), total(&m)));
+            // The ratio over the last second of samples.
+            let window = samples
+                .iter()
+                .find(|s| now.duration_since(s.0) <= Duration::from_secs(1));
+            if let Some(&(at, h0, t0)) = window {
+                let (h1, t1) = (hits(&m), total(&m));
+                if now.duration_since(at) >= Duration::from_millis(900)
+                    && t1 - t0 > 100.0
+                    && (h1 - h0) / (t1 - t0) >= 0.95 * ratio_before
+                {
+                    back = Some(at.duration_since(began));
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = load.await;
+        drop(second);
+        let _ = std::fs::remove_dir_all(&dir);
+        let back_text = back.map_or_else(
+            || format!("not within {} s", cap.as_secs()),
+            |d| format!("{:.1} s", d.as_secs_f64()),
+        );
+        eprintln!(
+            "  restart {label}: hit ratio before {ratio_before:.3}, down {:.1} s, back to 95% in {back_text}",
+            down.as_secs_f64()
+        );
+        report.row(vec![
+            "restart".into(),
+            label.into(),
+            format!("hit ratio before {ratio_before:.3}"),
+            format!("down {:.1} s", down.as_secs_f64()),
+            format!("back to 95% in {back_text}"),
+        ]);
+    }
+}
+
 /// Memory per cached 1 KiB object, 100,000 objects: (PSS after - PSS
 /// before) / objects, PSS (the process's proportional set size, which
 /// counts shared pages once) read from `/proc/<pid>/smaps_rollup`, summed
@@ -2004,6 +2352,12 @@ pub fn run(options: &Options) -> Report {
         }
         if options.wants("fleet") {
             fleet(&mut report, options).await;
+        }
+        if options.wants("refresh-order") {
+            refresh_order(&mut report, options).await;
+        }
+        if options.wants("restart") {
+            restart(&mut report, options).await;
         }
         if options.wants("memory") {
             memory(&mut report, options).await;

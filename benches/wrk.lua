@@ -3,19 +3,42 @@
 -- exponent s (key /k/i has weight 1/(i+1)^s); a NEW share of them (0 to 1)
 -- on URLs never asked before (/n/<thread>-<n>); prints one
 -- machine-readable RESULT line. HOST, when set, is every request's Host.
+-- With TOP=n, answers for the keys /k/0 .. /k/(n-1) are counted, and those
+-- served stale (X-Cache: STALE) among them (the origin names each answer's
+-- key in X-Key); the RESULT line gains top_answers= and top_stale=.
 local keys = tonumber(os.getenv("KEYS") or "1")
 local new_share = tonumber(os.getenv("NEW") or "0")
 local zipf = tonumber(os.getenv("ZIPF") or "0")
 -- HOST: every request's Host (the fleet scenario: one name for every
 -- instance, as behind a load balancer); default, the address wrk targets.
 local host = os.getenv("HOST") or ""
+local top = tonumber(os.getenv("TOP") or "0")
 local new_urls = 0
+local threads = {}
+top_answers = 0
+top_stale = 0
 -- With ZIPF: cdf[i] is the probability that a draw is one of the keys
 -- /k/0 .. /k/(i-1) (the table is 1-based, the keys 0-based).
 local cdf = nil
 
 function setup(thread)
   thread:set("seed", math.random(1, 1000000))
+  table.insert(threads, thread)
+end
+
+-- Only with TOP: wrk reads every answer's headers into Lua only when a
+-- response function exists, which costs it throughput.
+if top > 0 then
+  function response(status, headers, body)
+    local key = tonumber(headers["x-key"] or headers["X-Key"] or "")
+    if key and key < top then
+      top_answers = top_answers + 1
+      local cache = headers["x-cache"] or headers["X-Cache"]
+      if cache == "STALE" then
+        top_stale = top_stale + 1
+      end
+    end
+  end
 end
 
 function init(args)
@@ -72,10 +95,15 @@ end
 
 function done(summary, latency, requests)
   local e = summary.errors
+  local answers, stale = 0, 0
+  for _, thread in ipairs(threads) do
+    answers = answers + (thread:get("top_answers") or 0)
+    stale = stale + (thread:get("top_stale") or 0)
+  end
   io.write(string.format(
-    "RESULT requests=%d duration_us=%d errors=%d p50_us=%d p99_us=%d max_us=%d slow100_share=%.8f\n",
+    "RESULT requests=%d duration_us=%d errors=%d p50_us=%d p99_us=%d max_us=%d slow100_share=%.8f top_answers=%d top_stale=%d\n",
     summary.requests, summary.duration,
     e.connect + e.read + e.write + e.status + e.timeout,
     latency:percentile(50), latency:percentile(99), latency.max,
-    share_at_or_above(latency, 100000)))
+    share_at_or_above(latency, 100000), answers, stale))
 end

@@ -58,6 +58,7 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         baseline_args: vec!["--threads".into(), "1".into()],
         wire_limit: true,
         raw_limit: true,
+        refresh_duration: Duration::from_secs(3),
     };
     let report = load::run(&options);
     assert!(
@@ -169,6 +170,23 @@ fn the_load_harness_runs_every_scenario_against_every_installed_target() {
         let hits = row("fleet", "one instance's hits, --redis vs none");
         assert!(hits[4].ends_with('x'), "{hits:?}");
     }
+
+    // The refresh scenarios: four settings of the queue, each with what
+    // users were served; a restart with and without a snapshot.
+    for label in [
+        "ceiling 8, FIFO (the old 8 workers)",
+        "adaptive, FIFO",
+        "adaptive + priority",
+        "adaptive + priority + refresh-ahead (defaults)",
+    ] {
+        let cells = row("refresh-order", label);
+        assert!(cells[4].starts_with("age/ttl p50 "), "{cells:?}");
+        assert!(number(&cells[2]) > 0.0, "{cells:?}");
+    }
+    let with = row("restart", "with --snapshot-dir");
+    let without = row("restart", "without a snapshot");
+    assert!(number(&with[2]) > 0.5, "{with:?}");
+    assert!(without[4].starts_with("back to 95% in"), "{without:?}");
 
     // Memory was measured from the proportional set: each cached 1 KiB
     // object costs at least its body.
