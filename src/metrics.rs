@@ -194,7 +194,14 @@ struct Padded(AtomicU64);
 
 impl Striped {
     pub fn add(&self, n: u64) {
-        self.0[stripe()].0.fetch_add(n, Relaxed);
+        self.add_to(stripe(), n);
+    }
+
+    /// [`Striped::add`] with this thread's [`stripe`] already known.
+    fn add_to(&self, stripe: usize, n: u64) {
+        if let Some(cell) = self.0.get(stripe) {
+            cell.0.fetch_add(n, Relaxed);
+        }
     }
 
     pub fn get(&self) -> u64 {
@@ -319,11 +326,12 @@ impl Histogram {
             .iter()
             .position(|bound| secs <= *bound)
             .unwrap_or(self.0.bounds.len());
+        let stripe = stripe();
         if let Some(bucket) = self.0.counts.get(index) {
-            bucket.add(1);
+            bucket.add_to(stripe, 1);
         }
         // `as` saturates (and maps NaN to 0).
-        self.0.sum_micros.add((secs * 1e6) as u64);
+        self.0.sum_micros.add_to(stripe, (secs * 1e6) as u64);
     }
 
     pub fn count(&self) -> u64 {

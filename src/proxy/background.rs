@@ -31,6 +31,8 @@ pub(super) const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// it turns stale: each key's moment is spread between these, by its hash
 /// and the process's seed.
 pub(super) const AHEAD_SHARE: (f64, f64) = (0.05, 0.20);
+// `in_ahead_window` rules out hits with more than a fifth left in integers.
+const _: () = assert!(AHEAD_SHARE.1 * 5.0 == 1.0);
 
 /// A refresh's value per [`SAMPLE`]-request step of popularity: 1 when the
 /// entry turns stale, plus one per freshness lifetime past it, within
@@ -225,6 +227,12 @@ impl Proxy {
             return false;
         };
         let lifetime = fresh_until.saturating_duration_since(entry.stored_at());
+        // Most fresh hits have more than the widest share (AHEAD_SHARE.1,
+        // a fifth) left: ruled out in integers, before the float work below
+        // (every fresh hit pays for this check).
+        if left.as_nanos() * 5 > lifetime.as_nanos() {
+            return false;
+        }
         // 0 to 1, by the key and the process.
         let spread = ((hash ^ self.ahead_seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64
             / (1u64 << 53) as f64;
