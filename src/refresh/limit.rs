@@ -10,9 +10,14 @@
 //!
 //! - **Latency against a baseline.** Each refresh that the backend
 //!   answered is a latency sample. `recent` is their moving average;
-//!   `baseline` the lowest `recent` seen, drifting slowly up towards
-//!   `recent` so that a backend that became slower for good is learnt
-//!   again rather than read as overload forever.
+//!   `baseline` the lowest `recent` seen. It rises only while the limit
+//!   is at its floor, drifting towards `recent`: latency still past the
+//!   tolerance when swr-proxy sends as few refreshes as it may is the
+//!   backend's own (it became slower for good), not load, and is learnt
+//!   rather than read as overload forever. A baseline that drifted with
+//!   every answer learnt the overload it caused: in the `refresh-order`
+//!   benchmark (a 100 ms backend of 200 answers/s) it crept up within
+//!   seconds and the backend's latency with it, to 570 ms after 60 s.
 //! - **Growth.** While `recent` stays within [`TOLERANCE`] times the
 //!   baseline, every answer raises the limit: by one while it has never
 //!   been cut (slow start: it doubles per round trip), by one per
@@ -40,8 +45,9 @@ pub const LATENCY_CUT: f64 = 0.75;
 pub const FAILURE_CUT: f64 = 0.5;
 /// The weight of a new sample in `recent`.
 const SMOOTHING: f64 = 0.2;
-/// How fast the baseline follows `recent` up: 1/256 of the gap per sample.
-const DRIFT: f64 = 1.0 / 256.0;
+/// How fast the baseline follows `recent` up while the limit is at its
+/// floor: 1/64 of the gap per sample (a few seconds at the floor).
+const DRIFT: f64 = 1.0 / 64.0;
 /// The floor, unless the ceiling is lower.
 pub const FLOOR: usize = 4;
 /// The calm after a cut before the first latency is known.
@@ -116,9 +122,10 @@ impl Adaptive {
                 };
                 self.recent = Some(recent);
                 let baseline = match self.baseline {
-                    Some(baseline) if baseline <= recent => {
+                    Some(baseline) if baseline <= recent && self.limit <= self.floor => {
                         baseline + (recent - baseline).mul_f64(DRIFT)
                     }
+                    Some(baseline) if baseline <= recent => baseline,
                     _ => recent,
                 };
                 self.baseline = Some(baseline);
@@ -329,8 +336,40 @@ mod tests {
             limit.record(Sample::Answered(60 * MS), now);
         }
         let baseline = limit.baseline().expect("a baseline");
-        assert!(baseline > 35 * MS, "the baseline followed: {baseline:?}");
+        assert!(
+            baseline.mul_f64(TOLERANCE) >= 60 * MS,
+            "the baseline followed until 60 ms is no longer overload: {baseline:?}"
+        );
         assert_eq!(limit.limit(), 64, "and the limit grew back to the ceiling");
+    }
+
+    #[test]
+    fn a_loaded_backend_does_not_raise_its_own_baseline() {
+        // 100 ms unloaded, 200 answers a second at most: past 20 in
+        // flight, each one more waits its turn (latency = in flight / 200/s).
+        let latency = |in_flight: f64| Duration::from_secs_f64((in_flight / 200.0).max(0.1));
+        let mut limit = Adaptive::new(256);
+        let mut now = Instant::now();
+        let mut worst = Duration::ZERO;
+        for i in 0..20_000 {
+            let took = latency(limit.limit() as f64);
+            if i > 10_000 {
+                worst = worst.max(limit.recent().unwrap_or_default());
+            }
+            now += Duration::from_secs_f64(1.0 / 200.0);
+            limit.record(Sample::Answered(took), now);
+        }
+        let baseline = limit.baseline().expect("a baseline");
+        assert!(baseline < 110 * MS, "the baseline stayed put: {baseline:?}");
+        assert!(
+            worst < 300 * MS,
+            "latency kept near the tolerance (2x), 100 s in: {worst:?}"
+        );
+        assert!(
+            limit.limit() >= 20,
+            "the backend is kept busy: {}",
+            limit.limit()
+        );
     }
 
     #[test]
