@@ -397,6 +397,47 @@ async fn redis_required_makes_readyz_fail_while_it_is_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_leaves_instances_answering_from_memory_and_the_origin() {
+    // `maxmemory` below what an empty redis-server uses, without eviction:
+    // every write (a lease, an entry) is refused with an OOM error, reads
+    // still answer.
+    let port = free_port();
+    let args = ["--maxmemory", "1", "--maxmemory-policy", "noeviction"];
+    let Some(redis) = Redis::start_with(port, &args, port) else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let proxies = fleet(&origin, &redis, 2, &["--ttl", "1s"]).await;
+    let first = get(&proxies[0], "/full").await;
+    assert_eq!((first.status, first.text()), (200, "/full #1".to_string()));
+    assert_eq!(get(&proxies[0], "/full").await.x_cache(), "HIT");
+    // Nothing could be shared: the other instance fills on its own.
+    let other = get(&proxies[1], "/full").await;
+    assert_eq!((other.status, other.text()), (200, "/full #2".to_string()));
+    assert!(
+        proxies[0]
+            .counter("swr_fleet_errors_total{cause=\"reply\"}")
+            .await
+            > 0,
+        "the refused calls are counted"
+    );
+    // Stale answers and their refreshes go on, from the origin.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(&proxies[0], "/full").await.x_cache(), "STALE");
+    eventually(WAIT, "a local refresh", || async {
+        origin.hits("/full") == 3
+    })
+    .await;
+    let mut conn = redis.connection().await;
+    let stored: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("swr:1:e:fleet.test/full")
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(stored, None, "Redis was full: nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_holder_killed_mid_fetch_frees_the_key_when_its_lease_runs_out() {
     let Some(redis) = Redis::start() else { return };
     let origin = Origin::start().await;

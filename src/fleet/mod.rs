@@ -24,7 +24,7 @@
 //! go on the channel `swr:1:events` ([`events`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::header::HeaderName;
@@ -103,6 +103,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// At most one warning per this long of calls Redis refused.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// What fleet mode is given at start.
 #[derive(Debug, Clone)]
 pub struct FleetSettings {
@@ -145,6 +148,10 @@ pub struct Fleet {
     owner: Arc<str>,
     settings: FleetSettings,
     up: AtomicBool,
+    /// When a refused call (Redis up, answering with an error: out of
+    /// memory, say) was last logged: at most one warning per
+    /// [`REFUSAL_LOG_EVERY`], not one per call.
+    refusal_logged: Mutex<Option<Instant>>,
     claim: Script,
     release: Script,
     metrics: FleetMetrics,
@@ -299,6 +306,7 @@ impl Fleet {
             owner: owner_name(),
             settings,
             up: AtomicBool::new(true),
+            refusal_logged: Mutex::new(None),
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
             metrics: FleetMetrics::new(),
@@ -390,7 +398,7 @@ impl Fleet {
                 // Redis answered with an error (out of memory, a script
                 // refused): it is up, this call failed.
                 self.count_error("reply");
-                tracing::debug!(error = %err, "redis call failed");
+                self.log_refusal(&err);
                 None
             }
             Err(_) => {
@@ -418,6 +426,23 @@ impl Fleet {
 
     fn count_error(&self, cause: &'static str) {
         self.metrics.errors.get_or_create(&[("cause", cause)]).inc();
+    }
+
+    /// Warns of a call Redis refused (a full Redis refuses every write), at
+    /// most once per [`REFUSAL_LOG_EVERY`]; the others at debug level.
+    fn log_refusal(&self, err: &RedisError) {
+        let now = Instant::now();
+        let mut logged = self
+            .refusal_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if logged.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY) {
+            tracing::debug!(error = %err, "redis refused a call");
+            return;
+        }
+        *logged = Some(now);
+        tracing::warn!(redis = %self.settings.url, error = %err,
+            "redis refuses calls (full?); filling and refreshing from the backend where it does (swr_fleet_errors_total{{cause=\"reply\"}} counts them)");
     }
 
     fn went_down(&self, cause: &'static str, error: &str) {
