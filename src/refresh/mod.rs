@@ -8,10 +8,11 @@
 //! far past its ttl the entry is, see [`popularity`]); workers take the most
 //! valuable job first (the oldest among equals), and a full queue drops its
 //! least valuable job to make room for one clearly more valuable, or else
-//! the new one (the caller counts it; the stale answer goes out anyway). With every
-//! value equal this is a FIFO queue that drops the newest, as it was before
-//! priorities. A key asked for again while its job waits raises the job's
-//! value, so a key that turns hot while queued moves up.
+//! the new one (the caller counts it; the stale answer goes out anyway).
+//! With every value equal this is a FIFO queue that drops the newest, as it
+//! was before priorities. A key asked for again while its job waits raises
+//! the job's value when the new one is well above it ([`RAISE_FACTOR`]), so
+//! a key that turns hot while queued moves up.
 //!
 //! The queue is bounded twice: by jobs (`--refresh-queue`) and by the bytes
 //! its jobs hold, queued or running (a job carries the triggering request's
@@ -42,7 +43,9 @@ pub enum Enqueue {
     /// A refresh of this key is already queued or running; `waiting`: it
     /// is still queued (a backlog), not running.
     AlreadyClaimed { waiting: bool },
-    /// The queue is full of jobs worth at least as much: dropped.
+    /// Not queued: the queue is full of jobs this one is not clearly worth
+    /// more than ([`DISPLACE_MARGIN`]), its jobs' bytes would pass their
+    /// bound, or its workers are gone (shutdown).
     Dropped,
 }
 
@@ -61,9 +64,10 @@ pub struct Job<T> {
     claim: Claim,
 }
 
-/// Where a job sits in the queue: its value, then the newest last among
-/// equals (`Reverse` of the order of arrival), so the last key is the
-/// job to run and the first the job to drop.
+/// Where a job sits in the queue: its value, then `Reverse` of its order of
+/// arrival, so that among equal values the oldest sorts last. The map's
+/// last key is the job to run (most valuable, oldest), its first the job to
+/// drop (least valuable, newest).
 type Place = (u64, Reverse<u64>);
 
 /// The sending side, held by the request path.
@@ -388,6 +392,9 @@ async fn next_job<T>(queue: &Queue<T>) -> Job<T> {
 mod tests {
     use super::*;
 
+    /// Queued without displacing another job.
+    const QUEUED: Enqueue = Enqueue::Queued { displaced: false };
+
     impl Weigh for u32 {
         fn weight(&self) -> u64 {
             u64::from(*self)
@@ -397,20 +404,14 @@ mod tests {
     #[tokio::test]
     async fn the_bytes_of_queued_jobs_are_bounded() {
         let (queue, workers) = RefreshQueue::<u32>::new(100, 1000, Duration::from_secs(60));
-        assert_eq!(
-            queue.try_enqueue(1, 0, || 600),
-            Enqueue::Queued { displaced: false }
-        );
+        assert_eq!(queue.try_enqueue(1, 0, || 600), QUEUED);
         assert_eq!(
             queue.try_enqueue(2, 0, || 600),
             Enqueue::Dropped,
             "past 1000 bytes"
         );
         assert_eq!(queue.bytes(), 600, "the dropped job's bytes are refunded");
-        assert_eq!(
-            queue.try_enqueue(2, 0, || 400),
-            Enqueue::Queued { displaced: false }
-        );
+        assert_eq!(queue.try_enqueue(2, 0, || 400), QUEUED);
         drop(workers);
         assert_eq!(queue.bytes(), 0);
     }
@@ -418,18 +419,12 @@ mod tests {
     #[tokio::test]
     async fn one_claim_per_key_until_the_job_is_dropped() {
         let (queue, workers) = RefreshQueue::<u32>::new(4, u64::MAX, Duration::from_secs(60));
-        assert_eq!(
-            queue.try_enqueue(1, 0, || 10),
-            Enqueue::Queued { displaced: false }
-        );
+        assert_eq!(queue.try_enqueue(1, 0, || 10), QUEUED);
         assert_eq!(
             queue.try_enqueue(1, 0, || 11),
             Enqueue::AlreadyClaimed { waiting: true }
         );
-        assert_eq!(
-            queue.try_enqueue(2, 0, || 20),
-            Enqueue::Queued { displaced: false }
-        );
+        assert_eq!(queue.try_enqueue(2, 0, || 20), QUEUED);
         assert_eq!(queue.depth(), 2);
         drop(workers); // drops the queued jobs, and their claims
         assert_eq!(queue.claimed(), 0);
@@ -438,10 +433,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_drops_and_frees_the_key() {
         let (queue, _workers) = RefreshQueue::<u32>::new(1, u64::MAX, Duration::from_secs(60));
-        assert_eq!(
-            queue.try_enqueue(1, 0, || 1),
-            Enqueue::Queued { displaced: false }
-        );
+        assert_eq!(queue.try_enqueue(1, 0, || 1), QUEUED);
         assert_eq!(queue.try_enqueue(2, 0, || 2), Enqueue::Dropped);
         assert_eq!(queue.claimed(), 1, "the dropped job's claim is freed");
     }
@@ -449,14 +441,8 @@ mod tests {
     #[tokio::test]
     async fn an_old_claim_stops_blocking() {
         let (queue, _workers) = RefreshQueue::<u32>::new(4, u64::MAX, Duration::ZERO);
-        assert_eq!(
-            queue.try_enqueue(1, 0, || 1),
-            Enqueue::Queued { displaced: false }
-        );
-        assert_eq!(
-            queue.try_enqueue(1, 0, || 2),
-            Enqueue::Queued { displaced: false }
-        );
+        assert_eq!(queue.try_enqueue(1, 0, || 1), QUEUED);
+        assert_eq!(queue.try_enqueue(1, 0, || 2), QUEUED);
     }
 
     #[tokio::test]
@@ -480,20 +466,11 @@ mod tests {
             cancel.clone(),
             &tracker,
         );
-        assert_eq!(
-            queue.try_enqueue(1, 0, || 0),
-            Enqueue::Queued { displaced: false }
-        );
-        assert_eq!(
-            queue.try_enqueue(2, 0, || 7),
-            Enqueue::Queued { displaced: false }
-        );
+        assert_eq!(queue.try_enqueue(1, 0, || 0), QUEUED);
+        assert_eq!(queue.try_enqueue(2, 0, || 7), QUEUED);
         assert_eq!(done_rx.recv().await, Some(7));
         // The panicked job's claim was freed.
-        assert_eq!(
-            queue.try_enqueue(1, 0, || 8),
-            Enqueue::Queued { displaced: false }
-        );
+        assert_eq!(queue.try_enqueue(1, 0, || 8), QUEUED);
         assert_eq!(done_rx.recv().await, Some(8));
         cancel.cancel();
         tracker.close();
@@ -504,10 +481,7 @@ mod tests {
     async fn the_most_valuable_job_runs_first_and_equals_in_order() {
         let (queue, workers) = RefreshQueue::<u32>::new(16, u64::MAX, Duration::from_secs(60));
         for (hash, value) in [(1, 5), (2, 50), (3, 5), (4, 500), (5, 50)] {
-            assert!(matches!(
-                queue.try_enqueue(hash, value, || hash as u32),
-                Enqueue::Queued { displaced: false }
-            ));
+            assert_eq!(queue.try_enqueue(hash, value, || hash as u32), QUEUED);
         }
         // A queued key asked for again, worth far more now, moves up...
         assert_eq!(
