@@ -27,30 +27,37 @@ use super::{insert_bounded, lock, Proxy};
 pub(super) const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// ...up to this.
 pub(super) const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// Refresh-ahead starts at the earliest with 1/this of an entry's freshness
+/// left: the widest of [`AHEAD_SHARE`], an integer so that
+/// `in_ahead_window` rules out every hit with more left without float work.
+const AHEAD_EARLIEST_PART: u32 = 5;
 /// Where refresh-ahead may start, as a share of an entry's freshness before
 /// it turns stale: each key's moment is spread between these, by its hash
 /// and the process's seed.
-pub(super) const AHEAD_SHARE: (f64, f64) = (0.05, 0.20);
-// `in_ahead_window` rules out hits with more than a fifth left in integers.
-const _: () = assert!(AHEAD_SHARE.1 * 5.0 == 1.0);
+pub(super) const AHEAD_SHARE: (f64, f64) = (0.05, 1.0 / AHEAD_EARLIEST_PART as f64);
+/// 2^64 over the golden ratio: multiplying by it spreads a hash's bits over
+/// the whole word (Fibonacci hashing).
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// A refresh's value per [`SAMPLE`]-request step of popularity: 1 when the
-/// entry turns stale, plus one per freshness lifetime past it, within
-/// these bounds (in 1/256).
+/// The fixed-point unit of a refresh's overdue factor (the factor of its
+/// value per request of popularity): 1 when the entry turns stale, one
+/// more per freshness lifetime past that, less before it (refresh-ahead).
 const OVERDUE_UNIT: i128 = 256;
+/// The overdue factor's bounds: a quarter to 4.
+const OVERDUE_BOUNDS: (i128, i128) = (OVERDUE_UNIT / 4, 4 * OVERDUE_UNIT);
 /// Added to every key's popularity: a key never seen is worth something,
 /// and one sampled request more or less (a step of [`SAMPLE`]) moves a
 /// cold key's value by a quarter at most.
 const UNSEEN_POPULARITY: u64 = 4 * SAMPLE;
-const OVERDUE_BOUNDS: (i128, i128) = (64, 4 * OVERDUE_UNIT);
 
 /// Most bytes the refresh jobs queued or running may hold (their requests'
 /// headers): a fixed overhead, documented in README's "Failure behaviour".
 pub const REFRESH_QUEUE_BYTES: u64 = 32 << 20;
 
-/// What a stale answer did about refreshing its entry.
+/// What an answer from the cache did about refreshing its entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RefreshDecision {
+    /// Queued by a stale answer.
     Queued,
     /// Queued by a fresh answer: the key is hot and its entry near the end
     /// of its freshness (refresh-ahead).
@@ -59,7 +66,9 @@ pub(super) enum RefreshDecision {
     Pending,
     /// Its refresh is queued and waits for a worker (a backlog).
     Backlog,
+    /// Not queued: the queue is full (or shutting down); counted.
     Dropped,
+    /// Not queued: the key's last refresh failed recently.
     Backoff,
 }
 
@@ -153,8 +162,9 @@ impl Backoffs {
 }
 
 impl Proxy {
-    /// Queues a background refresh of a stale entry, without waiting, unless
-    /// the key's last refresh failed recently (backoff).
+    /// Queues a background refresh of `entry` (stale, or fresh and refreshed
+    /// ahead), without waiting, unless the key's last refresh failed
+    /// recently (backoff).
     pub(super) fn queue_refresh(
         &self,
         hash: u64,
@@ -206,6 +216,8 @@ impl Proxy {
         if per_minute == 0
             || !self.in_ahead_window(hash, entry, now)
             || self.popularity.estimate(hash) < per_minute as u64
+            // Checked before `queue_refresh` does, which would count a
+            // backoff for every fresh hit of a backed-off key.
             || lock(&self.backoff).holds(hash, now)
         {
             return None;
@@ -219,33 +231,34 @@ impl Proxy {
         }
     }
 
-    /// Whether `entry` is fresh at `now` and within its key's refresh-ahead
-    /// share of its freshness lifetime from staleness.
+    /// Whether `entry` is fresh at `now` with at most its key's
+    /// refresh-ahead share ([`AHEAD_SHARE`]) left of the time it is fresh
+    /// here: from `stored_at` to `fresh_until` (the age it arrived with does
+    /// not count, unlike in [`Entry::lifetime`]).
     fn in_ahead_window(&self, hash: u64, entry: &Entry, now: Instant) -> bool {
         let fresh_until = entry.fresh_until();
         let Some(left) = fresh_until.checked_duration_since(now) else {
             return false;
         };
-        let lifetime = fresh_until.saturating_duration_since(entry.stored_at());
-        // Most fresh hits have more than the widest share (AHEAD_SHARE.1,
-        // a fifth) left: ruled out in integers, before the float work below
-        // (every fresh hit pays for this check).
-        if left.as_nanos() * 5 > lifetime.as_nanos() {
+        let fresh_here = fresh_until.saturating_duration_since(entry.stored_at());
+        // Most fresh hits have more than the widest share left: ruled out in
+        // integers, before the float work below (every fresh hit pays for
+        // this check).
+        if left.as_nanos() * u128::from(AHEAD_EARLIEST_PART) > fresh_here.as_nanos() {
             return false;
         }
-        // 0 to 1, by the key and the process.
-        let spread = ((hash ^ self.ahead_seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64
-            / (1u64 << 53) as f64;
+        let spread = unit_interval((hash ^ self.ahead_seed).wrapping_mul(GOLDEN));
         let share = AHEAD_SHARE.0 + (AHEAD_SHARE.1 - AHEAD_SHARE.0) * spread;
-        left.as_secs_f64() <= lifetime.as_secs_f64() * share
+        left.as_secs_f64() <= fresh_here.as_secs_f64() * share
     }
 
     /// What refreshing `entry` at `now` is worth, for the queue's order
     /// (with `--refresh-priority=false`, nothing: first in, first out): the
-    /// key's recent requests (plus [`UNSEEN_POPULARITY`]) times how far past its freshness it is, 1 when it turns
-    /// stale and one more per freshness lifetime past that (below 1 when
-    /// refreshed ahead), within [`OVERDUE_BOUNDS`]: a stale key asked for
-    /// more than four times as often as another is always ahead of it.
+    /// key's recent requests (plus [`UNSEEN_POPULARITY`]) times how far past
+    /// its freshness it is, 1 when it turns stale and one more per freshness
+    /// lifetime past that (below 1 when refreshed ahead), within
+    /// [`OVERDUE_BOUNDS`]: a stale key asked for more than four times as
+    /// often as another is always ahead of it.
     fn refresh_value(&self, hash: u64, entry: &Entry, now: Instant) -> u64 {
         if !self.config.start.refresh_priority {
             return 0;
@@ -373,6 +386,13 @@ impl Proxy {
             }
         }
     }
+}
+
+/// `bits` as a number from 0 up to (not including) 1, from its top 53 bits
+/// (as many as an `f64` holds exactly).
+#[inline]
+fn unit_interval(bits: u64) -> f64 {
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
