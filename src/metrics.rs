@@ -277,7 +277,8 @@ impl EncodeMetric for RequestsMetric {
     }
 }
 
-/// A histogram with fixed bucket bounds (seconds), its buckets striped.
+/// A histogram with fixed bucket bounds (in seconds, or a ratio for
+/// `swr_served_age_ttl_ratio`), its buckets striped.
 /// Cloning shares it (a handle, like prometheus-client's metrics).
 #[derive(Debug, Clone)]
 pub struct Histogram(Arc<Buckets>);
@@ -287,7 +288,9 @@ struct Buckets {
     bounds: &'static [f64],
     /// Counts per bucket (not cumulative); the last is `+Inf`.
     counts: Box<[Striped]>,
-    sum_micros: Striped,
+    /// The sum of the values observed, in millionths of their unit
+    /// (microseconds for seconds).
+    sum_millionths: Striped,
 }
 
 /// Latency buckets: 1 ms to 30 s.
@@ -310,7 +313,7 @@ impl Histogram {
         Histogram(Arc::new(Buckets {
             bounds,
             counts: (0..=bounds.len()).map(|_| Striped::default()).collect(),
-            sum_micros: Striped::default(),
+            sum_millionths: Striped::default(),
         }))
     }
 
@@ -319,19 +322,19 @@ impl Histogram {
     }
 
     /// Observes a value in the histogram's unit (seconds, or a ratio).
-    pub fn observe_f64(&self, secs: f64) {
+    pub fn observe_f64(&self, value: f64) {
         let index = self
             .0
             .bounds
             .iter()
-            .position(|bound| secs <= *bound)
+            .position(|bound| value <= *bound)
             .unwrap_or(self.0.bounds.len());
         let stripe = stripe();
         if let Some(bucket) = self.0.counts.get(index) {
             bucket.add_to(stripe, 1);
         }
         // `as` saturates (and maps NaN to 0).
-        self.0.sum_micros.add_to(stripe, (secs * 1e6) as u64);
+        self.0.sum_millionths.add_to(stripe, (value * 1e6) as u64);
     }
 
     pub fn count(&self) -> u64 {
@@ -355,7 +358,7 @@ impl EncodeMetric for Histogram {
         // The count from the same reads as the buckets, so `+Inf` and
         // `_count` agree even while hits are recorded.
         let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum = self.0.sum_micros.get() as f64 / 1e6;
+        let sum = self.0.sum_millionths.get() as f64 / 1e6;
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
@@ -389,10 +392,6 @@ impl RouteStats {
     /// An answer from the cache `ratio` of its freshness lifetime old.
     pub fn record_age_ratio(&self, ratio: f64) {
         self.age_ratio.observe_f64(ratio);
-    }
-
-    pub fn age_ratios(&self) -> u64 {
-        self.age_ratio.count()
     }
 
     pub fn requests(&self, status: CacheStatus) -> u64 {
@@ -539,8 +538,9 @@ pub struct Stats {
     /// The most requested keys (sampled; in `/stats`, not in `/metrics`).
     pub top_keys: TopKeys,
     /// Age over freshness lifetime of answers outside every route (a
-    /// route's own are in its [`RouteStats`]).
-    pub unrouted: Arc<RouteStats>,
+    /// route's own are in its [`RouteStats`]); see
+    /// [`Stats::record_age_ratio`].
+    unrouted: Arc<RouteStats>,
     /// The [`Gauges`], as registered series, set at each scrape.
     scraped: Scraped,
 }
@@ -982,6 +982,12 @@ pub const METRIC_NAMES: &[&str] = &[
 impl Stats {
     pub fn record_request(&self, status: CacheStatus) {
         self.requests.record(status);
+    }
+
+    /// An answer from the cache `ratio` of its freshness lifetime old, in
+    /// its `route`'s histogram (`None`: outside every route).
+    pub fn record_age_ratio(&self, route: Option<&RouteStats>, ratio: f64) {
+        route.unwrap_or(&self.unrouted).record_age_ratio(ratio);
     }
 
     pub fn requests(&self, status: CacheStatus) -> u64 {

@@ -201,6 +201,26 @@ impl Proxy {
         }
     }
 
+    /// What an answer from `entry` does about its refresh: a `stale` one
+    /// queues it; a fresh one may queue it ahead, when its key is asked for
+    /// at least `ahead_per_minute` times a minute ([`Proxy::refresh_ahead`]).
+    #[inline]
+    pub(super) fn refresh_on_answer(
+        &self,
+        hash: u64,
+        entry: &Entry,
+        stale: bool,
+        ahead_per_minute: usize,
+        target: impl FnOnce() -> FetchTarget,
+        now: Instant,
+    ) -> Option<RefreshDecision> {
+        if stale {
+            Some(self.queue_refresh(hash, entry, target, now))
+        } else {
+            self.refresh_ahead(hash, entry, ahead_per_minute, target, now)
+        }
+    }
+
     /// Refresh-ahead: queues a refresh of a fresh `entry` whose key is asked
     /// for at least `per_minute` times a minute (0: never) once it is in
     /// the last part of its freshness ([`AHEAD_SHARE`]). `Some` only when

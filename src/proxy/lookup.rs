@@ -231,12 +231,8 @@ impl Proxy {
                             route,
                         )
                     };
-                    let refresh = if stale {
-                        Some(self.queue_refresh(hash, &entry, target, now))
-                    } else {
-                        let ahead = route.map_or(rules.refresh_ahead, |r| r.refresh_ahead);
-                        self.refresh_ahead(hash, &entry, ahead, target, now)
-                    };
+                    let ahead = route.map_or(rules.refresh_ahead, |r| r.refresh_ahead);
+                    let refresh = self.refresh_on_answer(hash, &entry, stale, ahead, target, now);
                     let (status, cache_status) = self.at_once(&entry, stale, refresh, now);
                     return Next::Answer(self.entry_response(
                         &entry,
@@ -318,12 +314,8 @@ impl Proxy {
         let route_rules = route.map(|r| &r.route);
         let target =
             || self.fetch_target(key, path_and_query, &headers(), peer, defaults, route_rules);
-        let refresh = if stale {
-            Some(self.queue_refresh(hash, &entry, target, now))
-        } else {
-            let ahead = route.map_or(rules.refresh_ahead, |r| r.route.refresh_ahead);
-            self.refresh_ahead(hash, &entry, ahead, target, now)
-        };
+        let ahead = route.map_or(rules.refresh_ahead, |r| r.route.refresh_ahead);
+        let refresh = self.refresh_on_answer(hash, &entry, stale, ahead, target, now);
         Some(self.fast_answer(entry, stale, refresh, route.map(|r| &*r.stats), now))
     }
 }

@@ -171,9 +171,7 @@ impl Proxy {
         if let Some(route) = route {
             route.record(status);
         }
-        route
-            .unwrap_or(&self.stats.unrouted)
-            .record_age_ratio(ratio);
+        self.stats.record_age_ratio(route, ratio);
         FastHit {
             status,
             age: small_number(age.as_secs()),
@@ -192,8 +190,9 @@ impl Proxy {
         self.error_response(err, CacheStatus::Bypass, field)
     }
 
-    /// Counts an answer for its route and writes its access-log line, when
-    /// there is a route or an access log (`log`).
+    /// Records an answer from the cache's age over its freshness lifetime
+    /// (routed or not); counts the answer for its route and writes its
+    /// access-log line, when there is a route or an access log (`log`).
     pub(super) fn log_answer(
         &self,
         log: Option<AnswerLog>,
@@ -207,9 +206,7 @@ impl Proxy {
         } = answered;
         let route = log.as_ref().and_then(|log| log.route.as_deref());
         if let Some(ratio) = age_ratio {
-            route
-                .unwrap_or(&self.stats.unrouted)
-                .record_age_ratio(ratio);
+            self.stats.record_age_ratio(route, ratio);
         }
         let Some(log) = log else {
             return response;
