@@ -100,7 +100,8 @@ impl Adaptive {
         self.limit as usize
     }
 
-    /// The lowest recent latency, drifting up (see the module doc).
+    /// The lowest recent latency, drifting up while the limit is at its
+    /// floor (see the module doc).
     pub fn baseline(&self) -> Option<Duration> {
         self.baseline
     }

@@ -13,7 +13,7 @@
 //! ago is not hot now.
 //!
 //! The hit path records one answer in [`SAMPLE`] per thread (a thread-local
-//! tick; the 15 others cost one increment), weighted by [`SAMPLE`], so a
+//! tick; the others cost one increment), weighted by [`SAMPLE`], so a
 //! hot key does not make two cores write the same counters on every hit.
 //! Estimates are therefore in steps of [`SAMPLE`] requests: fine for telling
 //! a key asked hundreds of times a minute from one asked a few times.
@@ -24,7 +24,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const ROWS: usize = 4;
-const WIDTH: usize = 1 << 16;
+/// Bits of the (mixed) hash that pick a key's counter in each row.
+const ROW_BITS: usize = 16;
+const WIDTH: usize = 1 << ROW_BITS;
+// Every row takes its own bits of the 64-bit mixed hash.
+const _: () = assert!(ROWS * ROW_BITS <= 64);
+/// 2^64 over the golden ratio: multiplying by it spreads a hash's bits over
+/// the whole word (Fibonacci hashing).
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// One answer in this many is recorded (per thread), with this weight.
 pub const SAMPLE: u64 = 16;
 /// How often the counters are halved.
@@ -46,14 +53,16 @@ impl Popularity {
     }
 
     /// Bytes the sketch holds (fixed).
-    pub const BYTES: usize = ROWS * WIDTH * 2;
+    pub const BYTES: usize = ROWS * WIDTH * std::mem::size_of::<AtomicU16>();
 
-    /// The counter of `hash` in each row: 16 bits of the hash per row.
+    /// The counter of `hash` in each row: [`ROW_BITS`] of the hash per row.
     fn slots(hash: u64) -> [usize; ROWS] {
         // Mixed first, so that hashes differing only in their low bits
         // (none of ours do, but a caller's could) spread over every row.
-        let mixed = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (hash >> 29);
-        std::array::from_fn(|row| row * WIDTH + ((mixed >> (row * 16)) as usize & (WIDTH - 1)))
+        let mixed = hash.wrapping_mul(GOLDEN) ^ (hash >> 29);
+        std::array::from_fn(|row| {
+            row * WIDTH + ((mixed >> (row * ROW_BITS)) as usize & (WIDTH - 1))
+        })
     }
 
     /// Counts one answer for `hash`, as [`SAMPLE`] of them one time in
