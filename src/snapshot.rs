@@ -35,6 +35,8 @@ pub const FILE_NAME: &str = "swr-proxy.snapshot";
 
 const MAGIC: &[u8; 7] = b"SWRSNAP";
 const VERSION: u8 = 1;
+/// The write buffer: entries go to disk in large writes.
+const WRITE_BUFFER: usize = 1 << 20;
 
 /// The snapshot's path in `dir`.
 pub fn path(dir: &Path) -> PathBuf {
@@ -54,49 +56,26 @@ impl<W: Write> Summed<W> {
     }
 }
 
+/// What writing a snapshot gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Entries written.
+    pub entries: u64,
+    /// The file's size.
+    pub bytes: u64,
+}
+
 /// Writes `entries` as the snapshot in `dir` (replacing the last one only
-/// once the new one is whole on disk), `now` being `wall`. Returns the
-/// entries written and the file's size.
+/// once the new one is whole on disk), `now` being `wall`.
 pub fn write(
     dir: &Path,
     entries: &[Entry],
     now: Instant,
     wall: SystemTime,
-) -> std::io::Result<(u64, u64)> {
+) -> std::io::Result<Written> {
     let final_path = path(dir);
     let temporary = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
-    let written = (|| {
-        let file = File::create(&temporary)?;
-        let mut out = Summed {
-            inner: BufWriter::with_capacity(1 << 20, file),
-            crc: crc32fast::Hasher::new(),
-        };
-        out.put(MAGIC)?;
-        out.put(&[VERSION])?;
-        let mut count: u64 = 0;
-        for entry in entries.iter().filter(|e| now < e.evict_at()) {
-            let key = entry.key().as_bytes();
-            let value = codec::encode_entry(entry, now, wall);
-            let (Ok(key_len), Ok(value_len)) =
-                (u32::try_from(key.len()), u32::try_from(value.len()))
-            else {
-                continue;
-            };
-            out.put(&key_len.to_le_bytes())?;
-            out.put(key)?;
-            out.put(&value_len.to_le_bytes())?;
-            out.put(&value)?;
-            count += 1;
-        }
-        out.put(&count.to_le_bytes())?;
-        let crc = out.crc.clone().finalize();
-        out.inner.write_all(&crc.to_le_bytes())?;
-        let file = out.inner.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        let size = file.metadata()?.len();
-        Ok::<_, std::io::Error>((count, size))
-    })();
-    match written {
+    match write_synced(&temporary, entries, now, wall) {
         Ok(done) => {
             std::fs::rename(&temporary, &final_path)?;
             // The rename itself reaches the disk with the directory.
@@ -110,6 +89,47 @@ pub fn write(
             Err(err)
         }
     }
+}
+
+/// Writes `entries` to a new file at `path` and syncs it to disk. Entries
+/// past every window at `now`, and any whose key or encoding is longer than
+/// a u32 can say, are left out.
+fn write_synced(
+    path: &Path,
+    entries: &[Entry],
+    now: Instant,
+    wall: SystemTime,
+) -> std::io::Result<Written> {
+    let file = File::create(path)?;
+    let mut out = Summed {
+        inner: BufWriter::with_capacity(WRITE_BUFFER, file),
+        crc: crc32fast::Hasher::new(),
+    };
+    out.put(MAGIC)?;
+    out.put(&[VERSION])?;
+    let mut count: u64 = 0;
+    for entry in entries.iter().filter(|e| now < e.evict_at()) {
+        let key = entry.key().as_bytes();
+        let value = codec::encode_entry(entry, now, wall);
+        let (Ok(key_len), Ok(value_len)) = (u32::try_from(key.len()), u32::try_from(value.len()))
+        else {
+            continue;
+        };
+        out.put(&key_len.to_le_bytes())?;
+        out.put(key)?;
+        out.put(&value_len.to_le_bytes())?;
+        out.put(&value)?;
+        count += 1;
+    }
+    out.put(&count.to_le_bytes())?;
+    let crc = out.crc.clone().finalize();
+    out.inner.write_all(&crc.to_le_bytes())?;
+    let file = out.inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(Written {
+        entries: count,
+        bytes: file.metadata()?.len(),
+    })
 }
 
 /// What reading a snapshot gave.
@@ -235,9 +255,12 @@ mod tests {
             entry("h/c", 1, now),
         ];
         let wall = SystemTime::now();
-        let (count, size) = write(&dir, &entries, now, wall).expect("written");
-        assert_eq!(count, 3);
-        assert_eq!(size, std::fs::metadata(path(&dir)).expect("file").len());
+        let written = write(&dir, &entries, now, wall).expect("written");
+        assert_eq!(written.entries, 3);
+        assert_eq!(
+            written.bytes,
+            std::fs::metadata(path(&dir)).expect("file").len()
+        );
         // Read back 2 s later (as if the process was down that long): the
         // third entry (1 s fresh, 5 s windows) is still usable; 20 s later
         // it is not.

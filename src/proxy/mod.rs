@@ -423,7 +423,7 @@ impl Proxy {
             tokio::task::spawn_blocking(move || crate::snapshot::write(&dir, &entries, now, wall))
                 .await;
         match written {
-            Ok(Ok((entries, bytes))) => tracing::info!(
+            Ok(Ok(crate::snapshot::Written { entries, bytes })) => tracing::info!(
                 dir = %shown,
                 entries,
                 bytes,
