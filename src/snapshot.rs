@@ -4,8 +4,9 @@
 //! memory at once instead of sending its traffic to the backend.
 //!
 //! The file is `swr-proxy.snapshot` in the directory: written to a
-//! temporary file in the same directory, synced, then renamed over the old
-//! one, so a crash mid-write leaves the previous snapshot whole. Each entry
+//! temporary file in the same directory (created anew, never through a
+//! link found at its name, readable by its owner only: it holds every
+//! cached answer), synced, then renamed over the old one, so a crash mid-write leaves the previous snapshot whole. Each entry
 //! is encoded as fleet mode encodes it for Redis ([`crate::fleet::codec`]:
 //! instants as wall-clock times, so the time the process was down counts
 //! in every entry's age), after its key text; the file ends with the entry
@@ -100,7 +101,7 @@ fn write_synced(
     now: Instant,
     wall: SystemTime,
 ) -> std::io::Result<Written> {
-    let file = File::create(path)?;
+    let file = create_private(path)?;
     let mut out = Summed {
         inner: BufWriter::with_capacity(WRITE_BUFFER, file),
         crc: crc32fast::Hasher::new(),
@@ -130,6 +131,22 @@ fn write_synced(
         entries: count,
         bytes: file.metadata()?.len(),
     })
+}
+
+/// Creates `path` anew, readable and writable by this user only: whatever
+/// is there (a temporary file a crash left, or a link someone planted at
+/// the predictable name) is removed first, and the file is created only if
+/// nothing took its place meanwhile, so the write never goes through a link.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
 }
 
 /// What reading a snapshot gave.
@@ -289,6 +306,37 @@ mod tests {
         // No temporary file is left behind.
         let files = std::fs::read_dir(&dir).expect("dir").count();
         assert_eq!(files, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The temporary file's name is predictable (the pid): in a directory
+    /// others can write to, a link planted there must not make the write
+    /// go through it, and the snapshot (every cached answer) is the
+    /// owner's to read only.
+    #[cfg(unix)]
+    #[test]
+    fn the_write_follows_no_planted_link_and_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("planted-link");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").expect("victim");
+        let temporary = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &temporary).expect("link");
+        let now = Instant::now();
+        write(&dir, &[entry("h/a", 60, now)], now, SystemTime::now()).expect("written");
+        assert_eq!(
+            std::fs::read(&victim).expect("victim"),
+            b"precious",
+            "the write went through the planted link"
+        );
+        let mode = std::fs::metadata(path(&dir))
+            .expect("snapshot")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "readable by others: {mode:o}");
+        assert!(read(&dir, 1 << 20, now, SystemTime::now())
+            .expect("whole")
+            .is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
