@@ -580,3 +580,49 @@ async fn a_damaged_snapshot_is_ignored_and_the_proxy_starts_empty() {
     assert_eq!((answer.status, answer.x_cache()), (200, "MISS"));
     assert_eq!(answer.text(), "/d #2");
 }
+
+/// A hard purge must not come back with the next start: a snapshot written
+/// before the purge (every --snapshot-interval) is what a crash, or a kill
+/// past the shutdown deadline, leaves on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_entry_does_not_come_back_from_an_earlier_snapshot() {
+    let origin = Origin::start().await;
+    let dir = SnapshotDir::new("purged");
+    let flags = [
+        "--snapshot-dir",
+        &dir.flag(),
+        "--snapshot-interval",
+        "1s",
+        "--ttl",
+        "1h",
+    ];
+    let first = TestProxy::start(&origin, &flags).await;
+    let answer = first
+        .send(reqwest::Method::GET, "/secret", &[SNAP_HOST])
+        .await;
+    assert_eq!(answer.x_cache(), "MISS");
+    eventually(WAIT, "a periodic snapshot", || async {
+        dir.file().exists()
+    })
+    .await;
+    let (status, _) = admin_post(&first, "/purge", "{\"key\": \"snapshot.test/secret\"}").await;
+    assert_eq!(status, 200);
+    // What a crash now leaves behind.
+    let crashed = SnapshotDir::new("purged-crash");
+    if dir.file().exists() {
+        std::fs::copy(dir.file(), crashed.file()).expect("copy");
+    }
+    first.shut_down();
+    drop(first);
+
+    let flags = ["--snapshot-dir", &crashed.flag(), "--ttl", "1h"];
+    let second = TestProxy::start(&origin, &flags).await;
+    let answer = second
+        .send(reqwest::Method::GET, "/secret", &[SNAP_HOST])
+        .await;
+    assert_eq!(
+        answer.x_cache(),
+        "MISS",
+        "the purged answer came back from the snapshot"
+    );
+}

@@ -91,6 +91,9 @@ pub struct Proxy {
     /// Recent requests per key: what a refresh is worth, and which keys
     /// are refreshed ahead of staleness.
     popularity: Popularity,
+    /// Purges so far: a snapshot whose entries were taken before the
+    /// latest one is not kept (see [`Proxy::snapshot_outdated`]).
+    purges: std::sync::atomic::AtomicU64,
     /// Spreads refresh-ahead moments per process, so that a fleet's
     /// instances holding the same entry do not all refresh it at once.
     ahead_seed: u64,
@@ -230,6 +233,7 @@ impl Proxy {
             refresh,
             refresh_gate: Gate::new(config.start.refresh_concurrency),
             popularity: Popularity::new(Instant::now()),
+            purges: std::sync::atomic::AtomicU64::new(0),
             ahead_seed: {
                 use std::hash::BuildHasher;
                 std::collections::hash_map::RandomState::new().hash_one(0u64)
@@ -414,6 +418,10 @@ impl Proxy {
     /// Writes the cache's entries as the snapshot in `dir`, off the serving
     /// threads; says what it did.
     async fn save_snapshot(&self, dir: &std::path::Path) {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Read before the entries are: a purge after this point (whose
+        // entries this snapshot may still hold) is seen below.
+        let purges = self.purges.load(SeqCst);
         let now = Instant::now();
         let entries = self.store.entries(now);
         let dir = dir.to_path_buf();
@@ -422,6 +430,11 @@ impl Proxy {
         let written =
             tokio::task::spawn_blocking(move || crate::snapshot::write(&dir, &entries, now, wall))
                 .await;
+        if self.purges.load(SeqCst) != purges {
+            // A purge while it was written: it may hold what was purged.
+            self.snapshot_outdated();
+            return;
+        }
         match written {
             Ok(Ok(crate::snapshot::Written { entries, bytes })) => tracing::info!(
                 dir = %shown,
@@ -432,6 +445,27 @@ impl Proxy {
             ),
             Ok(Err(err)) => tracing::warn!(dir = %shown, error = %err, "cannot write the snapshot"),
             Err(err) => tracing::warn!(dir = %shown, error = %err, "the snapshot writer failed"),
+        }
+    }
+
+    /// After a purge (the store purged first): the snapshot on disk may hold
+    /// what was purged, and would bring it back at the next start after a
+    /// crash; it is removed (the next one is written without it).
+    pub(super) fn snapshot_outdated(&self) {
+        let Some(dir) = &self.config.start.snapshot_dir else {
+            return;
+        };
+        self.purges
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match std::fs::remove_file(crate::snapshot::path(dir)) {
+            Ok(()) => tracing::info!(
+                dir = %dir.display(),
+                "snapshot removed: a purge made it outdated"
+            ),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::warn!(dir = %dir.display(), error = %err, "cannot remove the outdated snapshot")
+            }
         }
     }
 

@@ -390,14 +390,18 @@ impl Proxy {
     /// Purges this instance's memory: a key (and its variants), a prefix
     /// of keys, or everything; soft marks them stale. Returns how many.
     fn purge_here(&self, scope: &Scope, soft: bool, now: Instant) -> usize {
-        match scope {
+        let affected = match scope {
             Scope::Key(key) => self.store.purge(|k| is_key_or_variant(k, key), soft, now),
             Scope::Prefix(prefix) => {
                 self.store
                     .purge(|k| k.starts_with(prefix.as_bytes()), soft, now)
             }
             Scope::All => self.store.purge(|_| true, soft, now),
-        }
+        };
+        // A snapshot written before this purge would bring back what it
+        // removed (or marked stale) at the next start, after a crash.
+        self.snapshot_outdated();
+        affected
     }
 
     /// Purges this instance and, in fleet mode, the shared level and every
