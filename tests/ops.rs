@@ -626,3 +626,44 @@ async fn a_purged_entry_does_not_come_back_from_an_earlier_snapshot() {
         "the purged answer came back from the snapshot"
     );
 }
+
+/// A route's key headers put a newline in the URL's own key text: the
+/// variants of such a key (its answers carry Vary) come back from a
+/// snapshot under that key, not under the bare path's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_restores_the_variants_of_a_keyed_route() {
+    let origin = Origin::start().await;
+    origin.route("/t", Route::default().header("vary", "accept-language"));
+    let dir = SnapshotDir::new("keyed-variants");
+    let file = support::TempFile::new(
+        "ttl = \"1h\"\n[[route]]\npath = \"/t\"\nkey_headers = [\"x-tenant\"]\n",
+    );
+    let flags = ["--snapshot-dir", &dir.flag(), "--config", file.path()];
+    let asked = [SNAP_HOST, ("x-tenant", "acme"), ("accept-language", "en")];
+    let first = TestProxy::start(&origin, &flags).await;
+    assert_eq!(
+        first
+            .send(reqwest::Method::GET, "/t", &asked)
+            .await
+            .x_cache(),
+        "MISS"
+    );
+    assert_eq!(
+        first
+            .send(reqwest::Method::GET, "/t", &asked)
+            .await
+            .x_cache(),
+        "HIT"
+    );
+    first.shut_down();
+    eventually(WAIT, "the snapshot written at shutdown", || async {
+        dir.file().exists()
+    })
+    .await;
+    drop(first);
+
+    let second = TestProxy::start(&origin, &flags).await;
+    let answer = second.send(reqwest::Method::GET, "/t", &asked).await;
+    assert_eq!(answer.x_cache(), "HIT", "{}", answer.cache_status());
+    assert_eq!(origin.total_hits(), 1);
+}

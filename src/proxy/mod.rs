@@ -396,7 +396,7 @@ impl Proxy {
             Ok(Some(loaded)) => {
                 let count = loaded.entries.len();
                 for entry in &loaded.entries {
-                    let url = entry.key().split('\n').next().unwrap_or_default();
+                    let url = shared::url_text_of(entry);
                     self.adopt(entry, url, self.keys.hash_text(url));
                 }
                 tracing::info!(

@@ -107,6 +107,23 @@ pub(super) fn varies_on(entry: &Entry) -> Option<Vec<http::HeaderName>> {
     }
 }
 
+/// The key text of the URL `entry` answers: its own key, or for a variant
+/// (an answer with Vary), its key without the one `\n`-led field per Vary
+/// name that [`VariantKey`] appended. Not the key up to its first `\n`: a
+/// route's key headers and keyed cookies put newlines in the URL's own key.
+pub(super) fn url_text_of(entry: &Entry) -> &str {
+    let key = entry.key();
+    let fields = varies_on(entry).map_or(0, |names| names.len());
+    let mut end = key.len();
+    for _ in 0..fields {
+        match key[..end].rfind('\n') {
+            Some(at) => end = at,
+            None => return key,
+        }
+    }
+    &key[..end]
+}
+
 impl Proxy {
     /// The fetch a fill leads: from the shared level when another instance
     /// stored the key, else from the backend (mapped by [`failed_over`]),
