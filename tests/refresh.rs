@@ -297,3 +297,68 @@ async fn routes_set_refresh_ahead_and_count_served_age_over_ttl() {
         "the stale answers are the ones above 1"
     );
 }
+
+/// A refresh whose entry is purged while the job waits in the queue does
+/// not run: the backend is not asked for it (the job holds the entry's key,
+/// not the entry, which the purge freed).
+#[tokio::test]
+async fn a_queued_refresh_of_a_purged_entry_does_not_run() {
+    let origin = Origin::start().await;
+    for path in ["/block", "/purged"] {
+        origin.route(path, Route::default().header("cache-control", STALE));
+    }
+    let proxy = TestProxy::start(&origin, &["--refresh-concurrency", "1"]).await;
+    for key in ["/block", "/purged"] {
+        assert_eq!(proxy.get(key).await.x_cache(), "MISS", "{key}");
+    }
+    let gate = Gate::closed();
+    origin.route(
+        "/block",
+        Route::default().header("cache-control", STALE).gate(&gate),
+    );
+    assert_eq!(proxy.get("/block").await.x_cache(), "STALE");
+    eventually(WAIT, "the worker holds /block", || async {
+        origin.hits("/block") == 2
+    })
+    .await;
+    let queued = proxy.get("/purged").await;
+    assert!(
+        queued.cache_status().contains("detail=refresh-queued"),
+        "{}",
+        queued.cache_status()
+    );
+    let purge = proxy
+        .client
+        .post(proxy.admin_url("/purge"))
+        .header("content-type", "application/json")
+        .body(format!("{{\"key\": \"{}\"}}", proxy.key("/purged")))
+        .send()
+        .await
+        .expect("admin answers");
+    assert_eq!(purge.status(), 200);
+    assert!(purge
+        .text()
+        .await
+        .unwrap_or_default()
+        .contains("\"purged\": 1"));
+    gate.open();
+    eventually(WAIT, "the queue is empty and no refresh runs", || async {
+        proxy.counter("swr_refresh_queue_depth").await == 0
+            && proxy.counter("swr_refresh_in_flight").await == 0
+            && origin.hits("/block") == 2
+    })
+    .await;
+    assert_eq!(
+        origin.hits("/purged"),
+        1,
+        "the purged entry was not refreshed"
+    );
+    assert_eq!(
+        proxy
+            .counter("swr_refresh_events_total{event=\"dropped\"}")
+            .await,
+        1,
+        "its job counted as dropped"
+    );
+    assert_eq!(proxy.get("/purged").await.x_cache(), "MISS");
+}

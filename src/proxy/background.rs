@@ -88,13 +88,18 @@ impl RefreshDecision {
 /// What a background refresh needs to re-fetch an entry.
 pub struct RefreshRequest {
     pub(super) target: FetchTarget,
-    /// The stale entry, for its validators.
-    pub(super) stale: Entry,
+    /// The entry's key text and when it was stored: the job holds no
+    /// reference to the entry itself, which the worker looks up again (for
+    /// its validators). An entry evicted, replaced or purged while its job
+    /// waits is freed at once and not refreshed: a job held a whole copy
+    /// (body included) outside the cache's budget for as long as it waited,
+    /// and a purged entry's refresh could renew it on a 304.
+    entry_key: Box<str>,
+    stored_at: Instant,
 }
 
 impl crate::refresh::Weigh for RefreshRequest {
-    /// The job's own bytes: its headers and URL (the entry is shared with
-    /// the store, and counted there).
+    /// The job's own bytes: its headers, URL and key (it holds no entry).
     fn weight(&self) -> u64 {
         let headers = |map: &HeaderMap| -> usize {
             map.iter()
@@ -105,7 +110,8 @@ impl crate::refresh::Weigh for RefreshRequest {
         (256 + headers(&target.client_headers)
             + headers(&target.upstream_headers)
             + target.url_text.len()
-            + target.path_and_query.len()) as u64
+            + target.path_and_query.len()
+            + self.entry_key.len()) as u64
     }
 }
 
@@ -179,7 +185,8 @@ impl Proxy {
         let value = self.refresh_value(hash, entry, now);
         let result = self.refresh.try_enqueue(hash, value, || RefreshRequest {
             target: target().without_credentials(entry),
-            stale: entry.clone(),
+            entry_key: entry.key().into(),
+            stored_at: entry.stored_at(),
         });
         match result {
             Enqueue::Queued { displaced } => {
@@ -192,8 +199,12 @@ impl Proxy {
                 RefreshDecision::Queued
             }
             Enqueue::Dropped => {
-                self.stats.refresh_dropped.inc();
-                tracing::debug!(key = entry.key(), reason = "queue-full", "refresh dropped");
+                // A refresh ahead that found no room drops nothing stale:
+                // only a stale entry's dropped refresh is counted.
+                if now >= entry.fresh_until() {
+                    self.stats.refresh_dropped.inc();
+                    tracing::debug!(key = entry.key(), reason = "queue-full", "refresh dropped");
+                }
                 RefreshDecision::Dropped
             }
             Enqueue::AlreadyClaimed { waiting: true } => RefreshDecision::Backlog,
@@ -305,7 +316,23 @@ impl Proxy {
         self.stats
             .refresh_wait
             .observe(started.saturating_duration_since(job.queued_at));
-        let RefreshRequest { target, stale } = &job.payload;
+        let RefreshRequest {
+            target,
+            entry_key,
+            stored_at,
+        } = &job.payload;
+        let Some(stale) = self
+            .store
+            .get_exact(job.hash, entry_key.as_bytes(), started)
+            .filter(|entry| entry.stored_at() == *stored_at)
+        else {
+            // Evicted, replaced (refreshed some other way) or purged while
+            // the job waited: nothing to refresh.
+            self.stats.refresh_dropped.inc();
+            tracing::debug!(key = &**entry_key, reason = "gone", "refresh dropped");
+            return Sample::NotSent;
+        };
+        let stale = &stale;
         if self.config.start.refresh_mode == RefreshMode::Stream
             && self.queue_on_stream(target, stale).await
         {
