@@ -12,6 +12,22 @@ use support::{eventually, Gate, Origin, Route, TempFile, TestProxy, WAIT};
 /// Stale from the first answer on, and served stale for ten minutes.
 const STALE: &str = "max-age=0, stale-while-revalidate=600";
 
+/// Holds the one refresh worker at the backend on `/block` (stored and
+/// stale already) until the returned gate opens.
+async fn hold_the_worker(origin: &Origin, proxy: &TestProxy) -> Gate {
+    let gate = Gate::closed();
+    origin.route(
+        "/block",
+        Route::default().header("cache-control", STALE).gate(&gate),
+    );
+    assert_eq!(proxy.get("/block").await.x_cache(), "STALE");
+    eventually(WAIT, "the worker holds /block", || async {
+        origin.hits("/block") == 2
+    })
+    .await;
+    gate
+}
+
 /// One refresh worker (`--refresh-concurrency 1`), held at the backend by
 /// `gate` on `/block`, with `cold` keys queued behind it in that order,
 /// then a `/hot` key asked for `hot_asks` times: the position of the hot
@@ -33,16 +49,7 @@ async fn refresh_order(flags: &[&str], cold: usize, hot_asks: usize) -> (usize, 
         assert_eq!(proxy.get(key).await.x_cache(), "MISS", "{key}");
     }
     // The one worker waits at the backend on /block...
-    let gate = Gate::closed();
-    origin.route(
-        "/block",
-        Route::default().header("cache-control", STALE).gate(&gate),
-    );
-    assert_eq!(proxy.get("/block").await.x_cache(), "STALE");
-    eventually(WAIT, "the worker holds /block", || async {
-        origin.hits("/block") == 2
-    })
-    .await;
+    let gate = hold_the_worker(&origin, &proxy).await;
     assert!(proxy
         .get("/block")
         .await
@@ -311,16 +318,7 @@ async fn a_queued_refresh_of_a_purged_entry_does_not_run() {
     for key in ["/block", "/purged"] {
         assert_eq!(proxy.get(key).await.x_cache(), "MISS", "{key}");
     }
-    let gate = Gate::closed();
-    origin.route(
-        "/block",
-        Route::default().header("cache-control", STALE).gate(&gate),
-    );
-    assert_eq!(proxy.get("/block").await.x_cache(), "STALE");
-    eventually(WAIT, "the worker holds /block", || async {
-        origin.hits("/block") == 2
-    })
-    .await;
+    let gate = hold_the_worker(&origin, &proxy).await;
     let queued = proxy.get("/purged").await;
     assert!(
         queued.cache_status().contains("detail=refresh-queued"),
