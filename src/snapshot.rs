@@ -18,7 +18,13 @@
 //!
 //! A file that is not whole (another program's, a newer version, a
 //! truncated or altered one, one larger than the cache could hold) is
-//! ignored with a warning: the instance starts empty, as without it.
+//! ignored with a warning: the instance starts empty, as without it. So is
+//! one that another user could have written: what the file holds is served
+//! to every client, so it is read only when it is a regular file (not a
+//! link), owned by this process's user and writable by nobody else. The
+//! CRC-32 finds damage, not forgery: the directory must be private.
+//! Temporary files that a killed writer left behind are removed when the
+//! snapshot is read.
 //! Entries past every window when read are dropped; stale ones are served
 //! stale and refreshed by their next request, so the keys clients ask for
 //! first (the hottest) are refreshed first, within the adaptive limit.
@@ -38,6 +44,16 @@ const MAGIC: &[u8; 7] = b"SWRSNAP";
 const VERSION: u8 = 1;
 /// The write buffer: entries go to disk in large writes.
 const WRITE_BUFFER: usize = 1 << 20;
+/// A temporary file older than this is a killed writer's, and removed.
+const LEFT_BEHIND: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The largest snapshot read for a cache of `cache_max_bytes`: twice its
+/// budget (a record repeats its entry's key, and the encoding writes header
+/// names and instants in full, where the cache counts a byte or eight) and
+/// 1 MiB more for a small cache; a larger file is not one of its own.
+pub fn size_limit(cache_max_bytes: u64) -> u64 {
+    cache_max_bytes.saturating_mul(2).saturating_add(1 << 20)
+}
 
 /// The snapshot's path in `dir`.
 pub fn path(dir: &Path) -> PathBuf {
@@ -78,7 +94,10 @@ pub fn write(
     let temporary = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
     match write_synced(&temporary, entries, now, wall) {
         Ok(done) => {
-            std::fs::rename(&temporary, &final_path)?;
+            if let Err(err) = std::fs::rename(&temporary, &final_path) {
+                let _ = std::fs::remove_file(&temporary);
+                return Err(err);
+            }
             // The rename itself reaches the disk with the directory.
             if let Ok(dir) = File::open(dir) {
                 let _ = dir.sync_all();
@@ -149,6 +168,87 @@ fn create_private(path: &Path) -> std::io::Result<File> {
     options.open(path)
 }
 
+/// Opens `path` for reading, never through a link: the file opened must
+/// be the regular file found at `path` itself (unix: the same device and
+/// inode as its `lstat`, so a link swapped in between is noticed too).
+fn open_own(path: &Path) -> std::io::Result<File> {
+    let found = std::fs::symlink_metadata(path)?;
+    let not_plain = || std::io::Error::other("not a regular file (a link?)");
+    if !found.file_type().is_file() {
+        return Err(not_plain());
+    }
+    let file = File::open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let opened = file.metadata()?;
+        if (opened.dev(), opened.ino()) != (found.dev(), found.ino()) {
+            return Err(not_plain());
+        }
+    }
+    Ok(file)
+}
+
+/// Why a snapshot in `dir` with `metadata` may not be read, if it may not:
+/// it is not a regular file, or (unix) another user owns it or may write it.
+fn not_trusted(dir: &Path, metadata: &std::fs::Metadata) -> Option<String> {
+    if !metadata.is_file() {
+        return Some("not a regular file".into());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // This process's user, as the owner of a file it creates (std has
+        // no geteuid, and the crate forbids unsafe code).
+        let probe = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+        let me = create_private(&probe).and_then(|file| file.metadata());
+        let _ = std::fs::remove_file(&probe);
+        let me = match me {
+            Ok(probed) => probed.uid(),
+            Err(err) => return Some(format!("cannot tell this process's user: {err}")),
+        };
+        if metadata.uid() != me {
+            return Some(format!(
+                "owned by user {}, not by this process's user {me}",
+                metadata.uid()
+            ));
+        }
+        if metadata.mode() & 0o022 != 0 {
+            return Some(format!(
+                "writable by other users (mode {:o})",
+                metadata.mode() & 0o777
+            ));
+        }
+    }
+    None
+}
+
+/// Removes the temporary files in `dir` that a writer killed mid-write
+/// left behind (named as [`write`] names them, and older than
+/// [`LEFT_BEHIND`]: a writer at work is never that slow).
+fn remove_left_behind(dir: &Path) {
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{FILE_NAME}.");
+    for item in listing.flatten() {
+        let name = item.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !(name.starts_with(&prefix) && name.ends_with(".tmp")) {
+            continue;
+        }
+        let old = item
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|at| at.elapsed().ok())
+            .is_some_and(|age| age > LEFT_BEHIND);
+        if old && std::fs::remove_file(item.path()).is_ok() {
+            tracing::info!(file = %item.path().display(), "removed a snapshot a killed writer left");
+        }
+    }
+}
+
 /// What reading a snapshot gave.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -167,12 +267,17 @@ pub fn read(
     now: Instant,
     wall: SystemTime,
 ) -> Result<Option<Loaded>, String> {
-    let file = match File::open(path(dir)) {
+    remove_left_behind(dir);
+    let file = match open_own(&path(dir)) {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(format!("cannot open it: {err}")),
     };
-    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    let metadata = file.metadata().map_err(|e| e.to_string())?;
+    if let Some(why) = not_trusted(dir, &metadata) {
+        return Err(why);
+    }
+    let size = metadata.len();
     if size > max_bytes {
         return Err(format!(
             "{size} bytes, more than the cache's budget allows ({max_bytes})"
@@ -337,6 +442,55 @@ mod tests {
         assert!(read(&dir, 1 << 20, now, SystemTime::now())
             .expect("whole")
             .is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What the file holds is served to everyone: a snapshot reached
+    /// through a link, or one another user owns or may write, is refused;
+    /// a killed writer's old temporary file is removed, a recent one kept.
+    #[cfg(unix)]
+    #[test]
+    fn a_snapshot_others_could_have_written_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("untrusted");
+        let now = Instant::now();
+        write(&dir, &[entry("h/a", 60, now)], now, SystemTime::now()).expect("written");
+        let mode = |m| std::fs::Permissions::from_mode(m);
+        let read_now = || read(&dir, 1 << 20, now, SystemTime::now());
+
+        std::fs::set_permissions(path(&dir), mode(0o666)).expect("chmod");
+        let err = read_now().expect_err("writable by others");
+        assert!(err.contains("writable by other users"), "{err}");
+        std::fs::set_permissions(path(&dir), mode(0o600)).expect("chmod");
+        assert!(read_now().expect("whole").is_some(), "private again: read");
+
+        // As root (CI), the file can be given to another user.
+        if std::os::unix::fs::chown(path(&dir), Some(54_321), None).is_ok() {
+            let err = read_now().expect_err("another user's");
+            assert!(err.contains("owned by user 54321"), "{err}");
+        }
+
+        let real = dir.join("elsewhere");
+        std::fs::rename(path(&dir), &real).expect("move");
+        std::fs::set_permissions(&real, mode(0o600)).expect("chmod");
+        std::os::unix::fs::symlink(&real, path(&dir)).expect("link");
+        let err = read_now().expect_err("a link");
+        assert!(err.contains("not a regular file"), "{err}");
+
+        let stale = dir.join(format!(".{FILE_NAME}.1.tmp"));
+        let fresh = dir.join(format!(".{FILE_NAME}.2.tmp"));
+        for file in [&stale, &fresh] {
+            std::fs::write(file, b"half a snapshot").expect("write");
+        }
+        let long_ago = SystemTime::now() - LEFT_BEHIND - Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(&stale)
+            .and_then(|f| f.set_modified(long_ago))
+            .expect("set mtime");
+        let _ = read_now();
+        assert!(!stale.exists(), "a killed writer's file is removed");
+        assert!(fresh.exists(), "a recent one may be a writer at work");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

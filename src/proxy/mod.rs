@@ -386,11 +386,7 @@ impl Proxy {
     /// there is a whole one; says what it did.
     fn load_snapshot(&self, dir: &std::path::Path) {
         let started = Instant::now();
-        let max_bytes = self
-            .store
-            .max_bytes()
-            .saturating_mul(2)
-            .saturating_add(1 << 20);
+        let max_bytes = crate::snapshot::size_limit(self.store.max_bytes());
         match crate::snapshot::read(dir, max_bytes, started, std::time::SystemTime::now()) {
             Ok(None) => tracing::info!(dir = %dir.display(), "no snapshot to start from"),
             Ok(Some(loaded)) => {
