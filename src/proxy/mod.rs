@@ -13,7 +13,9 @@
 //! - `shared.rs`: fleet mode around fill and refresh: the shared level
 //!   read first and written back, the key's lease, the other instances'
 //!   events, purges carried to the fleet (a no-op without `--redis`);
-//! - `respond.rs`: every answer's headers, counters and access-log line.
+//! - `respond.rs`: every answer's headers, counters and access-log line;
+//! - `warm_restart.rs`: the snapshot read at start, written while running
+//!   and at shutdown, removed by a purge (`--snapshot-dir`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +52,7 @@ mod pass;
 mod respond;
 mod rules;
 mod shared;
+mod warm_restart;
 mod worker;
 
 use self::background::{Backoffs, RefreshRequest, REFRESH_QUEUE_BYTES};
@@ -290,26 +293,7 @@ impl Proxy {
             // A worker keeps no cache worth restoring.
             if local_refresh {
                 proxy.load_snapshot(&dir);
-                let every = proxy.config.start.snapshot_interval;
-                let saver = Arc::clone(&proxy);
-                let stop = cancel.clone();
-                tracker.spawn(async move {
-                    if !every.is_zero() {
-                        let mut tick =
-                            tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                        loop {
-                            tokio::select! {
-                                _ = tick.tick() => saver.save_snapshot(&dir).await,
-                                () = stop.cancelled() => break,
-                            }
-                        }
-                    } else {
-                        stop.cancelled().await;
-                    }
-                    // At shutdown, after the servers stopped taking requests.
-                    saver.save_snapshot(&dir).await;
-                });
+                proxy.keep_snapshots(dir, tracker, cancel.clone());
             }
         }
         if local_refresh {
@@ -380,89 +364,6 @@ impl Proxy {
             routes,
             at_next_start,
         })
-    }
-
-    /// Stores the entries of the snapshot in `dir` (`--snapshot-dir`), if
-    /// there is a whole one; says what it did.
-    fn load_snapshot(&self, dir: &std::path::Path) {
-        let started = Instant::now();
-        let max_bytes = crate::snapshot::size_limit(self.store.max_bytes());
-        match crate::snapshot::read(dir, max_bytes, started, std::time::SystemTime::now()) {
-            Ok(None) => tracing::info!(dir = %dir.display(), "no snapshot to start from"),
-            Ok(Some(loaded)) => {
-                let count = loaded.entries.len();
-                for entry in &loaded.entries {
-                    let url = shared::url_text_of(entry);
-                    self.adopt(entry, url, self.keys.hash_text(url));
-                }
-                tracing::info!(
-                    dir = %dir.display(),
-                    entries = count,
-                    expired = loaded.expired,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "started from the snapshot"
-                );
-            }
-            Err(why) => tracing::warn!(
-                file = %crate::snapshot::path(dir).display(),
-                why,
-                "ignoring the snapshot; starting empty"
-            ),
-        }
-    }
-
-    /// Writes the cache's entries as the snapshot in `dir`, off the serving
-    /// threads; says what it did.
-    async fn save_snapshot(&self, dir: &std::path::Path) {
-        use std::sync::atomic::Ordering::SeqCst;
-        // Read before the entries are: a purge after this point (whose
-        // entries this snapshot may still hold) is seen below.
-        let purges = self.purges.load(SeqCst);
-        let now = Instant::now();
-        let entries = self.store.entries(now);
-        let dir = dir.to_path_buf();
-        let shown = dir.display().to_string();
-        let wall = std::time::SystemTime::now();
-        let written =
-            tokio::task::spawn_blocking(move || crate::snapshot::write(&dir, &entries, now, wall))
-                .await;
-        if self.purges.load(SeqCst) != purges {
-            // A purge while it was written: it may hold what was purged.
-            self.snapshot_outdated();
-            return;
-        }
-        match written {
-            Ok(Ok(crate::snapshot::Written { entries, bytes })) => tracing::info!(
-                dir = %shown,
-                entries,
-                bytes,
-                took_ms = now.elapsed().as_millis() as u64,
-                "snapshot written"
-            ),
-            Ok(Err(err)) => tracing::warn!(dir = %shown, error = %err, "cannot write the snapshot"),
-            Err(err) => tracing::warn!(dir = %shown, error = %err, "the snapshot writer failed"),
-        }
-    }
-
-    /// After a purge (the store purged first): the snapshot on disk may hold
-    /// what was purged, and would bring it back at the next start after a
-    /// crash; it is removed (the next one is written without it).
-    pub(super) fn snapshot_outdated(&self) {
-        let Some(dir) = &self.config.start.snapshot_dir else {
-            return;
-        };
-        self.purges
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        match std::fs::remove_file(crate::snapshot::path(dir)) {
-            Ok(()) => tracing::info!(
-                dir = %dir.display(),
-                "snapshot removed: a purge made it outdated"
-            ),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => {
-                tracing::warn!(dir = %dir.display(), error = %err, "cannot remove the outdated snapshot")
-            }
-        }
     }
 
     /// In fleet mode, whether Redis answers (`None` without `--redis`).
