@@ -101,13 +101,19 @@ pub struct RefreshRequest {
 impl crate::refresh::Weigh for RefreshRequest {
     /// The job's own bytes: its headers, URL and key (it holds no entry).
     fn weight(&self) -> u64 {
+        // What a header map spends per field beyond its name and value, and
+        // a job beyond its fields and texts (the structs, the queue's
+        // place): estimates, generous rather than short.
+        const PER_FIELD: usize = 32;
+        const PER_JOB: usize = 256;
         let headers = |map: &HeaderMap| -> usize {
             map.iter()
-                .map(|(name, value)| name.as_str().len() + value.len() + 32)
+                .map(|(name, value)| name.as_str().len() + value.len() + PER_FIELD)
                 .sum()
         };
         let target = &self.target;
-        (256 + headers(&target.client_headers)
+        (PER_JOB
+            + headers(&target.client_headers)
             + headers(&target.upstream_headers)
             + target.url_text.len()
             + target.path_and_query.len()
@@ -359,8 +365,8 @@ impl Proxy {
         self.stats.record_upstream_request(UpstreamCause::Refresh);
         let fetched = self.fetch(target, Some(stale), Priority::Background).await;
         self.share(fetched.stored(), &target.url_text, lease);
-        self.stats.refresh_duration.observe(started.elapsed());
         let took = started.elapsed();
+        self.stats.refresh_duration.observe(took);
         let took_ms = took.as_millis() as u64;
         let key = stale.key();
         // Each arm: the key's backoff (a failure of the backend backs it
