@@ -200,16 +200,20 @@ impl Proxy {
                 if displaced {
                     // The queue's least valuable job made room for this one.
                     self.stats.refresh_dropped.inc();
-                    tracing::debug!(reason = "displaced", "refresh dropped");
+                    tracing::debug!(
+                        for_key = entry.key(),
+                        reason = "displaced",
+                        "refresh dropped"
+                    );
                 }
                 RefreshDecision::Queued
             }
-            Enqueue::Dropped => {
+            Enqueue::Dropped(why) => {
                 // A refresh ahead that found no room drops nothing stale:
                 // only a stale entry's dropped refresh is counted.
                 if now >= entry.fresh_until() {
                     self.stats.refresh_dropped.inc();
-                    tracing::debug!(key = entry.key(), reason = "queue-full", "refresh dropped");
+                    tracing::debug!(key = entry.key(), reason = why.as_str(), "refresh dropped");
                 }
                 RefreshDecision::Dropped
             }

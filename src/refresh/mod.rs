@@ -43,10 +43,31 @@ pub enum Enqueue {
     /// A refresh of this key is already queued or running; `waiting`: it
     /// is still queued (a backlog), not running.
     AlreadyClaimed { waiting: bool },
-    /// Not queued: the queue is full of jobs this one is not clearly worth
-    /// more than ([`DISPLACE_MARGIN`]), its jobs' bytes would pass their
-    /// bound, or its workers are gone (shutdown).
-    Dropped,
+    /// Not queued, for this reason.
+    Dropped(DropReason),
+}
+
+/// Why a refresh request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The queue is full of jobs this one is not clearly worth more than
+    /// ([`DISPLACE_MARGIN`]).
+    Full,
+    /// Its jobs' bytes would pass their bound.
+    Bytes,
+    /// Its workers are gone (shutdown).
+    Closed,
+}
+
+impl DropReason {
+    /// The reason as a log field says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Full => "queue-full",
+            DropReason::Bytes => "queue-bytes",
+            DropReason::Closed => "shutdown",
+        }
+    }
 }
 
 /// What a job's payload holds in memory, for the queue's byte bound.
@@ -242,7 +263,7 @@ impl<T: Weigh + Send + 'static> RefreshQueue<T> {
             }
         };
         if self.queue.closed.load(Ordering::Relaxed) {
-            return Enqueue::Dropped;
+            return Enqueue::Dropped(DropReason::Closed);
         }
         let payload = payload();
         let weight = payload.weight();
@@ -250,7 +271,7 @@ impl<T: Weigh + Send + 'static> RefreshQueue<T> {
         claim.weight = weight;
         if held + weight > self.max_bytes {
             // Dropping the claim refunds the bytes and frees the key.
-            return Enqueue::Dropped;
+            return Enqueue::Dropped(DropReason::Bytes);
         }
         let id = claim.id;
         let job = Job {
@@ -273,7 +294,7 @@ impl<T: Weigh + Send + 'static> RefreshQueue<T> {
                     displaced = true;
                 }
                 // The job, and with it the claim, is dropped: the key is free again.
-                _ => return Enqueue::Dropped,
+                _ => return Enqueue::Dropped(DropReason::Full),
             }
         }
         jobs.insert(place, job);
@@ -407,7 +428,7 @@ mod tests {
         assert_eq!(queue.try_enqueue(1, 0, || 600), QUEUED);
         assert_eq!(
             queue.try_enqueue(2, 0, || 600),
-            Enqueue::Dropped,
+            Enqueue::Dropped(DropReason::Bytes),
             "past 1000 bytes"
         );
         assert_eq!(queue.bytes(), 600, "the dropped job's bytes are refunded");
@@ -428,13 +449,21 @@ mod tests {
         assert_eq!(queue.depth(), 2);
         drop(workers); // drops the queued jobs, and their claims
         assert_eq!(queue.claimed(), 0);
+        assert_eq!(
+            queue.try_enqueue(3, 0, || 30),
+            Enqueue::Dropped(DropReason::Closed),
+            "no workers: nothing is queued"
+        );
     }
 
     #[tokio::test]
     async fn a_full_queue_drops_and_frees_the_key() {
         let (queue, _workers) = RefreshQueue::<u32>::new(1, u64::MAX, Duration::from_secs(60));
         assert_eq!(queue.try_enqueue(1, 0, || 1), QUEUED);
-        assert_eq!(queue.try_enqueue(2, 0, || 2), Enqueue::Dropped);
+        assert_eq!(
+            queue.try_enqueue(2, 0, || 2),
+            Enqueue::Dropped(DropReason::Full)
+        );
         assert_eq!(queue.claimed(), 1, "the dropped job's claim is freed");
     }
 
@@ -517,12 +546,12 @@ mod tests {
         }
         assert_eq!(
             queue.try_enqueue(4, 8, || 4),
-            Enqueue::Dropped,
+            Enqueue::Dropped(DropReason::Full),
             "worth no more than the least: the new one goes"
         );
         assert_eq!(
             queue.try_enqueue(6, 9, || 6),
-            Enqueue::Dropped,
+            Enqueue::Dropped(DropReason::Full),
             "worth a little more (within the margin): the new one goes"
         );
         assert_eq!(
@@ -531,7 +560,7 @@ mod tests {
         );
         assert_eq!(queue.depth(), 3);
         assert_eq!(queue.claimed(), 3, "the displaced job's key is free");
-        assert!(matches!(queue.try_enqueue(2, 1, || 2), Enqueue::Dropped));
+        assert!(matches!(queue.try_enqueue(2, 1, || 2), Enqueue::Dropped(_)));
         let queue_of = &workers.closer.0;
         let mut order = Vec::new();
         for _ in 0..3 {
