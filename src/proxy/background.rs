@@ -188,12 +188,27 @@ impl Proxy {
             self.stats.refresh_backoff.inc();
             return RefreshDecision::Backoff;
         }
-        let value = self.refresh_value(hash, entry, now);
-        let result = self.refresh.try_enqueue(hash, value, || RefreshRequest {
-            target: target().without_credentials(entry),
-            entry_key: entry.key().into(),
-            stored_at: entry.stored_at(),
-        });
+        self.enqueue_refresh(hash, entry, target, now, None)
+    }
+
+    /// [`Proxy::queue_refresh`] past its backoff check; `popularity`: the
+    /// key's estimate, when the caller has it already.
+    fn enqueue_refresh(
+        &self,
+        hash: u64,
+        entry: &Entry,
+        target: impl FnOnce() -> FetchTarget,
+        now: Instant,
+        popularity: Option<u64>,
+    ) -> RefreshDecision {
+        let value = || self.refresh_value(hash, entry, now, popularity);
+        let result = self
+            .refresh
+            .try_enqueue_with(hash, value, || RefreshRequest {
+                target: target().without_credentials(entry),
+                entry_key: entry.key().into(),
+                stored_at: entry.stored_at(),
+            });
         match result {
             Enqueue::Queued { displaced } => {
                 self.stats.refresh_queued.inc();
@@ -254,16 +269,16 @@ impl Proxy {
         target: impl FnOnce() -> FetchTarget,
         now: Instant,
     ) -> Option<RefreshDecision> {
-        if per_minute == 0
-            || !self.in_ahead_window(hash, entry, now)
-            || self.popularity.estimate(hash) < per_minute as u64
-            // Checked before `queue_refresh` does, which would count a
-            // backoff for every fresh hit of a backed-off key.
-            || lock(&self.backoff).holds(hash, now)
-        {
+        if per_minute == 0 || !self.in_ahead_window(hash, entry, now) {
             return None;
         }
-        match self.queue_refresh(hash, entry, target, now) {
+        let popularity = self.popularity.estimate(hash);
+        // The backoff is checked here, not counted as `queue_refresh`
+        // would count it for every fresh hit of a backed-off key.
+        if popularity < per_minute as u64 || lock(&self.backoff).holds(hash, now) {
+            return None;
+        }
+        match self.enqueue_refresh(hash, entry, target, now, Some(popularity)) {
             RefreshDecision::Queued => {
                 self.stats.refresh_ahead.inc();
                 Some(RefreshDecision::Ahead)
@@ -299,12 +314,20 @@ impl Proxy {
     /// its freshness it is, 1 when it turns stale and one more per freshness
     /// lifetime past that (below 1 when refreshed ahead), within
     /// [`OVERDUE_BOUNDS`]: a stale key asked for more than four times as
-    /// often as another is always ahead of it.
-    fn refresh_value(&self, hash: u64, entry: &Entry, now: Instant) -> u64 {
+    /// often as another is always ahead of it. `popularity`: the key's
+    /// estimate, when the caller has it (else it is read here).
+    fn refresh_value(
+        &self,
+        hash: u64,
+        entry: &Entry,
+        now: Instant,
+        popularity: Option<u64>,
+    ) -> u64 {
         if !self.config.start.refresh_priority {
             return 0;
         }
-        let popularity = self.popularity.estimate(hash) + UNSEEN_POPULARITY;
+        let popularity =
+            popularity.unwrap_or_else(|| self.popularity.estimate(hash)) + UNSEEN_POPULARITY;
         let fresh_until = entry.fresh_until();
         let overdue = if now >= fresh_until {
             (now - fresh_until).as_nanos() as i128

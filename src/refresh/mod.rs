@@ -251,11 +251,24 @@ impl<T: Weigh + Send + 'static> RefreshQueue<T> {
     /// queued. A job already waiting for `hash` is moved up to `value`
     /// when that is well above its own.
     pub fn try_enqueue(&self, hash: u64, value: u64, payload: impl FnOnce() -> T) -> Enqueue {
+        self.try_enqueue_with(hash, || value, payload)
+    }
+
+    /// [`RefreshQueue::try_enqueue`] with the value computed only when it
+    /// is needed: not for a key whose refresh is running (the common case
+    /// of a stale answer under load).
+    pub fn try_enqueue_with(
+        &self,
+        hash: u64,
+        value: impl FnOnce() -> u64,
+        payload: impl FnOnce() -> T,
+    ) -> Enqueue {
         let now = Instant::now();
         let mut claim = match self.claims.try_claim(hash, now) {
             Claimed::New(claim) => claim,
             Claimed::Taken(None) => return Enqueue::AlreadyClaimed { waiting: false },
             Claimed::Taken(Some(place)) => {
+                let value = value();
                 if value > place.0.saturating_mul(RAISE_FACTOR) {
                     self.raise(hash, place, value);
                 }
@@ -280,6 +293,7 @@ impl<T: Weigh + Send + 'static> RefreshQueue<T> {
             queued_at: now,
             claim,
         };
+        let value = value();
         let place = (
             value,
             Reverse(self.queue.next_seq.fetch_add(1, Ordering::Relaxed)),
