@@ -511,6 +511,16 @@ impl SnapshotDir {
     }
 }
 
+/// Shuts `proxy` down and waits for the snapshot it writes then.
+async fn stop_and_snapshot(proxy: TestProxy, dir: &SnapshotDir) {
+    proxy.shut_down();
+    eventually(WAIT, "the snapshot written at shutdown", || async {
+        dir.file().exists()
+    })
+    .await;
+    drop(proxy);
+}
+
 impl Drop for SnapshotDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -532,12 +542,7 @@ async fn a_restart_with_a_snapshot_answers_from_memory_at_once() {
             "MISS"
         );
     }
-    first.shut_down();
-    eventually(WAIT, "the snapshot written at shutdown", || async {
-        dir.file().exists()
-    })
-    .await;
-    drop(first);
+    stop_and_snapshot(first, &dir).await;
 
     let second = TestProxy::start(&origin, &flags).await;
     for path in ["/a", "/b?x=1"] {
@@ -565,12 +570,7 @@ async fn a_damaged_snapshot_is_ignored_and_the_proxy_starts_empty() {
             .x_cache(),
         "MISS"
     );
-    first.shut_down();
-    eventually(WAIT, "the snapshot written", || async {
-        dir.file().exists()
-    })
-    .await;
-    drop(first);
+    stop_and_snapshot(first, &dir).await;
     // Cut short, as a full disk or a crash of another writer would leave it.
     let whole = std::fs::read(dir.file()).expect("snapshot");
     std::fs::write(dir.file(), &whole[..whole.len() - 3]).expect("truncate");
@@ -655,12 +655,7 @@ async fn a_snapshot_restores_the_variants_of_a_keyed_route() {
             .x_cache(),
         "HIT"
     );
-    first.shut_down();
-    eventually(WAIT, "the snapshot written at shutdown", || async {
-        dir.file().exists()
-    })
-    .await;
-    drop(first);
+    stop_and_snapshot(first, &dir).await;
 
     let second = TestProxy::start(&origin, &flags).await;
     let answer = second.send(reqwest::Method::GET, "/t", &asked).await;
