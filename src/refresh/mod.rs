@@ -3,7 +3,7 @@
 //! ([`limit`]), and a per-key claim so that at most one refresh per key is
 //! queued or running.
 //!
-//! The request path only ever calls [`RefreshQueue::try_enqueue`], which never
+//! The request path only ever calls [`RefreshQueue::try_enqueue_with`], which never
 //! waits. Each job comes with its value (the caller's: popularity times how
 //! far past its ttl the entry is, see [`popularity`]); workers take the most
 //! valuable job first (the oldest among equals), and a full queue drops its
@@ -246,17 +246,19 @@ impl<T: Weigh + Send + 'static> RefreshQueue<T> {
         self.claims.bytes.load(Ordering::Relaxed)
     }
 
-    /// Queues a refresh of `hash` worth `value` unless one is queued or
-    /// running, without waiting. `payload` is only built when the job is
-    /// queued. A job already waiting for `hash` is moved up to `value`
-    /// when that is well above its own.
+    /// [`RefreshQueue::try_enqueue_with`] with a value known in advance
+    /// (the tests' shorthand).
+    #[cfg(test)]
     pub fn try_enqueue(&self, hash: u64, value: u64, payload: impl FnOnce() -> T) -> Enqueue {
         self.try_enqueue_with(hash, || value, payload)
     }
 
-    /// [`RefreshQueue::try_enqueue`] with the value computed only when it
-    /// is needed: not for a key whose refresh is running (the common case
-    /// of a stale answer under load).
+    /// Queues a refresh of `hash` worth `value()` unless one is queued or
+    /// running, without waiting. The value is computed only when needed
+    /// (not for a key whose refresh is running, the common case of a stale
+    /// answer under load), and `payload` only built when the job is
+    /// queued. A job already waiting for `hash` is moved up to the value
+    /// when that is well above its own.
     pub fn try_enqueue_with(
         &self,
         hash: u64,
