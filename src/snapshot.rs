@@ -60,6 +60,12 @@ pub fn path(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
+/// This process's temporary file in `dir`, written before it is renamed
+/// to the snapshot (and named so that [`remove_left_behind`] finds it).
+fn temporary_path(dir: &Path) -> PathBuf {
+    dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()))
+}
+
 /// A writer that keeps the CRC-32 of what passed through it.
 struct Summed<W: Write> {
     inner: W,
@@ -91,7 +97,7 @@ pub fn write(
     wall: SystemTime,
 ) -> std::io::Result<Written> {
     let final_path = path(dir);
-    let temporary = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+    let temporary = temporary_path(dir);
     match write_synced(&temporary, entries, now, wall) {
         Ok(done) => {
             if let Err(err) = std::fs::rename(&temporary, &final_path) {
@@ -200,7 +206,7 @@ fn not_trusted(dir: &Path, metadata: &std::fs::Metadata) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
         // This process's user, as the owner of a file it creates (std has
         // no geteuid, and the crate forbids unsafe code).
-        let probe = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+        let probe = temporary_path(dir);
         let me = create_private(&probe).and_then(|file| file.metadata());
         let _ = std::fs::remove_file(&probe);
         let me = match me {
@@ -425,7 +431,7 @@ mod tests {
         let dir = scratch("planted-link");
         let victim = dir.join("victim");
         std::fs::write(&victim, b"precious").expect("victim");
-        let temporary = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+        let temporary = temporary_path(&dir);
         std::os::unix::fs::symlink(&victim, &temporary).expect("link");
         let now = Instant::now();
         write(&dir, &[entry("h/a", 60, now)], now, SystemTime::now()).expect("written");
