@@ -204,13 +204,8 @@ fn not_trusted(dir: &Path, metadata: &std::fs::Metadata) -> Option<String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        // This process's user, as the owner of a file it creates (std has
-        // no geteuid, and the crate forbids unsafe code).
-        let probe = temporary_path(dir);
-        let me = create_private(&probe).and_then(|file| file.metadata());
-        let _ = std::fs::remove_file(&probe);
-        let me = match me {
-            Ok(probed) => probed.uid(),
+        let me = match process_user(dir) {
+            Ok(uid) => uid,
             Err(err) => return Some(format!("cannot tell this process's user: {err}")),
         };
         if metadata.uid() != me {
@@ -227,6 +222,21 @@ fn not_trusted(dir: &Path, metadata: &std::fs::Metadata) -> Option<String> {
         }
     }
     None
+}
+
+/// This process's (effective) user id. std has no `geteuid` and the crate
+/// forbids unsafe code: on Linux it is the owner of `/proc/self`;
+/// elsewhere, of a file this process creates in `dir`.
+#[cfg(unix)]
+fn process_user(dir: &Path) -> std::io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(own) = std::fs::metadata("/proc/self") {
+        return Ok(own.uid());
+    }
+    let probe = temporary_path(dir);
+    let probed = create_private(&probe).and_then(|file| file.metadata());
+    let _ = std::fs::remove_file(&probe);
+    Ok(probed?.uid())
 }
 
 /// Removes the temporary files in `dir` that a writer killed mid-write
@@ -498,6 +508,44 @@ mod tests {
         assert!(!stale.exists(), "a killed writer's file is removed");
         assert!(fresh.exists(), "a recent one may be a writer at work");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A snapshot in a read-only directory (a read-only volume of
+    /// pre-warmed snapshots) is read: telling this process's user needs no
+    /// file of its own there. Needs root, for a read-only bind mount.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_snapshot_in_a_read_only_directory_is_read() {
+        let dir = scratch("read-only");
+        let now = Instant::now();
+        write(&dir, &[entry("h/a", 60, now)], now, SystemTime::now()).expect("written");
+        let mount = |args: &[&str]| {
+            std::process::Command::new("mount")
+                .args(args)
+                .arg(&dir)
+                .arg(&dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !mount(&["--bind"]) {
+            eprintln!("skipping: cannot bind-mount here (not root?)");
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        let read_only = std::process::Command::new("mount")
+            .args(["-o", "remount,bind,ro"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        let result = read(&dir, 1 << 20, now, SystemTime::now());
+        let _ = std::process::Command::new("umount").arg(&dir).status();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(read_only, "the bind mount was made read-only");
+        assert!(
+            matches!(&result, Ok(Some(loaded)) if loaded.entries.len() == 1),
+            "{result:?}"
+        );
     }
 
     #[test]
