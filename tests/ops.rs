@@ -491,7 +491,9 @@ async fn the_grafana_dashboard_queries_exported_metrics() {
 /// but its clients ask for the same site.
 const SNAP_HOST: (&str, &str) = ("host", "snapshot.test");
 
-/// A directory of its own for a test's snapshot, removed on drop.
+/// A directory of its own for a test's snapshot, removed on drop. A test
+/// ends with [`stop_and_snapshot`] of its last proxy: one still writing its
+/// shutdown snapshot as the directory is removed leaves it behind.
 struct SnapshotDir(std::path::PathBuf);
 
 impl SnapshotDir {
@@ -511,14 +513,10 @@ impl SnapshotDir {
     }
 }
 
-/// Shuts `proxy` down and waits for the snapshot it writes then.
+/// Shuts `proxy` down and waits until it has written its snapshot.
 async fn stop_and_snapshot(proxy: TestProxy, dir: &SnapshotDir) {
-    proxy.shut_down();
-    eventually(WAIT, "the snapshot written at shutdown", || async {
-        dir.file().exists()
-    })
-    .await;
-    drop(proxy);
+    proxy.stop(WAIT).await;
+    assert!(dir.file().exists(), "no snapshot written at shutdown");
 }
 
 impl Drop for SnapshotDir {
@@ -555,6 +553,7 @@ async fn a_restart_with_a_snapshot_answers_from_memory_at_once() {
         2,
         "the restart asked the origin nothing"
     );
+    stop_and_snapshot(second, &dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,6 +578,7 @@ async fn a_damaged_snapshot_is_ignored_and_the_proxy_starts_empty() {
     let answer = second.send(reqwest::Method::GET, "/d", &[SNAP_HOST]).await;
     assert_eq!((answer.status, answer.x_cache()), (200, "MISS"));
     assert_eq!(answer.text(), "/d #2");
+    stop_and_snapshot(second, &dir).await;
 }
 
 /// A hard purge must not come back with the next start: a snapshot written
@@ -625,6 +625,7 @@ async fn a_purged_entry_does_not_come_back_from_an_earlier_snapshot() {
         "MISS",
         "the purged answer came back from the snapshot"
     );
+    stop_and_snapshot(second, &crashed).await;
 }
 
 /// A route's key headers put a newline in the URL's own key text: the
@@ -661,4 +662,5 @@ async fn a_snapshot_restores_the_variants_of_a_keyed_route() {
     let answer = second.send(reqwest::Method::GET, "/t", &asked).await;
     assert_eq!(answer.x_cache(), "HIT", "{}", answer.cache_status());
     assert_eq!(origin.total_hits(), 1);
+    stop_and_snapshot(second, &dir).await;
 }

@@ -379,6 +379,8 @@ pub struct TestProxy {
     pub admin_addr: SocketAddr,
     pub proxy: Arc<Proxy>,
     cancel: CancellationToken,
+    /// The proxy's own tasks (refresh workers, the snapshot writer).
+    tasks: TaskTracker,
     pub client: reqwest::Client,
 }
 
@@ -443,6 +445,7 @@ impl TestProxy {
             admin_addr,
             proxy,
             cancel,
+            tasks: tracker,
             client,
         }
     }
@@ -450,6 +453,18 @@ impl TestProxy {
     /// Begins a graceful shutdown, as SIGTERM does.
     pub fn shut_down(&self) {
         self.cancel.cancel();
+    }
+
+    /// Shuts down and waits, for `deadline` at most, until the proxy's own
+    /// tasks have ended (the snapshot written at shutdown among them).
+    pub async fn stop(self, deadline: Duration) {
+        self.shut_down();
+        self.tasks.close();
+        let ended = tokio::time::timeout(deadline, self.tasks.wait()).await;
+        assert!(
+            ended.is_ok(),
+            "the proxy's tasks still ran {deadline:?} after shutdown"
+        );
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
