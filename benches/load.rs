@@ -1376,18 +1376,22 @@ async fn stale_storm(report: &mut Report, options: &Options) {
             let addr = target.addr;
             let duration = options.duration;
             let traffic = Traffic::uniform(KEYS, 1024);
+            let answers_before = answers_by_status(target.admin).await;
             let result = tokio::task::spawn_blocking(move || run_wrk(addr, traffic, duration))
                 .await
                 .ok()
                 .flatten();
             let backend = origin.requests.load(Ordering::Relaxed);
             let max_in_flight = origin.max_in_flight.load(Ordering::Relaxed);
+            let served_stale = stale_share(answers_before, answers_by_status(target.admin).await);
             drop(target);
             check_wrk(report, "stale-storm", &label, result.as_ref());
             if let Some(r) = result {
+                let stale =
+                    served_stale.map_or(String::new(), |s| format!(", served stale {s:.3}"));
                 eprintln!(
-                    "  stale-storm round {} {label:<9} p99 {:.2} ms, >=100ms {:.5}%, backend {backend}, in flight max {max_in_flight}",
-                    round + 1, r.p99_ms, r.slow_share * 100.0
+                    "  stale-storm round {} {label:<9} {:.0} req/s, p99 {:.2} ms, >=100ms {:.5}%, backend {backend}, in flight max {max_in_flight}{stale}",
+                    round + 1, r.rps, r.p99_ms, r.slow_share * 100.0
                 );
                 rows.entry(label)
                     .or_default()
@@ -2190,6 +2194,26 @@ fn lru_hit_ratio(keys: usize, s: f64, capacity: usize, seed: u64) -> f64 {
 }
 
 /// The value of a series in swr-proxy's metrics at `admin`.
+/// swr-proxy's answers so far as (stale, all), from its admin listener;
+/// `None` for the other caches.
+async fn answers_by_status(admin: Option<SocketAddr>) -> Option<(f64, f64)> {
+    let metrics = admin_metrics(admin?).await;
+    let count = |status: &str| {
+        metrics
+            .get(&format!("swr_requests_total{{cache=\"{status}\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let all = ["HIT", "STALE", "MISS", "EXPIRED", "BYPASS"].map(count);
+    Some((count("STALE"), all.iter().sum()))
+}
+
+/// The share of answers served stale between two [`answers_by_status`].
+fn stale_share(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> Option<f64> {
+    let ((stale0, all0), (stale1, all1)) = (before?, after?);
+    (all1 > all0).then(|| (stale1 - stale0) / (all1 - all0))
+}
+
 async fn admin_metric(admin: Option<SocketAddr>, series: &str) -> Option<f64> {
     let admin = admin?;
     let mut sender = connect(admin).await.ok()?;
