@@ -174,23 +174,34 @@ fn create_private(path: &Path) -> std::io::Result<File> {
     options.open(path)
 }
 
-/// Opens `path` for reading, never through a link: the file opened must
-/// be the regular file found at `path` itself (unix: the same device and
-/// inode as its `lstat`, so a link swapped in between is noticed too).
+/// Opens `path` for reading, never through a link and never blocking: the
+/// file opened must be a regular file. On unix the open itself refuses a
+/// link (`O_NOFOLLOW`) and returns at once on a FIFO (`O_NONBLOCK`, which
+/// does nothing to a regular file's reads), and the check is of the file
+/// opened (its `fstat`), so nothing swapped in after a check is read: a
+/// FIFO put there would otherwise hold the start waiting for a writer.
 fn open_own(path: &Path) -> std::io::Result<File> {
-    let found = std::fs::symlink_metadata(path)?;
-    let not_plain = || std::io::Error::other("not a regular file (a link?)");
-    if !found.file_type().is_file() {
-        return Err(not_plain());
-    }
-    let file = File::open(path)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        let opened = file.metadata()?;
-        if (opened.dev(), opened.ino()) != (found.dev(), found.ino()) {
-            return Err(not_plain());
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NOFOLLOW | libc::O_NONBLOCK,
+    );
+    #[cfg(not(unix))]
+    if !std::fs::symlink_metadata(path)?.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file (a link?)"));
+    }
+    let file = options.open(path).map_err(|err| {
+        // What O_NOFOLLOW answers for a link.
+        #[cfg(unix)]
+        if err.raw_os_error() == Some(libc::ELOOP) {
+            return std::io::Error::other("a link, not a regular file");
         }
+        err
+    })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
     }
     Ok(file)
 }
@@ -458,6 +469,40 @@ mod tests {
         assert!(read(&dir, 1 << 20, now, SystemTime::now())
             .expect("whole")
             .is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A FIFO where the snapshot should be (put there by someone who can
+    /// write to the directory) is refused at once: opened without
+    /// `O_NONBLOCK`, the start waited for a writer that never came.
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_in_place_of_the_snapshot_is_refused_without_waiting() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = scratch("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(path(&dir))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(made, "mkfifo");
+        let (done, result) = std::sync::mpsc::channel();
+        let reader_dir = dir.clone();
+        std::thread::spawn(move || {
+            let now = Instant::now();
+            let _ = done.send(read(&reader_dir, 1 << 20, now, SystemTime::now()));
+        });
+        // Generous on a loaded machine; the open returns in microseconds.
+        let outcome = result.recv_timeout(Duration::from_secs(20));
+        // Unblocks a reader still waiting, so the thread ends either way
+        // (without a reader, a non-blocking open for writing fails at once).
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path(&dir));
+        let err = outcome
+            .expect("the read of a FIFO waited for a writer")
+            .expect_err("a FIFO is no snapshot");
+        assert!(err.contains("not a regular file"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
