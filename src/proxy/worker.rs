@@ -14,7 +14,7 @@
 //! it to the dead letters.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
@@ -142,6 +142,16 @@ impl Proxy {
         }
         let target = self.job_target(job);
         let stale = self.shared_entry(&fleet, &job.key).await;
+        if let Some(shared) = &stale {
+            if done_since(shared, job, &delivery, Instant::now(), SystemTime::now()) {
+                // Refreshed since the entry the job was queued for: an
+                // instance's stale answer given before that refresh's event
+                // reached it queued this job.
+                fleet.count_worker("adopted");
+                fleet.ack(&delivery.id, Some(job)).await;
+                return Sample::NotSent;
+            }
+        }
         let lease = match &stale {
             Some(stale) => {
                 self.refresh_lease(stale, &target.url_text, target.url_hash)
@@ -254,5 +264,122 @@ impl Proxy {
             directives: None,
             defaults: Arc::clone(defaults),
         }
+    }
+}
+
+/// Stored entries closer than this are taken for one version: the wall
+/// time of an entry goes through two clocks' conversions (and whole
+/// milliseconds) between the instance that queues its job and the worker.
+const SAME_VERSION: u64 = 50;
+
+/// Whether the shared entry `shared` is a later version than the one
+/// `job` was queued for (or, for a job that does not say, stored after it
+/// was queued) and still fresh: then the job has nothing left to do. A job
+/// queued ahead of time (refresh-ahead, for an entry still fresh) is for
+/// the shared entry itself, and is done. `now` and `wall` are the same
+/// moment on the two clocks. Instances whose clocks disagree with the
+/// worker's by more than the time between two refreshes of a key can make
+/// a job look done early; the key's next stale answer queues another.
+fn done_since(
+    shared: &Entry,
+    job: &RefreshJob,
+    delivery: &Delivery,
+    now: Instant,
+    wall: SystemTime,
+) -> bool {
+    let Some(version) = job.stored_ms.or_else(|| delivery.queued_ms()) else {
+        return false;
+    };
+    let Some(stored) = super::shared::wall_ms(shared.stored_at(), now, wall) else {
+        return false;
+    };
+    stored > version.saturating_add(SAME_VERSION) && shared.fresh_until() > now
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    use crate::cache::policy::Lifetimes;
+
+    fn ms(wall: SystemTime) -> u64 {
+        wall.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn delivery_at(wall: SystemTime) -> Delivery {
+        Delivery {
+            id: format!("{}-0", ms(wall)),
+            job: None,
+            attempts: 1,
+        }
+    }
+
+    fn job_for(stored_ms: Option<u64>) -> RefreshJob {
+        RefreshJob {
+            key: "h/k".into(),
+            url: "h/k".into(),
+            path_and_query: "/k".into(),
+            client_headers: HeaderMap::new(),
+            upstream_headers: HeaderMap::new(),
+            keyed_cookies: false,
+            keyed_authorization: false,
+            keyed_cookie_header: false,
+            stored_ms,
+        }
+    }
+
+    fn entry_stored(at: Instant, fresh: Duration) -> Entry {
+        let lifetimes = Lifetimes {
+            fresh,
+            stale_while_revalidate: Duration::from_secs(60),
+            stale_if_error: Duration::ZERO,
+            initial_age: Duration::ZERO,
+            keep_for_revalidation: Duration::ZERO,
+        };
+        Entry::new(
+            "h/k",
+            StatusCode::OK,
+            &HeaderMap::new(),
+            &[Bytes::from_static(b"x")],
+            at,
+            lifetimes,
+        )
+    }
+
+    #[test]
+    fn a_job_is_done_only_by_a_later_fresh_version_than_its_own() {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let second = Duration::from_secs(1);
+        let fresh = 60 * second;
+        // Queued now, for the version stored 3 s ago.
+        let delivery = delivery_at(wall);
+        let job = job_for(Some(ms(wall - 3 * second)));
+        let later = entry_stored(now - second, fresh);
+        assert!(
+            done_since(&later, &job, &delivery, now, wall),
+            "refreshed since"
+        );
+        let same = entry_stored(now - 3 * second, fresh);
+        assert!(
+            !done_since(&same, &job, &delivery, now, wall),
+            "its own version (refresh-ahead: still fresh) is refreshed"
+        );
+        let stale_again = entry_stored(now - second, second / 2);
+        assert!(!done_since(&stale_again, &job, &delivery, now, wall));
+        // Without the version: counted from when it was queued (2 s ago).
+        let old_job = job_for(None);
+        let queued_before = delivery_at(wall - 2 * second);
+        assert!(done_since(&later, &old_job, &queued_before, now, wall));
+        assert!(!done_since(&same, &old_job, &queued_before, now, wall));
+        let unreadable = Delivery {
+            id: "not-an-id".into(),
+            job: None,
+            attempts: 1,
+        };
+        assert!(!done_since(&later, &old_job, &unreadable, now, wall));
     }
 }
