@@ -576,10 +576,15 @@ async fn in_stream_mode_a_worker_refreshes_and_the_instance_gets_its_entry() {
         "the instance does not refresh it itself"
     );
 
+    // #2 stays fresh: no later stale answer asks for another refresh.
+    origin.route(
+        "/s",
+        Route::default().header("cache-control", "max-age=3600"),
+    );
     let _worker = Worker::start(&origin, &redis, &[]);
     // Exactly its first refresh: a stale answer given before that
     // refresh's event arrived here queues another job, which the worker
-    // finds done (stored after it was queued) instead of fetching #3.
+    // finds nothing left to do for (the key fresh) instead of fetching #3.
     eventually(
         WAIT,
         "the worker's refresh reaches the instance",
@@ -597,12 +602,12 @@ async fn in_stream_mode_a_worker_refreshes_and_the_instance_gets_its_entry() {
 }
 
 /// An instance that has not yet heard of a refresh (its event is on the
-/// way) answers stale and queues another job for the version it holds. The
-/// worker finds a later version fresh in the shared level: the job is
-/// acknowledged without asking the backend again. The late job is a copy
-/// of the first, added to the stream after the worker's refresh.
+/// way) answers stale and queues another job. The worker finds the key
+/// fresh in the shared level: the job is acknowledged without asking the
+/// backend again. The late job is a copy of the first (a stale entry's),
+/// added to the stream after the worker's refresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_for_a_version_already_refreshed_asks_the_backend_nothing() {
+async fn a_stale_entrys_job_for_a_key_refreshed_since_asks_the_backend_nothing() {
     let Some(redis) = Redis::start() else { return };
     let origin = Origin::start().await;
     let proxy = stale_in_stream_mode(&origin, &redis, "/twice").await;
@@ -617,6 +622,11 @@ async fn a_job_for_a_version_already_refreshed_asks_the_backend_nothing() {
     let [job] = queued.ids.as_slice() else {
         panic!("one job queued: {:?}", queued.ids.len());
     };
+    // #2 stays fresh however slowly the late job comes.
+    origin.route(
+        "/twice",
+        Route::default().header("cache-control", "max-age=3600"),
+    );
     let _worker = Worker::start(&origin, &redis, &[]);
     eventually(
         WAIT,

@@ -192,7 +192,7 @@ impl FleetMetrics {
         );
         registry.register(
             "swr_fleet_worker_jobs",
-            "Refresh jobs a worker took, by result (refreshed; adopted: another had refreshed it; leased-elsewhere: left for a later delivery; not-storable, failed, dead-letter, invalid)",
+            "Refresh jobs a worker took, by result (refreshed; adopted: another had refreshed it; already-fresh: a stale entry's job, the key refreshed since; leased-elsewhere: left for a later delivery; not-storable, failed, dead-letter, invalid)",
             worker_jobs.clone(),
         );
         registry.register(

@@ -16,12 +16,13 @@
 //!
 //! A job carries what a refresh sends: the key and URL, the path, and the
 //! headers, already without any client's credentials (see
-//! `FetchTarget::without_credentials`); and when the entry it refreshes
-//! was stored. Between a worker's acknowledgement (the pending mark goes)
-//! and its refresh's event reaching an instance, that instance can still
-//! answer stale and queue a job for the old entry; the worker acknowledges
-//! it without a fetch when the shared entry is a later version, still
-//! fresh (`adopted`).
+//! `FetchTarget::without_credentials`); and whether the instance's entry
+//! was stale (not a refresh-ahead). Between a worker's acknowledgement
+//! (the pending mark goes) and its refresh's event reaching an instance,
+//! that instance can still answer stale and queue a job for the old entry;
+//! a worker that finds the shared entry fresh for a stale job fetches
+//! nothing, and tells the instances again (`Replaced`: one that missed the
+//! first event catches up).
 
 use std::time::Duration;
 
@@ -62,11 +63,10 @@ pub struct RefreshJob {
     pub keyed_cookies: bool,
     pub keyed_authorization: bool,
     pub keyed_cookie_header: bool,
-    /// When the entry this job refreshes was stored, in milliseconds since
-    /// the Unix epoch, as the queueing instance had it: a worker finding a
-    /// fresh shared entry stored later has nothing left to do. Optional on
-    /// the stream (a job without it counts from when it was queued).
-    pub stored_ms: Option<u64>,
+    /// The instance's entry was stale when it queued the job (not a
+    /// refresh-ahead): a worker that finds the shared entry fresh has
+    /// nothing left to do. Absent on the stream: false.
+    pub stale: bool,
 }
 
 /// A job as a worker took it from the stream.
@@ -77,16 +77,6 @@ pub struct Delivery {
     pub job: Option<RefreshJob>,
     /// How many times it was delivered (1 the first time).
     pub attempts: usize,
-}
-
-impl Delivery {
-    /// When the job was queued, in milliseconds since the Unix epoch: Redis
-    /// names a stream entry by the time it added it
-    /// (`<milliseconds>-<sequence>`, its own clock).
-    pub fn queued_ms(&self) -> Option<u64> {
-        let (ms, _) = self.id.split_once('-')?;
-        ms.parse().ok()
-    }
 }
 
 /// Headers as `name: value` lines (a value never holds a line break).
@@ -130,8 +120,8 @@ impl RefreshJob {
             ("upstream", header_lines(&self.upstream_headers)),
             ("flags", flags.to_vec()),
         ];
-        if let Some(ms) = self.stored_ms {
-            fields.push(("for", ms.to_string().into_bytes()));
+        if self.stale {
+            fields.push(("stale", b"1".to_vec()));
         }
         fields
     }
@@ -164,7 +154,7 @@ impl RefreshJob {
             keyed_cookies: c == b'1',
             keyed_authorization: a == b'1',
             keyed_cookie_header: h == b'1',
-            stored_ms: text("for").and_then(|ms| ms.parse().ok()),
+            stale: field("stale").is_some_and(|v| v == b"1"),
         })
     }
 }
@@ -421,7 +411,7 @@ mod tests {
             keyed_cookies: true,
             keyed_authorization: false,
             keyed_cookie_header: true,
-            stored_ms: Some(1_796_400_000_123),
+            stale: true,
         };
         let mut entry = StreamId {
             id: "1-0".into(),

@@ -7,7 +7,7 @@
 //! single instance's.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -348,7 +348,7 @@ impl Proxy {
             keyed_cookies: target.keyed_cookies,
             keyed_authorization: target.keyed_authorization,
             keyed_cookie_header: target.keyed_cookie_header,
-            stored_ms: wall_ms(stale.stored_at(), Instant::now(), SystemTime::now()),
+            stale: Instant::now() >= stale.fresh_until(),
         };
         fleet.queue_job(&job).await != Queued::Unavailable
     }
@@ -461,17 +461,6 @@ async fn purge_shared(fleet: &Fleet, scope: &Scope, soft: bool) -> Option<usize>
 /// The key itself, or one of its Vary variants.
 fn is_key_or_variant(stored: &[u8], key: &str) -> bool {
     stored == key.as_bytes() || VariantKey::is_variant_of(stored, key)
-}
-
-/// The wall-clock time of `at`, in milliseconds since the Unix epoch
-/// (`now` and `wall` being the same moment on the two clocks).
-pub(super) fn wall_ms(at: Instant, now: Instant, wall: SystemTime) -> Option<u64> {
-    let then = if at <= now {
-        wall.checked_sub(now - at)?
-    } else {
-        wall.checked_add(at - now)?
-    };
-    u64::try_from(then.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! it to the dead letters.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -136,22 +136,23 @@ impl Proxy {
             fleet.ack(&delivery.id, None).await;
             return Sample::NotSent;
         };
+        let stale = self.shared_entry(&fleet, &job.key).await;
+        if nothing_left_to_do(job, stale.as_ref(), Instant::now()) {
+            // Another refresh made the key fresh after this job was queued:
+            // an instance answered stale before that refresh's event reached
+            // it. The event goes out again, for an instance that missed it.
+            fleet.count_worker("already-fresh");
+            fleet
+                .publish(&crate::fleet::Event::Replaced(job.key.clone()))
+                .await;
+            fleet.ack(&delivery.id, Some(job)).await;
+            return Sample::NotSent;
+        }
         if delivery.attempts > self.config.start.refresh_max_attempts {
             fleet.dead_letter(&delivery).await;
             return Sample::NotSent;
         }
         let target = self.job_target(job);
-        let stale = self.shared_entry(&fleet, &job.key).await;
-        if let Some(shared) = &stale {
-            if done_since(shared, job, &delivery, Instant::now(), SystemTime::now()) {
-                // Refreshed since the entry the job was queued for: an
-                // instance's stale answer given before that refresh's event
-                // reached it queued this job.
-                fleet.count_worker("adopted");
-                fleet.ack(&delivery.id, Some(job)).await;
-                return Sample::NotSent;
-            }
-        }
         let lease = match &stale {
             Some(stale) => {
                 self.refresh_lease(stale, &target.url_text, target.url_hash)
@@ -267,33 +268,13 @@ impl Proxy {
     }
 }
 
-/// Stored entries closer than this are taken for one version: the wall
-/// time of an entry goes through two clocks' conversions (and whole
-/// milliseconds) between the instance that queues its job and the worker.
-const SAME_VERSION: u64 = 50;
-
-/// Whether the shared entry `shared` is a later version than the one
-/// `job` was queued for (or, for a job that does not say, stored after it
-/// was queued) and still fresh: then the job has nothing left to do. A job
-/// queued ahead of time (refresh-ahead, for an entry still fresh) is for
-/// the shared entry itself, and is done. `now` and `wall` are the same
-/// moment on the two clocks. Instances whose clocks disagree with the
-/// worker's by more than the time between two refreshes of a key can make
-/// a job look done early; the key's next stale answer queues another.
-fn done_since(
-    shared: &Entry,
-    job: &RefreshJob,
-    delivery: &Delivery,
-    now: Instant,
-    wall: SystemTime,
-) -> bool {
-    let Some(version) = job.stored_ms.or_else(|| delivery.queued_ms()) else {
-        return false;
-    };
-    let Some(stored) = super::shared::wall_ms(shared.stored_at(), now, wall) else {
-        return false;
-    };
-    stored > version.saturating_add(SAME_VERSION) && shared.fresh_until() > now
+/// Whether `job` has nothing left to do: it was queued for a stale entry
+/// (not ahead of time), and the shared level holds the key fresh at `now`.
+/// Clocks that disagree by some seconds can make an instance see an entry
+/// stale that is still fresh here: its job then waits for the entry to
+/// turn stale here too, for as long as the clocks disagree.
+fn nothing_left_to_do(job: &RefreshJob, shared: Option<&Entry>, now: Instant) -> bool {
+    job.stale && shared.is_some_and(|entry| now < entry.fresh_until())
 }
 
 #[cfg(test)]
@@ -305,20 +286,7 @@ mod tests {
 
     use crate::cache::policy::Lifetimes;
 
-    fn ms(wall: SystemTime) -> u64 {
-        wall.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    }
-
-    fn delivery_at(wall: SystemTime) -> Delivery {
-        Delivery {
-            id: format!("{}-0", ms(wall)),
-            job: None,
-            attempts: 1,
-        }
-    }
-
-    fn job_for(stored_ms: Option<u64>) -> RefreshJob {
+    fn job(stale: bool) -> RefreshJob {
         RefreshJob {
             key: "h/k".into(),
             url: "h/k".into(),
@@ -328,7 +296,7 @@ mod tests {
             keyed_cookies: false,
             keyed_authorization: false,
             keyed_cookie_header: false,
-            stored_ms,
+            stale,
         }
     }
 
@@ -340,46 +308,29 @@ mod tests {
             initial_age: Duration::ZERO,
             keep_for_revalidation: Duration::ZERO,
         };
+        let body = [Bytes::from_static(b"x")];
         Entry::new(
             "h/k",
             StatusCode::OK,
             &HeaderMap::new(),
-            &[Bytes::from_static(b"x")],
+            &body,
             at,
             lifetimes,
         )
     }
 
     #[test]
-    fn a_job_is_done_only_by_a_later_fresh_version_than_its_own() {
-        let (now, wall) = (Instant::now(), SystemTime::now());
+    fn only_a_stale_entrys_job_meeting_a_fresh_shared_entry_is_left_undone() {
+        let now = Instant::now();
         let second = Duration::from_secs(1);
-        let fresh = 60 * second;
-        // Queued now, for the version stored 3 s ago.
-        let delivery = delivery_at(wall);
-        let job = job_for(Some(ms(wall - 3 * second)));
-        let later = entry_stored(now - second, fresh);
+        let fresh = entry_stored(now - second, 60 * second);
+        let stale = entry_stored(now - 2 * second, second);
+        assert!(nothing_left_to_do(&job(true), Some(&fresh), now));
         assert!(
-            done_since(&later, &job, &delivery, now, wall),
-            "refreshed since"
+            !nothing_left_to_do(&job(false), Some(&fresh), now),
+            "a refresh-ahead is for a fresh entry"
         );
-        let same = entry_stored(now - 3 * second, fresh);
-        assert!(
-            !done_since(&same, &job, &delivery, now, wall),
-            "its own version (refresh-ahead: still fresh) is refreshed"
-        );
-        let stale_again = entry_stored(now - second, second / 2);
-        assert!(!done_since(&stale_again, &job, &delivery, now, wall));
-        // Without the version: counted from when it was queued (2 s ago).
-        let old_job = job_for(None);
-        let queued_before = delivery_at(wall - 2 * second);
-        assert!(done_since(&later, &old_job, &queued_before, now, wall));
-        assert!(!done_since(&same, &old_job, &queued_before, now, wall));
-        let unreadable = Delivery {
-            id: "not-an-id".into(),
-            job: None,
-            attempts: 1,
-        };
-        assert!(!done_since(&later, &old_job, &unreadable, now, wall));
+        assert!(!nothing_left_to_do(&job(true), Some(&stale), now));
+        assert!(!nothing_left_to_do(&job(true), None, now));
     }
 }
