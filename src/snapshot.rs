@@ -225,6 +225,12 @@ fn not_trusted(dir: &Path, metadata: &std::fs::Metadata) -> Option<String> {
                 metadata.uid()
             ));
         }
+        // A second name for the file (a hard link someone made to an old
+        // snapshot, or to one of theirs to keep after its owner changes
+        // it): the file swr-proxy writes is renamed into place, one name.
+        if metadata.nlink() != 1 {
+            return Some(format!("{} names (hard links), not one", metadata.nlink()));
+        }
         if metadata.mode() & 0o022 != 0 {
             return Some(format!(
                 "writable by other users (mode {:o})",
@@ -524,6 +530,13 @@ mod tests {
         assert!(err.contains("writable by other users"), "{err}");
         std::fs::set_permissions(path(&dir), mode(0o600)).expect("chmod");
         assert!(read_now().expect("whole").is_some(), "private again: read");
+
+        let second_name = dir.join("second-name");
+        std::fs::hard_link(path(&dir), &second_name).expect("hard link");
+        let err = read_now().expect_err("two names");
+        assert!(err.contains("hard links"), "{err}");
+        std::fs::remove_file(&second_name).expect("unlink");
+        assert!(read_now().expect("whole").is_some(), "one name again: read");
 
         // As root (CI), the file can be given to another user.
         if std::os::unix::fs::chown(path(&dir), Some(54_321), None).is_ok() {
