@@ -601,7 +601,7 @@ fn write_head(out: &mut Vec<u8>, hit: &FastHit) {
             continue;
         }
         dated |= name == b"date";
-        header_line(out, name, value);
+        header_line(out, name, &value);
     }
     for ((name, value), written) in set.iter().zip(written) {
         if !written {

@@ -1,12 +1,31 @@
 //! One stored response and the instants that govern it, in one allocation.
 //!
-//! Memory is the budget that decides how many answers fit, so an entry is a
-//! single `Arc<[u8]>`: a fixed header of instants and lengths, then the key
-//! text, the response headers (a standard name as one byte, then the value),
-//! and the body. 100,000 objects of 1 KiB with two headers take 1,274 B
-//! each in a store alone (key, headers, instants, allocation and map slot),
-//! against about 1,620 B when the headers were `(HeaderName, HeaderValue)`
-//! pairs, the instants `Instant`s and the entry a second allocation.
+//! Memory is the budget that decides how many answers fit, so an entry's
+//! bytes are one block: a fixed header of instants and lengths, then the
+//! key text, the response headers (a standard name as one byte, then the
+//! value's length as LEB128, then the value), and the body. 100,000 objects
+//! of 1 KiB with two headers took 1,274 B each in a store alone (key,
+//! headers, instants, allocation and map slot), against about 1,620 B when
+//! the headers were `(HeaderName, HeaderValue)` pairs, the instants
+//! `Instant`s and the entry a second allocation.
+//!
+//! The block comes from the system allocator (`malloc`, through
+//! `allocator-api2`), not from the global one (mimalloc), and is shared by an
+//! `Arc` of its own. mimalloc rounds a block up to its size class, and the
+//! classes near 1 KiB go 1,024, 1,280, 1,536: every entry with a 1 KiB body
+//! took 1,280 B, however thin. glibc's `malloc` rounds to 16 B. Only entries
+//! are allocated there, so its heap holds blocks of much the same sizes,
+//! freed and reused as refreshes replace them, while the short-lived
+//! allocations of requests stay in mimalloc. Measured with nginx's seven
+//! headers and a 1 KiB body (`benches/pss.sh`, BENCHMARKS.md): 1,401-1,406 B
+//! per object with the entry in mimalloc, 1,301-1,302 B with it here and
+//! the two thinnings below.
+//!
+//! Two values take less room than their text: an HTTP date in the preferred
+//! format (`Date`, `Last-Modified`, `Expires`) is kept as its seconds when it
+//! formats back to the same bytes (5 B instead of 31), and the instants are
+//! spans of 32 bits from the time stored (milliseconds below 24 days, whole
+//! minutes above; windows rounded to end early, ages to be older).
 //!
 //! A hit wraps the entry in one `Bytes` owner (one small allocation, with a
 //! reference count of its own) and hands out slices of it for the header
@@ -14,9 +33,15 @@
 //! by that owner, however many headers the entry has, which matters when one
 //! hot key is served by every core at once.
 
+use std::alloc::System;
+use std::borrow::Cow;
 use std::fmt;
+use std::io::Write;
+use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use httpdate::HttpDate;
 
 use bytes::Bytes;
 use http::header::{self, CONTENT_LENGTH};
@@ -29,27 +54,41 @@ use super::policy::Lifetimes;
 /// the old entry or the new one, never a mix.
 #[derive(Clone)]
 pub struct Entry {
-    data: Arc<[u8]>,
+    data: Arc<Blob>,
 }
 
 // The fixed header at the start of `data`, little-endian.
 const STORED_AT: usize = 0; // i64 nanoseconds from `epoch()`
-const INITIAL_AGE: usize = 8; // u64 nanoseconds
-const FRESH_UNTIL: usize = 16; // i64 nanoseconds from `epoch()`, as the next three
-const STALE_UNTIL: usize = 24;
-const ERROR_UNTIL: usize = 32;
-const KEEP_UNTIL: usize = 40;
-const STATUS: usize = 48; // u16
-const HEADER_COUNT: usize = 50; // u16
-const KEY_LEN: usize = 52; // u32
-const BODY_START: usize = 56; // u64
-const KEY_START: usize = 64;
+const INITIAL_AGE: usize = 8; // a span (see `encode_span`)
+const FRESH_UNTIL: usize = 12; // a span after `stored_at`
+const STALE_UNTIL: usize = 16; // the next three: spans after `fresh_until`
+const ERROR_UNTIL: usize = 20;
+const KEEP_UNTIL: usize = 24;
+const STATUS: usize = 28; // u16
+const HEADER_COUNT: usize = 30; // u16
+const KEY_LEN: usize = 32; // u32
+const BODY_START: usize = 36; // u32: the key and the headers are far below 4 GiB
+const KEY_START: usize = 40;
 
 /// A header's name byte for a name outside [`KNOWN`]: the name follows as a
 /// u16 length and its bytes.
 const CUSTOM_NAME: u8 = u8::MAX;
-/// The top bit of a value's u32 length marks a sensitive value.
-const SENSITIVE: u32 = 1 << 31;
+/// Set in the name byte of a known header whose value is an HTTP date in
+/// the preferred format (IMF-fixdate, RFC 9110 §5.6.7) that formats back to
+/// the same 29 bytes: the value is stored as its u32 seconds since 1970.
+/// `Date` and `Last-Modified` are in nearly every response.
+const DATE_VALUE: u8 = 0x80;
+/// The headers whose values may be stored as dates.
+const DATE_NAMES: [HeaderName; 3] = [header::DATE, header::EXPIRES, header::LAST_MODIFIED];
+/// The length of an IMF-fixdate.
+const DATE_LEN: usize = 29;
+/// A value's length is stored as a LEB128 number (one byte below 64 B),
+/// shifted left by one; the low bit marks a sensitive value. Values of
+/// 2 GiB and more are not stored.
+const MAX_VALUE_LEN: usize = (1 << 31) - 1;
+
+/// An entry's bytes, allocated by the system allocator at their exact size.
+type Blob = allocator_api2::boxed::Box<[u8], System>;
 
 /// Response header names stored as one byte (their index here).
 static KNOWN: [HeaderName; 46] = [
@@ -206,26 +245,25 @@ impl Entry {
             .iter()
             .map(|(name, value)| 8 + name.as_str().len() + value.len())
             .sum();
-        let mut data = Vec::with_capacity(
-            KEY_START + key.len() + headers_len + content_length.len() + 8 + body_len,
-        );
-        let initial_age = u64::try_from(at.initial_age.as_nanos()).unwrap_or(u64::MAX);
-        data.extend_from_slice(&to_offset(at.stored_at).to_le_bytes());
-        data.extend_from_slice(&initial_age.to_le_bytes());
-        for instant in [
-            at.fresh_until,
-            at.stale_until,
-            at.error_until,
-            at.keep_until,
-        ] {
-            data.extend_from_slice(&to_offset(instant).to_le_bytes());
+        // Everything before the body; then the entry at its exact size.
+        let mut head =
+            Vec::with_capacity(KEY_START + key.len() + headers_len + content_length.len() + 8);
+        head.extend_from_slice(&to_offset(at.stored_at).to_le_bytes());
+        head.extend_from_slice(&encode_age(at.initial_age).to_le_bytes());
+        let fresh = at.fresh_until.saturating_duration_since(at.stored_at);
+        head.extend_from_slice(&encode_span(fresh).to_le_bytes());
+        // Read back as stored, so that the windows count from the same instant.
+        let fresh_until = later(at.stored_at, decode_span(encode_span(fresh)));
+        for instant in [at.stale_until, at.error_until, at.keep_until] {
+            let span = instant.saturating_duration_since(fresh_until);
+            head.extend_from_slice(&encode_span(span).to_le_bytes());
         }
-        data.extend_from_slice(&status.as_u16().to_le_bytes());
-        data.extend_from_slice(&[0; 2]); // header count, set below
+        head.extend_from_slice(&status.as_u16().to_le_bytes());
+        head.extend_from_slice(&[0; 2]); // header count, set below
         let key_len = u32::try_from(key.len()).unwrap_or(u32::MAX);
-        data.extend_from_slice(&key_len.to_le_bytes());
-        data.extend_from_slice(&[0; 8]); // body start, set below
-        data.extend_from_slice(&key.as_bytes()[..key_len as usize]);
+        head.extend_from_slice(&key_len.to_le_bytes());
+        head.extend_from_slice(&[0; 4]); // body start, set below
+        head.extend_from_slice(&key.as_bytes()[..key_len as usize]);
 
         let mut count: u16 = 0;
         let stored = headers
@@ -237,40 +275,43 @@ impl Entry {
             // A value of 2 GiB or a name of 64 KiB cannot come from a
             // backend (hyper's header limits are far below); skip rather
             // than store a truncated one.
-            let (Ok(value_len), Ok(name_len)) = (
-                u32::try_from(value.len()),
-                u16::try_from(name.as_str().len()),
-            ) else {
+            let Ok(name_len) = u16::try_from(name.as_str().len()) else {
                 continue;
             };
-            if value_len >= SENSITIVE || count == u16::MAX {
+            if value.len() > MAX_VALUE_LEN || count == u16::MAX {
                 continue;
             }
-            match KNOWN.iter().position(|known| known == name) {
-                Some(index) => data.push(index as u8),
+            let known = KNOWN.iter().position(|known| known == name);
+            if let (Some(index), Some(secs)) = (known, stored_date(name, value, sensitive)) {
+                head.push(index as u8 | DATE_VALUE);
+                head.extend_from_slice(&secs.to_le_bytes());
+                count += 1;
+                continue;
+            }
+            match known {
+                Some(index) => head.push(index as u8),
                 None => {
-                    data.push(CUSTOM_NAME);
-                    data.extend_from_slice(&name_len.to_le_bytes());
-                    data.extend_from_slice(name.as_str().as_bytes());
+                    head.push(CUSTOM_NAME);
+                    head.extend_from_slice(&name_len.to_le_bytes());
+                    head.extend_from_slice(name.as_str().as_bytes());
                 }
             }
-            let flagged = if sensitive {
-                value_len | SENSITIVE
-            } else {
-                value_len
-            };
-            data.extend_from_slice(&flagged.to_le_bytes());
-            data.extend_from_slice(value);
+            push_leb128(&mut head, (value.len() as u64) << 1 | u64::from(sensitive));
+            head.extend_from_slice(value);
             count += 1;
         }
-        let body_start = data.len() as u64;
+        // Below 4 GiB: the key's length is a u32 and the headers come from
+        // a map that hyper's limits keep to kilobytes.
+        let body_start = u32::try_from(head.len()).unwrap_or(u32::MAX);
+        head[HEADER_COUNT..HEADER_COUNT + 2].copy_from_slice(&count.to_le_bytes());
+        head[BODY_START..BODY_START + 4].copy_from_slice(&body_start.to_le_bytes());
+        let mut data = allocator_api2::vec::Vec::with_capacity_in(head.len() + body_len, System);
+        data.extend_from_slice(&head);
         for chunk in body {
             data.extend_from_slice(chunk);
         }
-        data[HEADER_COUNT..HEADER_COUNT + 2].copy_from_slice(&count.to_le_bytes());
-        data[BODY_START..BODY_START + 8].copy_from_slice(&body_start.to_le_bytes());
         Entry {
-            data: Arc::from(data),
+            data: Arc::new(data.into_boxed_slice()),
         }
     }
 
@@ -286,18 +327,27 @@ impl Entry {
         u64::from_le_bytes(bytes)
     }
 
-    fn instant_at(&self, at: usize) -> Instant {
-        from_offset(self.u64_at(at) as i64)
+    fn span_at(&self, at: usize) -> Duration {
+        decode_span(self.u32_at(at))
+    }
+
+    /// The instant a window counts from: `fresh_until`.
+    fn window_end(&self, at: usize) -> Instant {
+        later(self.fresh_until(), self.span_at(at))
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        let mut bytes = [0; 4];
+        bytes.copy_from_slice(&self.data[at..at + 4]);
+        u32::from_le_bytes(bytes)
     }
 
     fn key_len(&self) -> usize {
-        let mut bytes = [0; 4];
-        bytes.copy_from_slice(&self.data[KEY_LEN..KEY_LEN + 4]);
-        u32::from_le_bytes(bytes) as usize
+        self.u32_at(KEY_LEN) as usize
     }
 
     fn body_start(&self) -> usize {
-        usize::try_from(self.u64_at(BODY_START)).unwrap_or(self.data.len())
+        (self.u32_at(BODY_START) as usize).min(self.data.len())
     }
 
     /// The response status.
@@ -307,32 +357,32 @@ impl Entry {
 
     /// When this response was stored (or last refreshed).
     pub fn stored_at(&self) -> Instant {
-        self.instant_at(STORED_AT)
+        from_offset(self.u64_at(STORED_AT) as i64)
     }
 
     /// The response's age when it was stored (see [`Lifetimes::initial_age`]).
     pub fn initial_age(&self) -> Duration {
-        Duration::from_nanos(self.u64_at(INITIAL_AGE))
+        self.span_at(INITIAL_AGE)
     }
 
     /// Served as fresh before this instant.
     pub fn fresh_until(&self) -> Instant {
-        self.instant_at(FRESH_UNTIL)
+        later(self.stored_at(), self.span_at(FRESH_UNTIL))
     }
 
     /// Served stale (with a background refresh) before this instant.
     pub fn stale_until(&self) -> Instant {
-        self.instant_at(STALE_UNTIL)
+        self.window_end(STALE_UNTIL)
     }
 
     /// Served stale when the backend fails before this instant.
     pub fn error_until(&self) -> Instant {
-        self.instant_at(ERROR_UNTIL)
+        self.window_end(ERROR_UNTIL)
     }
 
     /// After this instant the entry can no longer be served nor revalidated.
     pub fn evict_at(&self) -> Instant {
-        self.instant_at(KEEP_UNTIL)
+        self.window_end(KEEP_UNTIL)
     }
 
     /// The key text: `host` + `path?query`.
@@ -360,7 +410,7 @@ impl Entry {
         Bytes::from_owner(Data(Arc::clone(&self.data)))
     }
 
-    /// Every stored header as `(name, value range in data, sensitive)`.
+    /// Every stored header as `(name, value, sensitive)`.
     fn header_ranges(&self) -> HeaderRanges<'_> {
         HeaderRanges(self.raw_headers())
     }
@@ -375,14 +425,18 @@ impl Entry {
 
     /// Every stored header as the bytes of its (lowercase) name and value,
     /// in stored order, for writing an answer without a header map.
-    pub fn wire_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+    pub fn wire_headers(&self) -> impl Iterator<Item = (&[u8], WireValue<'_>)> {
         let data = &self.data[..];
-        self.raw_headers().map(move |(name, range, _)| {
+        self.raw_headers().map(move |(name, value, _)| {
             let name = match name {
                 RawName::Known(name) => name.as_str().as_bytes(),
                 RawName::Custom(bytes) => &data[bytes],
             };
-            (name, &data[range])
+            let value = match value {
+                RawValue::Stored(range) => WireValue::Stored(&data[range]),
+                RawValue::Date(secs) => WireValue::Date(format_date(secs)),
+            };
+            (name, value)
         })
     }
 
@@ -404,10 +458,14 @@ impl Entry {
     fn headers_in(&self, shared: &Bytes, extra: usize) -> HeaderMap {
         let ranges = self.header_ranges();
         let mut map = HeaderMap::with_capacity(usize::from(ranges.0.left) + extra);
-        for (name, range, sensitive) in ranges {
+        for (name, value, sensitive) in ranges {
             // The bytes were a valid value when stored; should one not be,
             // the header is dropped rather than the answer failed.
-            if let Ok(mut value) = HeaderValue::from_maybe_shared(shared.slice(range)) {
+            let value = match value {
+                RawValue::Stored(range) => HeaderValue::from_maybe_shared(shared.slice(range)),
+                RawValue::Date(secs) => HeaderValue::from_bytes(&format_date(secs)),
+            };
+            if let Ok(mut value) = value {
                 value.set_sensitive(sensitive);
                 map.append(name, value);
             }
@@ -416,16 +474,25 @@ impl Entry {
     }
 
     /// The first stored value of a header, as text.
-    pub fn header_str(&self, name: &HeaderName) -> Option<&str> {
-        self.header_ranges()
-            .find(|(n, _, _)| n == name)
-            .and_then(|(_, range, _)| std::str::from_utf8(&self.data[range]).ok())
+    pub fn header_str(&self, name: &HeaderName) -> Option<Cow<'_, str>> {
+        let (_, value, _) = self.header_ranges().find(|(n, _, _)| n == name)?;
+        match value {
+            RawValue::Stored(range) => std::str::from_utf8(&self.data[range])
+                .ok()
+                .map(Cow::Borrowed),
+            RawValue::Date(secs) => Some(Cow::Owned(
+                String::from_utf8_lossy(&format_date(secs)).into_owned(),
+            )),
+        }
     }
 
     /// The first stored value of a header.
     pub fn header(&self, name: &HeaderName) -> Option<HeaderValue> {
-        let (_, range, _) = self.header_ranges().find(|(n, _, _)| n == name)?;
-        HeaderValue::from_bytes(&self.data[range]).ok()
+        let (_, value, _) = self.header_ranges().find(|(n, _, _)| n == name)?;
+        match value {
+            RawValue::Stored(range) => HeaderValue::from_bytes(&self.data[range]).ok(),
+            RawValue::Date(secs) => HeaderValue::from_bytes(&format_date(secs)).ok(),
+        }
     }
 
     pub fn etag(&self) -> Option<HeaderValue> {
@@ -481,17 +548,21 @@ impl Entry {
         let stale_until = later(fresh_until, window);
         let error_until = self.error_until().max(stale_until);
         let keep_until = self.evict_at().max(error_until);
-        let mut data = self.data.to_vec();
+        let mut data = allocator_api2::vec::Vec::with_capacity_in(self.data.len(), System);
+        data.extend_from_slice(&self.data);
+        let fresh = encode_span(fresh_until.saturating_duration_since(self.stored_at()));
+        data[FRESH_UNTIL..FRESH_UNTIL + 4].copy_from_slice(&fresh.to_le_bytes());
+        let fresh_until = later(self.stored_at(), decode_span(fresh));
         for (at, instant) in [
-            (FRESH_UNTIL, fresh_until),
             (STALE_UNTIL, stale_until),
             (ERROR_UNTIL, error_until),
             (KEEP_UNTIL, keep_until),
         ] {
-            data[at..at + 8].copy_from_slice(&to_offset(instant).to_le_bytes());
+            let span = encode_span(instant.saturating_duration_since(fresh_until));
+            data[at..at + 4].copy_from_slice(&span.to_le_bytes());
         }
         Entry {
-            data: Arc::from(data),
+            data: Arc::new(data.into_boxed_slice()),
         }
     }
 
@@ -547,7 +618,7 @@ pub struct Instants {
 }
 
 /// An entry's bytes as the owner of a `Bytes`.
-struct Data(Arc<[u8]>);
+struct Data(Arc<Blob>);
 
 impl AsRef<[u8]> for Data {
     fn as_ref(&self) -> &[u8] {
@@ -559,15 +630,95 @@ impl AsRef<[u8]> for Data {
 struct HeaderRanges<'a>(RawHeaders<'a>);
 
 impl Iterator for HeaderRanges<'_> {
-    type Item = (HeaderName, std::ops::Range<usize>, bool);
+    type Item = (HeaderName, RawValue, bool);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let (name, range, sensitive) = self.0.next()?;
+        let (name, value, sensitive) = self.0.next()?;
         let name = match name {
             RawName::Known(name) => name.clone(),
             RawName::Custom(bytes) => HeaderName::from_bytes(&self.0.data[bytes]).ok()?,
         };
-        Some((name, range, sensitive))
+        Some((name, value, sensitive))
+    }
+}
+
+/// A stored header's value: the range of its bytes, or a date.
+enum RawValue {
+    Stored(std::ops::Range<usize>),
+    /// Seconds since 1970, written as an IMF-fixdate.
+    Date(u32),
+}
+
+/// A header value as an answer writes it: the stored bytes, or a stored
+/// date formatted.
+pub enum WireValue<'a> {
+    Stored(&'a [u8]),
+    Date([u8; DATE_LEN]),
+}
+
+impl Deref for WireValue<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            WireValue::Stored(bytes) => bytes,
+            WireValue::Date(date) => date,
+        }
+    }
+}
+
+/// `secs` since 1970 as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+fn format_date(secs: u32) -> [u8; DATE_LEN] {
+    let mut out = [b' '; DATE_LEN];
+    let date = HttpDate::from(UNIX_EPOCH + Duration::from_secs(u64::from(secs)));
+    // Years up to 2106 (a u32 of seconds): always 29 bytes.
+    let mut cursor = &mut out[..];
+    let _ = write!(cursor, "{date}");
+    out
+}
+
+/// The seconds to store for `value` of header `name`, when it is a date
+/// that [`format_date`] writes back byte for byte.
+fn stored_date(name: &HeaderName, value: &[u8], sensitive: bool) -> Option<u32> {
+    if sensitive || value.len() != DATE_LEN || !DATE_NAMES.contains(name) {
+        return None;
+    }
+    let at = httpdate::parse_http_date(std::str::from_utf8(value).ok()?).ok()?;
+    let secs = u32::try_from(at.duration_since(UNIX_EPOCH).ok()?.as_secs()).ok()?;
+    (format_date(secs) == value).then_some(secs)
+}
+
+/// The bit of a span that says it counts minutes, not milliseconds.
+const SPAN_MINUTES: u32 = 1 << 31;
+
+/// A span of time in 32 bits: below 2^31 milliseconds (24 days) to the
+/// millisecond, else in whole minutes (up to 4,000 years), rounded down:
+/// an entry's windows end a little early, never late.
+fn encode_span(d: Duration) -> u32 {
+    span_of(d.as_millis(), d.as_secs() / 60)
+}
+
+/// [`encode_span`] rounded up, for an age: a response is never made younger.
+fn encode_age(d: Duration) -> u32 {
+    let nanos = d.as_nanos();
+    span_of(nanos.div_ceil(1_000_000), nanos.div_ceil(60_000_000_000))
+}
+
+fn span_of(ms: u128, minutes: impl Into<u128>) -> u32 {
+    match u32::try_from(ms) {
+        Ok(ms) if ms < SPAN_MINUTES => ms,
+        _ => {
+            let minutes = u32::try_from(minutes.into()).unwrap_or(u32::MAX);
+            SPAN_MINUTES | minutes.min(SPAN_MINUTES - 1)
+        }
+    }
+}
+
+fn decode_span(span: u32) -> Duration {
+    if span & SPAN_MINUTES == 0 {
+        Duration::from_millis(u64::from(span))
+    } else {
+        Duration::from_secs(u64::from(span & !SPAN_MINUTES) * 60)
     }
 }
 
@@ -585,7 +736,7 @@ struct RawHeaders<'a> {
 }
 
 impl Iterator for RawHeaders<'_> {
-    type Item = (RawName, std::ops::Range<usize>, bool);
+    type Item = (RawName, RawValue, bool);
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.left == 0 {
@@ -605,19 +756,47 @@ impl Iterator for RawHeaders<'_> {
             self.at += 2 + len;
             RawName::Custom(bytes)
         } else {
-            RawName::Known(KNOWN.get(usize::from(tag))?)
+            RawName::Known(KNOWN.get(usize::from(tag & !DATE_VALUE))?)
         };
-        let mut len = [0; 4];
-        len.copy_from_slice(data.get(self.at..self.at + 4)?);
-        let flagged = u32::from_le_bytes(len);
-        let start = self.at + 4;
-        let end = start + (flagged & !SENSITIVE) as usize;
+        if tag != CUSTOM_NAME && tag & DATE_VALUE != 0 {
+            let secs = data.get(self.at..self.at + 4)?;
+            self.at += 4;
+            let secs = u32::from_le_bytes([secs[0], secs[1], secs[2], secs[3]]);
+            return Some((name, RawValue::Date(secs), false));
+        }
+        let flagged = read_leb128(data, &mut self.at)?;
+        let start = self.at;
+        let end = start.checked_add(usize::try_from(flagged >> 1).ok()?)?;
         if end > data.len() {
             return None;
         }
         self.at = end;
-        Some((name, start..end, flagged & SENSITIVE != 0))
+        Some((name, RawValue::Stored(start..end), flagged & 1 != 0))
     }
+}
+
+/// Appends `n` as LEB128: seven bits a byte, the lowest first, the top bit
+/// set on every byte but the last.
+fn push_leb128(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Reads a LEB128 number of at most five bytes at `*at`, moving `*at` past it.
+fn read_leb128(data: &[u8], at: &mut usize) -> Option<u64> {
+    let mut n = 0;
+    for shift in (0..35).step_by(7) {
+        let byte = *data.get(*at)?;
+        *at += 1;
+        n |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(n);
+        }
+    }
+    None
 }
 
 fn ceil_secs(d: Duration) -> i64 {
@@ -650,6 +829,14 @@ mod tests {
         headers.insert("x-token", secret);
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
         headers.insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+        // Lengths of one, two and three LEB128 bytes.
+        let long = |n: usize| HeaderValue::from_str(&"v".repeat(n)).expect("ascii");
+        headers.insert("x-63", long(63));
+        headers.insert("x-64", long(64));
+        headers.insert("x-8192", long(8192));
+        let mut secret_long = long(300);
+        secret_long.set_sensitive(true);
+        headers.insert("x-token-long", secret_long);
         let body = [Bytes::from_static(b"hello "), Bytes::from_static(b"world")];
         // Before the epoch is first read, so negative offsets are exercised too.
         let now = Instant::now();
@@ -684,10 +871,100 @@ mod tests {
         assert_eq!(gens, ["7", "8"]);
         assert!(map["x-token"].is_sensitive());
         assert!(!map[header::CONTENT_TYPE].is_sensitive());
-        assert_eq!(map.len(), 6);
-        assert_eq!(entry.header_str(&header::ETAG), Some("\"v1\""));
+        for n in [63, 64, 8192, 300] {
+            let name = if n == 300 {
+                "x-token-long".to_string()
+            } else {
+                format!("x-{n}")
+            };
+            assert_eq!(map[name.as_str()].len(), n, "{name}");
+            assert_eq!(map[name.as_str()].is_sensitive(), n == 300, "{name}");
+        }
+        assert_eq!(map.len(), 10);
+        assert_eq!(entry.header_str(&header::ETAG).as_deref(), Some("\"v1\""));
         assert_eq!(entry.etag(), Some(HeaderValue::from_static("\"v1\"")));
         assert_eq!(entry.last_modified(), None);
+    }
+
+    #[test]
+    fn dates_are_stored_as_seconds_and_written_back_byte_for_byte() {
+        let mut headers = HeaderMap::new();
+        let date = "Sat, 05 Dec 2026 06:51:43 GMT";
+        headers.insert(header::DATE, HeaderValue::from_static(date));
+        // Not the preferred format, or not one that formats back the same:
+        // kept as sent.
+        let rfc850 = "Sunday, 06-Nov-94 08:49:37 GMT";
+        headers.insert(header::LAST_MODIFIED, HeaderValue::from_static(rfc850));
+        let lower = "sat, 05 Dec 2026 06:51:43 GMT";
+        headers.insert(header::EXPIRES, HeaderValue::from_static(lower));
+        headers.append(header::EXPIRES, HeaderValue::from_static(date));
+        // Only the date headers: an x- header holding a date stays text.
+        headers.insert("x-when", HeaderValue::from_static(date));
+        let entry = Entry::new(
+            "k",
+            StatusCode::OK,
+            &headers,
+            &[Bytes::from_static(b"x")],
+            Instant::now(),
+            lifetimes(10),
+        );
+        let text_only = Entry::new(
+            "k",
+            StatusCode::OK,
+            &HeaderMap::new(),
+            &[Bytes::from_static(b"x")],
+            Instant::now(),
+            lifetimes(10),
+        );
+        let map = entry.header_map(0);
+        assert_eq!(map[header::DATE], date);
+        assert_eq!(map[header::LAST_MODIFIED], rfc850);
+        let expires: Vec<_> = map.get_all(header::EXPIRES).iter().collect();
+        assert_eq!(expires, [lower, date]);
+        assert_eq!(map["x-when"], date);
+        assert_eq!(entry.header_str(&header::DATE).as_deref(), Some(date));
+        assert_eq!(
+            entry.header(&header::DATE),
+            Some(HeaderValue::from_static(date))
+        );
+        let wire: Vec<(Vec<u8>, Vec<u8>)> = entry
+            .wire_headers()
+            .map(|(name, value)| (name.to_vec(), value.to_vec()))
+            .collect();
+        assert_eq!(wire[0], (b"date".to_vec(), date.as_bytes().to_vec()));
+        // Two dates in 5 bytes each (a name byte and four of seconds), not 31;
+        // the texts of the other four and their names and lengths.
+        // The others as name byte(s), a one-byte length and the text.
+        let texts = (2 + rfc850.len()) + (2 + lower.len()) + (4 + "x-when".len() + date.len());
+        assert_eq!(entry.data.len() - text_only.data.len(), 2 * 5 + texts);
+    }
+
+    #[test]
+    fn spans_keep_milliseconds_below_24_days_and_minutes_above() {
+        for ms in [0, 1, 8_500, (1 << 31) - 1] {
+            let d = Duration::from_millis(ms);
+            assert_eq!(decode_span(encode_span(d)), d, "{ms} ms");
+        }
+        // Below a millisecond: rounded down.
+        let d = Duration::from_nanos(1_999_999);
+        assert_eq!(decode_span(encode_span(d)), Duration::from_millis(1));
+        // A year: to the minute below.
+        let year = Duration::from_secs(365 * 86_400 + 59);
+        assert_eq!(
+            decode_span(encode_span(year)),
+            Duration::from_secs(365 * 86_400)
+        );
+        // Ages round up: never younger than they were.
+        let d = Duration::from_nanos(1_000_001);
+        assert_eq!(decode_span(encode_age(d)), Duration::from_millis(2));
+        assert_eq!(
+            decode_span(encode_age(year)),
+            Duration::from_secs(365 * 86_400 + 60)
+        );
+        // The longest: about 4,000 years.
+        let longest = decode_span(encode_span(Duration::MAX));
+        assert!(longest > Duration::from_secs(4_000 * 365 * 86_400));
+        assert!(decode_span(encode_span(longest)) == longest);
     }
 
     #[test]

@@ -903,7 +903,7 @@ pub fn client_not_modified(entry: &Entry, request: &HeaderMap) -> bool {
     };
     entry
         .header_str(&header::LAST_MODIFIED)
-        .and_then(http_date_str)
+        .and_then(|modified| http_date_str(&modified))
         .is_some_and(|modified| modified <= since)
 }
 

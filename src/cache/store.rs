@@ -19,6 +19,7 @@
 //! `HashTable` gives access by bucket index), so the clock costs no memory
 //! per entry.
 
+use std::alloc::System;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
@@ -94,8 +95,11 @@ struct Shard {
 #[derive(Default)]
 struct ShardInner {
     /// Slots by key hash: one entry per hash (a key whose hash collides with
-    /// a stored one replaces it; a read checks the key text).
-    table: HashTable<Slot>,
+    /// a stored one replaces it; a read checks the key text). In the system
+    /// allocator, with the entries (see entry.rs): a table that grows frees
+    /// its old buckets there, where entries reuse them, instead of leaving
+    /// them in mimalloc's pages among small objects that live on.
+    table: HashTable<Slot, System>,
     /// The CLOCK hand: the bucket index the next eviction looks at first.
     hand: usize,
 }

@@ -108,11 +108,12 @@ pub fn vary_names(headers: &HeaderMap) -> Vary {
 /// Whether a stored entry's `Vary` fields name the request field `name`
 /// (lowercase): every client the entry answers sent the same value of it.
 pub fn stored_varies_on(entry: &Entry, name: &str) -> bool {
-    entry
-        .wire_headers()
-        .filter(|(field, _)| *field == b"vary")
-        .flat_map(|(_, value)| value.split(|&b| b == b','))
-        .any(|n| n.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+    entry.wire_headers().any(|(field, value)| {
+        field == b"vary"
+            && value
+                .split(|&b| b == b',')
+                .any(|n| n.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+    })
 }
 
 /// The values of the named request headers, as one text for the cache
