@@ -1,31 +1,32 @@
-//! One stored response and the instants that govern it, in one allocation.
+//! One stored response and the instants that govern it, as one block of
+//! bytes behind an `Arc`.
 //!
 //! Memory is the budget that decides how many answers fit, so an entry's
 //! bytes are one block: a fixed header of instants and lengths, then the
-//! key text, the response headers (a standard name as one byte, then the
-//! value's length as LEB128, then the value), and the body. 100,000 objects
-//! of 1 KiB with two headers took 1,274 B each in a store alone (key,
-//! headers, instants, allocation and map slot), against about 1,620 B when
-//! the headers were `(HeaderName, HeaderValue)` pairs, the instants
-//! `Instant`s and the entry a second allocation.
+//! key text, the response headers, and the body. A header is its name (one
+//! byte for a name in [`KNOWN`]; else [`CUSTOM_NAME`], a u16 length and the
+//! name) and its value (a LEB128 length and the bytes; or, for a date, see
+//! below). `Content-Length` is not stored: readers get the body's length.
 //!
 //! The block comes from the system allocator (`malloc`, through
-//! `allocator-api2`), not from the global one (mimalloc), and is shared by an
-//! `Arc` of its own. mimalloc rounds a block up to its size class, and the
-//! classes near 1 KiB go 1,024, 1,280, 1,536: every entry with a 1 KiB body
-//! took 1,280 B, however thin. glibc's `malloc` rounds to 16 B. Only entries
-//! are allocated there, so its heap holds blocks of much the same sizes,
-//! freed and reused as refreshes replace them, while the short-lived
-//! allocations of requests stay in mimalloc. Measured with nginx's seven
-//! headers and a 1 KiB body (`benches/pss.sh`, BENCHMARKS.md): 1,401-1,406 B
-//! per object with the entry in mimalloc, 1,301-1,302 B with it here and
-//! the two thinnings below.
+//! `allocator-api2`), not from the global one (mimalloc); the `Arc` that
+//! shares it is a 32 B allocation in mimalloc. mimalloc rounds a block up to
+//! its size class, and the classes near 1 KiB go 1,024, 1,280, 1,536: every
+//! entry with a 1 KiB body took 1,280 B, however thin. glibc's `malloc`
+//! rounds to 16 B. Only entries (and the store's tables) are allocated
+//! there, so its heap holds blocks of much the same sizes, freed and reused
+//! as refreshes replace them, while the short-lived allocations of requests
+//! stay in mimalloc. Measured with nginx's seven headers and a 1 KiB body
+//! (`benches/pss.sh`, BENCHMARKS.md): 1,401-1,406 B per object at 77eeca7
+//! (the block in mimalloc, 1,279 B), 1,286 B now (1,160 B).
 //!
-//! Two values take less room than their text: an HTTP date in the preferred
-//! format (`Date`, `Last-Modified`, `Expires`) is kept as its seconds when it
-//! formats back to the same bytes (5 B instead of 31), and the instants are
-//! spans of 32 bits from the time stored (milliseconds below 24 days, whole
-//! minutes above; windows rounded to end early, ages to be older).
+//! Values take less room than their text: an HTTP date in the preferred
+//! format (`Date`, `Last-Modified`, `Expires`) is kept as its seconds when
+//! it formats back to the same bytes (5 B instead of 31: the name byte with
+//! [`DATE_VALUE`] set, then a u32), lengths are LEB128 (one byte below
+//! 64 B), and the instants are spans of 32 bits from the time stored
+//! (milliseconds below 24 days, whole minutes above; windows rounded to end
+//! early, ages to be older).
 //!
 //! A hit wraps the entry in one `Bytes` owner (one small allocation, with a
 //! reference count of its own) and hands out slices of it for the header
@@ -179,9 +180,9 @@ fn later(at: Instant, d: Duration) -> Instant {
 
 impl Entry {
     /// Builds an entry stored at `now` with the given lifetimes. `headers`
-    /// are the response's headers, hop-by-hop ones already removed
-    /// (`Content-Length` is set to the body's length); the body comes as the
-    /// chunks it was read in.
+    /// are the response's headers, hop-by-hop ones already removed (a
+    /// `Content-Length` among them is not stored: readers get the body's
+    /// length); the body comes as the chunks it was read in.
     pub fn new(
         key: &str,
         status: StatusCode,
@@ -248,14 +249,8 @@ impl Entry {
         let mut head = Vec::with_capacity(KEY_START + key.len() + headers_len);
         head.extend_from_slice(&to_offset(at.stored_at).to_le_bytes());
         head.extend_from_slice(&encode_age(at.initial_age).to_le_bytes());
-        let fresh = at.fresh_until.saturating_duration_since(at.stored_at);
-        head.extend_from_slice(&encode_span(fresh).to_le_bytes());
-        // Read back as stored, so that the windows count from the same instant.
-        let fresh_until = later(at.stored_at, decode_span(encode_span(fresh)));
-        for instant in [at.stale_until, at.error_until, at.keep_until] {
-            let span = instant.saturating_duration_since(fresh_until);
-            head.extend_from_slice(&encode_span(span).to_le_bytes());
-        }
+        let ends = [at.stale_until, at.error_until, at.keep_until];
+        head.extend_from_slice(&window_spans(at.stored_at, at.fresh_until, ends));
         head.extend_from_slice(&status.as_u16().to_le_bytes());
         head.extend_from_slice(&[0; 2]); // header count, set below
         let key_len = u32::try_from(key.len()).unwrap_or(u32::MAX);
@@ -409,9 +404,10 @@ impl Entry {
         Bytes::from_owner(Data(Arc::clone(&self.data)))
     }
 
-    /// Every stored header as `(name, value, sensitive)`.
-    fn header_ranges(&self) -> HeaderRanges<'_> {
-        HeaderRanges(self.raw_headers())
+    /// Every header as `(name, value, sensitive)`: the stored ones, then
+    /// `Content-Length`.
+    fn named_headers(&self) -> NamedHeaders<'_> {
+        NamedHeaders(self.raw_headers())
     }
 
     fn raw_headers(&self) -> RawHeaders<'_> {
@@ -453,14 +449,15 @@ impl Entry {
 
     /// The stored headers as a map of slices of `shared` (this entry's bytes).
     fn headers_in(&self, shared: &Bytes, extra: usize) -> HeaderMap {
-        let ranges = self.header_ranges();
+        let ranges = self.named_headers();
         let mut map = HeaderMap::with_capacity(usize::from(ranges.0.left) + 1 + extra);
         for (name, value, sensitive) in ranges {
             // The bytes were a valid value when stored; should one not be,
             // the header is dropped rather than the answer failed.
             let value = match value {
                 RawValue::Stored(range) => HeaderValue::from_maybe_shared(shared.slice(range)),
-                other => HeaderValue::from_bytes(&WireValue::of(shared, other)),
+                RawValue::Length(n) => Ok(HeaderValue::from(n)),
+                date => HeaderValue::from_bytes(&WireValue::of(shared, date)),
             };
             if let Ok(mut value) = value {
                 value.set_sensitive(sensitive);
@@ -472,7 +469,7 @@ impl Entry {
 
     /// The first stored value of a header, as text.
     pub fn header_str(&self, name: &HeaderName) -> Option<Cow<'_, str>> {
-        let (_, value, _) = self.header_ranges().find(|(n, _, _)| n == name)?;
+        let (_, value, _) = self.named_headers().find(|(n, _, _)| n == name)?;
         match WireValue::of(&self.data, value) {
             WireValue::Stored(bytes) => std::str::from_utf8(bytes).ok().map(Cow::Borrowed),
             formatted => Some(Cow::Owned(String::from_utf8_lossy(&formatted).into_owned())),
@@ -481,7 +478,7 @@ impl Entry {
 
     /// The first stored value of a header.
     pub fn header(&self, name: &HeaderName) -> Option<HeaderValue> {
-        let (_, value, _) = self.header_ranges().find(|(n, _, _)| n == name)?;
+        let (_, value, _) = self.named_headers().find(|(n, _, _)| n == name)?;
         HeaderValue::from_bytes(&WireValue::of(&self.data, value)).ok()
     }
 
@@ -540,17 +537,12 @@ impl Entry {
         let keep_until = self.evict_at().max(error_until);
         let mut data = allocator_api2::vec::Vec::with_capacity_in(self.data.len(), System);
         data.extend_from_slice(&self.data);
-        let fresh = encode_span(fresh_until.saturating_duration_since(self.stored_at()));
-        data[FRESH_UNTIL..FRESH_UNTIL + 4].copy_from_slice(&fresh.to_le_bytes());
-        let fresh_until = later(self.stored_at(), decode_span(fresh));
-        for (at, instant) in [
-            (STALE_UNTIL, stale_until),
-            (ERROR_UNTIL, error_until),
-            (KEEP_UNTIL, keep_until),
-        ] {
-            let span = encode_span(instant.saturating_duration_since(fresh_until));
-            data[at..at + 4].copy_from_slice(&span.to_le_bytes());
-        }
+        let ends = [stale_until, error_until, keep_until];
+        data[FRESH_UNTIL..KEEP_UNTIL + 4].copy_from_slice(&window_spans(
+            self.stored_at(),
+            fresh_until,
+            ends,
+        ));
         Entry {
             data: Arc::new(data.into_boxed_slice()),
         }
@@ -579,9 +571,10 @@ impl Entry {
     /// Bytes charged against the cache's budget: the entry's bytes, their
     /// allocation and the map's bookkeeping.
     pub fn weight(&self) -> u32 {
-        // malloc's 8 B header and its rounding to 16 B (8 B on average),
-        // the `Arc` (32 B in mimalloc) and the store's slot (24 B at a load
-        // factor of 0.76, its control byte): 80 B.
+        // malloc's 8 B header and its rounding to 16 B (8 B on average):
+        // 16 B; the `Arc`: 32 B in mimalloc; the store's slot, 24 B and a
+        // control byte at a load factor of 0.76: (24 + 1) / 0.76 = 33 B.
+        // 81 B in all.
         const OVERHEAD: usize = 80;
         u32::try_from(OVERHEAD + self.data.len()).unwrap_or(u32::MAX)
     }
@@ -619,10 +612,10 @@ impl AsRef<[u8]> for Data {
     }
 }
 
-/// Walks the stored headers, with their names as [`HeaderName`]s.
-struct HeaderRanges<'a>(RawHeaders<'a>);
+/// Walks the headers, with their names as [`HeaderName`]s.
+struct NamedHeaders<'a>(RawHeaders<'a>);
 
-impl Iterator for HeaderRanges<'_> {
+impl Iterator for NamedHeaders<'_> {
     type Item = (HeaderName, RawValue, bool);
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -649,18 +642,22 @@ enum RawValue {
 /// stored as a number and formatted.
 pub enum WireValue<'a> {
     Stored(&'a [u8]),
-    /// The text in the first `.1` bytes.
-    Formatted([u8; DATE_LEN], usize),
+    /// A value stored as a number, as text: the first `len` bytes of `text`.
+    Formatted {
+        text: [u8; FORMATTED_MAX],
+        len: u8,
+    },
 }
+
+/// The longest formatted value: an IMF-fixdate (29 bytes; a usize is at
+/// most 20 digits).
+const FORMATTED_MAX: usize = DATE_LEN;
 
 impl<'a> WireValue<'a> {
     fn of(data: &'a [u8], value: RawValue) -> WireValue<'a> {
         match value {
             RawValue::Stored(range) => WireValue::Stored(&data[range]),
-            RawValue::Date(secs) => {
-                let date = HttpDate::from(UNIX_EPOCH + Duration::from_secs(u64::from(secs)));
-                WireValue::formatted(date)
-            }
+            RawValue::Date(secs) => format_date(secs),
             RawValue::Length(n) => WireValue::formatted(n),
         }
     }
@@ -668,11 +665,11 @@ impl<'a> WireValue<'a> {
     /// `value` as text: an IMF-fixdate of a year up to 2106 (a u32 of
     /// seconds) is 29 bytes, a usize at most 20.
     fn formatted(value: impl fmt::Display) -> WireValue<'a> {
-        let mut out = [b' '; DATE_LEN];
-        let mut cursor = &mut out[..];
+        let mut text = [0; FORMATTED_MAX];
+        let mut cursor = &mut text[..];
         let _ = write!(cursor, "{value}");
-        let len = DATE_LEN - cursor.len();
-        WireValue::Formatted(out, len)
+        let len = (FORMATTED_MAX - cursor.len()) as u8;
+        WireValue::Formatted { text, len }
     }
 }
 
@@ -682,9 +679,16 @@ impl Deref for WireValue<'_> {
     fn deref(&self) -> &[u8] {
         match self {
             WireValue::Stored(bytes) => bytes,
-            WireValue::Formatted(text, len) => &text[..*len],
+            WireValue::Formatted { text, len } => &text[..usize::from(*len)],
         }
     }
+}
+
+/// `secs` since 1970 as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+fn format_date(secs: u32) -> WireValue<'static> {
+    WireValue::formatted(HttpDate::from(
+        UNIX_EPOCH + Duration::from_secs(u64::from(secs)),
+    ))
 }
 
 /// The seconds to store for `value` of header `name`, when it is a date
@@ -695,15 +699,37 @@ fn stored_date(name: &HeaderName, value: &[u8], sensitive: bool) -> Option<u32> 
     }
     let at = httpdate::parse_http_date(std::str::from_utf8(value).ok()?).ok()?;
     let secs = u32::try_from(at.duration_since(UNIX_EPOCH).ok()?.as_secs()).ok()?;
-    (*WireValue::of(&[], RawValue::Date(secs)) == *value).then_some(secs)
+    (*format_date(secs) == *value).then_some(secs)
+}
+
+/// The spans stored from [`FRESH_UNTIL`] to [`KEEP_UNTIL`]: `fresh_until`
+/// after `stored_at`, then `ends` (stale, error, keep) after `fresh_until`
+/// as it is read back, so that the windows keep their lengths.
+fn window_spans(stored_at: Instant, fresh_until: Instant, ends: [Instant; 3]) -> [u8; 16] {
+    let mut out = [0; 16];
+    let fresh = encode_span(fresh_until.saturating_duration_since(stored_at));
+    out[..4].copy_from_slice(&fresh.to_le_bytes());
+    let fresh_until = later(stored_at, decode_span(fresh));
+    for (span, end) in out[4..].chunks_exact_mut(4).zip(ends) {
+        let window = encode_span(end.saturating_duration_since(fresh_until));
+        span.copy_from_slice(&window.to_le_bytes());
+    }
+    out
 }
 
 /// The bit of a span that says it counts minutes, not milliseconds.
 const SPAN_MINUTES: u32 = 1 << 31;
 
-/// A span of time in 32 bits: below 2^31 milliseconds (24 days) to the
-/// millisecond, else in whole minutes (up to 4,000 years), rounded down:
-/// an entry's windows end a little early, never late.
+/// Spans from here on count minutes: the last whole minute below 2^31
+/// milliseconds. Counting milliseconds up to 2^31 would make a span just
+/// above it (rounded down to its minute) read back shorter than one just
+/// below, and an entry's keep window end before its stale window.
+const MINUTE_SPANS_FROM_MS: u32 = 35_791 * 60_000;
+
+/// A span of time in 32 bits: below about 24.8 days to the millisecond,
+/// else in whole minutes (up to 4,000 years), rounded down: an entry's
+/// windows end a little early, never late. A longer span never reads back
+/// shorter.
 fn encode_span(d: Duration) -> u32 {
     span_of(d.as_millis(), d.as_secs() / 60)
 }
@@ -716,7 +742,7 @@ fn encode_age(d: Duration) -> u32 {
 
 fn span_of(ms: u128, minutes: impl Into<u128>) -> u32 {
     match u32::try_from(ms) {
-        Ok(ms) if ms < SPAN_MINUTES => ms,
+        Ok(ms) if ms < MINUTE_SPANS_FROM_MS => ms,
         _ => {
             let minutes = u32::try_from(minutes.into()).unwrap_or(u32::MAX);
             SPAN_MINUTES | minutes.min(SPAN_MINUTES - 1)
@@ -893,7 +919,7 @@ mod tests {
             "h/p?q",
             StatusCode::OK,
             &HeaderMap::new(),
-            &[body.clone()],
+            std::slice::from_ref(&body),
             now,
             lifetimes(10),
         );
@@ -967,18 +993,60 @@ mod tests {
             .map(|(name, value)| (name.to_vec(), value.to_vec()))
             .collect();
         assert_eq!(wire[0], (b"date".to_vec(), date.as_bytes().to_vec()));
-        // Two dates in 5 bytes each (a name byte and four of seconds), not 31;
-        // the texts of the other four and their names and lengths.
-        // The others as name byte(s), a one-byte length and the text.
+        // Two dates in 5 bytes each (a name byte and four of seconds), not
+        // 31; the other three as their name, a one-byte length and the text.
         let texts = (2 + rfc850.len()) + (2 + lower.len()) + (4 + "x-when".len() + date.len());
         assert_eq!(entry.data.len() - text_only.data.len(), 2 * 5 + texts);
     }
 
     #[test]
+    fn lengths_are_leb128_with_the_sensitive_flag_lowest() {
+        let leb = |n: u64| {
+            let mut out = Vec::new();
+            push_leb128(&mut out, n);
+            out
+        };
+        assert_eq!(leb(63 << 1), [0x7e]);
+        assert_eq!(leb(64 << 1), [0x80, 0x01]);
+        assert_eq!(leb(300 << 1 | 1), [0xd9, 0x04]);
+        let mut at = 0;
+        assert_eq!(
+            read_leb128(&[0xd9, 0x04, 0xff], &mut at),
+            Some(300 << 1 | 1)
+        );
+        assert_eq!(at, 2);
+        // Five bytes at most; cut short: none.
+        assert_eq!(read_leb128(&[0x80; 6], &mut 0), None);
+        assert_eq!(read_leb128(&[0x80, 0x80], &mut 0), None);
+        let mut at = 0;
+        assert_eq!(
+            read_leb128(&[0xff, 0xff, 0xff, 0xff, 0x0f], &mut at),
+            Some(u64::from(u32::MAX))
+        );
+        assert_eq!(at, 5);
+    }
+
+    #[test]
     fn spans_keep_milliseconds_below_24_days_and_minutes_above() {
-        for ms in [0, 1, 8_500, (1 << 31) - 1] {
+        for ms in [0, 1, 8_500, u64::from(MINUTE_SPANS_FROM_MS) - 1] {
             let d = Duration::from_millis(ms);
             assert_eq!(decode_span(encode_span(d)), d, "{ms} ms");
+        }
+        // Never shorter for a longer span, across the change of unit.
+        let edge = u64::from(MINUTE_SPANS_FROM_MS);
+        let mut before = Duration::ZERO;
+        let mut spans: Vec<u64> = (edge - 130_000..edge + 130_000).step_by(997).collect();
+        spans.extend([(1 << 31) - 1, 1 << 31]);
+        spans.sort_unstable();
+        for ms in spans {
+            let read = decode_span(encode_span(Duration::from_millis(ms)));
+            assert!(
+                read >= before && read <= Duration::from_millis(ms),
+                "{ms} ms"
+            );
+            before = read;
+            let age = decode_span(encode_age(Duration::from_millis(ms)));
+            assert!(age >= Duration::from_millis(ms), "age {ms} ms");
         }
         // Below a millisecond: rounded down.
         let d = Duration::from_nanos(1_999_999);
@@ -1024,6 +1092,24 @@ mod tests {
     }
 
     #[test]
+    fn windows_across_the_change_of_unit_keep_their_order() {
+        // An error window just below 2^31 ms and a keep window (the same
+        // instant) just above: the keep instant may not read back earlier.
+        let now = Instant::now();
+        let l = Lifetimes {
+            fresh: Duration::from_secs(60),
+            stale_while_revalidate: Duration::from_secs(2_147_470),
+            stale_if_error: Duration::from_secs(2_147_490),
+            initial_age: Duration::ZERO,
+            keep_for_revalidation: Duration::ZERO,
+        };
+        let entry = Entry::new("k", StatusCode::OK, &HeaderMap::new(), &[], now, l);
+        assert!(entry.evict_at() >= entry.stale_until());
+        assert!(entry.evict_at() >= entry.error_until());
+        assert!(entry.stale_until() <= now + Duration::from_secs(60 + 2_147_470));
+    }
+
+    #[test]
     fn lifetimes_far_in_the_future_saturate() {
         let now = Instant::now();
         let forever = Lifetimes {
@@ -1035,6 +1121,7 @@ mod tests {
         };
         let entry = Entry::new("k", StatusCode::OK, &HeaderMap::new(), &[], now, forever);
         assert!(entry.fresh_until() > now + Duration::from_secs(100 * 365 * 86_400));
-        assert!(entry.evict_at() >= entry.fresh_until());
+        // Instants end about 292 years on (i64 nanoseconds from the epoch).
+        assert!(entry.evict_at() > now + Duration::from_secs(200 * 365 * 86_400));
     }
 }
