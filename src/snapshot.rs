@@ -22,7 +22,10 @@
 //! one that another user could have written: what the file holds is served
 //! to every client, so it is read only when it is a regular file (not a
 //! link), owned by this process's user and writable by nobody else. The
-//! CRC-32 finds damage, not forgery: the directory must be private.
+//! CRC-32 finds damage, not forgery: the directory must be private. In a
+//! whole file, a record that does not decode as an entry (which only a bug
+//! in the writer makes) is skipped and counted in the start's warning; the
+//! entries around it are kept.
 //! Temporary files that a killed writer left behind are removed when the
 //! snapshot is read.
 //! Entries past every window when read are dropped; stale ones are served
@@ -289,11 +292,26 @@ pub struct Loaded {
     pub entries: Vec<Entry>,
     /// Entries dropped: past every window when read.
     pub expired: u64,
+    /// Records skipped because they did not decode as an entry, and why
+    /// the first did not. The file's checksum held, so this process's own
+    /// writer wrote them (a bug to report, not damage): the records around
+    /// them are whole and are kept.
+    pub refused: u64,
+    pub first_refused: Option<String>,
+}
+
+impl Loaded {
+    fn refuse(&mut self, why: String) {
+        self.refused += 1;
+        self.first_refused.get_or_insert(why);
+    }
 }
 
 /// Reads the snapshot in `dir`, `now` being `wall`: `Ok(None)` when there
 /// is none, `Err` (with why) when it is not a whole snapshot of this
-/// version or is larger than `max_bytes`.
+/// version or is larger than `max_bytes`. In a whole snapshot, a record
+/// that does not decode is skipped and counted ([`Loaded::refused`]), not
+/// a reason to drop every other entry.
 pub fn read(
     dir: &Path,
     max_bytes: u64,
@@ -344,12 +362,15 @@ pub fn read(
         let (value, after) = take_sized(after).ok_or("truncated record")?;
         rest = after;
         read_count += 1;
-        let key = std::str::from_utf8(key).map_err(|_| "a key that is not text")?;
+        let Ok(key) = std::str::from_utf8(key) else {
+            loaded.refuse("a key that is not text".into());
+            continue;
+        };
         match codec::decode(value, key, now, wall) {
             Ok(Shared::Entry(entry)) if now < entry.evict_at() => loaded.entries.push(entry),
             Ok(Shared::Entry(_)) => loaded.expired += 1,
-            Ok(Shared::Vary(_)) => return Err("a record that is not an entry".into()),
-            Err(codec::Corrupt(why)) => return Err(format!("a corrupt entry ({why})")),
+            Ok(Shared::Vary(_)) => loaded.refuse("a record that is not an entry".into()),
+            Err(codec::Corrupt(why)) => loaded.refuse(format!("a corrupt entry ({why})")),
         }
     }
     if read_count != count {
@@ -604,6 +625,45 @@ mod tests {
             matches!(&result, Ok(Some(loaded)) if loaded.entries.len() == 1),
             "{result:?}"
         );
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_is_skipped_and_the_others_kept() {
+        let dir = scratch("one-bad-record");
+        let now = Instant::now();
+        let three = [
+            entry("h/a", 60, now),
+            entry("h/b", 60, now),
+            entry("h/c", 60, now),
+        ];
+        write(&dir, &three, now, SystemTime::now()).expect("written");
+        let mut file = std::fs::read(path(&dir)).expect("file");
+        // Past the first record to the second's value, whose last byte is
+        // flipped; the file's checksum is made to hold again, as it would
+        // for a record this version's writer got wrong.
+        let mut at = MAGIC.len() + 1;
+        let sized = |file: &[u8], at: usize| {
+            let len = u32::from_le_bytes(file[at..at + 4].try_into().expect("4 bytes"));
+            at + 4 + len as usize
+        };
+        at = sized(&file, sized(&file, at));
+        let key_end = sized(&file, at);
+        let value_end = sized(&file, key_end);
+        assert_eq!(&file[at + 4..key_end], b"h/b");
+        file[value_end - 1] ^= 0xff;
+        let body = file.len() - 4;
+        let crc = crc32fast::hash(&file[..body]);
+        file[body..].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(path(&dir), &file).expect("write");
+        let loaded = read(&dir, 1 << 20, now, SystemTime::now())
+            .expect("a whole file")
+            .expect("a snapshot");
+        let keys: Vec<&str> = loaded.entries.iter().map(|e| e.key()).collect();
+        assert_eq!(keys, ["h/a", "h/c"]);
+        assert_eq!(loaded.refused, 1);
+        let why = loaded.first_refused.expect("a reason");
+        assert!(why.contains("corrupt entry"), "{why}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -62,6 +62,14 @@ impl Proxy {
                     took_ms = started.elapsed().as_millis() as u64,
                     "started from the snapshot"
                 );
+                if let Some(why) = &loaded.first_refused {
+                    tracing::warn!(
+                        file = %snapshot::path(dir).display(),
+                        records = loaded.refused,
+                        first = %why,
+                        "skipped snapshot records that are not entries this version reads"
+                    );
+                }
             }
             Err(why) => tracing::warn!(
                 file = %snapshot::path(dir).display(),
