@@ -292,25 +292,26 @@ pub struct Loaded {
     pub entries: Vec<Entry>,
     /// Entries dropped: past every window when read.
     pub expired: u64,
-    /// Records skipped because they did not decode as an entry, and why
-    /// the first did not. The file's checksum held, so this process's own
-    /// writer wrote them (a bug to report, not damage): the records around
-    /// them are whole and are kept.
-    pub refused: u64,
-    pub first_refused: Option<String>,
+    /// Records skipped: they did not decode as an entry. The file's
+    /// checksum held, so this version's writer wrote them (a bug to report,
+    /// not damage); the records around them are whole and are kept.
+    pub skipped: u64,
+    /// Why the first skipped record did not decode.
+    pub first_skipped: Option<String>,
 }
 
 impl Loaded {
-    fn refuse(&mut self, why: String) {
-        self.refused += 1;
-        self.first_refused.get_or_insert(why);
+    /// Counts a skipped record, keeping why the first was.
+    fn skip(&mut self, why: String) {
+        self.skipped += 1;
+        self.first_skipped.get_or_insert(why);
     }
 }
 
 /// Reads the snapshot in `dir`, `now` being `wall`: `Ok(None)` when there
 /// is none, `Err` (with why) when it is not a whole snapshot of this
 /// version or is larger than `max_bytes`. In a whole snapshot, a record
-/// that does not decode is skipped and counted ([`Loaded::refused`]), not
+/// that does not decode is skipped and counted ([`Loaded::skipped`]), not
 /// a reason to drop every other entry.
 pub fn read(
     dir: &Path,
@@ -363,14 +364,14 @@ pub fn read(
         rest = after;
         read_count += 1;
         let Ok(key) = std::str::from_utf8(key) else {
-            loaded.refuse("a key that is not text".into());
+            loaded.skip("a key that is not text".into());
             continue;
         };
         match codec::decode(value, key, now, wall) {
             Ok(Shared::Entry(entry)) if now < entry.evict_at() => loaded.entries.push(entry),
             Ok(Shared::Entry(_)) => loaded.expired += 1,
-            Ok(Shared::Vary(_)) => loaded.refuse("a record that is not an entry".into()),
-            Err(codec::Corrupt(why)) => loaded.refuse(format!("a corrupt entry ({why})")),
+            Ok(Shared::Vary(_)) => loaded.skip("a record that is not an entry".into()),
+            Err(codec::Corrupt(why)) => loaded.skip(format!("a corrupt entry ({why})")),
         }
     }
     if read_count != count {
@@ -637,7 +638,7 @@ mod tests {
             entry("h/c", 60, now),
         ];
         write(&dir, &three, now, SystemTime::now()).expect("written");
-        let mut file = std::fs::read(path(&dir)).expect("file");
+        let whole = std::fs::read(path(&dir)).expect("file");
         // Past the first record to the second's value, whose last byte is
         // flipped; the file's checksum is made to hold again, as it would
         // for a record this version's writer got wrong.
@@ -646,24 +647,52 @@ mod tests {
             let len = u32::from_le_bytes(file[at..at + 4].try_into().expect("4 bytes"));
             at + 4 + len as usize
         };
-        at = sized(&file, sized(&file, at));
-        let key_end = sized(&file, at);
-        let value_end = sized(&file, key_end);
-        assert_eq!(&file[at + 4..key_end], b"h/b");
+        at = sized(&whole, sized(&whole, at));
+        let key_end = sized(&whole, at);
+        let value_end = sized(&whole, key_end);
+        assert_eq!(&whole[at + 4..key_end], b"h/b");
+        let mut file = whole.clone();
         file[value_end - 1] ^= 0xff;
-        let body = file.len() - 4;
-        let crc = crc32fast::hash(&file[..body]);
-        file[body..].copy_from_slice(&crc.to_le_bytes());
-        std::fs::write(path(&dir), &file).expect("write");
+        rewrite_with_checksum(&dir, file);
         let loaded = read(&dir, 1 << 20, now, SystemTime::now())
             .expect("a whole file")
             .expect("a snapshot");
         let keys: Vec<&str> = loaded.entries.iter().map(|e| e.key()).collect();
         assert_eq!(keys, ["h/a", "h/c"]);
-        assert_eq!(loaded.refused, 1);
-        let why = loaded.first_refused.expect("a reason");
-        assert!(why.contains("corrupt entry"), "{why}");
+        assert_eq!(loaded.skipped, 1);
+        assert_eq!(
+            loaded.first_skipped.as_deref(),
+            Some("a corrupt entry (checksum)")
+        );
+
+        // A key that is not text is skipped the same way.
+        let mut file = whole;
+        file[at + 4] = 0xff;
+        rewrite_with_checksum(&dir, file.clone());
+        let loaded = read(&dir, 1 << 20, now, SystemTime::now())
+            .expect("a whole file")
+            .expect("a snapshot");
+        assert_eq!(loaded.entries.len(), 2);
+        assert_eq!(
+            loaded.first_skipped.as_deref(),
+            Some("a key that is not text")
+        );
+
+        // The count at the end still has to match the records read.
+        let count_at = file.len() - 4 - 8;
+        file[count_at] ^= 1;
+        rewrite_with_checksum(&dir, file);
+        let err = read(&dir, 1 << 20, now, SystemTime::now()).expect_err("a wrong count");
+        assert!(err.contains("entries where it says"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Writes `file` as the snapshot in `dir` with its checksum made to hold.
+    fn rewrite_with_checksum(dir: &Path, mut file: Vec<u8>) {
+        let body = file.len() - 4;
+        let crc = crc32fast::hash(&file[..body]);
+        file[body..].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(path(dir), &file).expect("write");
     }
 
     #[test]

@@ -62,12 +62,12 @@ impl Proxy {
                     took_ms = started.elapsed().as_millis() as u64,
                     "started from the snapshot"
                 );
-                if let Some(why) = &loaded.first_refused {
+                if let Some(why) = &loaded.first_skipped {
                     tracing::warn!(
                         file = %snapshot::path(dir).display(),
-                        records = loaded.refused,
-                        first = %why,
-                        "skipped snapshot records that are not entries this version reads"
+                        skipped = loaded.skipped,
+                        why = %why,
+                        "skipped snapshot records that do not decode (a writer's bug; the others were loaded)"
                     );
                 }
             }
