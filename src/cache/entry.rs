@@ -576,7 +576,19 @@ impl Entry {
         // control byte at a load factor of 0.76: (24 + 1) / 0.76 = 33 B.
         // 81 B in all.
         const OVERHEAD: usize = 80;
-        u32::try_from(OVERHEAD + self.data.len()).unwrap_or(u32::MAX)
+        // glibc maps a block this large or larger (its default mmap
+        // threshold) in whole pages of its own. The threshold can rise
+        // for later blocks, which then come from the heap: charging the
+        // pages overcounts those by less than a page, never undercounts.
+        const MMAP_THRESHOLD: usize = 128 * 1024;
+        const PAGE: usize = 4096;
+        let len = self.data.len();
+        let allocated = if len >= MMAP_THRESHOLD {
+            (len + 16).next_multiple_of(PAGE)
+        } else {
+            len
+        };
+        u32::try_from(OVERHEAD + allocated).unwrap_or(u32::MAX)
     }
 }
 
@@ -1027,6 +1039,31 @@ mod tests {
         );
         assert_eq!(entry.data.len(), 1160);
         assert_eq!(entry.header_map(0).len(), 7);
+    }
+
+    #[test]
+    fn a_body_that_glibc_maps_is_charged_its_whole_pages() {
+        let weigh = |body_len: usize| {
+            let body = [Bytes::from(vec![b'x'; body_len])];
+            let entry = Entry::new(
+                "example.com/big",
+                StatusCode::OK,
+                &HeaderMap::new(),
+                &body,
+                Instant::now(),
+                lifetimes(10),
+            );
+            (entry.data.len(), entry.weight() as usize)
+        };
+        // Below the threshold: the bytes and the fixed overhead.
+        let (len, weight) = weigh(64 * 1024);
+        assert_eq!(weight, len + 80);
+        // At 200,000 B the block is mapped: 49 pages of 4 KiB with
+        // malloc's header, 200,704 B, whatever the few bytes before the
+        // body.
+        let (len, weight) = weigh(200_000);
+        assert!(len > 200_000 && len + 16 <= 200_704, "{len}");
+        assert_eq!(weight, 200_704 + 80);
     }
 
     #[test]
