@@ -187,7 +187,7 @@ impl fmt::Display for ProxyError {
 
 impl std::error::Error for ProxyError {}
 
-/// An error and its sources on one line (reqwest's top-level message alone
+/// An error and its sources on one line (a client's top-level message alone
 /// rarely names the cause).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();

@@ -183,6 +183,12 @@ pub fn parse_upstream(text: &str) -> Result<url::Url, String> {
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!("{FORM}, without a query or fragment"));
     }
+    // Settings are logged, and nginx and Varnish take no credentials here either.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{FORM}, without user:password (credentials are not sent from here)"
+        ));
+    }
     Ok(url)
 }
 
@@ -380,5 +386,7 @@ mod tests {
         assert!(parse_upstream("ftp://x").is_err());
         assert!(parse_upstream("127.0.0.1:3000").is_err());
         assert!(parse_upstream("http://x/?a=1").is_err());
+        assert!(parse_upstream("http://user:pw@x/").is_err());
+        assert!(parse_upstream("http://user@x/").is_err());
     }
 }
