@@ -310,6 +310,36 @@ async fn parameters_left_out_of_the_key_are_not_forwarded() {
     assert_eq!(backend.seen()[1].path(), "/feed?a=1&b=2");
 }
 
+/// The backend is asked for the target exactly as the key holds it: the
+/// upstream client neither re-encodes nor decodes a byte (a URL parser that
+/// turns `{` into `%7B`, or `'` in a query into `%27`, makes the backend see
+/// another URL than the one its answer is stored under), and adds no header
+/// the client did not send.
+#[tokio::test]
+async fn the_backend_sees_the_target_the_key_holds() {
+    let backend = RawBackend::start().await;
+    for proxy in both_paths(&backend, &[]).await {
+        for target in [
+            "/a{b}|c^d",
+            "/q?x='y'&z=!$*",
+            "/w?x=%zz&y=%7e",
+            "/%7Euser/%41",
+            "/p;v=1,2?a=[1]",
+        ] {
+            let answer = exchange(proxy.addr, &get(target, "shop.example", "")).await;
+            assert_eq!(answer.status, 200, "{target}");
+            let seen = backend.seen();
+            let last = seen.last().expect("the miss reached the backend");
+            assert_eq!(last.request_line(), format!("GET {target} HTTP/1.1"));
+            assert_eq!(
+                last.header("accept"),
+                None,
+                "an Accept the client did not send"
+            );
+        }
+    }
+}
+
 /// A dot segment or a backslash in the path is a 400 on both paths: the
 /// upstream client would resolve it into a path the key, the routes and a
 /// bypass rule never saw.
