@@ -187,8 +187,8 @@ impl fmt::Display for ProxyError {
 
 impl std::error::Error for ProxyError {}
 
-/// An error and its sources on one line (a client's top-level message alone
-/// rarely names the cause).
+/// An error and its sources on one line (hyper-util's top-level message,
+/// "client error (Connect)", rarely names the cause alone).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

@@ -1,16 +1,23 @@
 //! The one upstream client: builds the backend request from the client's,
 //! strips hop-by-hop headers both ways, and reads or streams the answer.
 //!
-//! The client is hyper-util's pooled client with a rustls connector (https
-//! backends, ALPN h2 or HTTP/1.1; http backends HTTP/1.1), not reqwest:
-//! reqwest's layers (its URL parsing with IDNA, default headers, redirect
-//! and retry services) took 18% of a miss's CPU in a perf profile of unique
-//! URLs, and a proxy needs none of them. The request URI is built from the
-//! backend's parsed scheme and authority and the client's path as received.
+//! The client is hyper-util's pooled client ("legacy" is hyper's name for
+//! that API) with a rustls connector: http backends get HTTP/1.1, https
+//! backends h2 or HTTP/1.1 by ALPN, verified against the compiled-in webpki
+//! roots. reqwest, used before af4b400, is built on the same two crates and
+//! adds layers a proxy does not need: its URL parser (which also re-encoded
+//! bytes of the key's target, so the backend could be asked for another
+//! URL), default headers, redirects. Without them, Zipf's misses took 15.8
+//! instead of 16.6 us of CPU per answer (BENCHMARKS.md, "Issue 18: the
+//! upstream client"). The one layer of reqwest's kept is its retry of a
+//! bodiless request an HTTP/2 backend refused before reading it.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,13 +41,72 @@ use crate::error::{UpstreamError, UpstreamErrorKind};
 /// Errors of a client's request body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Connects to the backend (TCP, then TLS for https) within a time limit
+/// for the whole: `HttpConnector`'s own limit ends at TCP, and hyper-util
+/// finishes a connect in the background when a pooled connection frees up
+/// first, so a backend that stalls its TLS handshake would hold a task and
+/// a socket per such request, beyond `--upstream-concurrency`.
+#[derive(Clone)]
+struct TimedConnect {
+    inner: HttpsConnector<HttpConnector>,
+    timeout: Duration,
+}
+
+impl TimedConnect {
+    fn new(timeout: Duration) -> Result<TimedConnect, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        // A pooled connection to a backend host that vanished would be reused
+        // into a timeout: probes drop it within 15 s + 3 x 15 s.
+        http.set_keepalive(Some(Duration::from_secs(15)));
+        http.set_keepalive_interval(Some(Duration::from_secs(15)));
+        http.set_keepalive_retries(Some(3));
+        let inner = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| format!("cannot build the upstream client: {e}"))?
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        Ok(TimedConnect { inner, timeout })
+    }
+}
+
+impl tower_service::Service<Uri> for TimedConnect {
+    type Response = <HttpsConnector<HttpConnector> as tower_service::Service<Uri>>::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => Err(BoxError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {}ms", timeout.as_millis()),
+                ))),
+            }
+        })
+    }
+}
+
 /// A request's body as sent: none, or a client's, streamed.
 type OutBody = Either<Empty<Bytes>, BoxBody<Bytes, BoxError>>;
 
 /// The backend and the client that talks to it.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, OutBody>,
+    /// Pooled connections to the backend, HTTP/1.1 or h2.
+    client: Client<TimedConnect, OutBody>,
+    /// The backend URL's scheme (`http` or `https`).
     scheme: Scheme,
+    /// The backend URL's host and port, without user info: also the `Host`
+    /// every request carries (the client's is removed).
     authority: Authority,
     /// The backend URL's path without a trailing slash (often empty): the
     /// prefix of every request's path.
@@ -104,24 +170,19 @@ impl Upstream {
         concurrency: usize,
         max_buffered: u64,
     ) -> Result<Upstream, String> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(timeout));
-        // A dead backend host is noticed on a pooled connection (as reqwest's defaults).
-        http.set_keepalive(Some(Duration::from_secs(15)));
-        http.set_keepalive_interval(Some(Duration::from_secs(15)));
-        http.set_keepalive_retries(Some(3));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("cannot build the upstream client: {e}"))?
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http);
+        let connector = TimedConnect::new(timeout)?;
         let client = Client::builder(TokioExecutor::new())
+            // The pool's timer reaps idle connections; without one they
+            // would be closed only when taken from the pool.
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            // The backend's Host comes from here alone: forward_headers
+            // removes the client's.
+            .set_host(true)
+            // A request that was never written (its pooled connection closed
+            // first) is sent again on another.
+            .retry_canceled_requests(true)
             .build(connector);
         let authority = Authority::try_from(
             url[url::Position::BeforeHost..url::Position::AfterPort].as_bytes(),
@@ -187,9 +248,9 @@ impl Upstream {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The backend URI for a request's path and query (as the client sent
-    /// them: never normalised, so the backend sees what the key holds).
-    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+    /// The backend URI for a target: the key's, byte for byte, after the
+    /// base path (never normalised or re-encoded).
+    fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
         let mut path = String::with_capacity(self.base_path.len() + path_and_query.len());
         path.push_str(&self.base_path);
         path.push_str(path_and_query);
@@ -208,12 +269,18 @@ impl Upstream {
         headers: HeaderMap,
         body: Option<RequestBody>,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        // Every target was parsed as a URI's path and query when it was
+        // received (or decoded from the fleet's stream), and the base path
+        // is the url crate's encoding: this cannot fail short of a bug.
         let uri = self.uri_for(path_and_query).map_err(|e| {
             UpstreamError::new(
                 UpstreamErrorKind::Protocol,
                 format!("cannot build the backend request's target: {e}"),
             )
         })?;
+        // Only an https backend may speak h2 (see the retry below).
+        let retry = (body.is_none() && self.scheme == Scheme::HTTPS)
+            .then(|| (method.clone(), uri.clone(), headers.clone()));
         let body = match body {
             Some(body) => Either::Right(body.0),
             None => Either::Left(Empty::new()),
@@ -224,7 +291,26 @@ impl Upstream {
         *request.headers_mut() = headers;
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = crate::metrics::Decrement(Arc::clone(&self.in_flight));
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+        let exchange = async {
+            let mut answer = self.client.request(request).await;
+            // As reqwest did: an h2 backend that refused the stream or is
+            // going away gracefully has not read the request; at most twice.
+            if let Some((method, uri, headers)) = retry {
+                for _ in 0..2 {
+                    match &answer {
+                        Err(err) if refused_unread(err) => {}
+                        _ => break,
+                    }
+                    let mut again = Request::new(Either::Left(Empty::new()));
+                    *again.method_mut() = method.clone();
+                    *again.uri_mut() = uri.clone();
+                    *again.headers_mut() = headers.clone();
+                    answer = self.client.request(again).await;
+                }
+            }
+            answer
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
             Ok(Ok(response)) => Ok(UpstreamResponse(response)),
             Ok(Err(err)) => Err(upstream_error(&err)),
             Err(_) => Err(timed_out(self.timeout)),
@@ -256,7 +342,7 @@ impl Upstream {
             let mut total: u64 = 0;
             while let Some(frame) = response.0.body_mut().frame().await {
                 let Ok(chunk) = frame.map_err(|e| body_error(&e))?.into_data() else {
-                    continue; // trailers: not stored, as hop-by-hop fields are not
+                    continue; // trailers: an entry has no place for them
                 };
                 total += chunk.len() as u64;
                 let fits = reserved.take(chunk.len() as u64, self.max_buffered);
@@ -369,7 +455,24 @@ fn body_error(err: &hyper::Error) -> UpstreamError {
     UpstreamError::new(kind, crate::error::error_chain(err))
 }
 
-/// Whether an I/O timeout (a connect timeout) is among an error's sources.
+/// Whether an HTTP/2 backend turned a request away before reading it
+/// (`REFUSED_STREAM`, or a graceful `GOAWAY`), so it may be sent again.
+fn refused_unread(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            let reason = h2.reason();
+            return h2.is_remote()
+                && ((h2.is_go_away() && reason == Some(h2::Reason::NO_ERROR))
+                    || (h2.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// Whether an I/O timeout is among an error's sources: a connect timeout,
+/// or the kernel's on a pooled connection whose keepalive probes failed.
 fn caused_by_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(err);
     while let Some(cause) = source {
@@ -751,6 +854,58 @@ mod tests {
         assert!(client.await.is_ok());
     }
 
+    /// An error whose source is `cause`, as hyper-util wraps its causes.
+    #[derive(Debug)]
+    struct Wrapped(Box<dyn std::error::Error + Send + Sync>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn timeouts_and_refusals_are_told_apart_by_their_causes() {
+        use std::io::{Error, ErrorKind};
+        let timed_out = Wrapped(Box::new(Error::new(ErrorKind::TimedOut, "connect")));
+        let refused = Wrapped(Box::new(Error::from(ErrorKind::ConnectionRefused)));
+        assert!(caused_by_timeout(&timed_out));
+        assert!(!caused_by_timeout(&refused));
+        // Only the backend's own refusal may be retried: not our reset, nor
+        // an I/O error.
+        let ours = Wrapped(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert!(!refused_unread(&ours));
+        assert!(!refused_unread(&refused));
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_stalls_its_tls_handshake_times_the_connect_out() {
+        use tower_service::Service;
+        let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = mute.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((socket, _)) = mute.accept().await {
+                kept.push(socket);
+            }
+        });
+        let mut connect = TimedConnect::new(Duration::from_millis(200)).unwrap();
+        let uri: Uri = format!("https://{addr}/").parse().unwrap();
+        // Without the limit, the handshake waits for as long as the socket is open.
+        let connected = tokio::time::timeout(Duration::from_secs(20), connect.call(uri))
+            .await
+            .expect("the connect's own limit ends it");
+        held.abort();
+        let err = connected.expect_err("no TLS from a mute backend");
+        assert!(caused_by_timeout(&*err), "{err}");
+    }
+
     #[test]
     fn uris_join_base_path() {
         let up = |base| {
@@ -767,7 +922,8 @@ mod tests {
             api.uri_for("/x?y=1").unwrap(),
             "http://127.0.0.1:1/api/x?y=1"
         );
-        // The client's path as received: not normalised, nor re-encoded.
+        // Not normalised, nor re-encoded (the proxy answers 400 to a target
+        // with dot segments before it gets here; uri_for keeps any byte).
         assert_eq!(
             api.uri_for("/a/../b/%2e?q=%zz").unwrap(),
             "http://127.0.0.1:1/api/a/../b/%2e?q=%zz"

@@ -115,6 +115,17 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
     let (code, stderr) = run(&["--upstream", "ftp://x"], &[]);
     assert_eq!(code, 2);
     assert!(stderr.contains("--upstream"), "{stderr}");
+    // Credentials in the backend URL are refused, without being shown.
+    for url in [
+        "http://user:s3cret@127.0.0.1:9/",
+        "http://s3cret@127.0.0.1:9/",
+    ] {
+        let (code, stderr) = run(&["--upstream", url], &[]);
+        assert_eq!(code, 2, "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr:?}");
+        assert!(stderr.contains("--upstream must not hold user"), "{stderr}");
+        assert!(!stderr.contains("s3cret"), "{stderr}");
+    }
     let (code, stderr) = run(&[], &[]);
     assert_eq!(code, 2);
     assert!(stderr.contains("--upstream is required"), "{stderr}");

@@ -338,11 +338,25 @@ async fn the_backend_sees_the_target_the_key_holds() {
             );
         }
     }
+    // With a base path, it goes before the target; Host is the backend's.
+    let base = format!("{}/api/", backend.url());
+    let authority = backend.url().trim_start_matches("http://").to_string();
+    let proxy = TestProxy::start_for(&base, &[]).await;
+    let answer = exchange(proxy.addr, &get("/a{b}?q=%zz", "shop.example", "")).await;
+    assert_eq!(answer.status, 200);
+    let seen = backend.seen();
+    let last = seen.last().expect("the miss reached the backend");
+    assert_eq!(last.request_line(), "GET /api/a{b}?q=%zz HTTP/1.1");
+    assert_eq!(last.headers("host"), [authority]);
+    assert_eq!(
+        last.header("x-forwarded-host").as_deref(),
+        Some("shop.example")
+    );
 }
 
 /// A dot segment or a backslash in the path is a 400 on both paths: the
-/// upstream client would resolve it into a path the key, the routes and a
-/// bypass rule never saw.
+/// backend, or a server before it, could resolve it into a path the key,
+/// the routes and a bypass rule never saw.
 #[tokio::test]
 async fn dot_segments_are_refused() {
     let backend = RawBackend::start().await;

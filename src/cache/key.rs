@@ -121,9 +121,10 @@ pub fn valid_host(host: &[u8]) -> bool {
 
 /// Whether a request target's path may be forwarded as it is: no dot
 /// segment (`.` or `..`, percent-encoded or not) and no backslash. The
-/// upstream client resolves those (`/x/../account` becomes `/account`), so
-/// the backend would be asked for a path other than the one the key, the
-/// route and a bypass rule were chosen by.
+/// upstream client sends the target byte for byte, but the backend, or a
+/// server before it, may resolve those (`/x/../account` as `/account`):
+/// its answer would be for a path other than the one the key, the route
+/// and a bypass rule were chosen by.
 pub fn valid_target(target: &str) -> bool {
     let path = target.split_once('?').map_or(target, |(path, _)| path);
     // Most paths have no byte that can start a dot segment or be a

@@ -212,6 +212,15 @@ impl Config {
 
     /// Checks the relations between values that a single flag's parser cannot see.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let upstream = &self.start.upstream;
+        // Checked here, not when parsed: clap's error would show the value.
+        if !upstream.username().is_empty() || upstream.password().is_some() {
+            return Err(ConfigError(
+                "--upstream must not hold user@ or user:password@: swr-proxy sends no \
+                 credentials of its own to the backend (and settings are logged)"
+                    .into(),
+            ));
+        }
         if self.start.max_object_size > self.start.max_size {
             return Err(ConfigError(format!(
                 "--max-object-size ({} bytes) must not exceed --max-size ({} bytes)",

@@ -173,7 +173,9 @@ pub fn parse_negated_switch(text: &str) -> Result<bool, String> {
     parse_switch(text).map(|on| !on)
 }
 
-/// Parses the backend URL: `http` or `https`, with a host.
+/// Parses the backend URL: `http` or `https`, with a host, an optional base
+/// path, no query or fragment. User info is refused by `Config::validate`,
+/// whose error, unlike a parser's, does not repeat the value.
 pub fn parse_upstream(text: &str) -> Result<url::Url, String> {
     const FORM: &str = "expected an http(s) URL like http://127.0.0.1:3000";
     let url = url::Url::parse(text.trim()).map_err(|e| format!("{FORM} ({e})"))?;
@@ -182,12 +184,6 @@ pub fn parse_upstream(text: &str) -> Result<url::Url, String> {
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!("{FORM}, without a query or fragment"));
-    }
-    // Settings are logged, and nginx and Varnish take no credentials here either.
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "{FORM}, without user:password (credentials are not sent from here)"
-        ));
     }
     Ok(url)
 }
@@ -386,7 +382,5 @@ mod tests {
         assert!(parse_upstream("ftp://x").is_err());
         assert!(parse_upstream("127.0.0.1:3000").is_err());
         assert!(parse_upstream("http://x/?a=1").is_err());
-        assert!(parse_upstream("http://user:pw@x/").is_err());
-        assert!(parse_upstream("http://user@x/").is_err());
     }
 }

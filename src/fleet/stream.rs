@@ -142,7 +142,13 @@ impl RefreshJob {
         let variant = key
             .strip_prefix(url.as_str())
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('\n'));
-        if !path_and_query.starts_with('/') || !variant {
+        // A target the upstream client could not send is refused here, as
+        // one the proxy would answer 400 is when a client sends it.
+        let target = http::uri::PathAndQuery::try_from(path_and_query.as_str()).ok()?;
+        if !path_and_query.starts_with('/')
+            || !variant
+            || !crate::cache::key::valid_target(target.as_str())
+        {
             return None;
         }
         Some(RefreshJob {
