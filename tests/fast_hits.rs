@@ -889,3 +889,84 @@ async fn a_miss_reaches_the_backend_as_hyper_would_send_it() {
         "the hit"
     );
 }
+
+/// Closes `stream`'s sending side and waits for the proxy to close the
+/// connection in turn: it has dropped the request in flight by then. No
+/// answer comes before.
+async fn leave(mut stream: TcpStream) {
+    stream.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closes the connection in time")
+        .expect("read");
+    assert!(rest.is_empty(), "no answer to a client that left");
+}
+
+/// A client that goes away while the fill it leads waits on the backend
+/// does not cancel the fill: its waiter gets the answer, the answer is
+/// stored, and the backend is asked once. Then a leader that leaves alone:
+/// its fill still ends in the store. On both paths (the fill runs in the
+/// leader's task and goes on in a task of its own when that is dropped).
+#[tokio::test]
+async fn a_fill_outlives_the_client_that_led_it() {
+    for flags in [&["--no-fast-hits"][..], &[][..]] {
+        let origin = Origin::start().await;
+        let slow = |gate: &Gate| {
+            Route::default()
+                .gate(gate)
+                .header("cache-control", "max-age=60")
+        };
+        let gate = Gate::closed();
+        origin.route("/slow", slow(&gate));
+        let proxy = TestProxy::start(&origin, flags).await;
+        let mut leader = connect(proxy.addr).await;
+        leader
+            .write_all(&get(&proxy, "/slow"))
+            .await
+            .expect("write");
+        eventually(WAIT, "the fill reaches the origin", || async {
+            origin.hits("/slow") == 1
+        })
+        .await;
+        let mut waiter = connect(proxy.addr).await;
+        waiter
+            .write_all(&get(&proxy, "/slow"))
+            .await
+            .expect("write");
+        eventually(WAIT, "the second request waits on the fill", || async {
+            metric(&proxy, "swr_coalesced_waiters_total").await == 1.0
+        })
+        .await;
+        leave(leader).await;
+        assert_eq!(metric(&proxy, "swr_upstream_in_flight").await, 1.0);
+        gate.open();
+        let answers = read_answers(&mut waiter, 1).await;
+        assert_eq!(answers[0].status, 200, "{flags:?}");
+        assert_eq!(answers[0].body, b"/slow #1", "{flags:?}");
+        assert_eq!(proxy.get("/slow").await.x_cache(), "HIT", "{flags:?}");
+        assert_eq!(origin.hits("/slow"), 1, "{flags:?}");
+
+        // A leader alone: its fill still stores the answer.
+        let gate = Gate::closed();
+        origin.route("/alone", slow(&gate));
+        let mut leader = connect(proxy.addr).await;
+        leader
+            .write_all(&get(&proxy, "/alone"))
+            .await
+            .expect("write");
+        eventually(WAIT, "the fill reaches the origin", || async {
+            origin.hits("/alone") == 1
+        })
+        .await;
+        leave(leader).await;
+        assert_eq!(metric(&proxy, "swr_upstream_in_flight").await, 1.0);
+        gate.open();
+        eventually(WAIT, "the fill is stored without its client", || async {
+            metric(&proxy, "swr_cache_entries").await == 2.0
+        })
+        .await;
+        assert_eq!(proxy.get("/alone").await.x_cache(), "HIT", "{flags:?}");
+        assert_eq!(origin.hits("/alone"), 1, "{flags:?}");
+    }
+}
