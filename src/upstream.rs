@@ -4,7 +4,7 @@
 //! The client is hyper-util's pooled client ("legacy" is hyper's name for
 //! that API) with a rustls connector: http backends get HTTP/1.1, https
 //! backends h2 or HTTP/1.1 by ALPN, verified against the compiled-in webpki
-//! roots. reqwest, used before af4b400, is built on the same two crates and
+//! roots or the CA file `--upstream-ca` names ([`trusted_roots`]). reqwest, used before af4b400, is built on the same two crates and
 //! adds layers a proxy does not need: its URL parser (which also re-encoded
 //! bytes of the key's target, so the backend could be asked for another
 //! URL), default headers, redirects. Without them, Zipf's misses took 15.8
@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,6 +34,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
@@ -52,8 +55,34 @@ struct TimedConnect {
     timeout: Duration,
 }
 
+/// The roots an https backend's certificate is verified against: the
+/// compiled-in webpki (Mozilla) roots, or only the CA certificates of the
+/// PEM file `ca` (`--upstream-ca`), as nginx's
+/// `proxy_ssl_trusted_certificate` and curl's `--cacert` replace their
+/// default bundles. A file that cannot be read, holds no certificate or a
+/// certificate rustls refuses is an error.
+pub fn trusted_roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+    let Some(ca) = ca else {
+        return Ok(rustls::RootCertStore::from_iter(
+            webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
+        ));
+    };
+    let pem = std::fs::read(ca).map_err(|e| format!("cannot read: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("not a PEM certificate file: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("a certificate rustls cannot use: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("holds no certificate (BEGIN CERTIFICATE)".into());
+    }
+    Ok(roots)
+}
+
 impl TimedConnect {
-    fn new(timeout: Duration) -> Result<TimedConnect, String> {
+    fn new(ca: Option<&Path>, timeout: Duration) -> Result<TimedConnect, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -62,9 +91,20 @@ impl TimedConnect {
         http.set_keepalive(Some(Duration::from_secs(15)));
         http.set_keepalive_interval(Some(Duration::from_secs(15)));
         http.set_keepalive_retries(Some(3));
+        let roots = trusted_roots(ca).map_err(|e| match ca {
+            Some(ca) => format!("--upstream-ca {}: {e}", ca.display()),
+            None => e,
+        })?;
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot build the upstream client: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        // The builder sets the ALPN protocols (h2, http/1.1) on `tls`.
         let inner = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("cannot build the upstream client: {e}"))?
+            .with_tls_config(tls)
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
@@ -166,11 +206,12 @@ impl Upstream {
     /// The client for `url`; `concurrency` caps requests in flight (0: no cap).
     pub fn new(
         url: &url::Url,
+        ca: Option<&Path>,
         timeout: Duration,
         concurrency: usize,
         max_buffered: u64,
     ) -> Result<Upstream, String> {
-        let connector = TimedConnect::new(timeout)?;
+        let connector = TimedConnect::new(ca, timeout)?;
         let client = Client::builder(TokioExecutor::new())
             // The pool's timer reaps idle connections; without one they
             // would be closed only when taken from the pool.
@@ -830,7 +871,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_waits_for_a_slot_no_longer_than_the_timeout() {
         let url = url::Url::parse("http://127.0.0.1:1").unwrap();
-        let up = Upstream::new(&url, Duration::from_millis(100), 1, u64::MAX).unwrap();
+        let up = Upstream::new(&url, None, Duration::from_millis(100), 1, u64::MAX).unwrap();
         let held = up.permit(Priority::Client).await.unwrap();
         let waited = up.permit(Priority::Client).await;
         assert!(matches!(waited, Err(ref e) if e.kind == UpstreamErrorKind::Busy));
@@ -840,7 +881,7 @@ mod tests {
     #[tokio::test]
     async fn refreshes_never_take_the_last_slot() {
         let url = url::Url::parse("http://127.0.0.1:1").unwrap();
-        let up = Upstream::new(&url, Duration::from_secs(1), 3, u64::MAX).unwrap();
+        let up = Upstream::new(&url, None, Duration::from_secs(1), 3, u64::MAX).unwrap();
         let mut refreshes = Vec::new();
         for _ in 0..2 {
             refreshes.push(up.permit(Priority::Background).await.unwrap().unwrap());
@@ -895,7 +936,7 @@ mod tests {
                 kept.push(socket);
             }
         });
-        let mut connect = TimedConnect::new(Duration::from_millis(200)).unwrap();
+        let mut connect = TimedConnect::new(None, Duration::from_millis(200)).unwrap();
         let uri: Uri = format!("https://{addr}/").parse().unwrap();
         // Without the limit, the handshake waits for as long as the socket is open.
         let connected = tokio::time::timeout(Duration::from_secs(20), connect.call(uri))
@@ -911,6 +952,7 @@ mod tests {
         let up = |base| {
             Upstream::new(
                 &url::Url::parse(base).unwrap(),
+                None,
                 Duration::from_secs(1),
                 0,
                 u64::MAX,

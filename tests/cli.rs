@@ -133,6 +133,19 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
     let (code, stderr) = run(&up, &[("SWR_TTL", "forever")]);
     assert_eq!(code, 2);
     assert!(stderr.contains("--ttl"), "{stderr}");
+    // --upstream-ca: a file that is missing or holds no certificate, or an
+    // http backend (nothing to verify).
+    let no_cert = support::TempFile::new("not a certificate\n");
+    for (backend, file) in [
+        ("https://127.0.0.1:9", "/nonexistent/ca.pem"),
+        ("https://127.0.0.1:9", no_cert.path()),
+        ("http://127.0.0.1:9", no_cert.path()),
+    ] {
+        let (code, stderr) = run(&["--upstream", backend, "--upstream-ca", file], &[]);
+        assert_eq!(code, 2, "{backend} {file}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr:?}");
+        assert!(stderr.contains("--upstream-ca"), "{stderr}");
+    }
 }
 
 /// An admin port already taken (a Prometheus server, a second instance) is

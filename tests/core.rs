@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use support::{eventually, Gate, Origin, Route, TestProxy, WAIT};
+use support::{eventually, Gate, Origin, Route, TestCa, TestProxy, WAIT};
 
 #[tokio::test]
 async fn fresh_hits_are_served_from_memory() {
@@ -620,4 +620,45 @@ async fn the_cache_is_bounded_in_bytes() {
     assert!(bytes <= 64 * 1024, "{bytes} bytes held");
     assert!(entries < 20, "{entries} entries held");
     assert!(entries > 0);
+}
+
+/// An https backend with a private CA: trusted through `--upstream-ca`,
+/// asked over h2 (ALPN), its answer stored and served again; a proxy with
+/// the compiled-in roots only refuses it (a 502, counted as a connect
+/// error), and the backend is not asked.
+#[tokio::test]
+async fn an_https_backend_is_verified_against_the_upstream_ca() {
+    let ca = TestCa::make("https-backend")
+        .expect("openssl makes a test CA and certificate (apt-get install -y openssl)");
+    let origin = Origin::start_tls(&ca).await;
+    let ca_file = ca.ca.to_str().expect("a UTF-8 temp path");
+    let proxy = TestProxy::start_for(
+        &origin.https_url(),
+        &["--ttl", "60s", "--upstream-ca", ca_file],
+    )
+    .await;
+    let first = proxy.get("/feed?u=1").await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.x_cache(), "MISS");
+    assert_eq!(first.text(), "/feed?u=1 #1");
+    let again = proxy.get("/feed?u=1").await;
+    assert_eq!(again.x_cache(), "HIT");
+    assert_eq!(again.text(), "/feed?u=1 #1");
+    let seen = origin.seen("/feed?u=1");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].version, http::Version::HTTP_2, "h2 by ALPN");
+
+    let untrusting = TestProxy::start_for(&origin.https_url(), &["--ttl", "60s"]).await;
+    let refused = untrusting.get("/feed?u=2").await;
+    assert_eq!(refused.status, 502, "{}", refused.text());
+    assert!(
+        refused.text().contains("could not connect to the backend"),
+        "the cause is named: {}",
+        refused.text()
+    );
+    let errors = untrusting
+        .counter("swr_upstream_errors_total{kind=\"connect\"}")
+        .await;
+    assert_eq!(errors, 1, "the refusal is counted as a connect error");
+    assert_eq!(origin.hits("/feed?u=2"), 0);
 }

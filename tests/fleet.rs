@@ -977,71 +977,11 @@ async fn a_redis_over_tls_is_shared_through_a_rediss_url() {
     // A certificate for 127.0.0.1 from a test CA made here by openssl; the
     // instances trust the CA through SSL_CERT_FILE (rediss:// uses the
     // system's roots, where an operator's private CA would be installed).
-    let dir = std::env::temp_dir().join(format!("swr-fleet-tls-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
-    let (ca, cert, key) = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    let ext = dir.join("ext.cnf");
-    let _ = std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n");
-    let openssl = |args: &[&str]| {
-        Command::new("openssl")
-            .current_dir(&dir)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    // A test CA, and a certificate for 127.0.0.1 it signs.
-    let made = openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=swr-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]) && openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "server.csr",
-    ]) && openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "cert.pem",
-    ]);
-    if !made {
+    let Some(test_ca) = support::TestCa::make("fleet-tls") else {
         eprintln!("skipping: openssl cannot make a test certificate");
         return;
-    }
+    };
+    let (ca, cert, key) = (&test_ca.ca, &test_ca.cert, &test_ca.key);
     let port = free_port();
     let (cert_path, key_path) = (cert.display().to_string(), key.display().to_string());
     let tls_args = [
@@ -1073,7 +1013,7 @@ async fn a_redis_over_tls_is_shared_through_a_rediss_url() {
                     "--admin-listen",
                     "off",
                 ])
-                .env("SSL_CERT_FILE", &ca)
+                .env("SSL_CERT_FILE", ca)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -1121,5 +1061,4 @@ async fn a_redis_over_tls_is_shared_through_a_rediss_url() {
     .await;
     drop(instances);
     drop(redis);
-    let _ = std::fs::remove_dir_all(&dir);
 }

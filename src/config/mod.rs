@@ -221,6 +221,16 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(ca) = &self.start.upstream_ca {
+            if upstream.scheme() != "https" {
+                return Err(ConfigError(format!(
+                    "--upstream-ca is for an https backend, and --upstream is {}://",
+                    upstream.scheme()
+                )));
+            }
+            crate::upstream::trusted_roots(Some(ca))
+                .map_err(|e| ConfigError(format!("--upstream-ca {}: {e}", ca.display())))?;
+        }
         if self.start.max_object_size > self.start.max_size {
             return Err(ConfigError(format!(
                 "--max-object-size ({} bytes) must not exceed --max-size ({} bytes)",

@@ -123,6 +123,11 @@ settings! {
                 .into(),
         )),
 
+        /// Trust only the CA certificates in this PEM file for an https
+        /// backend (a private CA), instead of the compiled-in webpki roots.
+        #[arg(long, env = "SWR_UPSTREAM_CA", value_name = "FILE")]
+        upstream_ca: PathBuf,
+
         /// Address of the admin API (metrics, health, purge, stats), or `off`.
         /// A non-loopback address needs --admin-token [default: 127.0.0.1:6180].
         #[arg(long, env = "SWR_ADMIN_LISTEN", value_name = "ADDR|off", value_parser = parse_listen)]

@@ -192,6 +192,7 @@ impl Proxy {
     ) -> Result<Arc<Proxy>, String> {
         let upstream = Upstream::new(
             &config.start.upstream,
+            config.start.upstream_ca.as_deref(),
             config.start.upstream_timeout,
             config.start.upstream_concurrency,
             config.start.max_buffered,

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -125,6 +126,7 @@ impl Gate {
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub method: String,
+    pub version: http::Version,
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -151,6 +153,34 @@ pub struct Origin {
 
 impl Origin {
     pub async fn start() -> Origin {
+        Origin::start_with(None).await
+    }
+
+    /// An https origin with `ca`'s certificate for 127.0.0.1: h2 or
+    /// HTTP/1.1 by ALPN.
+    pub async fn start_tls(ca: &TestCa) -> Origin {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca.cert)
+            .expect("read the test certificate")
+            .collect::<Result<_, _>>()
+            .expect("parse the test certificate");
+        let key = PrivateKeyDer::from_pem_file(&ca.key).expect("read the test key");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("the test certificate and key");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Origin::start_with(Some(acceptor)).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
         let addr = listener.local_addr().expect("origin address");
         let state = Arc::new(OriginState::default());
@@ -172,10 +202,24 @@ impl Origin {
                     let state = Arc::clone(&state);
                     async move { answer(&state, request).await }
                 });
+                let tls = tls.clone();
                 let task = tokio::spawn(async move {
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        None => {
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await
+                            }
+                            Err(_) => return,
+                        },
+                    };
                 });
                 conn_state
                     .connections
@@ -193,6 +237,11 @@ impl Origin {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The origin's URL by https (for [`Origin::start_tls`]).
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     /// Scripts the answer for `path` (without query).
@@ -268,6 +317,7 @@ async fn answer(
     request: Request<Incoming>,
 ) -> Result<Response<OriginBody>, std::io::Error> {
     let method = request.method().to_string();
+    let version = request.version();
     let path = request.uri().path().to_string();
     let path_and_query = request
         .uri()
@@ -289,6 +339,7 @@ async fn answer(
     state.total.fetch_add(1, Ordering::SeqCst);
     state.seen.lock().unwrap().push(Seen {
         method,
+        version,
         path_and_query: path_and_query.clone(),
         headers: headers.clone(),
         body,
@@ -677,5 +728,87 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A test CA made by openssl, and a certificate for 127.0.0.1 it signs, in
+/// a directory of their own (removed on drop).
+pub struct TestCa {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    /// `None` when openssl cannot make them (it is not installed).
+    pub fn make(name: &str) -> Option<TestCa> {
+        let dir = std::env::temp_dir().join(format!("swr-{name}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n");
+        let openssl = |args: &[&str]| {
+            std::process::Command::new("openssl")
+                .current_dir(&dir)
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let made = openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=swr-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]) && openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "server.csr",
+        ]) && openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "cert.pem",
+        ]);
+        let ca = TestCa {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            dir,
+        };
+        made.then_some(ca)
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
