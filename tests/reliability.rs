@@ -469,3 +469,88 @@ async fn the_refresh_limit_grows_on_a_fast_backend_and_falls_when_it_fails() {
             > 0
     );
 }
+
+/// An h2 backend (behind a test CA) that turns away its first `refuse`
+/// streams with `RST_STREAM(REFUSED_STREAM)`, unread, then answers each
+/// with a stored `ok`. Returns its port and its count of streams.
+async fn refusing_h2_backend(
+    ca: &support::TestCa,
+    refuse: u64,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let streams = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = std::sync::Arc::clone(&streams);
+    let acceptor = ca.acceptor(&[b"h2"]);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), std::sync::Arc::clone(&counted));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    if counted.fetch_add(1, Ordering::SeqCst) < refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let head = http::Response::builder()
+                        .status(200)
+                        .header("cache-control", "max-age=60")
+                        .body(())
+                        .expect("a response head");
+                    if let Ok(mut body) = respond.send_response(head, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    (port, streams)
+}
+
+/// A bodiless request an h2 backend refused unread (`REFUSED_STREAM`) is
+/// sent again, at most twice more, as reqwest did; a request with a body
+/// is not (it may have been read in part), and what is not retried, or
+/// still refused, is a 502.
+#[tokio::test]
+async fn a_stream_an_h2_backend_refused_unread_is_sent_again_when_bodiless() {
+    use std::sync::atomic::Ordering;
+    let ca = support::TestCa::make("h2-refused")
+        .expect("openssl makes a test CA and certificate (apt-get install -y openssl)");
+    let ca_file = ca.ca.to_str().expect("a UTF-8 temp path");
+    // Refused once: the GET is answered by the second stream.
+    let (port, streams) = refusing_h2_backend(&ca, 1).await;
+    let backend = format!("https://127.0.0.1:{port}");
+    let proxy = TestProxy::start_for(&backend, &["--upstream-ca", ca_file]).await;
+    let answer = proxy.get("/once").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.text(), "ok");
+    assert_eq!(streams.load(Ordering::SeqCst), 2);
+
+    // Refused every time: three streams, then a 502.
+    let (port, streams) = refusing_h2_backend(&ca, u64::MAX).await;
+    let backend = format!("https://127.0.0.1:{port}");
+    let proxy = TestProxy::start_for(&backend, &["--upstream-ca", ca_file]).await;
+    let answer = proxy.get("/always").await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert_eq!(streams.load(Ordering::SeqCst), 3);
+
+    // A request with a body is not sent again.
+    let (port, streams) = refusing_h2_backend(&ca, 1).await;
+    let backend = format!("https://127.0.0.1:{port}");
+    let proxy = TestProxy::start_for(&backend, &["--upstream-ca", ca_file]).await;
+    let posted = proxy
+        .client
+        .post(proxy.url("/form"))
+        .body("a=1")
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(posted.status(), 502);
+    assert_eq!(streams.load(Ordering::SeqCst), 1);
+}

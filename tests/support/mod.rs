@@ -159,25 +159,7 @@ impl Origin {
     /// An https origin with `ca`'s certificate for 127.0.0.1: h2 or
     /// HTTP/1.1 by ALPN.
     pub async fn start_tls(ca: &TestCa) -> Origin {
-        use tokio_rustls::rustls;
-        use tokio_rustls::rustls::pki_types::pem::PemObject;
-        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca.cert)
-            .expect("read the test certificate")
-            .collect::<Result<_, _>>()
-            .expect("parse the test certificate");
-        let key = PrivateKeyDer::from_pem_file(&ca.key).expect("read the test key");
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("the test certificate and key");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        Origin::start_with(Some(acceptor)).await
+        Origin::start_with(Some(ca.acceptor(&[b"h2", b"http/1.1"]))).await
     }
 
     async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
@@ -804,6 +786,30 @@ impl TestCa {
             dir,
         };
         made.then_some(ca)
+    }
+}
+
+impl TestCa {
+    /// A TLS acceptor with the certificate for 127.0.0.1, offering `alpn`.
+    pub fn acceptor(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
+            .expect("read the test certificate")
+            .collect::<Result<_, _>>()
+            .expect("parse the test certificate");
+        let key = PrivateKeyDer::from_pem_file(&self.key).expect("read the test key");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("the test certificate and key");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 }
 
