@@ -148,7 +148,9 @@ fn spawn_reload_on_sighup(proxy: Arc<Proxy>) {
 fn without_upstream(
     args: &swr_proxy::config::Settings,
 ) -> Result<Config, swr_proxy::config::ConfigError> {
-    let placeholder = url::Url::parse("http://127.0.0.1:1").ok();
+    // https: a file's `upstream_ca` is checked as it would be with an https
+    // backend given by a flag.
+    let placeholder = url::Url::parse("https://127.0.0.1:1").ok();
     Config::from_args(args, placeholder, Config::DEFAULT_TTL)
 }
 

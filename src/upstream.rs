@@ -3,8 +3,8 @@
 //!
 //! The client is hyper-util's pooled client ("legacy" is hyper's name for
 //! that API) with a rustls connector: http backends get HTTP/1.1, https
-//! backends h2 or HTTP/1.1 by ALPN, verified against the compiled-in webpki
-//! roots or the CA file `--upstream-ca` names ([`trusted_roots`]). reqwest, used before af4b400, is built on the same two crates and
+//! backends h2 or HTTP/1.1 by ALPN, verified against the compiled-in
+//! webpki roots or `--upstream-ca`'s (read by `config/tls.rs`). reqwest, used before af4b400, is built on the same two crates and
 //! adds layers a proxy does not need: its URL parser (which also re-encoded
 //! bytes of the key's target, so the backend could be asked for another
 //! URL), default headers, redirects. Without them, Zipf's misses took 15.8
@@ -14,7 +14,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,8 +33,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use rustls::RootCertStore;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
@@ -55,34 +53,10 @@ struct TimedConnect {
     timeout: Duration,
 }
 
-/// The roots an https backend's certificate is verified against: the
-/// compiled-in webpki (Mozilla) roots, or only the CA certificates of the
-/// PEM file `ca` (`--upstream-ca`), as nginx's
-/// `proxy_ssl_trusted_certificate` and curl's `--cacert` replace their
-/// default bundles. A file that cannot be read, holds no certificate or a
-/// certificate rustls refuses is an error.
-pub fn trusted_roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, String> {
-    let Some(ca) = ca else {
-        return Ok(rustls::RootCertStore::from_iter(
-            webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
-        ));
-    };
-    let pem = std::fs::read(ca).map_err(|e| format!("cannot read: {e}"))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("not a PEM certificate file: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("a certificate rustls cannot use: {e}"))?;
-    }
-    if roots.is_empty() {
-        return Err("holds no certificate (BEGIN CERTIFICATE)".into());
-    }
-    Ok(roots)
-}
-
 impl TimedConnect {
-    fn new(ca: Option<&Path>, timeout: Duration) -> Result<TimedConnect, String> {
+    /// Verifies an https backend against `roots` (`--upstream-ca`), or the
+    /// compiled-in webpki (Mozilla) roots, as reqwest's rustls-tls did.
+    fn new(roots: Option<Arc<RootCertStore>>, timeout: Duration) -> Result<TimedConnect, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -91,10 +65,11 @@ impl TimedConnect {
         http.set_keepalive(Some(Duration::from_secs(15)));
         http.set_keepalive_interval(Some(Duration::from_secs(15)));
         http.set_keepalive_retries(Some(3));
-        let roots = trusted_roots(ca).map_err(|e| match ca {
-            Some(ca) => format!("--upstream-ca {}: {e}", ca.display()),
-            None => e,
-        })?;
+        let roots = roots.unwrap_or_else(|| {
+            Arc::new(RootCertStore::from_iter(
+                webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
+            ))
+        });
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -102,7 +77,8 @@ impl TimedConnect {
         .map_err(|e| format!("cannot build the upstream client: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        // The builder sets the ALPN protocols (h2, http/1.1) on `tls`.
+        // `tls` names no ALPN protocol (`with_tls_config` panics otherwise):
+        // `enable_all_versions` sets h2 and http/1.1.
         let inner = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -206,12 +182,12 @@ impl Upstream {
     /// The client for `url`; `concurrency` caps requests in flight (0: no cap).
     pub fn new(
         url: &url::Url,
-        ca: Option<&Path>,
+        roots: Option<Arc<RootCertStore>>,
         timeout: Duration,
         concurrency: usize,
         max_buffered: u64,
     ) -> Result<Upstream, String> {
-        let connector = TimedConnect::new(ca, timeout)?;
+        let connector = TimedConnect::new(roots, timeout)?;
         let client = Client::builder(TokioExecutor::new())
             // The pool's timer reaps idle connections; without one they
             // would be closed only when taken from the pool.

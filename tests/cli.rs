@@ -133,19 +133,34 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
     let (code, stderr) = run(&up, &[("SWR_TTL", "forever")]);
     assert_eq!(code, 2);
     assert!(stderr.contains("--ttl"), "{stderr}");
-    // --upstream-ca: a file that is missing or holds no certificate, or an
-    // http backend (nothing to verify).
+    // --upstream-ca: each refusal with its own cause.
+    let ca = support::TestCa::make("cli-ca")
+        .expect("openssl makes a test CA (apt-get install -y openssl)");
+    let ca_file = ca.ca.to_str().expect("a UTF-8 temp path");
+    let key_only = ca.key.to_str().expect("a UTF-8 temp path");
     let no_cert = support::TempFile::new("not a certificate\n");
-    for (backend, file) in [
-        ("https://127.0.0.1:9", "/nonexistent/ca.pem"),
-        ("https://127.0.0.1:9", no_cert.path()),
-        ("http://127.0.0.1:9", no_cert.path()),
+    let dir = ca.dir.to_str().expect("a UTF-8 temp path");
+    for (backend, file, cause) in [
+        ("https://127.0.0.1:9", "/nonexistent/ca.pem", "cannot read"),
+        (
+            "https://127.0.0.1:9",
+            no_cert.path(),
+            "holds no certificate",
+        ),
+        ("https://127.0.0.1:9", key_only, "holds no certificate"),
+        ("https://127.0.0.1:9", dir, "not a regular file"),
+        ("http://127.0.0.1:9", ca_file, "is for an https backend"),
     ] {
         let (code, stderr) = run(&["--upstream", backend, "--upstream-ca", file], &[]);
         assert_eq!(code, 2, "{backend} {file}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr:?}");
         assert!(stderr.contains("--upstream-ca"), "{stderr}");
+        assert!(stderr.contains(cause), "{file}: {cause}: {stderr}");
     }
+    // A file that names the CA and leaves the backend to a flag checks out.
+    let config = support::TempFile::new(&format!("upstream_ca = {ca_file:?}\n"));
+    let (code, stderr) = run(&["check", "--config", config.path()], &[]);
+    assert_eq!(code, 0, "{stderr}");
 }
 
 /// An admin port already taken (a Prometheus server, a second instance) is

@@ -623,9 +623,11 @@ async fn the_cache_is_bounded_in_bytes() {
 }
 
 /// An https backend with a private CA: trusted through `--upstream-ca`,
-/// asked over h2 (ALPN), its answer stored and served again; a proxy with
-/// the compiled-in roots only refuses it (a 502, counted as a connect
-/// error), and the backend is not asked.
+/// asked over h2 (ALPN), its answer stored and served again. Refused (a
+/// 502, counted as a connect error, the handshake failed and the backend
+/// not asked) by a proxy with the compiled-in roots, by one given another
+/// CA (the file's certificates replace the roots), and when the backend's
+/// name is not the certificate's.
 #[tokio::test]
 async fn an_https_backend_is_verified_against_the_upstream_ca() {
     let ca = TestCa::make("https-backend")
@@ -647,18 +649,44 @@ async fn an_https_backend_is_verified_against_the_upstream_ca() {
     let seen = origin.seen("/feed?u=1");
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].version, http::Version::HTTP_2, "h2 by ALPN");
+    assert_eq!(origin.tls_failures(), 0);
 
-    let untrusting = TestProxy::start_for(&origin.https_url(), &["--ttl", "60s"]).await;
-    let refused = untrusting.get("/feed?u=2").await;
-    assert_eq!(refused.status, 502, "{}", refused.text());
-    assert!(
-        refused.text().contains("could not connect to the backend"),
-        "the cause is named: {}",
-        refused.text()
-    );
-    let errors = untrusting
-        .counter("swr_upstream_errors_total{kind=\"connect\"}")
-        .await;
-    assert_eq!(errors, 1, "the refusal is counted as a connect error");
-    assert_eq!(origin.hits("/feed?u=2"), 0);
+    let other = TestCa::make("https-other").expect("openssl makes a second test CA");
+    let other_file = other.ca.to_str().expect("a UTF-8 temp path");
+    let by_name = format!("https://localhost:{}", origin.addr.port());
+    let refusing = [
+        ("the compiled-in roots", origin.https_url(), vec![]),
+        (
+            "another CA",
+            origin.https_url(),
+            vec!["--upstream-ca", other_file],
+        ),
+        (
+            "a name the certificate does not hold",
+            by_name,
+            vec!["--upstream-ca", ca_file],
+        ),
+    ];
+    for (n, (what, backend, flags)) in refusing.iter().enumerate() {
+        let failures = origin.tls_failures();
+        let flags = [&["--ttl", "60s"][..], flags].concat();
+        let untrusting = TestProxy::start_for(backend, &flags).await;
+        let path = format!("/feed?u=r{n}");
+        let refused = untrusting.get(&path).await;
+        assert_eq!(refused.status, 502, "{what}: {}", refused.text());
+        assert!(
+            refused.text().contains("could not connect to the backend"),
+            "{what}: the cause is named: {}",
+            refused.text()
+        );
+        let errors = untrusting
+            .counter("swr_upstream_errors_total{kind=\"connect\"}")
+            .await;
+        assert_eq!(errors, 1, "{what}: counted as a connect error");
+        assert!(
+            origin.tls_failures() > failures,
+            "{what}: the handshake failed"
+        );
+        assert_eq!(origin.hits(&path), 0, "{what}");
+    }
 }

@@ -974,7 +974,7 @@ async fn a_soft_prefix_purge_marks_every_copy_stale_and_a_purge_of_all_empties_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_over_tls_is_shared_through_a_rediss_url() {
-    // A certificate for 127.0.0.1 from a test CA made here by openssl; the
+    // A certificate for 127.0.0.1 from a test CA (`support::TestCa`); the
     // instances trust the CA through SSL_CERT_FILE (rediss:// uses the
     // system's roots, where an operator's private CA would be installed).
     let Some(test_ca) = support::TestCa::make("fleet-tls") else {

@@ -6,9 +6,11 @@
 
 mod file;
 mod settings;
+mod tls;
 mod values;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -86,6 +88,9 @@ pub struct Config {
     program: Settings,
     /// The flags it was built from, applied again over the file on reload.
     flags: Settings,
+    /// `--upstream-ca`'s certificates, read once at start (a reload keeps
+    /// them); `None`: the compiled-in webpki roots.
+    pub upstream_roots: Option<Arc<rustls::RootCertStore>>,
 }
 
 /// A configuration error: names the flag (or the file's field and line) and
@@ -161,7 +166,14 @@ impl Config {
             ttl: Some(default_ttl),
             ..Settings::default()
         };
-        Config::layered(flags, file, program)
+        let mut config = Config::layered(flags, file, program)?;
+        config.upstream_roots = config
+            .start
+            .upstream_ca
+            .as_deref()
+            .map(tls::read_roots)
+            .transpose()?;
+        Ok(config)
     }
 
     fn layered(
@@ -185,6 +197,7 @@ impl Config {
             routes,
             program,
             flags: flags.clone(),
+            upstream_roots: None,
         };
         config.validate()?;
         Ok(config)
@@ -202,7 +215,10 @@ impl Config {
             upstream: Some(self.start.upstream.clone()),
             ..self.program.clone()
         };
-        Config::layered(&self.flags, &file, program)
+        let mut config = Config::layered(&self.flags, &file, program)?;
+        // Read at start, as the upstream client they built.
+        config.upstream_roots = self.upstream_roots.clone();
+        Ok(config)
     }
 
     /// The file this came from, re-read on reload.
@@ -221,15 +237,11 @@ impl Config {
                     .into(),
             ));
         }
-        if let Some(ca) = &self.start.upstream_ca {
-            if upstream.scheme() != "https" {
-                return Err(ConfigError(format!(
-                    "--upstream-ca is for an https backend, and --upstream is {}://",
-                    upstream.scheme()
-                )));
-            }
-            crate::upstream::trusted_roots(Some(ca))
-                .map_err(|e| ConfigError(format!("--upstream-ca {}: {e}", ca.display())))?;
+        if self.start.upstream_ca.is_some() && upstream.scheme() != "https" {
+            return Err(ConfigError(format!(
+                "--upstream-ca is for an https backend, and --upstream is {}://",
+                upstream.scheme()
+            )));
         }
         if self.start.max_object_size > self.start.max_size {
             return Err(ConfigError(format!(

@@ -123,8 +123,9 @@ settings! {
                 .into(),
         )),
 
-        /// Trust only the CA certificates in this PEM file for an https
-        /// backend (a private CA), instead of the compiled-in webpki roots.
+        /// An https backend is verified against the CA certificates in this
+        /// PEM file only (a private CA); read at start [default: the
+        /// compiled-in webpki roots].
         #[arg(long, env = "SWR_UPSTREAM_CA", value_name = "FILE")]
         upstream_ca: PathBuf,
 

@@ -192,7 +192,7 @@ impl Proxy {
     ) -> Result<Arc<Proxy>, String> {
         let upstream = Upstream::new(
             &config.start.upstream,
-            config.start.upstream_ca.as_deref(),
+            config.upstream_roots.clone(),
             config.start.upstream_timeout,
             config.start.upstream_concurrency,
             config.start.max_buffered,

@@ -140,6 +140,8 @@ struct OriginState {
     total: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    /// TLS handshakes that failed (an https origin).
+    tls_failures: AtomicU64,
     connections: Mutex<Vec<AbortHandle>>,
 }
 
@@ -185,6 +187,7 @@ impl Origin {
                     async move { answer(&state, request).await }
                 });
                 let tls = tls.clone();
+                let tls_state = Arc::clone(&accept_state);
                 let task = tokio::spawn(async move {
                     let builder = auto::Builder::new(TokioExecutor::new());
                     let _ = match tls {
@@ -199,7 +202,10 @@ impl Origin {
                                     .serve_connection(TokioIo::new(stream), service)
                                     .await
                             }
-                            Err(_) => return,
+                            Err(_) => {
+                                tls_state.tls_failures.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
                         },
                     };
                 });
@@ -248,6 +254,12 @@ impl Origin {
 
     pub fn total_hits(&self) -> u64 {
         self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// TLS handshakes that failed (an https origin): a client that did
+    /// not trust its certificate.
+    pub fn tls_failures(&self) -> u64 {
+        self.state.tls_failures.load(Ordering::SeqCst)
     }
 
     pub fn max_in_flight(&self) -> u64 {
@@ -725,8 +737,13 @@ pub struct TestCa {
 impl TestCa {
     /// `None` when openssl cannot make them (it is not installed).
     pub fn make(name: &str) -> Option<TestCa> {
-        let dir = std::env::temp_dir().join(format!("swr-{name}-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "swr-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).ok()?;
         let _ = std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n");
         let openssl = |args: &[&str]| {
             std::process::Command::new("openssl")
