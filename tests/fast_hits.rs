@@ -903,6 +903,18 @@ async fn leave(mut stream: TcpStream) {
     assert!(rest.is_empty(), "no answer to a client that left");
 }
 
+/// A client whose GET for `path` leads a fill, once the fill has reached
+/// the origin.
+async fn lead_fill(proxy: &TestProxy, origin: &Origin, path: &str) -> TcpStream {
+    let mut leader = connect(proxy.addr).await;
+    leader.write_all(&get(proxy, path)).await.expect("write");
+    eventually(WAIT, "the fill reaches the origin", || async {
+        origin.hits(path) == 1
+    })
+    .await;
+    leader
+}
+
 /// A client that goes away while the fill it leads waits on the backend
 /// does not cancel the fill: its waiter gets the answer, the answer is
 /// stored, and the backend is asked once. Then a leader that leaves alone:
@@ -920,15 +932,7 @@ async fn a_fill_outlives_the_client_that_led_it() {
         let gate = Gate::closed();
         origin.route("/slow", slow(&gate));
         let proxy = TestProxy::start(&origin, flags).await;
-        let mut leader = connect(proxy.addr).await;
-        leader
-            .write_all(&get(&proxy, "/slow"))
-            .await
-            .expect("write");
-        eventually(WAIT, "the fill reaches the origin", || async {
-            origin.hits("/slow") == 1
-        })
-        .await;
+        let leader = lead_fill(&proxy, &origin, "/slow").await;
         let mut waiter = connect(proxy.addr).await;
         waiter
             .write_all(&get(&proxy, "/slow"))
@@ -950,15 +954,7 @@ async fn a_fill_outlives_the_client_that_led_it() {
         // A leader alone: its fill still stores the answer.
         let gate = Gate::closed();
         origin.route("/alone", slow(&gate));
-        let mut leader = connect(proxy.addr).await;
-        leader
-            .write_all(&get(&proxy, "/alone"))
-            .await
-            .expect("write");
-        eventually(WAIT, "the fill reaches the origin", || async {
-            origin.hits("/alone") == 1
-        })
-        .await;
+        let leader = lead_fill(&proxy, &origin, "/alone").await;
         leave(leader).await;
         assert_eq!(metric(&proxy, "swr_upstream_in_flight").await, 1.0);
         gate.open();

@@ -513,6 +513,18 @@ async fn refusing_h2_backend(
     (port, streams)
 }
 
+/// The proxy in front of [`refusing_h2_backend`], trusting its CA.
+async fn behind_refusing_h2_backend(
+    ca: &support::TestCa,
+    refuse: u64,
+) -> (TestProxy, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let (port, streams) = refusing_h2_backend(ca, refuse).await;
+    let backend = format!("https://127.0.0.1:{port}");
+    let ca_file = ca.ca.to_str().expect("a UTF-8 temp path");
+    let proxy = TestProxy::start_for(&backend, &["--upstream-ca", ca_file]).await;
+    (proxy, streams)
+}
+
 /// A bodiless request an h2 backend refused unread (`REFUSED_STREAM`) is
 /// sent again, at most twice more, as reqwest did; a request with a body
 /// is not (it may have been read in part), and what is not retried, or
@@ -522,28 +534,21 @@ async fn a_stream_an_h2_backend_refused_unread_is_sent_again_when_bodiless() {
     use std::sync::atomic::Ordering;
     let ca = support::TestCa::make("h2-refused")
         .expect("openssl makes a test CA and certificate (apt-get install -y openssl)");
-    let ca_file = ca.ca.to_str().expect("a UTF-8 temp path");
     // Refused once: the GET is answered by the second stream.
-    let (port, streams) = refusing_h2_backend(&ca, 1).await;
-    let backend = format!("https://127.0.0.1:{port}");
-    let proxy = TestProxy::start_for(&backend, &["--upstream-ca", ca_file]).await;
+    let (proxy, streams) = behind_refusing_h2_backend(&ca, 1).await;
     let answer = proxy.get("/once").await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.text(), "ok");
     assert_eq!(streams.load(Ordering::SeqCst), 2);
 
     // Refused every time: three streams, then a 502.
-    let (port, streams) = refusing_h2_backend(&ca, u64::MAX).await;
-    let backend = format!("https://127.0.0.1:{port}");
-    let proxy = TestProxy::start_for(&backend, &["--upstream-ca", ca_file]).await;
+    let (proxy, streams) = behind_refusing_h2_backend(&ca, u64::MAX).await;
     let answer = proxy.get("/always").await;
     assert_eq!(answer.status, 502, "{}", answer.text());
     assert_eq!(streams.load(Ordering::SeqCst), 3);
 
     // A request with a body is not sent again.
-    let (port, streams) = refusing_h2_backend(&ca, 1).await;
-    let backend = format!("https://127.0.0.1:{port}");
-    let proxy = TestProxy::start_for(&backend, &["--upstream-ca", ca_file]).await;
+    let (proxy, streams) = behind_refusing_h2_backend(&ca, 1).await;
     let posted = proxy
         .client
         .post(proxy.url("/form"))

@@ -49,17 +49,12 @@ fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
     let file = options.open(path)?;
-    let metadata = file.metadata()?;
-    if !metadata.is_file() {
+    if !file.metadata()?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
-    if metadata.len() > MAX_CA_FILE {
-        return Err(std::io::Error::other(format!(
-            "larger than {} MiB",
-            MAX_CA_FILE >> 20
-        )));
-    }
-    let mut pem = Vec::with_capacity(metadata.len() as usize);
+    // Read up to one byte past the limit: a file that grew since its
+    // `fstat` is caught as well.
+    let mut pem = Vec::new();
     file.take(MAX_CA_FILE + 1).read_to_end(&mut pem)?;
     if pem.len() as u64 > MAX_CA_FILE {
         return Err(std::io::Error::other(format!(
