@@ -52,6 +52,7 @@ use prometheus_client::registry::{Metric, Registry};
 use crate::cache::policy::BypassReason;
 use crate::cache::CacheStatus;
 use crate::error::{ProxyError, UpstreamErrorKind};
+use crate::sampling::{self, Countdown};
 
 /// Why the proxy contacted the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -853,16 +854,17 @@ impl Default for Stats {
     }
 }
 
-/// The most requested keys, estimated by sampling one answer from the cache
-/// in `TOP_KEYS_SAMPLE` per thread: the hit path pays a thread-local
-/// increment, and a short lock one time in sixteen.
+/// The most requested keys, estimated by sampling about one answer from the
+/// cache in `TOP_KEYS_SAMPLE` per thread, at random gaps
+/// ([`crate::sampling`]): the hit path pays a thread-local decrement, and a
+/// short lock about one time in sixteen.
 #[derive(Debug, Default)]
 pub struct TopKeys {
     /// A std `Mutex`: held for one map update per sample.
     counts: std::sync::Mutex<std::collections::HashMap<Box<str>, u64>>,
 }
 
-const TOP_KEYS_SAMPLE: u64 = 16;
+const TOP_KEYS_SAMPLE: u64 = sampling::MEAN_GAP as u64;
 /// Keys tracked at most; past this the less requested half is dropped.
 const TOP_KEYS_TRACKED: usize = 4096;
 /// Bytes of a key's text kept (a variant's key can hold 32 KiB of request
@@ -872,14 +874,9 @@ const TOP_KEY_BYTES: usize = 256;
 impl TopKeys {
     pub fn record(&self, key: &str) {
         thread_local! {
-            static TICK: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+            static UNTIL_SAMPLE: Countdown = const { Countdown::new() };
         }
-        let sampled = TICK.with(|tick| {
-            let n = tick.get().wrapping_add(1);
-            tick.set(n);
-            n % TOP_KEYS_SAMPLE == 0
-        });
-        if !sampled {
+        if !UNTIL_SAMPLE.with(Countdown::due) {
             return;
         }
         let mut end = key.len().min(TOP_KEY_BYTES);
@@ -1084,16 +1081,32 @@ mod tests {
     #[test]
     fn top_keys_rank_by_sampled_counts() {
         let top = TopKeys::default();
-        for _ in 0..1600 {
+        for _ in 0..16_000 {
             top.record("hot");
         }
-        for _ in 0..160 {
+        for _ in 0..1600 {
             top.record("warm");
         }
         let ranked = top.top(5);
         assert_eq!(ranked[0].0, "hot");
         assert_eq!(ranked[1].0, "warm");
-        assert!((1500..=1700).contains(&ranked[0].1), "{ranked:?}");
+        // Random gaps: 1,000 samples expected, about 18 either way.
+        assert!((14_400..=17_600).contains(&ranked[0].1), "{ranked:?}");
+    }
+
+    #[test]
+    fn top_keys_asked_in_turn_are_both_listed() {
+        // A fixed 1-in-16 tick listed only one of two keys asked in turn.
+        let top = TopKeys::default();
+        for _ in 0..3200 {
+            top.record("/a");
+            top.record("/b");
+        }
+        let ranked = top.top(5);
+        assert_eq!(ranked.len(), 2, "{ranked:?}");
+        for (key, answers) in &ranked {
+            assert!((1600..=4800).contains(answers), "{key}: {answers}");
+        }
     }
 
     #[test]

@@ -12,16 +12,17 @@
 //! the requests of the last minute or two, and a key that was hot an hour
 //! ago is not hot now.
 //!
-//! The hit path records one answer in [`SAMPLE`] per thread (a thread-local
-//! tick; the others cost one increment), weighted by [`SAMPLE`], so a
-//! hot key does not make two cores write the same counters on every hit.
-//! Estimates are therefore in steps of [`SAMPLE`] requests: fine for telling
-//! a key asked hundreds of times a minute from one asked a few times.
+//! The hit path records about one answer in [`SAMPLE`] per thread, at
+//! random gaps ([`crate::sampling`]), weighted by [`SAMPLE`], so a hot key
+//! does not make two cores write the same counters on every hit. Estimates
+//! are in steps of [`SAMPLE`] requests: fine for telling a key asked
+//! hundreds of times a minute from one asked a few times.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::sampling::{self, Countdown};
 
 const ROWS: usize = 4;
 /// Bits of the (mixed) hash that pick a key's counter in each row.
@@ -33,7 +34,7 @@ const _: () = assert!(ROWS * ROW_BITS <= 64);
 /// the whole word (Fibonacci hashing).
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// One answer in this many is recorded (per thread), with this weight.
-pub const SAMPLE: u64 = 16;
+pub const SAMPLE: u64 = sampling::MEAN_GAP as u64;
 /// How often the counters are halved.
 pub const DECAY_EVERY: Duration = Duration::from_secs(60);
 
@@ -65,19 +66,14 @@ impl Popularity {
         })
     }
 
-    /// Counts one answer for `hash`, as [`SAMPLE`] of them one time in
-    /// [`SAMPLE`] per thread.
+    /// Counts one answer for `hash`, as [`SAMPLE`] of them, about one time
+    /// in [`SAMPLE`] per thread (at random gaps: see [`crate::sampling`]).
     #[inline]
     pub fn record(&self, hash: u64) {
         thread_local! {
-            static TICK: Cell<u64> = const { Cell::new(0) };
+            static UNTIL_SAMPLE: Countdown = const { Countdown::new() };
         }
-        let sampled = TICK.with(|tick| {
-            let n = tick.get().wrapping_add(1);
-            tick.set(n);
-            n % SAMPLE == 0
-        });
-        if sampled {
+        if UNTIL_SAMPLE.with(Countdown::due) {
             self.add(hash);
         }
     }
@@ -160,10 +156,39 @@ mod tests {
     #[test]
     fn record_samples_one_in_sample_per_thread() {
         let sketch = Popularity::new(Instant::now());
-        for _ in 0..SAMPLE * 20 {
+        let asked = SAMPLE * 2000;
+        for _ in 0..asked {
             sketch.record(3);
         }
-        assert_eq!(sketch.estimate(3), 20 * SAMPLE);
+        // 2,000 samples expected; a random gap's count varies by ~1%.
+        let estimate = sketch.estimate(3);
+        assert!(
+            (asked * 9 / 10..=asked * 11 / 10).contains(&estimate),
+            "{estimate} for {asked} answers"
+        );
+    }
+
+    #[test]
+    fn keys_asked_in_a_fixed_cycle_are_all_seen() {
+        // A fixed 1-in-16 tick sampled only one key of such a cycle: keys
+        // asked in turn, 2, 4 or 16 of them, each got 16 times its share
+        // or nothing.
+        for keys in [2u64, 4, 16] {
+            let sketch = Popularity::new(Instant::now());
+            let rounds = 3200;
+            for _ in 0..rounds {
+                for key in 0..keys {
+                    sketch.record(key.wrapping_mul(GOLDEN));
+                }
+            }
+            for key in 0..keys {
+                let estimate = sketch.estimate(key.wrapping_mul(GOLDEN));
+                assert!(
+                    (rounds / 2..=rounds * 3 / 2).contains(&estimate),
+                    "key {key} of {keys}: {estimate} for {rounds} answers"
+                );
+            }
+        }
     }
 
     #[test]
