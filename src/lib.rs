@@ -31,8 +31,8 @@
 //! - [`body`]: the response body type (stored bytes or a passed-through stream).
 //! - [`error`]: one error type tagged by source, mapped to a status.
 //! - [`metrics`]: the counters and their Prometheus text.
-//! - [`sampling`]: one hit in about sixteen, at random gaps, for the
-//!   popularity sketch and the top keys.
+//! - [`sampling`]: about one answer in sixteen per thread, at random gaps,
+//!   for the popularity sketch and the top keys.
 //! - [`admin`]: the admin listener: health, metrics, stats, purge.
 //! - [`logs`]: log lines off the request path (bounded, lossy, counted),
 //!   failure lines rate-limited per cause, the periodic summary.

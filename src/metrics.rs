@@ -855,16 +855,15 @@ impl Default for Stats {
 }
 
 /// The most requested keys, estimated by sampling about one answer from the
-/// cache in `TOP_KEYS_SAMPLE` per thread, at random gaps
-/// ([`crate::sampling`]): the hit path pays a thread-local decrement, and a
-/// short lock about one time in sixteen.
+/// cache in [`sampling::MEAN_GAP`] per thread, at random gaps: the hit path
+/// pays a thread-local decrement, and a short lock about one time in
+/// sixteen.
 #[derive(Debug, Default)]
 pub struct TopKeys {
     /// A std `Mutex`: held for one map update per sample.
     counts: std::sync::Mutex<std::collections::HashMap<Box<str>, u64>>,
 }
 
-const TOP_KEYS_SAMPLE: u64 = sampling::MEAN_GAP as u64;
 /// Keys tracked at most; past this the less requested half is dropped.
 const TOP_KEYS_TRACKED: usize = 4096;
 /// Bytes of a key's text kept (a variant's key can hold 32 KiB of request
@@ -886,9 +885,9 @@ impl TopKeys {
         let key = &key[..end];
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         match counts.get_mut(key) {
-            Some(count) => *count += TOP_KEYS_SAMPLE,
+            Some(count) => *count += sampling::MEAN_GAP,
             None => {
-                counts.insert(key.into(), TOP_KEYS_SAMPLE);
+                counts.insert(key.into(), sampling::MEAN_GAP);
             }
         }
         if counts.len() > TOP_KEYS_TRACKED {
@@ -1112,8 +1111,8 @@ mod tests {
     #[test]
     fn top_keys_stay_bounded() {
         let top = TopKeys::default();
-        for i in 0..(TOP_KEYS_TRACKED as u64 * TOP_KEYS_SAMPLE * 3) {
-            top.record(&format!("k{}", i / TOP_KEYS_SAMPLE));
+        for i in 0..(TOP_KEYS_TRACKED as u64 * sampling::MEAN_GAP * 3) {
+            top.record(&format!("k{}", i / sampling::MEAN_GAP));
         }
         let tracked = top.counts.lock().unwrap().len();
         assert!(tracked <= TOP_KEYS_TRACKED, "{tracked}");

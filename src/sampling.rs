@@ -1,65 +1,66 @@
-//! Sampling on the hit path: "one answer in about [`MEAN_GAP`]", at random
-//! gaps, per thread, so a hot key does not make two cores write the same
-//! counters on every hit.
+//! Sampling on the hit path: about one answer in [`MEAN_GAP`] per thread,
+//! at random gaps, so a hot key does not make two cores write the same
+//! counters on every answer.
 //!
-//! The gap between two samples is uniform in 1..=2·[`MEAN_GAP`]−1. A fixed
-//! gap (every 16th answer, as before) phase-locks with periodic traffic: a
-//! connection that always asks /a then /b had every sample land on the same
-//! one of the two, so the other was never counted, never refreshed ahead
-//! and never listed among the top keys. An answer that is not sampled costs
-//! one thread-local decrement; the random number is drawn only per sample.
+//! The gap between two samples is uniform in 1..=2·[`MEAN_GAP`]−1: bounded
+//! (never more than 31 answers between samples) and drawn without floating
+//! point. A fixed gap phase-locks with periodic traffic: with a connection
+//! that asks /a then /b, every 16th answer is always the same one of the
+//! two, and the other is never counted, never refreshed ahead and never
+//! listed among the top keys. An answer that is not sampled costs one
+//! thread-local decrement; the random number is drawn only per sample.
 
 use std::cell::Cell;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, RandomState};
 
 /// Answers per sample, on average; a sample stands for this many answers.
-pub const MEAN_GAP: u32 = 16;
+pub const MEAN_GAP: u64 = 16;
 
 /// Answers until the next sample, for one thread and one use. Declare it in
-/// a `thread_local!` per use: two uses sharing one would each see every
-/// other sample.
+/// a `thread_local!` per use: two uses sharing one would split its samples,
+/// and each would count half of what it sees.
+#[derive(Debug, Default)]
 pub struct Countdown(Cell<u32>);
 
 impl Countdown {
+    /// Starts at 0, "no gap drawn yet": `new` is `const` (for
+    /// `thread_local!`'s `const` initializer), so it cannot draw one; the
+    /// thread's first answer does, and is not sampled.
     pub const fn new() -> Countdown {
-        // 0: no gap drawn yet (the thread's first answer draws one).
         Countdown(Cell::new(0))
     }
 
     /// Whether this answer is sampled.
     #[inline]
     pub fn due(&self) -> bool {
-        match self.0.get() {
-            0 => {
-                self.0.set(gap());
-                false
-            }
-            1 => {
-                self.0.set(gap());
-                true
-            }
-            n => {
-                self.0.set(n - 1);
-                false
-            }
+        self.due_drawing(gap)
+    }
+
+    /// [`Countdown::due`] with the gaps drawn by `draw`: the sampled answer
+    /// is the one the last gap counted down to.
+    #[inline]
+    fn due_drawing(&self, draw: impl FnOnce() -> u32) -> bool {
+        let left = self.0.get();
+        if left > 1 {
+            self.0.set(left - 1);
+            false
+        } else {
+            self.0.set(draw());
+            left == 1
         }
     }
 }
 
-impl Default for Countdown {
-    fn default() -> Countdown {
-        Countdown::new()
-    }
-}
-
 /// A gap uniform in 1..=2·[`MEAN_GAP`]−1, from a per-thread xorshift64
-/// seeded from the standard library's per-thread random hash keys.
+/// seeded from the standard library's per-thread random hash keys. Cold
+/// (once per sample): kept out of line, so [`Countdown::due`] inlines to a
+/// decrement and a branch.
 #[cold]
 fn gap() -> u32 {
     thread_local! {
         static STATE: Cell<u64> = Cell::new(
             // `| 1`: xorshift must not start at 0.
-            std::collections::hash_map::RandomState::new().hash_one(0u64) | 1,
+            RandomState::new().hash_one(0u64) | 1,
         );
     }
     let x = STATE.with(|state| {
@@ -71,7 +72,7 @@ fn gap() -> u32 {
         x
     });
     // The high 32 bits; the modulo's bias over 2^32 values is below 1e-8.
-    1 + ((x >> 32) % u64::from(2 * MEAN_GAP - 1)) as u32
+    1 + ((x >> 32) % (2 * MEAN_GAP - 1)) as u32
 }
 
 #[cfg(test)]
@@ -80,7 +81,7 @@ mod tests {
 
     #[test]
     fn gaps_are_uniform_with_the_mean_gap() {
-        let max = 2 * MEAN_GAP - 1;
+        let max = 2 * MEAN_GAP as u32 - 1;
         let draws = 1000 * max;
         let mut seen = vec![0u32; max as usize + 1];
         for _ in 0..draws {
@@ -97,7 +98,21 @@ mod tests {
             .map(|(v, c)| v as f64 * f64::from(*c))
             .sum::<f64>()
             / f64::from(draws);
-        assert!((mean - f64::from(MEAN_GAP)).abs() < 0.3, "mean gap {mean}");
+        assert!((mean - MEAN_GAP as f64).abs() < 0.3, "mean gap {mean}");
+    }
+
+    #[test]
+    fn the_answer_a_gap_counts_down_to_is_sampled() {
+        // The first answer draws 1 (and is not sampled); the gaps 2, 31
+        // and 5 follow the samples at answers 2, 4 and 35. A gap counted
+        // one answer long (mean 17, weight 16: every count 6% low) moves
+        // them.
+        let countdown = Countdown::new();
+        let mut gaps = [1, 2, 31, 5].into_iter();
+        let sampled: Vec<usize> = (1..=40)
+            .filter(|_| countdown.due_drawing(|| gaps.next().unwrap_or(99)))
+            .collect();
+        assert_eq!(sampled, [2, 4, 35, 40]);
     }
 
     #[test]
@@ -105,7 +120,7 @@ mod tests {
         let countdown = Countdown::new();
         let answers = 32_000;
         let samples = (0..answers).filter(|_| countdown.due()).count();
-        // 2,000 expected; the gaps' spread moves it by about 1%.
+        // 2,000 expected; the gaps' spread moves it by about 1.25%.
         assert!((1800..=2200).contains(&samples), "{samples} of {answers}");
     }
 

@@ -33,8 +33,9 @@ const _: () = assert!(ROWS * ROW_BITS <= 64);
 /// 2^64 over the golden ratio: multiplying by it spreads a hash's bits over
 /// the whole word (Fibonacci hashing).
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-/// One answer in this many is recorded (per thread), with this weight.
-pub const SAMPLE: u64 = sampling::MEAN_GAP as u64;
+/// About one answer in this many (per thread, at random gaps) is
+/// recorded, with this weight.
+pub const SAMPLE: u64 = sampling::MEAN_GAP;
 /// How often the counters are halved.
 pub const DECAY_EVERY: Duration = Duration::from_secs(60);
 
@@ -154,13 +155,13 @@ mod tests {
     }
 
     #[test]
-    fn record_samples_one_in_sample_per_thread() {
+    fn record_estimates_the_answers_at_their_weight() {
         let sketch = Popularity::new(Instant::now());
         let asked = SAMPLE * 2000;
         for _ in 0..asked {
             sketch.record(3);
         }
-        // 2,000 samples expected; a random gap's count varies by ~1%.
+        // 2,000 samples expected; their count varies by about 1.25%.
         let estimate = sketch.estimate(3);
         assert!(
             (asked * 9 / 10..=asked * 11 / 10).contains(&estimate),
@@ -169,25 +170,21 @@ mod tests {
     }
 
     #[test]
-    fn keys_asked_in_a_fixed_cycle_are_all_seen() {
-        // A fixed 1-in-16 tick sampled only one key of such a cycle: keys
-        // asked in turn, 2, 4 or 16 of them, each got 16 times its share
-        // or nothing.
-        for keys in [2u64, 4, 16] {
-            let sketch = Popularity::new(Instant::now());
-            let rounds = 3200;
-            for _ in 0..rounds {
-                for key in 0..keys {
-                    sketch.record(key.wrapping_mul(GOLDEN));
-                }
-            }
-            for key in 0..keys {
-                let estimate = sketch.estimate(key.wrapping_mul(GOLDEN));
-                assert!(
-                    (rounds / 2..=rounds * 3 / 2).contains(&estimate),
-                    "key {key} of {keys}: {estimate} for {rounds} answers"
-                );
-            }
+    fn two_keys_asked_in_turn_are_both_counted() {
+        // With every 16th answer sampled, one of the two got every sample.
+        let sketch = Popularity::new(Instant::now());
+        let rounds = 3200;
+        for _ in 0..rounds {
+            sketch.record(1);
+            sketch.record(2);
+        }
+        for key in [1, 2] {
+            // 200 samples expected, about 11 either way.
+            let estimate = sketch.estimate(key);
+            assert!(
+                (rounds / 2..=rounds * 3 / 2).contains(&estimate),
+                "key {key}: {estimate} for {rounds} answers"
+            );
         }
     }
 
