@@ -848,6 +848,42 @@ fn proc_kib(path: &str, field: &str) -> u64 {
 /// req/s on a shared machine, since it does not depend on how the cores were
 /// shared with wrk.
 fn cpu_time(pids: &[u32]) -> Duration {
+    // utime and stime: the 14th and 15th fields.
+    ticks_to_time(
+        pids.iter()
+            .map(|pid| stat_ticks(&pid.to_string(), [11, 12]))
+            .sum(),
+    )
+}
+
+/// CPU time this process (the harness: the origin, and the limit when it is
+/// the target) and its reaped children (wrk, once its run is waited for)
+/// have used so far.
+fn own_cpu_time() -> (Duration, Duration) {
+    // cutime and cstime: the 16th and 17th fields.
+    (
+        ticks_to_time(stat_ticks("self", [11, 12])),
+        ticks_to_time(stat_ticks("self", [13, 14])),
+    )
+}
+
+/// The sum of two fields of `/proc/<pid>/stat`, counted from the one after
+/// the command name (which may hold spaces): the state is 0.
+fn stat_ticks(pid: &str, at: [usize; 2]) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    at.iter()
+        .map(|i| {
+            fields
+                .get(*i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn ticks_to_time(ticks: u64) -> Duration {
     static TICKS_PER_SEC: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     let ticks_per_sec = *TICKS_PER_SEC.get_or_init(|| {
         Command::new("getconf")
@@ -858,23 +894,6 @@ fn cpu_time(pids: &[u32]) -> Duration {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(100.0)
     });
-    let ticks: u64 = pids
-        .iter()
-        .map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // Fields after the command name (which may hold spaces): state is
-            // the 3rd field, utime the 14th and stime the 15th.
-            let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let field = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            field(11) + field(12)
-        })
-        .sum();
     Duration::from_secs_f64(ticks as f64 / ticks_per_sec)
 }
 
@@ -1209,11 +1228,15 @@ async fn throughput(report: &mut Report, options: &Options, name: &str, traffic:
             }
             origin.reset_counters();
             let cpu_before = cpu_time(&target.pids);
+            let (own_before, wrk_before) = own_cpu_time();
             let result = tokio::task::spawn_blocking(move || run_wrk(addr, traffic, duration))
                 .await
                 .ok()
                 .flatten();
             let cpu = cpu_time(&target.pids).saturating_sub(cpu_before);
+            let (own_after, wrk_after) = own_cpu_time();
+            let harness_cpu = own_after.saturating_sub(own_before);
+            let wrk_cpu = wrk_after.saturating_sub(wrk_before);
             let fetched = origin.requests.load(Ordering::Relaxed) as f64;
             if traffic.zipf > 0.0 && kind == Kind::SwrProxy {
                 if let Some(entries) = admin_metric(target.admin, "swr_cache_entries").await {
@@ -1226,14 +1249,19 @@ async fn throughput(report: &mut Report, options: &Options, name: &str, traffic:
             drop(target);
             check_wrk(report, name, kind.name(), result.as_ref());
             if let Some(r) = result {
-                let cpu_us = cpu.as_secs_f64() * 1e6 / r.requests.max(1.0);
+                let per_request = |cpu: Duration| cpu.as_secs_f64() * 1e6 / r.requests.max(1.0);
+                let cpu_us = per_request(cpu);
                 let hit_ratio = 1.0 - fetched / r.requests.max(1.0);
+                // The harness's own CPU is the origin's (and the limit's,
+                // when it is the target): what a miss costs the backend.
                 eprintln!(
-                    "  {name} round {} {:<9} {:>9.0} req/s  p99 {:.2} ms  cpu {cpu_us:.1} us/req  errors {}{}",
+                    "  {name} round {} {:<9} {:>9.0} req/s  p99 {:.2} ms  cpu {cpu_us:.1} us/req  (harness {:.1}, wrk {:.1})  errors {}{}",
                     round + 1,
                     kind.name(),
                     r.rps,
                     r.p99_ms,
+                    per_request(harness_cpu),
+                    per_request(wrk_cpu),
                     r.errors,
                     if traffic.zipf > 0.0 { format!("  hit ratio {hit_ratio:.3}") } else { String::new() },
                 );
