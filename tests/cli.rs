@@ -134,8 +134,7 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
     assert_eq!(code, 2);
     assert!(stderr.contains("--ttl"), "{stderr}");
     // --upstream-ca: each refusal with its own cause.
-    let ca = support::TestCa::make("cli-ca")
-        .expect("openssl makes a test CA (apt-get install -y openssl)");
+    let ca = support::TestCa::make("cli-ca");
     let ca_file = ca.ca.to_str().expect("a UTF-8 temp path");
     let key_only = ca.key.to_str().expect("a UTF-8 temp path");
     let no_cert = support::TempFile::new("not a certificate\n");

@@ -630,8 +630,7 @@ async fn the_cache_is_bounded_in_bytes() {
 /// name is not the certificate's.
 #[tokio::test]
 async fn an_https_backend_is_verified_against_the_upstream_ca() {
-    let ca = TestCa::make("https-backend")
-        .expect("openssl makes a test CA and certificate (apt-get install -y openssl)");
+    let ca = TestCa::make("https-backend");
     let origin = Origin::start_tls(&ca).await;
     let ca_file = ca.ca.to_str().expect("a UTF-8 temp path");
     let proxy = TestProxy::start_for(
@@ -651,7 +650,7 @@ async fn an_https_backend_is_verified_against_the_upstream_ca() {
     assert_eq!(seen[0].version, http::Version::HTTP_2, "h2 by ALPN");
     assert_eq!(origin.tls_failures(), 0);
 
-    let other = TestCa::make("https-other").expect("openssl makes a second test CA");
+    let other = TestCa::make("https-other");
     let other_file = other.ca.to_str().expect("a UTF-8 temp path");
     let by_name = format!("https://localhost:{}", origin.addr.port());
     let refusing = [

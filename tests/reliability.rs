@@ -532,8 +532,7 @@ async fn behind_refusing_h2_backend(
 #[tokio::test]
 async fn a_stream_an_h2_backend_refused_unread_is_sent_again_when_bodiless() {
     use std::sync::atomic::Ordering;
-    let ca = support::TestCa::make("h2-refused")
-        .expect("openssl makes a test CA and certificate (apt-get install -y openssl)");
+    let ca = support::TestCa::make("h2-refused");
     // Refused once: the GET is answered by the second stream.
     let (proxy, streams) = behind_refusing_h2_backend(&ca, 1).await;
     let answer = proxy.get("/once").await;

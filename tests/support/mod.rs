@@ -725,8 +725,9 @@ impl Drop for TempFile {
     }
 }
 
-/// A test CA made by openssl, and a certificate for 127.0.0.1 it signs, in
-/// a directory of their own (removed on drop).
+/// A test CA made by rcgen, and a certificate for 127.0.0.1 it signs, as
+/// PEM files in a directory of their own (removed on drop). ECDSA P-256
+/// keys, valid from 1975 to 4096 (rcgen's defaults).
 pub struct TestCa {
     pub dir: PathBuf,
     pub ca: PathBuf,
@@ -735,74 +736,45 @@ pub struct TestCa {
 }
 
 impl TestCa {
-    /// `None` when openssl cannot make them (it is not installed).
-    pub fn make(name: &str) -> Option<TestCa> {
+    pub fn make(name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "swr-{name}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::create_dir_all(&dir).ok()?;
-        let _ = std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n");
-        let openssl = |args: &[&str]| {
-            std::process::Command::new("openssl")
-                .current_dir(&dir)
-                .args(args)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let made = openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=swr-test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ]) && openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "server.csr",
-        ]) && openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "cert.pem",
-        ]);
+        std::fs::create_dir_all(&dir).expect("a directory for the test CA");
+        let mut ca_params = CertificateParams::new(Vec::new()).expect("no names");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "swr-test-ca");
+        let ca_key = KeyPair::generate().expect("a CA key");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("the CA certificate");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("an IP name");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        let key = KeyPair::generate().expect("a server key");
+        let cert = params
+            .signed_by(&key, &issuer)
+            .expect("the server certificate");
         let ca = TestCa {
             ca: dir.join("ca.pem"),
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
             dir,
         };
-        made.then_some(ca)
+        for (path, pem) in [
+            (&ca.ca, ca_cert.pem()),
+            (&ca.cert, cert.pem()),
+            (&ca.key, key.serialize_pem()),
+        ] {
+            std::fs::write(path, pem).expect("write a test CA file");
+        }
+        ca
     }
 }
 
