@@ -23,10 +23,10 @@
 //! Values take less room than their text: an HTTP date in the preferred
 //! format (`Date`, `Last-Modified`, `Expires`) is kept as its seconds when
 //! it formats back to the same bytes (5 B instead of 31: the name byte with
-//! [`DATE_VALUE`] set, then a u32), lengths are LEB128 (one byte below
-//! 64 B), and the instants are spans of 32 bits from the time stored
-//! (milliseconds below 24 days, whole minutes above; windows rounded to end
-//! early, ages to be older).
+//! [`DATE_VALUE`] set, then a u32), lengths are LEB128 (`unsigned-varint`;
+//! one byte below 64 B), and the instants are spans of 32 bits from the
+//! time stored (milliseconds below 24 days, whole minutes above; windows
+//! rounded to end early, ages to be older).
 //!
 //! A hit wraps the entry in one `Bytes` owner (one small allocation, with a
 //! reference count of its own) and hands out slices of it for the header
@@ -43,6 +43,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use httpdate::HttpDate;
+use unsigned_varint as varint;
 
 use bytes::Bytes;
 use http::header::{self, CONTENT_LENGTH};
@@ -290,7 +291,12 @@ impl Entry {
                     head.extend_from_slice(name.as_str().as_bytes());
                 }
             }
-            push_leb128(&mut head, (value.len() as u64) << 1 | u64::from(sensitive));
+            // Below 2^32: values longer than MAX_VALUE_LEN are not stored.
+            let flagged = (value.len() as u32) << 1 | u32::from(sensitive);
+            head.extend_from_slice(varint::encode::u32(
+                flagged,
+                &mut varint::encode::u32_buffer(),
+            ));
             head.extend_from_slice(value);
             count += 1;
         }
@@ -819,7 +825,9 @@ impl Iterator for RawHeaders<'_> {
             let secs = u32::from_le_bytes([secs[0], secs[1], secs[2], secs[3]]);
             return Some((name, RawValue::Date(secs), false));
         }
-        let flagged = read_leb128(data, &mut self.at)?;
+        let rest = data.get(self.at..)?;
+        let (flagged, after) = varint::decode::u32(rest).ok()?;
+        self.at += rest.len() - after.len();
         let start = self.at;
         let end = start.checked_add(usize::try_from(flagged >> 1).ok()?)?;
         if end > data.len() {
@@ -828,30 +836,6 @@ impl Iterator for RawHeaders<'_> {
         self.at = end;
         Some((name, RawValue::Stored(start..end), flagged & 1 != 0))
     }
-}
-
-/// Appends `n` as LEB128: seven bits a byte, the lowest first, the top bit
-/// set on every byte but the last.
-fn push_leb128(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push(n as u8 | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-/// Reads a LEB128 number of at most five bytes at `*at`, moving `*at` past it.
-fn read_leb128(data: &[u8], at: &mut usize) -> Option<u64> {
-    let mut n = 0;
-    for shift in (0..35).step_by(7) {
-        let byte = *data.get(*at)?;
-        *at += 1;
-        n |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(n);
-        }
-    }
-    None
 }
 
 fn ceil_secs(d: Duration) -> i64 {
@@ -1068,29 +1052,18 @@ mod tests {
 
     #[test]
     fn lengths_are_leb128_with_the_sensitive_flag_lowest() {
-        let leb = |n: u64| {
-            let mut out = Vec::new();
-            push_leb128(&mut out, n);
-            out
-        };
+        let leb = |n: u32| varint::encode::u32(n, &mut varint::encode::u32_buffer()).to_vec();
         assert_eq!(leb(63 << 1), [0x7e]);
         assert_eq!(leb(64 << 1), [0x80, 0x01]);
         assert_eq!(leb(300 << 1 | 1), [0xd9, 0x04]);
-        let mut at = 0;
+        assert_eq!(leb(u32::MAX), [0xff, 0xff, 0xff, 0xff, 0x0f]);
         assert_eq!(
-            read_leb128(&[0xd9, 0x04, 0xff], &mut at),
-            Some(300 << 1 | 1)
+            varint::decode::u32(&[0xd9, 0x04, 0xff]).ok(),
+            Some((300 << 1 | 1, &[0xff][..]))
         );
-        assert_eq!(at, 2);
         // Five bytes at most; cut short: none.
-        assert_eq!(read_leb128(&[0x80; 6], &mut 0), None);
-        assert_eq!(read_leb128(&[0x80, 0x80], &mut 0), None);
-        let mut at = 0;
-        assert_eq!(
-            read_leb128(&[0xff, 0xff, 0xff, 0xff, 0x0f], &mut at),
-            Some(u64::from(u32::MAX))
-        );
-        assert_eq!(at, 5);
+        assert!(varint::decode::u32(&[0x80; 6]).is_err());
+        assert!(varint::decode::u32(&[0x80, 0x80]).is_err());
     }
 
     #[test]
