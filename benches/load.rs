@@ -848,22 +848,26 @@ fn proc_kib(path: &str, field: &str) -> u64 {
 /// req/s on a shared machine, since it does not depend on how the cores were
 /// shared with wrk.
 fn cpu_time(pids: &[u32]) -> Duration {
-    // utime and stime: the 14th and 15th fields.
     ticks_to_time(
         pids.iter()
-            .map(|pid| stat_ticks(&pid.to_string(), [11, 12]))
+            .map(|pid| stat_ticks(&pid.to_string(), UTIME_STIME))
             .sum(),
     )
 }
+
+/// utime and stime (the 14th and 15th fields of `/proc/<pid>/stat`), as
+/// [`stat_ticks`] counts them.
+const UTIME_STIME: [usize; 2] = [11, 12];
+/// cutime and cstime (the 16th and 17th fields): reaped children's.
+const CUTIME_CSTIME: [usize; 2] = [13, 14];
 
 /// CPU time this process (the harness: the origin, and the limit when it is
 /// the target) and its reaped children (wrk, once its run is waited for)
 /// have used so far.
 fn own_cpu_time() -> (Duration, Duration) {
-    // cutime and cstime: the 16th and 17th fields.
     (
-        ticks_to_time(stat_ticks("self", [11, 12])),
-        ticks_to_time(stat_ticks("self", [13, 14])),
+        ticks_to_time(stat_ticks("self", UTIME_STIME)),
+        ticks_to_time(stat_ticks("self", CUTIME_CSTIME)),
     )
 }
 

@@ -88,6 +88,8 @@ const DATE_LEN: usize = 29;
 /// shifted left by one; the low bit marks a sensitive value. Values of
 /// 2 GiB and more are not stored.
 const MAX_VALUE_LEN: usize = (1 << 31) - 1;
+// A length shifted left by one, with the flag, fits the u32 it is written as.
+const _: () = assert!(MAX_VALUE_LEN <= (u32::MAX >> 1) as usize);
 
 /// An entry's bytes, allocated by the system allocator at their exact size.
 type Blob = allocator_api2::boxed::Box<[u8], System>;
@@ -291,7 +293,8 @@ impl Entry {
                     head.extend_from_slice(name.as_str().as_bytes());
                 }
             }
-            // Below 2^32: values longer than MAX_VALUE_LEN are not stored.
+            // len <= MAX_VALUE_LEN = 2^31 - 1 (checked above), so
+            // `len << 1 | flag` fits a u32.
             let flagged = (value.len() as u32) << 1 | u32::from(sensitive);
             head.extend_from_slice(varint::encode::u32(
                 flagged,
