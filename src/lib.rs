@@ -36,6 +36,8 @@
 //! - [`admin`]: the admin listener: health, metrics, stats, purge.
 //! - [`logs`]: log lines off the request path (bounded, lossy, counted),
 //!   failure lines rate-limited per cause, the periodic summary.
+//! - [`files`]: opening a file read at start (snapshot, CA file): regular
+//!   files only, never blocking on a FIFO.
 //! - [`snapshot`]: warm restart without Redis: the cache written to a file
 //!   at shutdown and read back at start.
 //! - [`demo`]: the built-in slow backend behind `swr-proxy demo`.
@@ -49,6 +51,7 @@ pub mod connections;
 pub mod demo;
 pub mod error;
 pub mod fast_hits;
+pub mod files;
 pub mod fleet;
 pub mod logs;
 pub mod metrics;

@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use crate::cache::entry::Entry;
+use crate::files::{self, Links};
 use crate::fleet::codec::{self, Shared};
 
 /// The snapshot's file name in `--snapshot-dir`.
@@ -177,38 +178,6 @@ fn create_private(path: &Path) -> std::io::Result<File> {
     options.open(path)
 }
 
-/// Opens `path` for reading, never through a link and never blocking: the
-/// file opened must be a regular file. On unix the open itself refuses a
-/// link (`O_NOFOLLOW`) and returns at once on a FIFO (`O_NONBLOCK`, which
-/// does nothing to a regular file's reads), and the check is of the file
-/// opened (its `fstat`), so nothing swapped in after a check is read: a
-/// FIFO put there would otherwise hold the start waiting for a writer.
-fn open_own(path: &Path) -> std::io::Result<File> {
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(
-        &mut options,
-        libc::O_NOFOLLOW | libc::O_NONBLOCK,
-    );
-    #[cfg(not(unix))]
-    if !std::fs::symlink_metadata(path)?.file_type().is_file() {
-        return Err(std::io::Error::other("not a regular file (a link?)"));
-    }
-    let file = options.open(path).map_err(|err| {
-        // What O_NOFOLLOW answers for a link.
-        #[cfg(unix)]
-        if err.raw_os_error() == Some(libc::ELOOP) {
-            return std::io::Error::other("a link, not a regular file");
-        }
-        err
-    })?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    Ok(file)
-}
-
 /// Why a snapshot in `dir` with `metadata` may not be read, if it may not:
 /// it is not a regular file, or (unix) another user owns it or may write it.
 fn not_trusted(dir: &Path, metadata: &std::fs::Metadata) -> Option<String> {
@@ -320,7 +289,7 @@ pub fn read(
     wall: SystemTime,
 ) -> Result<Option<Loaded>, String> {
     remove_left_behind(dir);
-    let file = match open_own(&path(dir)) {
+    let file = match files::open_regular(&path(dir), Links::Refuse) {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(format!("cannot open it: {err}")),

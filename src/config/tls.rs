@@ -12,6 +12,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 
 use super::ConfigError;
+use crate::files::{self, Links};
 
 /// A CA file larger than this is refused: Mozilla's whole bundle is about
 /// 220 KB, and a path to `/dev/zero` must not fill memory.
@@ -38,20 +39,10 @@ pub fn read_roots(path: &Path) -> Result<Arc<RootCertStore>, ConfigError> {
     Ok(Arc::new(roots))
 }
 
-/// The bytes of `path`, a regular file of at most [`MAX_CA_FILE`] bytes.
-/// On unix it is opened with `O_NONBLOCK` (a FIFO's open returns at once;
-/// nothing changes for a regular file's reads), and the check is of the
-/// file opened. Links are followed: CA files are often links
-/// (`/etc/ssl/certs`, mounted secrets).
+/// The bytes of `path`, a regular file (links followed) of at most
+/// [`MAX_CA_FILE`] bytes.
 fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
-    let file = options.open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
+    let file = files::open_regular(path, Links::Follow)?;
     // Read up to one byte past the limit: a file that grew since its
     // `fstat` is caught as well.
     let mut pem = Vec::new();

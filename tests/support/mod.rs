@@ -698,14 +698,20 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A file in the temp directory, removed on drop.
 pub struct TempFile(std::path::PathBuf);
 
+/// A path in the temp directory no other call (of this process or another
+/// test binary's) returns: `swr-{stem}-{pid}-{n}{suffix}`.
+pub fn unique_temp_path(stem: &str, suffix: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "swr-{stem}-{}-{}{suffix}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 impl TempFile {
     pub fn new(text: &str) -> TempFile {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "swr-proxy-test-{}-{}.toml",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = unique_temp_path("proxy-test", ".toml");
         std::fs::write(&path, text).expect("write the config file");
         TempFile(path)
     }
@@ -738,12 +744,7 @@ pub struct TestCa {
 impl TestCa {
     pub fn make(name: &str) -> TestCa {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "swr-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let dir = unique_temp_path(name, "");
         std::fs::create_dir_all(&dir).expect("a directory for the test CA");
         let mut ca_params = CertificateParams::new(Vec::new()).expect("no names");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
