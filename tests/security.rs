@@ -596,6 +596,47 @@ async fn huge_ages_and_lifetimes_are_capped() {
     assert!((1 << 31..(1 << 31) + 60).contains(&age), "age {age}");
 }
 
+/// A 304 adds the fields it names to the stored answer (RFC 9111 §3.2). A
+/// backend whose 304s name new fields every time grew one entry without a
+/// bound (4.4 MB of head after 12 renewals), and past 24,576 values every
+/// answer made from it panicked (found by the attack review of 35f624f).
+/// An answer whose headers pass what an entry holds is passed on once, not
+/// stored: every request is answered and no answer carries more than the
+/// stored head and one 304's.
+#[tokio::test]
+async fn renewals_that_add_fields_keep_an_entry_bounded() {
+    use support::{Origin, Route};
+    let origin = Origin::start().await;
+    // 90 new fields of 4 KB a round: about 370 KB, what one head may carry.
+    let round = |n: usize| {
+        (0..90).fold(
+            Route::default()
+                .etag("\"v\"")
+                .header("cache-control", "max-age=0, stale-while-revalidate=0")
+                .body("b"),
+            |route, i| route.header(&format!("x-r{n}-{i}"), &"v".repeat(4000)),
+        )
+    };
+    origin.route("/grow", round(0));
+    let proxy = TestProxy::start(&origin, &[]).await;
+    let mut largest = 0;
+    for n in 0..8 {
+        origin.route("/grow", round(n));
+        let answer = exchange(proxy.addr, &get("/grow", "h", "")).await;
+        assert_eq!(
+            (answer.status, answer.text().as_str()),
+            (200, "b"),
+            "round {n}"
+        );
+        largest = largest.max(answer.head.len());
+    }
+    assert!(origin.hits("/grow") >= 8, "each round asked the backend");
+    // Unbounded, the eighth answer carried 8 x 370 KB.
+    assert!(largest < 1 << 20, "an answer's head of {largest} bytes");
+    let stored = proxy.counter("swr_cache_bytes").await;
+    assert!(stored < 1 << 20, "{stored} bytes stored");
+}
+
 /// State-changing admin requests need JSON (a web page cannot send it
 /// without a preflight); the token can come from a file.
 #[tokio::test]

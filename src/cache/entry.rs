@@ -49,7 +49,7 @@ use bytes::Bytes;
 use http::header::{self, CONTENT_LENGTH};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use super::policy::Lifetimes;
+use super::policy::{Lifetimes, MAX_STORED_FIELDS};
 
 /// A stored response. Entries are immutable and cheap to clone (a reference
 /// count): a refresh builds a new one and swaps it in whole, so a reader sees
@@ -269,13 +269,14 @@ impl Entry {
             .filter(|(name, _)| *name != CONTENT_LENGTH)
             .map(|(name, value)| (name, value.as_bytes(), value.is_sensitive()));
         for (name, value, sensitive) in stored {
-            // A value of 2 GiB or a name of 64 KiB cannot come from a
-            // backend (hyper's header limits are far below); skip rather
+            // A value of 2 GiB, a name of 64 KiB or more fields than an
+            // entry holds cannot come from a backend (hyper's header limits
+            // are far below) nor pass `policy::storability`; skip rather
             // than store a truncated one.
             let Ok(name_len) = u16::try_from(name.as_str().len()) else {
                 continue;
             };
-            if value.len() > MAX_VALUE_LEN || count == u16::MAX {
+            if value.len() > MAX_VALUE_LEN || usize::from(count) == MAX_STORED_FIELDS {
                 continue;
             }
             let known = KNOWN.iter().position(|known| known == name);

@@ -134,6 +134,17 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const MAX_AGE: Duration = Duration::from_secs(1 << 31);
 /// How long past its windows a response with validators is kept for revalidation.
 pub const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(600);
+/// The most header field values a stored answer holds: what fleet's codec
+/// (Redis and the snapshot) reads back, far below what a `HeaderMap` holds
+/// (24,576; past it, making one panics). One backend answer holds at most
+/// 100 over HTTP/1.1 (hyper's client), but a 304 adds the fields it names
+/// to the stored answer (RFC 9111 §3.2), renewal after renewal.
+pub const MAX_STORED_FIELDS: usize = 1024;
+/// The most bytes of header names and values a stored answer holds: above
+/// the largest head hyper's client reads (8 KiB + 100 x 4 KiB), so only
+/// 304s adding fields to a stored answer reach it (as Varnish bounds an
+/// object's headers by `http_max_hdr` and its workspace).
+pub const MAX_STORED_HEAD_BYTES: usize = 512 << 10;
 
 /// Why a response is passed through and not stored. Each reason has a
 /// name used in `Cache-Status: detail=`, the bypass metric and the log.
@@ -156,7 +167,8 @@ pub enum BypassReason {
     /// the backend's view of one client, which the client's own value of
     /// that field (the only thing a key could hold) does not show.
     VaryClient,
-    /// The body is larger than `--max-object-size`.
+    /// The body is larger than `--max-object-size`, or the headers pass
+    /// what an entry holds ([`MAX_STORED_FIELDS`], [`MAX_STORED_HEAD_BYTES`]).
     TooLarge,
     /// The request carried `Authorization` and the response did not say
     /// `public`, `s-maxage` or `must-revalidate`.
@@ -312,6 +324,15 @@ pub fn storability(
     response_time: SystemTime,
     defaults: &Defaults,
 ) -> Storability {
+    if headers.len() > MAX_STORED_FIELDS
+        || headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum::<usize>()
+            > MAX_STORED_HEAD_BYTES
+    {
+        return Storability::Bypass(BypassReason::TooLarge);
+    }
     let cc = CacheControl::of_response(headers, &defaults.targeted);
     if cc.no_store {
         return Storability::Bypass(BypassReason::NoStore);
@@ -1403,6 +1424,45 @@ mod tests {
         for junk in ["-1", "1.5", "soon", ""] {
             assert_eq!(age(&[junk]), MAX_AGE, "{junk:?}");
         }
+    }
+
+    #[test]
+    fn headers_past_what_an_entry_holds_are_not_stored() {
+        let d = defaults();
+        let store = |headers: &HeaderMap| {
+            storability(
+                StatusCode::OK,
+                headers,
+                RequestFacts::default(),
+                Duration::ZERO,
+                arrival(),
+                &d,
+            )
+        };
+        let mut many = headers(&[("cache-control", "max-age=60")]);
+        for n in 1..MAX_STORED_FIELDS {
+            many.append("x-n", HeaderValue::from(n));
+        }
+        assert!(matches!(store(&many), Storability::Store(_)));
+        many.append("x-n", HeaderValue::from_static("one more"));
+        assert!(matches!(
+            store(&many),
+            Storability::Bypass(BypassReason::TooLarge)
+        ));
+        let mut large = headers(&[("cache-control", "max-age=60")]);
+        let value = HeaderValue::from_str(&"v".repeat(64 << 10)).unwrap();
+        for n in 0..8 {
+            large.append(
+                HeaderName::from_bytes(format!("x-{n}").as_bytes()).unwrap(),
+                value.clone(),
+            );
+        }
+        assert!(matches!(
+            store(&large),
+            Storability::Bypass(BypassReason::TooLarge)
+        ));
+        large.remove("x-7");
+        assert!(matches!(store(&large), Storability::Store(_)));
     }
 
     #[test]

@@ -29,6 +29,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
 use crate::cache::entry::{Entry, Instants};
+use crate::cache::policy;
 
 const MAGIC: &[u8; 3] = b"SWR";
 const VERSION: u8 = 1;
@@ -39,7 +40,8 @@ const SENSITIVE: u32 = 1 << 31;
 /// A backend's answer holds far fewer (hyper's client takes 100); a
 /// `HeaderMap` panics past 24,576 distinct names, and the CRC is no
 /// signature: anyone who can write to Redis can seal such a value.
-const MAX_FIELDS: u16 = 1024;
+const MAX_FIELDS: u16 = policy::MAX_STORED_FIELDS as u16;
+const _: () = assert!(policy::MAX_STORED_FIELDS <= u16::MAX as usize);
 
 /// A value read from Redis for a key.
 #[derive(Debug)]
