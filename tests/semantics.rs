@@ -668,6 +668,44 @@ async fn a_background_refresh_revalidates_with_the_etag() {
     assert_eq!(renewed.header("etag"), "\"r1\"");
 }
 
+/// RFC 9110 §7.6.1: the fields a 304's `Connection` names are hop-by-hop
+/// fields of that 304; they do not remove the stored answer's own.
+#[tokio::test]
+async fn a_304_connection_header_does_not_strip_stored_fields() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "300ms"]).await;
+    origin.route(
+        "/hop",
+        Route::default().etag("\"v1\"").header("x-kept", "yes"),
+    );
+    assert_eq!(proxy.get("/hop").await.x_cache(), "MISS");
+    // From now on a revalidation gets a 304 whose Connection names the
+    // ETag it carries and the stored answer's X-Kept.
+    origin.route(
+        "/hop",
+        Route::default()
+            .etag("\"v1\"")
+            .header("connection", "etag, x-kept"),
+    );
+    eventually(WAIT, "a 304 renews the entry", || async {
+        proxy.get("/hop").await;
+        proxy.counter("swr_revalidated_total").await == 1
+    })
+    .await;
+    assert_eq!(origin.seen("/hop")[1].headers["if-none-match"], "\"v1\"");
+    let renewed = proxy.get("/hop").await;
+    assert_eq!(renewed.text(), "/hop #1", "served from the renewed entry");
+    assert_eq!(renewed.header("etag"), "\"v1\"");
+    assert_eq!(renewed.header("x-kept"), "yes");
+    // The stored ETag still makes the next revalidation conditional.
+    eventually(WAIT, "the renewed entry is revalidated", || async {
+        proxy.get("/hop").await;
+        origin.hits("/hop") == 3
+    })
+    .await;
+    assert_eq!(origin.seen("/hop")[2].headers["if-none-match"], "\"v1\"");
+}
+
 // 7. Client conditional requests.
 
 #[tokio::test]

@@ -163,6 +163,15 @@ pub(super) struct Sent {
     pub(super) took: Duration,
 }
 
+/// The headers of `stale` renewed with those of a 304 (RFC 9111 §4.3.4).
+/// The 304's hop-by-hop fields, and the fields its `Connection` names,
+/// belong to that message only (RFC 9110 §7.6.1), so they are removed
+/// before the merge: the merged headers hold no `Connection` of the 304's,
+/// and stripping them later cannot remove a stored field.
+fn renewal_headers(stale: &Entry, not_modified: &HeaderMap) -> HeaderMap {
+    stale.renewed_headers(&upstream::response_headers(not_modified))
+}
+
 impl Proxy {
     /// Sends one request to the backend in a slot of `priority` (waited for
     /// `--upstream-timeout` at most) and returns the response head with the
@@ -366,7 +375,7 @@ impl Proxy {
         target: &FetchTarget,
         response_delay: Duration,
     ) -> Fetched {
-        let merged = stale.renewed_headers(not_modified);
+        let merged = renewal_headers(stale, not_modified);
         match policy::storability(
             stale.status(),
             &merged,
@@ -440,5 +449,60 @@ impl Proxy {
             headers.remove(name);
         }
         headers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::policy::Lifetimes;
+
+    #[test]
+    fn a_304_hop_by_hop_fields_leave_the_stored_ones() {
+        let mut stored = HeaderMap::new();
+        stored.insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+        stored.insert("x-kept", HeaderValue::from_static("yes"));
+        stored.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=1"));
+        let lifetimes = Lifetimes {
+            fresh: Duration::from_secs(1),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            initial_age: Duration::ZERO,
+            keep_for_revalidation: Duration::from_secs(60),
+        };
+        let stale = Entry::new(
+            "h/p",
+            StatusCode::OK,
+            &stored,
+            &[],
+            Instant::now(),
+            lifetimes,
+        );
+        let mut not_modified = HeaderMap::new();
+        not_modified.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("etag, x-kept, x-hop"),
+        );
+        not_modified.insert(header::ETAG, HeaderValue::from_static("\"v2\""));
+        not_modified.insert("x-hop", HeaderValue::from_static("1"));
+        not_modified.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        not_modified.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=60"),
+        );
+
+        let merged = renewal_headers(&stale, &not_modified);
+        // As clients get and the cache stores the renewed answer.
+        let renewed = upstream::response_headers(&merged);
+        assert_eq!(renewed[header::ETAG], "\"v1\"");
+        assert_eq!(renewed["x-kept"], "yes");
+        assert_eq!(
+            renewed[header::CACHE_CONTROL],
+            "max-age=60",
+            "an end-to-end field is renewed"
+        );
+        for hop in [header::CONNECTION.as_str(), "keep-alive", "x-hop"] {
+            assert!(!merged.contains_key(hop), "{hop}");
+        }
     }
 }
