@@ -706,6 +706,68 @@ async fn a_304_connection_header_does_not_strip_stored_fields() {
     assert_eq!(origin.seen("/hop")[2].headers["if-none-match"], "\"v1\"");
 }
 
+/// What the backend says against storing an answer counts wherever it
+/// says it: a `Cache-Control` its `Connection` names is not sent on (a
+/// hop-by-hop field, RFC 9110 §7.6.1), but its `private` or `no-store`
+/// still keeps the answer, or its renewal, out of the shared cache.
+#[tokio::test]
+async fn a_directive_against_storing_counts_even_named_in_connection() {
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &["--ttl", "300ms"]).await;
+    origin.route(
+        "/hop-private",
+        Route::default()
+            .header("cache-control", "private")
+            .header("connection", "cache-control"),
+    );
+    for _ in 0..2 {
+        let answer = proxy.get("/hop-private").await;
+        assert_eq!(answer.x_cache(), "BYPASS");
+        assert!(
+            answer.cache_status().contains("detail=private"),
+            "{}",
+            answer.cache_status()
+        );
+        assert_eq!(answer.header("cache-control"), "");
+    }
+    assert_eq!(origin.hits("/hop-private"), 2);
+
+    // A 304 that says no-store in a field its Connection names ends the
+    // stored answer instead of renewing it.
+    origin.route("/hop-304", Route::default().etag("\"v1\""));
+    assert_eq!(proxy.get("/hop-304").await.x_cache(), "MISS");
+    origin.route(
+        "/hop-304",
+        Route::default()
+            .etag("\"v1\"")
+            .header("cache-control", "no-store")
+            .header("connection", "cache-control"),
+    );
+    eventually(WAIT, "the 304 is fetched", || async {
+        proxy.get("/hop-304").await;
+        origin.hits("/hop-304") == 2
+    })
+    .await;
+    assert_eq!(
+        origin.seen("/hop-304")[1].headers["if-none-match"],
+        "\"v1\""
+    );
+    assert_eq!(
+        proxy.counter("swr_revalidated_total").await,
+        0,
+        "not renewed"
+    );
+    // The entry is gone: the next fetch is not conditional.
+    eventually(WAIT, "the next fetch", || async {
+        proxy.get("/hop-304").await;
+        origin.hits("/hop-304") == 3
+    })
+    .await;
+    assert!(!origin.seen("/hop-304")[2]
+        .headers
+        .contains_key("if-none-match"));
+}
+
 // 7. Client conditional requests.
 
 #[tokio::test]

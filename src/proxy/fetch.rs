@@ -302,6 +302,9 @@ impl Proxy {
             return self.renewed(stale, response.headers(), target, response_delay);
         }
 
+        // Decided on the headers as sent, before the fields the backend's
+        // `Connection` names are removed: a `Cache-Control: private` there
+        // still keeps the answer out of the shared cache.
         let lifetimes = match policy::storability(
             status,
             response.headers(),
@@ -376,9 +379,12 @@ impl Proxy {
         response_delay: Duration,
     ) -> Fetched {
         let merged = renewal_headers(stale, not_modified);
+        // Decided on the 304 as sent, as a 200 is: a directive against
+        // storing counts even in a field its `Connection` names (a shared
+        // cache may store less than the backend allows, never more).
         match policy::storability(
             stale.status(),
-            &merged,
+            &stale.renewed_headers(not_modified),
             target.facts,
             response_delay,
             SystemTime::now(),
