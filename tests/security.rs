@@ -637,6 +637,85 @@ async fn renewals_that_add_fields_keep_an_entry_bounded() {
     assert!(stored < 1 << 20, "{stored} bytes stored");
 }
 
+/// The bound holds for what is stored, not only for what a 304 carries:
+/// a 304 whose `Connection` names the fields earlier rounds added keeps
+/// them stored (they are hop-by-hop fields of that 304, RFC 9110 §7.6.1)
+/// while it adds a new one.
+#[tokio::test]
+async fn renewals_whose_connection_names_stored_fields_keep_an_entry_bounded() {
+    use support::{Origin, Route};
+    let origin = Origin::start().await;
+    let round = |n: usize| {
+        let earlier: Vec<String> = (0..n).map(|k| format!("x-r{k}")).collect();
+        let mut route = Route::default()
+            .etag("\"v\"")
+            .header("cache-control", "max-age=0, stale-while-revalidate=0")
+            .body("b");
+        if n > 0 {
+            route = route.header("connection", &earlier.join(", "));
+        }
+        for name in &earlier {
+            route = route.header(name, "a");
+        }
+        route.header(&format!("x-r{n}"), &"v".repeat(300_000))
+    };
+    let proxy = TestProxy::start(&origin, &[]).await;
+    let mut largest = 0;
+    for n in 0..5 {
+        origin.route("/grow", round(n));
+        let answer = exchange(proxy.addr, &get("/grow", "h", "")).await;
+        assert_eq!(
+            (answer.status, answer.text().as_str()),
+            (200, "b"),
+            "round {n}"
+        );
+        largest = largest.max(answer.head.len());
+    }
+    assert!(origin.hits("/grow") >= 5, "each round asked the backend");
+    // Checked on the 304 as sent, the fifth answer carried 5 x 300 KB.
+    assert!(largest < 1 << 20, "an answer's head of {largest} bytes");
+}
+
+/// A 304's `private="x-user"` leaves that field out of the shared entry
+/// even when the `Cache-Control` carrying it is named in the 304's
+/// `Connection`, as it does for a 200.
+#[tokio::test]
+async fn a_304_private_field_stays_out_of_the_shared_entry() {
+    use support::{eventually, Origin, Route, WAIT};
+    let origin = Origin::start().await;
+    let per_user = |route: Route| {
+        route
+            .header("cache-control", "max-age=60, private=\"x-user\"")
+            .header("connection", "cache-control")
+            .header("x-user", "alice")
+    };
+    // A 200: the field is not stored.
+    origin.route("/user-200", per_user(Route::default()));
+    let proxy = TestProxy::start(&origin, &[]).await;
+    let first = exchange(proxy.addr, &get("/user-200", "h", "")).await;
+    assert_eq!(first.status, 200);
+    let hit = exchange(proxy.addr, &get("/user-200", "h", "")).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(hit.header("x-user"), None);
+    // A 304 renewing a stored answer: neither is it.
+    origin.route(
+        "/user-304",
+        Route::default()
+            .etag("\"v\"")
+            .header("cache-control", "max-age=0"),
+    );
+    exchange(proxy.addr, &get("/user-304", "h", "")).await;
+    origin.route("/user-304", per_user(Route::default().etag("\"v\"")));
+    eventually(WAIT, "the 304 renews the entry", || async {
+        exchange(proxy.addr, &get("/user-304", "h", "")).await;
+        proxy.counter("swr_revalidated_total").await == 1
+    })
+    .await;
+    let renewed = exchange(proxy.addr, &get("/user-304", "h", "")).await;
+    assert_eq!(renewed.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(renewed.header("x-user"), None);
+}
+
 /// State-changing admin requests need JSON (a web page cannot send it
 /// without a preflight); the token can come from a file.
 #[tokio::test]

@@ -560,9 +560,9 @@ impl Entry {
 
     /// The headers of this entry updated with those of a `304 Not Modified`
     /// (RFC 9111 §4.3.4): each field in the 304 replaces the stored one,
-    /// except the body's framing. `not_modified` holds the 304's end-to-end
-    /// fields only: its hop-by-hop ones are the caller's to remove first
-    /// (`proxy::fetch::renewal_headers`).
+    /// except the body's framing. It merges the fields it is given: the
+    /// caller removes the 304's hop-by-hop ones first where the merge is
+    /// to be stored (`proxy::fetch::renewal_headers`).
     pub fn renewed_headers(&self, not_modified: &HeaderMap) -> HeaderMap {
         let mut merged = self.header_map(0);
         merged.remove(CONTENT_LENGTH);

@@ -146,6 +146,17 @@ pub const MAX_STORED_FIELDS: usize = 1024;
 /// object's headers by `http_max_hdr` and its workspace).
 pub const MAX_STORED_HEAD_BYTES: usize = 512 << 10;
 
+/// Whether an entry can hold `headers`: at most [`MAX_STORED_FIELDS`]
+/// fields and [`MAX_STORED_HEAD_BYTES`] of names and values.
+pub fn fits_entry(headers: &HeaderMap) -> bool {
+    headers.len() <= MAX_STORED_FIELDS
+        && headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum::<usize>()
+            <= MAX_STORED_HEAD_BYTES
+}
+
 /// Why a response is passed through and not stored. Each reason has a
 /// name used in `Cache-Status: detail=`, the bypass metric and the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -324,13 +335,7 @@ pub fn storability(
     response_time: SystemTime,
     defaults: &Defaults,
 ) -> Storability {
-    if headers.len() > MAX_STORED_FIELDS
-        || headers
-            .iter()
-            .map(|(name, value)| name.as_str().len() + value.len())
-            .sum::<usize>()
-            > MAX_STORED_HEAD_BYTES
-    {
+    if !fits_entry(headers) {
         return Storability::Bypass(BypassReason::TooLarge);
     }
     let cc = CacheControl::of_response(headers, &defaults.targeted);

@@ -378,23 +378,41 @@ impl Proxy {
         target: &FetchTarget,
         response_delay: Duration,
     ) -> Fetched {
-        let merged = renewal_headers(stale, not_modified);
         // Decided on the 304 as sent, as a 200 is: a directive against
         // storing counts even in a field its `Connection` names (a shared
-        // cache may store less than the backend allows, never more).
-        match policy::storability(
+        // cache may store less than the backend allows, never more), and so
+        // do the fields `private="..."` / `no-cache="..."` name, which a
+        // shared cache does not keep (RFC 9111 §5.2.2.4, §5.2.2.7).
+        let as_sent = stale.renewed_headers(not_modified);
+        let mut headers = self.client_headers(&renewal_headers(stale, not_modified));
+        let decided = match policy::storability(
             stale.status(),
-            &stale.renewed_headers(not_modified),
+            &as_sent,
             target.facts,
             response_delay,
             SystemTime::now(),
             &target.defaults,
         ) {
             Storability::Store(lifetimes) => {
+                for name in policy::omitted_fields(&as_sent, &self.targeted) {
+                    headers.remove(name);
+                }
+                // The bound is on what is stored, which keeps the stored
+                // fields a 304's `Connection` names.
+                if policy::fits_entry(&headers) {
+                    Storability::Store(lifetimes)
+                } else {
+                    Storability::Bypass(BypassReason::TooLarge)
+                }
+            }
+            bypass => bypass,
+        };
+        match decided {
+            Storability::Store(lifetimes) => {
                 let entry = Entry::new(
                     stale.key(),
                     stale.status(),
-                    &self.stored_headers(&merged),
+                    &headers,
                     &[stale.body()],
                     Instant::now(),
                     lifetimes,
@@ -418,7 +436,7 @@ impl Proxy {
                 Fetched::Pass(Passed {
                     reason,
                     status: stale.status(),
-                    headers: self.client_headers(&merged),
+                    headers,
                     body: ProxyBody::full(stale.body()),
                 })
             }
@@ -441,19 +459,6 @@ impl Proxy {
         let mut headers = upstream::response_headers(upstream_headers);
         headers.remove(&self.targeted);
         headers.remove(policy::CDN_CACHE_CONTROL);
-        headers
-    }
-
-    /// A storable response's headers as stored: as clients get them, less
-    /// the fields `private="..."` / `no-cache="..."` name (RFC 9111
-    /// §5.2.2.4, §5.2.2.7), which a shared cache does not keep. (A fill
-    /// removes them itself once it knows the body is stored.)
-    pub(super) fn stored_headers(&self, upstream_headers: &HeaderMap) -> HeaderMap {
-        let omitted = policy::omitted_fields(upstream_headers, &self.targeted);
-        let mut headers = self.client_headers(upstream_headers);
-        for name in omitted {
-            headers.remove(name);
-        }
         headers
     }
 }
