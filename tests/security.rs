@@ -716,6 +716,93 @@ async fn a_304_private_field_stays_out_of_the_shared_entry() {
     assert_eq!(renewed.header("x-user"), None);
 }
 
+/// A field a targeted `private="..."` left out of the shared entry cannot
+/// come back with a 304 that does not repeat the directive: the
+/// `CDN-Cache-Control` carrying it is not stored, so a renewal would see
+/// nothing against storing the 304's `X-User`.
+#[tokio::test]
+async fn a_304_cannot_bring_back_a_field_a_targeted_private_left_out() {
+    use support::{eventually, Origin, Route, WAIT};
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    origin.route(
+        "/t",
+        Route::default()
+            .etag("\"v\"")
+            .header("cache-control", "max-age=1")
+            .header("cdn-cache-control", "max-age=1, private=\"x-user\"")
+            .header("x-user", "alice")
+            .body("b"),
+    );
+    assert_eq!(exchange(proxy.addr, &get("/t", "h", "")).await.status, 200);
+    let hit = exchange(proxy.addr, &get("/t", "h", "")).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(hit.header("x-user"), None);
+    // The renewal's 304 names the user, without the directive.
+    origin.route("/t", Route::default().etag("\"v\"").header("x-user", "bob"));
+    eventually(WAIT, "a 304 renews the entry", || async {
+        exchange(proxy.addr, &get("/t", "h", "")).await;
+        proxy.counter("swr_revalidated_total").await == 1
+    })
+    .await;
+    let carol = exchange(proxy.addr, &get("/t", "h", "")).await;
+    assert_eq!(carol.text(), "b");
+    assert_eq!(
+        carol.header("x-user"),
+        None,
+        "bob's field on another's answer"
+    );
+}
+
+/// A 304 that names a `Vary` the stored answer did not have ends the
+/// entry: renewed under the URL's key, the answer made for one variant
+/// would be served to every other.
+#[tokio::test]
+async fn a_304_that_adds_vary_does_not_renew_for_every_variant() {
+    use support::{eventually, Origin, Route, WAIT};
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    origin.route(
+        "/plan",
+        Route::default()
+            .etag("\"v\"")
+            .header("cache-control", "max-age=1")
+            .echo("x-tenant"),
+    );
+    let tenant = |t: &str| format!("x-tenant: {t}\r\n");
+    let first = exchange(proxy.addr, &get("/plan", "h", &tenant("a"))).await;
+    assert_eq!(first.text(), "/plan #1 a");
+    origin.route(
+        "/plan",
+        Route::default()
+            .etag("\"v\"")
+            .header("cache-control", "max-age=60")
+            .header("vary", "x-tenant")
+            .echo("x-tenant"),
+    );
+    eventually(WAIT, "the 304 naming Vary is fetched", || async {
+        exchange(proxy.addr, &get("/plan", "h", &tenant("a"))).await;
+        origin.hits("/plan") >= 2
+    })
+    .await;
+    assert_eq!(
+        origin.seen("/plan")[1].headers["if-none-match"],
+        "\"v\"",
+        "the second fetch was the revalidation"
+    );
+    // Tenant b gets the answer made for b, never the one stored for a.
+    eventually(WAIT, "tenant b's own answer", || async {
+        let b = exchange(proxy.addr, &get("/plan", "h", &tenant("b"))).await;
+        assert!(
+            !b.text().ends_with(" a"),
+            "tenant a's answer for b: {}",
+            b.text()
+        );
+        b.text().ends_with(" b")
+    })
+    .await;
+}
+
 /// State-changing admin requests need JSON (a web page cannot send it
 /// without a preflight); the token can come from a file.
 #[tokio::test]

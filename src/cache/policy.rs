@@ -194,6 +194,10 @@ pub enum BypassReason {
     Request,
     /// The backend answered 304 to a request that carried no validators of ours.
     NotModified,
+    /// A 304 names another `Vary` than the stored answer's: the stored
+    /// answer may not be renewed for every variant at once, so it ends and
+    /// the next request fetches the answer whole.
+    VaryChanged,
     /// A route says `bypass = true`.
     Route,
     /// `--max-buffered` was taken by other reads: streamed this time.
@@ -217,7 +221,7 @@ impl BypassReason {
         matches!(self, BypassReason::Authorization | BypassReason::Cookie)
     }
 
-    pub const ALL: [BypassReason; 16] = [
+    pub const ALL: [BypassReason; 17] = [
         BypassReason::Method,
         BypassReason::NoStore,
         BypassReason::Private,
@@ -231,6 +235,7 @@ impl BypassReason {
         BypassReason::Range,
         BypassReason::Request,
         BypassReason::NotModified,
+        BypassReason::VaryChanged,
         BypassReason::Route,
         BypassReason::BufferFull,
         BypassReason::Unsettled,
@@ -251,6 +256,7 @@ impl BypassReason {
             BypassReason::Range => "range",
             BypassReason::Request => "request",
             BypassReason::NotModified => "not-modified",
+            BypassReason::VaryChanged => "vary-changed",
             BypassReason::Route => "route",
             BypassReason::BufferFull => "buffer-full",
             BypassReason::Unsettled => "fill-unsettled",

@@ -163,13 +163,41 @@ pub(super) struct Sent {
     pub(super) took: Duration,
 }
 
-/// The headers of `stale` renewed with those of a 304 (RFC 9111 §4.3.4).
-/// The 304's hop-by-hop fields, and the fields its `Connection` names,
-/// belong to that message only (RFC 9110 §7.6.1), so they are removed
-/// before the merge: the merged headers hold no `Connection` of the 304's,
-/// and stripping them later cannot remove a stored field.
-fn renewal_headers(stale: &Entry, not_modified: &HeaderMap) -> HeaderMap {
-    stale.renewed_headers(&upstream::response_headers(not_modified))
+/// Fields a 304 may add to a stored answer that lacks them: those that
+/// govern caching it.
+const RENEWABLE_ADDITIONS: [HeaderName; 5] = [
+    header::CACHE_CONTROL,
+    header::EXPIRES,
+    header::DATE,
+    header::ETAG,
+    header::LAST_MODIFIED,
+];
+
+/// The headers of `stale` renewed with those of a 304 (RFC 9111 §4.3.4),
+/// as they are stored.
+///
+/// - The 304's hop-by-hop fields, and the fields its `Connection` names,
+///   belong to that message only (RFC 9110 §7.6.1), so they are removed
+///   before the merge: the merged headers hold no `Connection` of the
+///   304's, and stripping them later cannot remove a stored field.
+/// - A 304 replaces the fields the stored answer holds, but adds only the
+///   fields that govern caching ([`RENEWABLE_ADDITIONS`]), where RFC 9111
+///   §3.2 adds every field. A field the stored answer lacks may be one its
+///   `private="..."` left out, in a field targeted at this cache that is
+///   not stored (`CDN-Cache-Control`): a 304 that omits that directive
+///   would put one client's field into the answer shared by everyone. A
+///   new field comes with the next full answer.
+fn renewal_headers(stale: &Entry, stored: &HeaderMap, not_modified: &HeaderMap) -> HeaderMap {
+    let mut end_to_end = upstream::response_headers(not_modified);
+    let added: Vec<HeaderName> = end_to_end
+        .keys()
+        .filter(|name| !stored.contains_key(*name) && !RENEWABLE_ADDITIONS.contains(name))
+        .cloned()
+        .collect();
+    for name in added {
+        end_to_end.remove(name);
+    }
+    stale.renewed_headers(&end_to_end)
 }
 
 impl Proxy {
@@ -384,7 +412,8 @@ impl Proxy {
         // do the fields `private="..."` / `no-cache="..."` name, which a
         // shared cache does not keep (RFC 9111 §5.2.2.4, §5.2.2.7).
         let as_sent = stale.renewed_headers(not_modified);
-        let mut headers = self.client_headers(&renewal_headers(stale, not_modified));
+        let stored = stale.header_map(0);
+        let mut headers = self.client_headers(&renewal_headers(stale, &stored, not_modified));
         let decided = match policy::storability(
             stale.status(),
             &as_sent,
@@ -393,6 +422,10 @@ impl Proxy {
             SystemTime::now(),
             &target.defaults,
         ) {
+            // The variants stored are keyed by the stored Vary's names.
+            Storability::Store(_) if vary::vary_names(&as_sent) != vary::vary_names(&stored) => {
+                Storability::Bypass(BypassReason::VaryChanged)
+            }
             Storability::Store(lifetimes) => {
                 for name in policy::omitted_fields(&as_sent, &self.targeted) {
                     headers.remove(name);
@@ -502,7 +535,7 @@ mod tests {
             HeaderValue::from_static("max-age=60"),
         );
 
-        let merged = renewal_headers(&stale, &not_modified);
+        let merged = renewal_headers(&stale, &stale.header_map(0), &not_modified);
         // As clients get and the cache stores the renewed answer.
         let renewed = upstream::response_headers(&merged);
         assert_eq!(renewed[header::ETAG], "\"v1\"");
