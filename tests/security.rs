@@ -754,6 +754,83 @@ async fn a_304_cannot_bring_back_a_field_a_targeted_private_left_out() {
     );
 }
 
+/// Nor can it add a validator the stored answer lacks: a per-client
+/// `Last-Modified` a targeted `private` left out would be served to all.
+#[tokio::test]
+async fn a_304_cannot_add_a_validator_a_targeted_private_left_out() {
+    use support::{eventually, Origin, Route, WAIT};
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    origin.route(
+        "/lm",
+        Route::default()
+            .etag("\"v\"")
+            .header("cache-control", "max-age=1")
+            .header("cdn-cache-control", "max-age=1, private=\"last-modified\"")
+            .header("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+            .body("b"),
+    );
+    assert_eq!(exchange(proxy.addr, &get("/lm", "h", "")).await.status, 200);
+    let hit = exchange(proxy.addr, &get("/lm", "h", "")).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(hit.header("last-modified"), None);
+    origin.route(
+        "/lm",
+        Route::default()
+            .etag("\"v\"")
+            .header("last-modified", "Tue, 02 Jan 2024 00:00:00 GMT"),
+    );
+    eventually(WAIT, "a 304 renews the entry", || async {
+        exchange(proxy.addr, &get("/lm", "h", "")).await;
+        proxy.counter("swr_revalidated_total").await == 1
+    })
+    .await;
+    let carol = exchange(proxy.addr, &get("/lm", "h", "")).await;
+    assert_eq!(carol.text(), "b");
+    assert_eq!(carol.header("last-modified"), None);
+}
+
+/// A 304 with another `ETag` than the stored answer's, or two, validates
+/// another body (RFC 9111 §4.3.4): the stored one is not relabelled with
+/// it, and the next request fetches the answer whole.
+#[tokio::test]
+async fn a_304_with_another_etag_does_not_renew() {
+    use support::{eventually, Origin, Route, WAIT};
+    let origin = Origin::start().await;
+    let proxy = TestProxy::start(&origin, &[]).await;
+    origin.route(
+        "/e",
+        Route::default()
+            .etag("\"v\"")
+            .header("cache-control", "max-age=1"),
+    );
+    assert_eq!(
+        exchange(proxy.addr, &get("/e", "h", "")).await.text(),
+        "/e #1"
+    );
+    // Matches If-None-Match "v", but also names "w".
+    origin.route(
+        "/e",
+        Route::default()
+            .etag("\"v\"")
+            .header("etag", "\"w\"")
+            .header("cache-control", "max-age=60"),
+    );
+    eventually(WAIT, "the 304 is fetched", || async {
+        exchange(proxy.addr, &get("/e", "h", "")).await;
+        origin.hits("/e") >= 2
+    })
+    .await;
+    // The entry ended: the next fetch is whole, not conditional.
+    eventually(WAIT, "the next fetch", || async {
+        exchange(proxy.addr, &get("/e", "h", "")).await;
+        origin.hits("/e") >= 3
+    })
+    .await;
+    assert!(!origin.seen("/e")[2].headers.contains_key("if-none-match"));
+    assert_eq!(proxy.counter("swr_revalidated_total").await, 0);
+}
+
 /// A 304 that names a `Vary` the stored answer did not have ends the
 /// entry: renewed under the URL's key, the answer made for one variant
 /// would be served to every other.

@@ -198,6 +198,10 @@ pub enum BypassReason {
     /// answer may not be renewed for every variant at once, so it ends and
     /// the next request fetches the answer whole.
     VaryChanged,
+    /// A 304 carries another `ETag` than the stored answer's, or several:
+    /// it validates another body (RFC 9111 §4.3.4), so the stored answer
+    /// ends and the next request fetches the answer whole.
+    ValidatorChanged,
     /// A route says `bypass = true`.
     Route,
     /// `--max-buffered` was taken by other reads: streamed this time.
@@ -221,7 +225,7 @@ impl BypassReason {
         matches!(self, BypassReason::Authorization | BypassReason::Cookie)
     }
 
-    pub const ALL: [BypassReason; 17] = [
+    pub const ALL: [BypassReason; 18] = [
         BypassReason::Method,
         BypassReason::NoStore,
         BypassReason::Private,
@@ -236,6 +240,7 @@ impl BypassReason {
         BypassReason::Request,
         BypassReason::NotModified,
         BypassReason::VaryChanged,
+        BypassReason::ValidatorChanged,
         BypassReason::Route,
         BypassReason::BufferFull,
         BypassReason::Unsettled,
@@ -257,6 +262,7 @@ impl BypassReason {
             BypassReason::Request => "request",
             BypassReason::NotModified => "not-modified",
             BypassReason::VaryChanged => "vary-changed",
+            BypassReason::ValidatorChanged => "validator-changed",
             BypassReason::Route => "route",
             BypassReason::BufferFull => "buffer-full",
             BypassReason::Unsettled => "fill-unsettled",

@@ -163,15 +163,25 @@ pub(super) struct Sent {
     pub(super) took: Duration,
 }
 
-/// Fields a 304 may add to a stored answer that lacks them: those that
-/// govern caching it.
-const RENEWABLE_ADDITIONS: [HeaderName; 5] = [
-    header::CACHE_CONTROL,
-    header::EXPIRES,
-    header::DATE,
-    header::ETAG,
-    header::LAST_MODIFIED,
-];
+/// Fields a 304 may add to a stored answer that lacks them: those its
+/// lifetimes are computed from. Not the validators: a field the stored
+/// answer lacks may be one a `private="..."` left out (see
+/// [`renewal_headers`]), and a per-client `ETag` or `Last-Modified` would
+/// then be served to everyone; a new validator comes with the next full
+/// answer.
+const RENEWABLE_ADDITIONS: [HeaderName; 3] = [header::CACHE_CONTROL, header::EXPIRES, header::DATE];
+
+/// Whether a 304 validates the stored answer: it carries no `ETag`, or
+/// one, the stored answer's byte for byte (RFC 9111 §4.3.4 selects the
+/// stored responses to update by their validator).
+fn validates(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
+    let mut sent = not_modified.get_all(header::ETAG).iter();
+    match (sent.next(), sent.next()) {
+        (None, _) => true,
+        (Some(etag), None) => stored.get(header::ETAG).is_none_or(|kept| kept == etag),
+        (Some(_), Some(_)) => false,
+    }
+}
 
 /// The headers of `stale` renewed with those of a 304 (RFC 9111 §4.3.4),
 /// as they are stored.
@@ -422,6 +432,9 @@ impl Proxy {
             SystemTime::now(),
             &target.defaults,
         ) {
+            Storability::Store(_) if !validates(&stored, not_modified) => {
+                Storability::Bypass(BypassReason::ValidatorChanged)
+            }
             // The variants stored are keyed by the stored Vary's names.
             Storability::Store(_) if vary::vary_names(&as_sent) != vary::vary_names(&stored) => {
                 Storability::Bypass(BypassReason::VaryChanged)
