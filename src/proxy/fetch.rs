@@ -191,7 +191,7 @@ fn validates(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
 ///   before the merge: the merged headers hold no `Connection` of the
 ///   304's, and stripping them later cannot remove a stored field.
 /// - A 304 replaces the fields the stored answer holds, but adds only the
-///   fields that govern caching ([`RENEWABLE_ADDITIONS`]), where RFC 9111
+///   fields its lifetimes come from ([`RENEWABLE_ADDITIONS`]), where RFC 9111
 ///   §3.2 adds every field. A field the stored answer lacks may be one its
 ///   `private="..."` left out, in a field targeted at this cache that is
 ///   not stored (`CDN-Cache-Control`): a 304 that omits that directive
@@ -561,5 +561,24 @@ mod tests {
         for hop in [header::CONNECTION.as_str(), "keep-alive", "x-hop"] {
             assert!(!merged.contains_key(hop), "{hop}");
         }
+    }
+
+    #[test]
+    fn a_304_validates_only_the_stored_etag() {
+        let etags = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::ETAG, HeaderValue::from_static(value));
+            }
+            headers
+        };
+        let stored = etags(&["\"v\""]);
+        assert!(validates(&stored, &etags(&[])), "no ETag: by its date");
+        assert!(validates(&stored, &etags(&["\"v\""])));
+        assert!(!validates(&stored, &etags(&["\"w\""])));
+        assert!(!validates(&stored, &etags(&["\"v\"", "\"w\""])));
+        // Stored without one (validated by Last-Modified): the 304's ETag
+        // is not stored, so it relabels nothing.
+        assert!(validates(&HeaderMap::new(), &etags(&["\"w\""])));
     }
 }
